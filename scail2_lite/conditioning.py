@@ -1,0 +1,182 @@
+"""SCAIL-2's own conditioning tensors (SPEC section 4): 28-channel masks, mask checks, segments, history mask.
+
+Pure tensor code: nothing here calls the VAE. All images and videos are float tensors on the [-1, 1] scale,
+channels first: images (3, H, W), videos (3, T, H, W).
+
+Which tensor goes in at which size (kept consistent with `media.resize_crop` and the pipeline):
+- reference mask: at the full output size (H, W) -> `reference_mask_channels` -> (28, 1+Tl, H/8, W/8).
+- driving mask video: at HALF the output size (H/2, W/2), exactly as the pipeline resizes it (area, center crop)
+  -> `driving_mask_channels` -> (28, Tl, H/16, W/16), no further downsampling. This is ComfyUI's rule
+  (`WanSCAILToVideo` area-resizes the mask to width//2, height//2 and compresses it directly). Upstream resizes
+  to the full size and then halves with a 2x2 average (`half_res`), which is the same up to the resampling filter;
+  a caller holding a full-size mask applies `half_res` first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+# A channel is "on" when its 8-bit value is above 225 (upstream: `(225 - 127.5) / 127.5` on the [-1, 1] scale).
+ON_THRESHOLD = (225.0 - 127.5) / 127.5
+# Plane order of the 7 binary planes, fixed by training: (R, G, B) on/off pattern of each.
+PLANES: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("white", (1, 1, 1)),
+    ("red", (1, 0, 0)),
+    ("green", (0, 1, 0)),
+    ("blue", (0, 0, 1)),
+    ("yellow", (1, 1, 0)),
+    ("magenta", (1, 0, 1)),
+    ("cyan", (0, 1, 1)),
+)
+# Identity colours the model was trained on, in assignment order.
+PALETTE: tuple[str, ...] = ("blue", "red", "green", "magenta", "cyan", "yellow")
+TEMPORAL_STRIDE = 4
+SPATIAL_STRIDE = 8
+MASK_CHANNELS = 7 * TEMPORAL_STRIDE
+# composite_on_black keeps a pixel when any mask channel exceeds 0.1 on the [0, 1] scale (ComfyUI's rule).
+COMPOSITE_THRESHOLD = 0.1 * 2 - 1
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames of a 4k+1-frame video under the Wan VAE's causal 4x temporal stride."""
+    return (num_frames - 1) // TEMPORAL_STRIDE + 1
+
+
+def half_res(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average downsample of the last two axes (= bilinear at scale 0.5, align_corners False)."""
+    *lead, h, w = x.shape
+    if h % 2 or w % 2:
+        raise UserError(f"half_res needs even height and width, got {h}x{w}")
+    return x.reshape(*lead, h // 2, 2, w // 2, 2).mean(dim=(-3, -1))
+
+
+def _binary_planes(mask: torch.Tensor) -> torch.Tensor:
+    """(3, T, H, W) colour mask -> (T, 7, H, W) float {0, 1}, one plane per exact on/off pattern of PLANES."""
+    on = mask.float() > ON_THRESHOLD
+    planes = []
+    for _, pattern in PLANES:
+        plane = torch.ones_like(on[0])
+        for channel, want in enumerate(pattern):
+            plane &= on[channel] if want else ~on[channel]
+        planes.append(plane)
+    return torch.stack(planes, dim=1).float()
+
+
+def compress_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Colour mask video (3, T, H, W), T = 4k+1 -> (28, Tl, H/8, W/8) binary-coverage latent (no VAE).
+
+    7 binary planes per frame, area-downsampled by 8 in space; frame 0 is repeated 4 times in front so that
+    every latent frame packs 4 consecutive frames x 7 planes (frame-major: channel = 7 * frame + plane).
+    """
+    if mask.dim() != 4 or mask.shape[0] != 3:
+        raise UserError(f"a colour mask video must be (3, T, H, W), got {tuple(mask.shape)}")
+    _, t, h, w = mask.shape
+    if (t - 1) % TEMPORAL_STRIDE:
+        raise UserError(f"mask video needs 4k+1 frames, got {t}")
+    if h % SPATIAL_STRIDE or w % SPATIAL_STRIDE:
+        raise UserError(f"mask size {h}x{w} is not divisible by {SPATIAL_STRIDE}")
+    planes = F.avg_pool2d(_binary_planes(mask), SPATIAL_STRIDE)  # (T, 7, h, w): exact area downsample
+    padded = torch.cat([planes[:1].expand(TEMPORAL_STRIDE - 1, -1, -1, -1), planes], dim=0)
+    packed = padded.reshape(latent_frames(t), MASK_CHANNELS, h // SPATIAL_STRIDE, w // SPATIAL_STRIDE)
+    return packed.permute(1, 0, 2, 3).contiguous()
+
+
+def reference_mask_channels(ref_mask: torch.Tensor, latent_frames: int) -> torch.Tensor:
+    """Reference mask (3, H, W) at output size -> (28, 1+Tl, H/8, W/8): its own frame, then Tl zero frames."""
+    first = compress_mask(ref_mask[:, None])
+    return torch.cat([first, first.new_zeros(MASK_CHANNELS, latent_frames, *first.shape[2:])], dim=1)
+
+
+def driving_mask_channels(mask_video: torch.Tensor) -> torch.Tensor:
+    """Driving mask video (3, T, H/2, W/2), already at half the output size -> (28, Tl, H/16, W/16)."""
+    return compress_mask(mask_video)
+
+
+def composite_on_black(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Replacement mode's reference: keep pixels whose mask has any channel above 0.1 on the [0, 1] scale
+    (-0.8 on [-1, 1]), paint the rest black (-1). `image` and `mask` are (3, H, W) at the same size."""
+    if image.shape != mask.shape:
+        mw, mh, iw, ih = mask.shape[-1], mask.shape[-2], image.shape[-1], image.shape[-2]
+        raise UserError(f"the reference mask is {mw}x{mh} but the image is {iw}x{ih}")
+    keep = mask.amax(dim=0, keepdim=True) > COMPOSITE_THRESHOLD
+    return torch.where(keep, image, torch.full_like(image, -1.0))
+
+
+def check_mask(mask: torch.Tensor, kind: str, replace: bool) -> list[str]:
+    """Warnings for a colour mask (3, H, W) or (3, T, H, W) that the model would silently misread.
+
+    Animation: driving mask on black, reference mask on white; replacement: the reverse. Identities must use the
+    palette colours. A mask with no palette pixel at all has no foreground: UserError.
+    """
+    if kind not in ("reference", "driving"):
+        raise ValueError(f"kind must be 'reference' or 'driving', got {kind!r}")
+    name = f"{kind} mask"
+    on = mask.float() > ON_THRESHOLD
+    r, g, b = on[0], on[1], on[2]
+    black = ~(r | g | b)
+    white = r & g & b
+    total = black.numel()
+    foreground = total - int(black.sum()) - int(white.sum())
+    if foreground == 0:
+        raise UserError(f"the {name} has no foreground: no pixel is {', '.join(PALETTE)}")
+    warnings = []
+    want_white = (kind == "reference") != replace
+    expected, other = ("white", "black") if want_white else ("black", "white")
+    n_expected, n_other = (int(white.sum()), int(black.sum())) if want_white else (int(black.sum()), int(white.sum()))
+    if n_other > n_expected:
+        mode = "replacement" if replace else "animation"
+        hint = "drop --replace" if replace else "pass --replace"
+        warnings.append(f"the {name} looks like it is on {other}; {mode} mode expects it on {expected} ({hint}?)")
+    # Off-palette: pixels far (more than ~64/255 in some channel) from every pure colour; edges of compressed
+    # videos blur a little, so only a noticeable share is reported.
+    pure = on.float() * 2 - 1
+    off = ((mask.float() - pure).abs() > 0.5).any(dim=0)
+    share = float(off.float().mean())
+    if share > 0.02:
+        warnings.append(
+            f"{share:.0%} of the {name} pixels are not pure colours; identities must be painted "
+            f"{', '.join(PALETTE)} on a {expected} background"
+        )
+    return warnings
+
+
+def segment_plan(total_frames: int, segment_len: int = 81, overlap: int = 5) -> list[tuple[int, int]]:
+    """Frame ranges [start, end) of the segments a video of `total_frames` is generated in.
+
+    Each segment is cut to 4k+1 frames. One segment when the video fits; otherwise segments of `segment_len`
+    frames, each starting `overlap` frames before the previous one ended: those frames are the clean history
+    (VAE-encoded from the previous segment's output) and are dropped from the output. The last segment takes
+    what is left (cut to 4k+1), so at most 3 trailing frames go unused; upstream instead drops a final segment
+    that is shorter than `segment_len`.
+    """
+    if total_frames < 5:
+        raise UserError(f"the driving video needs at least 5 frames, got {total_frames}")
+    if segment_len < 5 or (segment_len - 1) % TEMPORAL_STRIDE:
+        raise UserError(f"--segment-len must be 4k+1 and at least 5, got {segment_len}")
+    if overlap < 1 or (overlap - 1) % TEMPORAL_STRIDE or overlap >= segment_len:
+        raise UserError(f"--segment-overlap must be 4k+1 and below --segment-len, got {overlap}")
+
+    def cut(n: int) -> int:
+        return (n - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE + 1
+
+    plan = [(0, cut(min(total_frames, segment_len)))]
+    while plan[-1][1] - plan[-1][0] == segment_len:
+        start = plan[-1][1] - overlap
+        length = cut(min(segment_len, total_frames - start))
+        if length <= overlap:
+            break
+        plan.append((start, start + length))
+    return plan
+
+
+def history_mask(latent_frames: int, h: int, w: int, history_latents: int = 2) -> torch.Tensor:
+    """(4, Tl, h, w): ones on the first `history_latents` latent frames (clean history), zeros elsewhere.
+
+    `history_latents` is `latent_frames(overlap)`: 5 overlapping frames -> 2 latent frames.
+    """
+    mask = torch.zeros(4, latent_frames, h, w)
+    mask[:, :history_latents] = 1
+    return mask

@@ -1,0 +1,315 @@
+"""Reading and writing pictures: images (Pillow), videos and frame folders (PyAV), resizing, atomic mp4 output.
+
+Tensors are float32 on the [-1, 1] scale, channels first: images (3, H, W), videos (3, T, H, W).
+Sizes are (height, width) everywhere except `output_size`'s explicit (width, height) argument, named so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import DEFAULT_FPS, SIZES
+from .errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+RESIZE_MODES = ("bicubic", "nearest", "area")
+
+
+def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (3, ..., H, W) on [-1, 1]."""
+    x = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).float().div_(127.5).sub_(1.0)
+    return x.movedim(-1, 0)
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """float (3, T, H, W) on [-1, 1] -> uint8 (T, H, W, 3)."""
+    x = frames.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file -> (3, H, W). Converted to RGB (alpha dropped), EXIF rotation applied as viewers show it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+    return _to_tensor(rgb)
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def read_video(
+    path: str | Path, size: tuple[int, int] | None = None, mode: str = "area", max_frames: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """A video file (mp4, webm, mov, gif, ...) or a folder of numbered images -> ((3, T, H, W), fps).
+
+    Folders are read in natural order (frame2 before frame10) at 16 fps. With `size`, each frame is
+    `resize_crop`ped while decoding so a long high-resolution video never sits in memory at full size.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        files.sort(key=lambda p: _natural_key(p.name))
+        if not files:
+            raise UserError(f"{path}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+        frames = []
+        for file in files[:max_frames]:
+            image = read_image(file)
+            if frames and image.shape != frames[0].shape and size is None:
+                raise UserError(f"{file}: size {image.shape[2]}x{image.shape[1]} differs from the first frame's")
+            frames.append(resize_crop(image, size, mode) if size else image)
+        return torch.stack(frames, dim=1), float(DEFAULT_FPS)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else float(DEFAULT_FPS)
+            for frame in container.decode(stream):
+                image = _to_tensor(frame.to_ndarray(format="rgb24"))
+                frames.append(resize_crop(image, size, mode) if size else image)
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except av.FFmpegError as e:
+        raise UserError(f"{path}: cannot read video ({e})") from None
+    if not frames:
+        raise UserError(f"{path}: video has no frames")
+    return torch.stack(frames, dim=1), fps
+
+
+def video_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a video file or of the first image of a frame folder, without decoding the video."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
+        if not files:
+            raise UserError(f"{path}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+        return tuple(read_image(files[0]).shape[1:])  # type: ignore[return-value]
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            return stream.codec_context.height, stream.codec_context.width
+    except av.FFmpegError as e:
+        raise UserError(f"{path}: cannot read video ({e})") from None
+
+
+def resize_crop(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize (C, H, W) or (C, T, H, W) to `size` = (h, w) without distortion: scale (aspect preserved) so the
+    picture covers the target, then cut the excess equally from both sides (center crop).
+
+    Modes: "bicubic" (reference image; antialiased when shrinking, clamped to [-1, 1]), "nearest" (masks: every
+    output pixel is an input pixel, so palette colours stay pure), "area" (driving video and its mask at half the
+    output size: box averaging).
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    th, tw = size
+    video = x.dim() == 4
+    frames = x.movedim(0, 1) if video else x[None]  # (T, C, H, W)
+    h, w = frames.shape[-2:]
+    # Scale so one side matches exactly and the other covers the target (upstream resize_for_rectangle_crop).
+    if w * th > tw * h:
+        nh, nw = th, max(tw, round(w * th / h))
+    else:
+        nh, nw = max(th, round(h * tw / w)), tw
+    if (nh, nw) != (h, w):
+        frames = frames.float()
+        if mode == "bicubic":
+            frames = F.interpolate(frames, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h)
+            frames = frames.clamp_(-1.0, 1.0)
+        elif mode == "nearest":
+            frames = F.interpolate(frames, size=(nh, nw), mode="nearest-exact")
+        else:
+            frames = F.interpolate(frames, size=(nh, nw), mode="area")
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    frames = frames[..., top : top + th, left : left + tw]
+    return frames.movedim(0, 1).contiguous() if video else frames[0].contiguous()
+
+
+def output_size(preset_or_wh: str | tuple[int, int], orient_hw: tuple[int, int]) -> tuple[int, int]:
+    """The generation size (h, w) from a preset name ("512p", "704p") or an explicit (width, height).
+
+    Presets are landscape in `SIZES` and turn portrait unless `orient_hw` (height, width of the picture that
+    decides the orientation) is strictly landscape: upstream orients by the reference image, a square one
+    giving portrait. Explicit sizes are used as given and must be divisible by 32.
+    """
+    if isinstance(preset_or_wh, str):
+        if preset_or_wh not in SIZES:
+            raise UserError(f"unknown size {preset_or_wh!r}; choose one of {', '.join(SIZES)} or give --width/--height")
+        h, w = SIZES[preset_or_wh]
+        oh, ow = orient_hw
+        return (h, w) if ow > oh else (w, h)
+    width, height = preset_or_wh
+    for flag, value in (("--width", width), ("--height", height)):
+        if value <= 0 or value % 32:
+            nearest = max(32, round(value / 32) * 32)
+            raise UserError(f"{flag} {value} is not a positive multiple of 32 (try {nearest})")
+    return height, width
+
+
+def _h264_codec() -> str:
+    """libx264 when this FFmpeg build has it, else whichever encoder FFmpeg registers for H.264."""
+    try:
+        av.Codec("libx264", "w")
+        return "libx264"
+    except av.FFmpegError:
+        pass
+    try:
+        return av.Codec("h264", "w").name
+    except av.FFmpegError:
+        raise UserError("this PyAV/FFmpeg build has no H.264 encoder; reinstall `av` from PyPI") from None
+
+
+class VideoWriter:
+    """Context manager writing an H.264 (yuv420p) mp4 atomically, frame groups at a time.
+
+    Frames go to a hidden temporary file in the destination folder, renamed onto `path` only when the block
+    exits cleanly; an exception or Ctrl-C deletes it, so there is never a partial mp4. `size` is (h, w), both
+    even (yuv420p halves chroma).
+    """
+
+    def __init__(self, path: str | Path, fps: float, size: tuple[int, int]):
+        h, w = size
+        if h <= 0 or w <= 0 or h % 2 or w % 2:
+            raise UserError(f"H.264 (yuv420p) needs an even width and height, got {w}x{h}")
+        if fps <= 0:
+            raise UserError(f"fps must be positive, got {fps}")
+        self.path = Path(path)
+        self.fps = fps
+        self.size = (h, w)
+        self.frames_written = 0
+        self._tmp: Path | None = None
+        self._container = None
+        self._stream = None
+
+    def __enter__(self) -> "VideoWriter":
+        folder = self.path.parent
+        if not folder.is_dir():
+            raise UserError(f"{folder}: output folder does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part.mp4", dir=folder)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        try:
+            self._container = av.open(tmp, mode="w", format="mp4")
+            codec = _h264_codec()
+            stream = self._container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
+            stream.height, stream.width = self.size
+            stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": "17", "preset": "medium"}
+            self._stream = stream
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def write(self, frames: torch.Tensor) -> None:
+        """Append frames (3, t, H, W) on [-1, 1]."""
+        if frames.dim() != 4 or frames.shape[0] != 3 or tuple(frames.shape[2:]) != self.size:
+            raise ValueError(f"expected frames (3, t, {self.size[0]}, {self.size[1]}), got {tuple(frames.shape)}")
+        for rgb in _to_uint8(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+            self.frames_written += 1
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            if self.frames_written == 0:
+                raise ValueError("no frames were written")
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+            self._container = None
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        if self._container is not None:
+            try:
+                self._container.close()
+            except av.FFmpegError:
+                pass
+            self._container = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+
+
+def write_video(path: str | Path, frames: torch.Tensor, fps: float = DEFAULT_FPS) -> None:
+    """Write a whole video (3, T, H, W) on [-1, 1] as an H.264 mp4, atomically."""
+    with VideoWriter(path, fps, tuple(frames.shape[2:])) as writer:
+        writer.write(frames)
+
+
+def save_frames(folder: str | Path, frames: torch.Tensor) -> None:
+    """Write frames (3, T, H, W) as 00000.png, 00001.png, ... into a new folder, built aside then renamed."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"{folder}: already exists and is not an empty folder; choose another --save-frames folder")
+    if not folder.parent.is_dir():
+        raise UserError(f"{folder.parent}: folder does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    try:
+        for i, rgb in enumerate(_to_uint8(frames)):
+            Image.fromarray(rgb).save(tmp / f"{i:05d}.png")
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def side_by_side(reference: torch.Tensor, driving: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """Preview frames reference | driving | result: (3, H, W), (3, T, h, w), (3, T, H, W) -> (3, T, H, W2).
+
+    The reference and the driving frames are scaled (aspect kept) to the result's height, widths rounded to
+    even so the preview stays H.264-encodable. Works on any frame range, so it can be called per decoded group.
+    """
+    t, height = result.shape[1], result.shape[2]
+    if driving.shape[1] != t:
+        raise ValueError(f"driving has {driving.shape[1]} frames, result {t}")
+
+    def to_height(x: torch.Tensor) -> torch.Tensor:  # (T, 3, h, w) -> (T, 3, height, even width)
+        width = max(2, round(x.shape[-1] * height / x.shape[-2] / 2) * 2)
+        if tuple(x.shape[-2:]) == (height, width):
+            return x
+        shrink = width < x.shape[-1]
+        return F.interpolate(x.float(), size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)
+
+    ref = to_height(reference[None]).expand(t, -1, -1, -1)
+    drv = to_height(driving.movedim(1, 0))
+    return torch.cat([ref, drv, result.movedim(1, 0).float()], dim=-1).clamp_(-1, 1).movedim(0, 1)

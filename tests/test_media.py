@@ -1,0 +1,188 @@
+"""media.py: image/video/folder reading, resize rules, atomic H.264 writing, previews, output sizes."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scail2_lite.errors import UserError
+from scail2_lite.media import (
+    VideoWriter,
+    output_size,
+    read_image,
+    read_video,
+    resize_crop,
+    save_frames,
+    side_by_side,
+    write_video,
+)
+
+
+def smooth_video(t: int = 9, h: int = 64, w: int = 64) -> torch.Tensor:
+    """Low-frequency moving pattern: survives H.264 at high quality, changes every frame."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    frames = [torch.stack([torch.sin(3 * xx + 0.3 * i), torch.cos(2 * yy - 0.2 * i), xx * yy]) for i in range(t)]
+    return torch.stack(frames, dim=1) * 0.8
+
+
+def as_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def test_video_round_trip(tmp_path):
+    video = smooth_video()
+    write_video(tmp_path / "a.mp4", video, fps=16)
+    back, fps = read_video(tmp_path / "a.mp4")
+    assert back.shape == video.shape and back.dtype == torch.float32
+    assert fps == 16.0
+    assert (back - video).abs().mean() < 0.04
+    with av.open(str(tmp_path / "a.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
+    # Frames keep their order: each decoded frame is nearest to its own source frame.
+    dist = ((back[:, :, None] - video[:, None]) ** 2).mean(dim=(0, 3, 4))
+    assert torch.equal(dist.argmin(dim=1), torch.arange(video.shape[1]))
+
+
+def test_read_video_resizes_while_decoding_and_keeps_fractional_fps(tmp_path):
+    write_video(tmp_path / "a.mp4", smooth_video(t=5, h=64, w=96), fps=29.97)
+    frames, fps = read_video(tmp_path / "a.mp4", size=(32, 32), mode="area", max_frames=3)
+    assert frames.shape == (3, 3, 32, 32)
+    assert fps == pytest.approx(29.97, abs=1e-3)
+
+
+def test_streaming_writer_takes_frame_groups(tmp_path):
+    video = smooth_video()
+    with VideoWriter(tmp_path / "s.mp4", 16, (64, 64)) as writer:
+        for group in video.split(4, dim=1):
+            writer.write(group)
+    assert writer.frames_written == 9
+    streamed, _ = read_video(tmp_path / "s.mp4")
+    assert streamed.shape == video.shape
+    assert (streamed - video).abs().mean() < 0.04
+    with pytest.raises(ValueError, match="expected frames"):
+        with VideoWriter(tmp_path / "bad.mp4", 16, (64, 64)) as writer:
+            writer.write(smooth_video(t=2, h=32, w=32))
+    assert not (tmp_path / "bad.mp4").exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_writer_leaves_nothing_on_error(tmp_path, error):
+    with pytest.raises(error):
+        with VideoWriter(tmp_path / "x.mp4", 16, (64, 64)) as writer:
+            writer.write(smooth_video(t=2))
+            raise error()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_odd_size_and_missing_folder(tmp_path):
+    with pytest.raises(UserError, match="even"):
+        VideoWriter(tmp_path / "x.mp4", 16, (63, 64))
+    with pytest.raises(UserError, match="does not exist"):
+        with VideoWriter(tmp_path / "nope" / "x.mp4", 16, (64, 64)):
+            pass
+
+
+def test_read_gif(tmp_path):
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+    images = [Image.new("RGB", (40, 24), c) for c in colors]
+    images[0].save(tmp_path / "a.gif", save_all=True, append_images=images[1:], duration=100, loop=0)
+    frames, fps = read_video(tmp_path / "a.gif")
+    assert frames.shape == (3, 5, 24, 40)
+    assert fps == pytest.approx(10.0)
+    expected = torch.tensor(colors, dtype=torch.float32).T / 127.5 - 1  # (3, 5)
+    assert torch.allclose(frames.mean(dim=(2, 3)), expected, atol=0.02)
+
+
+def test_read_image_folder_natural_order_and_alpha(tmp_path):
+    for i in (10, 2, 1):  # natural sort must give 1, 2, 10
+        Image.new("RGBA", (16, 8), (i * 20, 0, 0, 128)).save(tmp_path / f"frame{i}.png")
+    frames, fps = read_video(tmp_path)
+    assert frames.shape == (3, 3, 8, 16) and fps == 16.0
+    reds = ((frames[0, :, 0, 0] + 1) * 127.5).round().tolist()
+    assert reds == [20, 40, 200]
+    image = read_image(tmp_path / "frame2.png")
+    assert image.shape == (3, 8, 16) and image.min() >= -1 and image.max() <= 1
+
+
+def test_missing_and_unreadable_inputs_name_the_file(tmp_path):
+    with pytest.raises(UserError, match="nothere.png"):
+        read_image(tmp_path / "nothere.png")
+    with pytest.raises(UserError, match="nothere.mp4"):
+        read_video(tmp_path / "nothere.mp4")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all")
+    with pytest.raises(UserError, match="junk.mp4"):
+        read_video(junk)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UserError, match="bad.png"):
+        read_image(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        read_video(tmp_path / "empty")
+
+
+def test_resize_crop_covers_then_center_crops():
+    # 4 vertical stripes, 8 wide: a 16x32 picture into 16x16 keeps the middle two stripes.
+    x = torch.arange(4.0).repeat_interleave(8)[None, None].expand(3, 16, 32) / 4 - 0.5
+    out = resize_crop(x, (16, 16), "nearest")
+    assert out.shape == (3, 16, 16)
+    assert torch.equal(out[0, 0], x[0, 0, 8:24])
+    video = resize_crop(x[:, None].expand(3, 5, 16, 32), (8, 8), "area")
+    assert video.shape == (3, 5, 8, 8)
+    assert torch.allclose(video[0, 0, 0], x[0, 0, 8:24].reshape(8, 2).mean(1))  # area = box average
+    up = resize_crop(x, (64, 64), "bicubic")
+    assert up.shape == (3, 64, 64) and up.min() >= -1 and up.max() <= 1
+
+
+def test_nearest_keeps_palette_pure_and_bicubic_does_not():
+    palette = torch.tensor([[-1, -1, 1], [1, -1, -1], [-1, 1, -1], [1, 1, 1]], dtype=torch.float32)
+    labels = torch.randint(0, 4, (37, 53))
+    mask = palette[labels].permute(2, 0, 1)
+    for size in [(32, 32), (64, 96), (20, 44)]:
+        out = resize_crop(mask, size, "nearest")
+        colors = out.permute(1, 2, 0).reshape(-1, 3)
+        assert ((colors[:, None] == palette[None]).all(-1).any(-1)).all()
+    smooth = resize_crop(mask, (64, 96), "bicubic").permute(1, 2, 0).reshape(-1, 3)
+    assert not ((smooth[:, None] == palette[None]).all(-1).any(-1)).all()
+
+
+def test_output_size_presets_follow_orientation_and_explicit_sizes_are_checked():
+    assert output_size("512p", (720, 1280)) == (512, 896)
+    assert output_size("512p", (1280, 720)) == (896, 512)
+    assert output_size("704p", (500, 500)) == (1280, 704)  # square -> portrait, as upstream
+    assert output_size((640, 384), (10, 10)) == (384, 640)
+    with pytest.raises(UserError, match="--width 500"):
+        output_size((500, 384), (10, 10))
+    with pytest.raises(UserError, match="--height 390"):
+        output_size((640, 390), (10, 10))
+    with pytest.raises(UserError, match="unknown size"):
+        output_size("1080p", (10, 10))
+
+
+def test_save_frames_is_atomic_and_refuses_non_empty_folder(tmp_path):
+    video = smooth_video(t=3, h=16, w=16)
+    save_frames(tmp_path / "frames", video)
+    names = sorted(p.name for p in (tmp_path / "frames").iterdir())
+    assert names == ["00000.png", "00001.png", "00002.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "frames" / "00001.png")), as_uint8(video[:, 1]))
+    with pytest.raises(UserError, match="not an empty folder"):
+        save_frames(tmp_path / "frames", video)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
+
+
+def test_side_by_side_matches_heights_and_keeps_even_width():
+    reference = torch.zeros(3, 64, 32)
+    driving = torch.ones(3, 5, 16, 9)
+    result = -torch.ones(3, 5, 64, 32)
+    preview = side_by_side(reference, driving, result)
+    # driving scaled to height 64: width 9 * 4 = 36 (even)
+    assert preview.shape == (3, 5, 64, 32 + 36 + 32)
+    assert torch.equal(preview[:, :, :, :32], torch.zeros(3, 5, 64, 32))
+    assert torch.allclose(preview[:, :, :, 32:68], torch.ones(3, 5, 64, 36))
+    assert torch.equal(preview[:, :, :, 68:], result)
+    assert preview.shape[-1] % 2 == 0
