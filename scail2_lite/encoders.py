@@ -1,0 +1,374 @@
+"""umT5-XXL text encoder and CLIP ViT-H/14 image encoder from transformers, loaded from the files SCAIL-2 ships.
+
+SCAIL-2 ships Wan's own checkpoints (Wan naming for umT5, open-clip naming for CLIP). Both architectures exist in
+transformers (`UMT5EncoderModel`, `CLIPVisionModel`), so only the key converters and Wan's preprocessing rules
+are written here. Configs are inferred from tensor shapes, so the real files and the tiny synthetic ones load
+through one code path.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+from .errors import UserError
+
+UMT5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14-onlyvisual.pth"
+TEXT_LEN = 512
+# Vocabulary of the tiny synthetic umT5 (the synthetic tokenizer must have at most this many ids).
+TINY_VOCAB = 4096
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+
+
+def load_pth(path: str | Path) -> dict[str, Tensor]:
+    """Memory-map a `.pth` state dict (weights_only): 11 GB of umT5 is paged in lazily, never copied."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt/pickled-code files
+        raise UserError(f"cannot read {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise UserError(f"{path} is not a plain state dict of tensors")
+    return sd
+
+
+def assign_state_dict(model: nn.Module, sd: Mapping[str, Tensor], what: str) -> None:
+    """Strict load into a meta-device model with `assign=True`, so the (mmapped) tensors are used in place."""
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or extra:
+        raise UserError(f"{what}: state dict does not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, tensor in sd.items():
+        want = expected[name]
+        if tuple(want.shape) != tuple(tensor.shape):
+            raise UserError(f"{what}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want.shape)}")
+    model.load_state_dict(dict(sd), strict=True, assign=True)
+
+
+# ---------------------------------------------------------------------------------------------- umT5
+
+_UMT5_BLOCK = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+_UMT5_BLOCK_INV = {v: k for k, v in _UMT5_BLOCK.items()}
+
+
+def umt5_config(scale: str) -> UMT5Config:
+    """umT5-XXL encoder ("full") or the tiny test geometry whose d_model matches the tiny DiT's text_dim (48)."""
+    if scale == "full":
+        dims = dict(vocab_size=256384, d_model=4096, d_ff=10240, num_heads=64, d_kv=64, num_layers=24)
+    elif scale == "tiny":
+        dims = dict(vocab_size=TINY_VOCAB, d_model=48, d_ff=96, num_heads=4, d_kv=12, num_layers=2)
+    else:
+        raise UserError(f"unknown umT5 scale {scale!r}; choose full or tiny")
+    return _umt5(**dims)
+
+
+def _umt5(**dims: int) -> UMT5Config:
+    return UMT5Config(
+        **dims,
+        num_decoder_layers=0,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",  # gelu_new = GELU with tanh, as Wan's T5 FFN gate
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+    )
+
+
+def umt5_config_from_state_dict(sd: Mapping[str, Tensor]) -> UMT5Config:
+    """Geometry from a Wan-named umT5 state dict's shapes (max distance 128 is not visible in shapes: Wan's value)."""
+    try:
+        vocab, d_model = sd["token_embedding.weight"].shape
+        buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
+        inner = sd["blocks.0.attn.q.weight"].shape[0]
+        d_ff = sd["blocks.0.ffn.fc1.weight"].shape[0]
+    except KeyError as exc:
+        raise UserError(f"not a Wan umT5 encoder state dict (no {exc.args[0]})") from None
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    cfg = _umt5(vocab_size=vocab, d_model=d_model, d_ff=d_ff, num_heads=heads, d_kv=inner // heads, num_layers=layers)
+    cfg.relative_attention_num_buckets = buckets
+    return cfg
+
+
+def umt5_wan_to_hf(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Wan T5 encoder names -> `UMT5EncoderModel` names. Tensors are shared, not copied."""
+    out: dict[str, Tensor] = {}
+    for key, t in sd.items():
+        if key == "token_embedding.weight":
+            out["shared.weight"] = t
+            out["encoder.embed_tokens.weight"] = t  # tied to `shared` in transformers
+        elif key == "norm.weight":
+            out["encoder.final_layer_norm.weight"] = t
+        elif (m := re.fullmatch(r"blocks\.(\d+)\.(.+)", key)) and m.group(2) in _UMT5_BLOCK:
+            out[f"encoder.block.{m.group(1)}.{_UMT5_BLOCK[m.group(2)]}"] = t
+        else:
+            raise UserError(f"unexpected key in umT5 checkpoint: {key}")
+    return out
+
+
+def umt5_hf_to_wan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `umt5_wan_to_hf` (writes Wan-format checkpoints, e.g. the synthetic ones)."""
+    out: dict[str, Tensor] = {}
+    for key, t in sd.items():
+        if key == "shared.weight":
+            out["token_embedding.weight"] = t
+        elif key == "encoder.embed_tokens.weight":
+            continue  # tied copy of shared.weight
+        elif key == "encoder.final_layer_norm.weight":
+            out["norm.weight"] = t
+        elif (m := re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", key)) and m.group(2) in _UMT5_BLOCK_INV:
+            out[f"blocks.{m.group(1)}.{_UMT5_BLOCK_INV[m.group(2)]}"] = t
+        else:
+            raise UserError(f"unexpected key in UMT5EncoderModel state dict: {key}")
+    return out
+
+
+def build_umt5(sd_wan: Mapping[str, Tensor]) -> UMT5EncoderModel:
+    """A `UMT5EncoderModel` built on the meta device and filled with the given tensors in place."""
+    config = umt5_config_from_state_dict(sd_wan)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    assign_state_dict(model, umt5_wan_to_hf(sd_wan), "umT5")
+    return model.eval()
+
+
+def load_text_encoder(
+    folder: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: Callable[[UMT5EncoderModel], nn.Module] | None = None,
+) -> tuple[object, nn.Module]:
+    """(tokenizer, encoder) from a `umt5-xxl/` folder: Wan weights file + tokenizer files, no hub access.
+
+    `quantize` is the hook for 4-bit weights (`scail2_lite.quantize.text_encoder`): it receives the bf16 model on
+    CPU, before it moves to `device`, so the full-precision copy never reaches the GPU.
+    """
+    folder = Path(folder)
+    weights = folder / UMT5_FILE
+    if not weights.is_file():
+        raise UserError(f"umT5 weights missing: expected {weights}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the umT5 tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
+    model: nn.Module = build_umt5(load_pth(weights))
+    if quantize is not None:
+        model = quantize(model)
+    else:
+        model = model.to(dtype=dtype)
+    return tokenizer, model.to(device)
+
+
+def _clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: unescape HTML entities (twice, as Wan does) and collapse whitespace."""
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@torch.no_grad()
+def encode_text(tokenizer, model: nn.Module, prompts: list[str], text_len: int = TEXT_LEN) -> list[Tensor]:
+    """Per prompt, the encoder states of its real tokens (L_i, d_model): padded to `text_len`, masked, trimmed."""
+    batch = tokenizer(
+        [_clean_prompt(p) for p in prompts],
+        padding="max_length",
+        truncation=True,
+        max_length=text_len,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    states = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    lengths = mask.sum(dim=1).tolist()
+    return [s[:n] for s, n in zip(states, lengths)]
+
+
+# ---------------------------------------------------------------------------------------------- CLIP
+
+_CLIP_BLOCK = {
+    "attn.proj": "self_attn.out_proj",
+    "norm1": "layer_norm1",
+    "norm2": "layer_norm2",
+    "mlp.0": "mlp.fc1",
+    "mlp.2": "mlp.fc2",
+}
+_CLIP_BLOCK_INV = {v: k for k, v in _CLIP_BLOCK.items()}
+# In the file but not part of the vision tower SCAIL-2 uses (projection head, contrastive temperature).
+_CLIP_UNUSED = ("visual.head", "log_scale")
+
+
+def clip_config(scale: str) -> CLIPVisionConfig:
+    """open-clip ViT-H/14 visual tower ("full") or a tiny one that still yields 257 tokens at 224 px."""
+    if scale == "full":
+        return _clip(hidden=1280, layers=32, heads=16, mlp=5120, image=CLIP_SIZE, patch=14)
+    if scale == "tiny":
+        return _clip(hidden=64, layers=2, heads=4, mlp=256, image=CLIP_SIZE, patch=14)
+    raise UserError(f"unknown CLIP scale {scale!r}; choose full or tiny")
+
+
+def _clip(hidden: int, layers: int, heads: int, mlp: int, image: int, patch: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image,
+        patch_size=patch,
+        hidden_act="gelu",  # open-clip ViT-H uses exact (erf) GELU, not CLIP's quick_gelu
+        layer_norm_eps=1e-5,
+        attention_dropout=0.0,
+    )
+
+
+def _clip_heads(width: int) -> int:
+    """Head count is not visible in shapes: ViT-H/14 uses head_dim 80; the tiny test towers use head_dim 16."""
+    return width // 80 if width % 80 == 0 else max(1, width // 16)
+
+
+def clip_config_from_state_dict(sd: Mapping[str, Tensor]) -> CLIPVisionConfig:
+    """Geometry from an open-clip (`visual.*`) state dict's shapes."""
+    try:
+        width = sd["visual.pre_norm.weight"].shape[0]
+        patch = sd["visual.patch_embedding.weight"].shape[-1]
+        positions = sd["visual.pos_embedding"].shape[-2]
+        mlp = sd["visual.transformer.0.mlp.0.weight"].shape[0]
+    except KeyError as exc:
+        raise UserError(f"not an open-clip visual state dict (no {exc.args[0]})") from None
+    side = math.isqrt(positions - 1)
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("visual.transformer."))
+    return _clip(hidden=width, layers=layers, heads=_clip_heads(width), mlp=mlp, image=side * patch, patch=patch)
+
+
+def clip_openclip_to_hf(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """open-clip visual names -> `CLIPVisionModel` names; text tower, head and log_scale are dropped.
+
+    `post_norm` is kept as `post_layernorm` so the HF model loads strictly; `hidden_states[-2]` never uses it.
+    """
+    out: dict[str, Tensor] = {}
+    for key, t in sd.items():
+        if not key.startswith("visual.") or key in _CLIP_UNUSED:
+            continue
+        name = key[len("visual.") :]
+        if name == "cls_embedding":
+            out["embeddings.class_embedding"] = t.reshape(-1)
+        elif name == "pos_embedding":
+            out["embeddings.position_embedding.weight"] = t.reshape(-1, t.shape[-1])
+        elif name == "patch_embedding.weight":
+            out["embeddings.patch_embedding.weight"] = t
+        elif m := re.fullmatch(r"(pre|post)_norm\.(weight|bias)", name):
+            out[f"{'pre_layrnorm' if m.group(1) == 'pre' else 'post_layernorm'}.{m.group(2)}"] = t
+        elif m := re.fullmatch(r"transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)", name):
+            for part, chunk in zip("qkv", t.chunk(3, dim=0)):
+                out[f"encoder.layers.{m.group(1)}.self_attn.{part}_proj.{m.group(2)}"] = chunk
+        elif (m := re.fullmatch(r"transformer\.(\d+)\.(.+)\.(weight|bias)", name)) and m.group(2) in _CLIP_BLOCK:
+            out[f"encoder.layers.{m.group(1)}.{_CLIP_BLOCK[m.group(2)]}.{m.group(3)}"] = t
+        else:
+            raise UserError(f"unexpected key in CLIP checkpoint: {key}")
+    return out
+
+
+def clip_hf_to_openclip(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `clip_openclip_to_hf` (open-clip shapes restored, q/k/v fused into to_qkv).
+
+    `visual.head` and `log_scale` are not part of the vision tower and are not produced here.
+    """
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for key, t in sd.items():
+        name = key.removeprefix("vision_model.")  # transformers 4 wrapped the tower
+        if name == "embeddings.class_embedding":
+            out["visual.cls_embedding"] = t.reshape(1, 1, -1)
+        elif name == "embeddings.position_embedding.weight":
+            out["visual.pos_embedding"] = t.unsqueeze(0)
+        elif name == "embeddings.patch_embedding.weight":
+            out["visual.patch_embedding.weight"] = t
+        elif name == "embeddings.position_ids":
+            continue
+        elif m := re.fullmatch(r"(pre_layrnorm|post_layernorm)\.(weight|bias)", name):
+            out[f"visual.{'pre' if m.group(1) == 'pre_layrnorm' else 'post'}_norm.{m.group(2)}"] = t
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name):
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = t
+        elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)) and (
+            m.group(2) in _CLIP_BLOCK_INV
+        ):
+            out[f"visual.transformer.{m.group(1)}.{_CLIP_BLOCK_INV[m.group(2)]}.{m.group(3)}"] = t
+        else:
+            raise UserError(f"unexpected key in CLIPVisionModel state dict: {key}")
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise UserError(f"CLIP layer {layer}: incomplete q/k/v {kind}")
+        out[f"visual.transformer.{layer}.attn.to_qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    return out
+
+
+def build_clip(sd_openclip: Mapping[str, Tensor]) -> CLIPVisionModel:
+    """A `CLIPVisionModel` built on the meta device and filled with the given open-clip tensors in place."""
+    config = clip_config_from_state_dict(sd_openclip)
+    with torch.device("meta"):
+        model = CLIPVisionModel(config)
+    hf = clip_openclip_to_hf(sd_openclip)
+    embeddings = model.embeddings
+    # position_ids is a non-persistent buffer: not in any file, so it is rebuilt here rather than left on meta.
+    embeddings.register_buffer(
+        "position_ids", torch.arange(embeddings.num_positions).unsqueeze(0), persistent=False
+    )
+    assign_state_dict(model, hf, "CLIP")
+    return model.eval()
+
+
+def load_clip(
+    path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"
+) -> CLIPVisionModel:
+    """The CLIP vision tower from Wan's open-clip file, in `dtype` (upstream runs it in fp16)."""
+    model = build_clip(load_pth(path))
+    return model.to(device=device, dtype=dtype)
+
+
+def clip_preprocess(image: Tensor) -> Tensor:
+    """Wan's CLIP input: bicubic squash to 224x224 (no crop, no antialias) of a [-1,1] image, then CLIP mean/std."""
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise UserError(f"CLIP expects images shaped (B, 3, H, W); got {tuple(image.shape)}")
+    # float64: torch's float32 bicubic kernel is off by up to 1e-5 from exact; the input is one small image.
+    x = F.interpolate(image.double(), size=(CLIP_SIZE, CLIP_SIZE), mode="bicubic", align_corners=False)
+    x = x.mul(0.5).add(0.5).float()
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def encode_image(model: CLIPVisionModel, image: Tensor) -> Tensor:
+    """(B, 257, hidden): states after the next-to-last block, no post-norm (`hidden_states[-2]`), as Wan uses.
+
+    `image` is in [-1, 1], any size; it is preprocessed here.
+    """
+    p = next(model.parameters())
+    pixels = clip_preprocess(image.to(p.device)).to(p.dtype)
+    return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]

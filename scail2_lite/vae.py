@@ -1,0 +1,269 @@
+"""The Wan2.1 causal video VAE as diffusers' `AutoencoderKLWan`, loaded from `Wan2.1_VAE.pth`.
+
+diffusers' model is numerically Wan's; only the key converter, Wan's latent normalisation and a streaming,
+optionally tiled decode are written here. The streaming decode drives diffusers' own per-frame causal cache
+(`decoder(..., feat_cache=...)`) one latent frame at a time, which is exactly what `AutoencoderKLWan.decode`
+does internally, so it yields the same numbers while the caller holds only one frame group at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from torch import Tensor
+
+from .encoders import assign_state_dict, load_pth
+from .errors import UserError
+
+VAE_FILE = "Wan2.1_VAE.pth"
+_DIM_MULT = (1, 2, 4, 4)
+_NUM_RES_BLOCKS = 2
+
+
+def vae_config(scale: str) -> dict:
+    """`AutoencoderKLWan` kwargs: Wan2.1 ("full", diffusers' defaults) or a narrow "tiny" with the same strides."""
+    if scale == "full":
+        base_dim = 96
+    elif scale == "tiny":
+        base_dim = 8
+    else:
+        raise UserError(f"unknown VAE scale {scale!r}; choose full or tiny")
+    return _config(base_dim=base_dim, z_dim=16)
+
+
+def _config(base_dim: int, z_dim: int) -> dict:
+    return dict(
+        base_dim=base_dim,
+        z_dim=z_dim,
+        dim_mult=list(_DIM_MULT),
+        num_res_blocks=_NUM_RES_BLOCKS,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+    )
+
+
+def vae_config_from_state_dict(sd: Mapping[str, Tensor]) -> dict:
+    """Width and latent channels from a Wan-named VAE state dict (the rest of the Wan2.1 layout is fixed)."""
+    try:
+        base_dim = sd["encoder.conv1.weight"].shape[0]
+        z_dim = sd["conv2.weight"].shape[0]
+    except KeyError as exc:
+        raise UserError(f"not a Wan VAE state dict (no {exc.args[0]})") from None
+    return _config(base_dim=base_dim, z_dim=z_dim)
+
+
+# Wan's flat `downsamples` / `upsamples` lists vs diffusers' nested blocks. Encoder indices coincide (diffusers keeps
+# a flat `down_blocks`); decoder level i holds 3 residual blocks then (except the last level) one upsampler.
+_RES = {"residual.0.gamma": "norm1.gamma", "residual.2": "conv1", "residual.3.gamma": "norm2.gamma",
+        "residual.6": "conv2", "shortcut": "conv_shortcut"}
+_RES_INV = {v: k for k, v in _RES.items()}
+_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv", "encoder.conv1": "encoder.conv_in",
+        "decoder.conv1": "decoder.conv_in", "encoder.head.0": "encoder.norm_out", "encoder.head.2": "encoder.conv_out",
+        "decoder.head.0": "decoder.norm_out", "decoder.head.2": "decoder.conv_out",
+        "encoder.middle.0": "encoder.mid_block.resnets.0", "encoder.middle.1": "encoder.mid_block.attentions.0",
+        "encoder.middle.2": "encoder.mid_block.resnets.1", "decoder.middle.0": "decoder.mid_block.resnets.0",
+        "decoder.middle.1": "decoder.mid_block.attentions.0", "decoder.middle.2": "decoder.mid_block.resnets.1"}
+_TOP_INV = {v: k for k, v in _TOP.items()}
+_PER_LEVEL = _NUM_RES_BLOCKS + 2  # decoder: 3 residual blocks + 1 upsampler
+
+
+def _map_residual(rest: str, table: dict[str, str]) -> str | None:
+    """Rename the residual-block part of a key (`residual.2.weight` <-> `conv1.weight`); None if it is not one."""
+    for src, dst in table.items():
+        if rest == src or rest.startswith(src + "."):
+            return dst + rest[len(src) :]
+    return None
+
+
+def _map_down(rest: str, table: dict[str, str]) -> str | None:
+    """An encoder down block entry: a residual block (renamed) or a resample layer (same names on both sides)."""
+    return _map_residual(rest, table) or (rest if rest.startswith(("resample.", "time_conv.")) else None)
+
+
+def vae_wan_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Wan VAE names -> `AutoencoderKLWan` names. Tensors are shared, not copied."""
+    out: dict[str, Tensor] = {}
+    for key, t in sd.items():
+        out[_wan_key_to_diffusers(key)] = t
+    return out
+
+
+def _wan_key_to_diffusers(key: str) -> str:
+    prefix, _, leaf = key.rpartition(".")
+    for src, dst in _TOP.items():
+        if prefix == src:
+            return f"{dst}.{leaf}"
+        if prefix.startswith(src + "."):
+            rest = prefix[len(src) + 1 :] + "." + leaf
+            if src.endswith(("middle.0", "middle.2")):
+                mapped = _map_residual(rest, _RES)
+                if mapped is not None:
+                    return f"{dst}.{mapped}"
+            else:  # attention block: norm/to_qkv/proj keep their names
+                return f"{dst}.{rest}"
+    if m := re.fullmatch(r"encoder\.downsamples\.(\d+)\.(.+)", key):
+        if (mapped := _map_down(m.group(2), _RES)) is not None:
+            return f"encoder.down_blocks.{m.group(1)}.{mapped}"
+    if m := re.fullmatch(r"decoder\.upsamples\.(\d+)\.(.+)", key):
+        level, pos = divmod(int(m.group(1)), _PER_LEVEL)
+        if pos < _NUM_RES_BLOCKS + 1 and (mapped := _map_residual(m.group(2), _RES)) is not None:
+            return f"decoder.up_blocks.{level}.resnets.{pos}.{mapped}"
+        if pos == _NUM_RES_BLOCKS + 1 and m.group(2).startswith(("resample.", "time_conv.")):
+            return f"decoder.up_blocks.{level}.upsamplers.0.{m.group(2)}"
+    raise UserError(f"unexpected key in Wan VAE checkpoint: {key}")
+
+
+def vae_diffusers_to_wan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `vae_wan_to_diffusers` (writes Wan-format VAE files, e.g. the synthetic ones)."""
+    return {_diffusers_key_to_wan(k): t for k, t in sd.items()}
+
+
+def _diffusers_key_to_wan(key: str) -> str:
+    prefix, _, leaf = key.rpartition(".")
+    for dst, src in _TOP_INV.items():
+        if prefix == dst:
+            return f"{src}.{leaf}"
+        if prefix.startswith(dst + "."):
+            rest = prefix[len(dst) + 1 :] + "." + leaf
+            if "resnets" in dst:
+                mapped = _map_residual(rest, _RES_INV)
+                if mapped is not None:
+                    return f"{src}.{mapped}"
+            else:
+                return f"{src}.{rest}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(.+)", key):
+        if (mapped := _map_down(m.group(2), _RES_INV)) is not None:
+            return f"encoder.downsamples.{m.group(1)}.{mapped}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        if (mapped := _map_residual(m.group(3), _RES_INV)) is not None:
+            return f"decoder.upsamples.{int(m.group(1)) * _PER_LEVEL + int(m.group(2))}.{mapped}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+        return f"decoder.upsamples.{int(m.group(1)) * _PER_LEVEL + _NUM_RES_BLOCKS + 1}.{m.group(2)}"
+    raise UserError(f"unexpected key in AutoencoderKLWan state dict: {key}")
+
+
+def build_vae(sd_wan: Mapping[str, Tensor]) -> AutoencoderKLWan:
+    """An `AutoencoderKLWan` built on the meta device and filled with the given Wan tensors in place."""
+    with torch.device("meta"):
+        model = AutoencoderKLWan(**vae_config_from_state_dict(sd_wan))
+    assign_state_dict(model, vae_wan_to_diffusers(sd_wan), "VAE")
+    return model.eval()
+
+
+class WanVAE:
+    """Wan's VAE interface on diffusers' model: [-1,1] video <-> normalised latents, optional spatial tiling.
+
+    `tile` / `tile_stride` are in pixels (multiples of 8); a frame larger than `tile` in either axis is processed
+    in overlapping tiles blended linearly over `tile - tile_stride` pixels (diffusers' scheme). Tiling changes
+    the numbers slightly near seams; untiled is bit-identical to diffusers' and Wan's decode.
+    """
+
+    def __init__(self, model: AutoencoderKLWan, tile: int | None = None, tile_stride: int | None = None) -> None:
+        self.model = model
+        p = next(model.parameters())
+        self.mean = torch.tensor(model.config.latents_mean, dtype=torch.float32, device=p.device).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(model.config.latents_std, dtype=torch.float32, device=p.device).view(1, -1, 1, 1, 1)
+        self._decoder_convs = sum(isinstance(mod, WanCausalConv3d) for mod in model.decoder.modules())
+        self.set_tiling(tile, tile_stride)
+
+    def set_tiling(self, tile: int | None, tile_stride: int | None = None) -> None:
+        """Turn spatial tiling on (tile size in pixels, stride defaults to 3/4 of it) or off (`tile=None`)."""
+        if tile is None:
+            self.model.disable_tiling()
+            return
+        stride = tile_stride if tile_stride is not None else tile * 3 // 4
+        if tile % 8 or stride % 8 or not 0 < stride <= tile:
+            raise UserError(f"VAE tile {tile} / stride {stride} px must be multiples of 8 with 0 < stride <= tile")
+        self.model.enable_tiling(
+            tile_sample_min_height=tile, tile_sample_min_width=tile,
+            tile_sample_stride_height=stride, tile_sample_stride_width=stride,
+        )
+
+    @property
+    def _param(self) -> Tensor:
+        return next(self.model.parameters())
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """(B,3,T,H,W) in [-1,1] -> (B,16,1+(T-1)//4,H/8,W/8) normalised latents (posterior mean, as Wan)."""
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise UserError(f"VAE expects video shaped (B, 3, T, H, W); got {tuple(video.shape)}")
+        if video.shape[-1] % 8 or video.shape[-2] % 8:
+            raise UserError(f"VAE input height and width must be multiples of 8; got {tuple(video.shape[-2:])}")
+        p = self._param
+        mu = self.model.encode(video.to(p.device, p.dtype)).latent_dist.mode().float()
+        return (mu - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents (B,16,Tl,h,w) -> video (B,3,1+4(Tl-1),8h,8w) in [-1,1]."""
+        return torch.cat(list(self.decode_frames(latents)), dim=2)
+
+    @torch.no_grad()
+    def decode_frames(self, latents: Tensor) -> Iterator[Tensor]:
+        """Decode one latent frame at a time: yields (B,3,1,H,W) first, then (B,3,4,H,W) groups, in [-1,1].
+
+        Each tile keeps its own causal cache, so tiled streaming equals diffusers' `tiled_decode` frame by frame.
+        """
+        m, p = self.model, self._param
+        z = (latents.float() * self.std + self.mean).to(p.device, p.dtype)
+        _, _, frames, h, w = z.shape
+        tiles = self._latent_tiles(h, w)
+        caches = [[None] * self._decoder_convs for _ in tiles]
+        for k in range(frames):
+            x = m.post_quant_conv(z[:, :, k : k + 1])
+            decoded = [
+                m.decoder(x[:, :, :, i : i + th, j : j + tw], feat_cache=cache, feat_idx=[0], first_chunk=k == 0)
+                for (i, j, th, tw), cache in zip(tiles, caches)
+            ]
+            out = decoded[0] if len(tiles) == 1 else self._blend(decoded, tiles, h, w)
+            yield out.clamp(-1.0, 1.0)
+
+    def _latent_tiles(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        """(row, col, height, width) latent windows in diffusers' order; one window when tiling is off or not needed."""
+        m, r = self.model, self.model.spatial_compression_ratio
+        th, tw = m.tile_sample_min_height // r, m.tile_sample_min_width // r
+        if not m.use_tiling or (h <= th and w <= tw):
+            return [(0, 0, h, w)]
+        sh, sw = m.tile_sample_stride_height // r, m.tile_sample_stride_width // r
+        return [(i, j, th, tw) for i in range(0, h, sh) for j in range(0, w, sw)]
+
+    def _blend(self, decoded: list[Tensor], tiles: list[tuple[int, int, int, int]], h: int, w: int) -> Tensor:
+        """Blend overlapping decoded tiles exactly as `AutoencoderKLWan.tiled_decode` does."""
+        m, r = self.model, self.model.spatial_compression_ratio
+        sh, sw = m.tile_sample_stride_height, m.tile_sample_stride_width
+        bh, bw = m.tile_sample_min_height - sh, m.tile_sample_min_width - sw
+        cols = len({j for _, j, _, _ in tiles})
+        rows = [decoded[i : i + cols] for i in range(0, len(decoded), cols)]
+        result = []
+        for i, row in enumerate(rows):
+            parts = []
+            for j, tile in enumerate(row):
+                if i > 0:
+                    tile = m.blend_v(rows[i - 1][j], tile, bh)
+                if j > 0:
+                    tile = m.blend_h(row[j - 1], tile, bw)
+                row[j] = tile
+                parts.append(tile[:, :, :, :sh, :sw])
+            result.append(torch.cat(parts, dim=-1))
+        return torch.cat(result, dim=3)[:, :, :, : h * r, : w * r]
+
+
+def load_vae(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    tile: int | None = None,
+    tile_stride: int | None = None,
+) -> WanVAE:
+    """The Wan2.1 VAE from `Wan2.1_VAE.pth` (fp32 upstream), wrapped with Wan's normalisation and optional tiling."""
+    model = build_vae(load_pth(path)).to(device)
+    if next(model.parameters()).dtype != dtype:  # diffusers warns on any dtype `.to()`, so only cast when needed
+        model = model.to(dtype=dtype)
+    return WanVAE(model, tile=tile, tile_stride=tile_stride)
