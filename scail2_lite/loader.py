@@ -1,14 +1,21 @@
-"""`load_dit`: a checkpoint of any format -> a ready `SCAIL2Model`, holding one copy of the weights in RAM."""
+"""`load_dit`: a checkpoint of any format -> a ready `SCAIL2Model`, holding one copy of the weights in RAM.
+
+Where `formats` (reading files) and `quantize` (quantized layers) meet: a quantized folder or a ComfyUI
+fp8_scaled file gets `QuantLinear` layers swapped in where the weights are 8-bit; LoRAs are merged here too.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from . import formats
 from .config import DiTConfig
 from .errors import UserError
+from .quantize.schemes import QuantizeError, dequantize, is_quantized_name
+from .quantize.store import PreQuantized, iter_quantized, linear_schemes, read_manifest
 
 
 def load_dit(
@@ -16,30 +23,97 @@ def load_dit(
     config: DiTConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    loras: Sequence[tuple[str | Path, float]] = (),
+    compute: str | None = None,
 ) -> "SCAIL2Model":  # noqa: F821 (imported lazily below)
     """Build the model on the meta device, then assign each tensor (cast as it is read) so none is copied twice.
 
     Tensors are copied out of the file mapping into fresh, aligned memory: RAM holds one copy (the page cache
     is evictable) and kernels see the same alignment whatever the file format, so outputs match bit for bit.
 
-    The config comes from `config`, else config.json beside the checkpoint, else tensor shapes, else 14B.
+    The config comes from `config`, else the quantized manifest or config.json beside the checkpoint, else
+    tensor shapes, else 14B. `loras` ((file, strength) pairs) are merged in fp32 before the cast; into 8-bit
+    weights by dequantize -> add -> requantize, once at load. `compute` forces the QuantLinear matmul path.
     """
     from .model import SCAIL2Model
 
     fmt = formats.detect_format(path)
-    if fmt == "quantized":
-        raise UserError(f"{path} is a quantized folder: loading quantized DiTs is not wired into load_dit yet")
-    if fmt == "comfy-fp8_scaled":
-        raise UserError(f"{path} is a ComfyUI fp8_scaled file: convert it with `scail2-lite quantize` first")
-    if config is None:
-        config, _ = formats.read_config(path, formats.read_shapes(path))
-    state: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, tensor in formats.iter_tensors(path):
-        shapes[name] = tuple(tensor.shape)
-        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None, copy=True)
+    try:
+        if fmt == "quantized":
+            manifest = read_manifest(formats.find_dit(path))
+            config = config or DiTConfig.from_dict(manifest["config"])
+            schemes = linear_schemes(manifest)
+            items: Iterable = iter_quantized(formats.find_dit(path))
+        else:
+            if config is None:
+                config, _ = formats.read_config(path, formats.read_shapes(path))
+            items = formats.iter_tensors(path)
+            schemes = {}
+            if fmt == "comfy-fp8_scaled":
+                from .quantize.comfy import from_comfy_fp8
+
+                items = _keep_fp8_linears(from_comfy_fp8(items), schemes)
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in items:
+            state[name] = tensor.to(device=device, dtype=_cast(name, tensor, dtype), copy=True)
+    except QuantizeError as e:
+        raise UserError(str(e)) from None
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith(".scale")}
     formats.check_keys(shapes, config, path)
+    if loras:
+        _merge_loras(state, loras, config)
     with torch.device("meta"):
         model = SCAIL2Model(config)
+    if schemes:
+        from .quantize.linear import swap_linears
+
+        swap_linears(model, schemes, compute)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype | None:
+    """8-bit weights and their fp32 scales keep their storage; other floats take the model dtype."""
+    if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn or name.endswith(".scale"):
+        return None
+    return dtype
+
+
+def _keep_fp8_linears(items: Iterable, schemes: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """ComfyUI fp8_scaled -> our layout: block Linears stay FP8 (per-tensor scale broadcast per channel, exact),
+    anything else that arrives FP8 is dequantized (we keep those layers in high precision)."""
+    for name, item in items:
+        if not isinstance(item, PreQuantized):
+            yield name, item
+        elif is_quantized_name(name):
+            layer = name.removesuffix(".weight")
+            schemes[layer] = item.scheme
+            yield name, item.qweight
+            yield f"{layer}.scale", item.scale
+        else:
+            yield name, dequantize(item.qweight, item.scale)
+
+
+def _merge_loras(state: dict[str, torch.Tensor], loras: Sequence[tuple[str | Path, float]], config: DiTConfig) -> None:
+    """Merge LoRA deltas into `state` in place (fp32 math, cast back; 8-bit weights requantized)."""
+    from .lora import load_lora, lora_index, merge_quantized, merge_tensor, summed_delta
+
+    shapes = {k: torch.Size(v) for k, v in formats.wan_shapes(config).items()}
+    index = lora_index([(load_lora(p, shapes), s) for p, s in loras])
+    for target, updates in index.items():
+        weight = state[target]
+        scale_key = target.removesuffix("weight") + "scale"
+        if scale_key in state and weight.dtype in (torch.int8, torch.float8_e4m3fn):
+            delta = summed_delta(updates, weight.shape, weight.device)
+            state[target], state[scale_key] = merge_quantized(weight, state[scale_key], delta)
+        else:
+            state[target] = merge_tensor(target, weight, index)
+
+
+def quantized_text_encoder(path: str | Path) -> str | None:
+    """The umT5 scheme a quantized folder was made with (None for other checkpoints)."""
+    path = Path(path)
+    if formats.detect_format(path) != "quantized":
+        return None
+    te = read_manifest(formats.find_dit(path)).get("text_encoder") or {}
+    return te.get("scheme")

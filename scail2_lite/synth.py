@@ -413,3 +413,27 @@ def synth(out: str | Path, scale: str = "tiny", fmt: str = "sat", seed: int = 0,
     step("inputs")
     write_inputs(out / "inputs", scale)
     return out
+
+
+def cached_demo_folder(progress: Progress | None = None) -> Path:
+    """The tiny demo checkpoint + inputs under the user cache dir: made once (atomically), then reused."""
+    import shutil
+
+    from . import __version__
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scail2-lite"
+    folder = root / f"demo-tiny-{__version__}"
+    if (folder / "inputs" / "driving_mask.mp4").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        synth(tmp, scale="tiny", fmt="sat", seed=0, progress=progress)
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "inputs" / "driving_mask.mp4").is_file():  # not a concurrent run that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,445 @@
+"""The SCAIL-2 pipeline (SPEC section 4): encoders -> conditioning -> denoising steps -> VAE decode, in segments.
+
+One code path for the Python API and the CLI:
+
+    pipe = Pipeline.from_pretrained("SCAIL-2/")          # or a quantized folder
+    result = pipe(image="ref.png", mask_image="ref_mask.png", pose="driving.mp4", mask_video="mask.mp4",
+                  prompt="a person dancing", output="out.mp4")
+
+Memory order, so that a 16 GB card never holds two big things at once: umT5 runs and is released, then CLIP,
+then the VAE encodes the conditions (and stays, it is small), then the DiT runs every step of a segment, then the
+VAE decodes that segment straight into the video writer. CFG branches run one after the other with batch 1:
+it bounds activation memory and makes the numbers independent of the memory profile.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from rich.progress import Progress
+
+from . import conditioning as cond
+from . import media
+from .config import (
+    DEFAULT_FPS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+    SEGMENT_LEN,
+    SEGMENT_OVERLAP,
+)
+from .encoders import CLIP_FILE, encode_image, encode_text, load_clip, load_text_encoder
+from .errors import UserError
+from .sampling import cfg, make_scheduler
+from .vae import VAE_FILE, WanVAE, load_vae
+
+UMT5_DIR = "umt5-xxl"
+# SCAIL-2's released sampler (sample_video.py) uses an empty negative prompt, not Wan's long Chinese one.
+DEFAULT_NEGATIVE_PROMPT = ""
+
+
+@dataclass
+class Inputs:
+    """Everything a generation needs from the user's files, resized and validated (tensors in [-1, 1])."""
+
+    image: torch.Tensor  # (3, H, W) reference, at output size
+    ref_mask: torch.Tensor  # (3, H, W)
+    pose: torch.Tensor  # (3, T, H/2, W/2) driving video at half size
+    mask_video: torch.Tensor  # (3, T, H/2, W/2)
+    fps: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.image.shape[-2:])  # type: ignore[return-value]
+
+    @property
+    def frames(self) -> int:
+        return self.pose.shape[1]
+
+
+@dataclass
+class Result:
+    """What a generation produced: the frames (unless streamed to a file only), timings and memory."""
+
+    frames: torch.Tensor | None  # (3, T, H, W) in [-1, 1]; None when `keep_frames=False`
+    num_frames: int
+    fps: float
+    size: tuple[int, int]
+    seconds: dict[str, float]
+    step_seconds: list[float]
+    peak_vram: dict[str, int]
+    settings: dict
+    warnings: list[str]
+    output: Path | None = None
+
+
+def _check_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UserError(f"the checkpoint folder is missing the {what}: {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """Where each component lives in a SCAIL-2 download (or in our quantized folder, which keeps the layout)."""
+
+    root: Path
+
+    @property
+    def vae(self) -> Path:
+        return _check_file(self.root / VAE_FILE, "VAE")
+
+    @property
+    def clip(self) -> Path:
+        return _check_file(self.root / CLIP_FILE, "CLIP image encoder")
+
+    @property
+    def umt5(self) -> Path:
+        return _check_file(self.root / UMT5_DIR, "umT5 text encoder folder")
+
+    def check(self) -> None:
+        """Fail early, naming the first missing component, before any minute-long loading starts."""
+        if not self.root.is_dir():
+            raise UserError(f"checkpoint folder not found: {self.root}")
+        self.vae, self.clip, self.umt5  # noqa: B018 (each property raises if its file is missing)
+
+
+def load_inputs(
+    image: str | Path,
+    mask_image: str | Path,
+    pose: str | Path,
+    mask_video: str | Path,
+    *,
+    size: str | tuple[int, int] = "512p",
+    frames: int | None = None,
+    replace: bool = False,
+) -> Inputs:
+    """Read and resize the user's files. Rules (SPEC section 4): aspect-preserving resize then center crop;
+    reference bicubic at output size, its mask nearest (colours stay pure); driving video and its mask area-
+    resized to half the output size. A preset size (512p/704p) follows the driving video's orientation."""
+    ref = media.read_image(image)
+    ref_mask = media.read_image(mask_image)
+    if ref.shape != ref_mask.shape:
+        raise UserError(
+            f"the reference mask is {ref_mask.shape[2]}x{ref_mask.shape[1]} but the image is "
+            f"{ref.shape[2]}x{ref.shape[1]}: they must have the same size"
+        )
+    drive_hw = media.video_size(pose)
+    h, w = media.output_size(size, drive_hw)
+    half = (h // 2, w // 2)
+    driving, fps = media.read_video(pose, size=half, mode="area", max_frames=frames)
+    masks, _ = media.read_video(mask_video, size=half, mode="nearest", max_frames=frames)
+    if driving.shape[1] != masks.shape[1]:
+        raise UserError(
+            f"the driving video has {driving.shape[1]} frames but the mask video has {masks.shape[1]}: "
+            "they must have the same frame count"
+        )
+    if driving.shape[1] < 5:
+        raise UserError(f"the driving video needs at least 5 frames, got {driving.shape[1]}")
+    ref = media.resize_crop(ref, (h, w), "bicubic")
+    ref_mask = media.resize_crop(ref_mask, (h, w), "nearest")
+    warnings = cond.check_mask(ref_mask, "reference", replace) + cond.check_mask(masks, "driving", replace)
+    return Inputs(ref, ref_mask, driving, masks, fps or DEFAULT_FPS, warnings)
+
+
+class Pipeline:
+    """SCAIL-2 generation. Build with `from_pretrained`; call with the user's inputs."""
+
+    def __init__(
+        self,
+        folder: ModelFolder,
+        dit: torch.nn.Module,
+        device: torch.device,
+        *,
+        text_encoder: str = "bf16",
+        vae_tile: int | None = None,
+        place_dit: Callable[[torch.nn.Module], ExitStack] | None = None,
+    ) -> None:
+        self.folder = folder
+        self.dit = dit
+        self.device = device
+        self.text_encoder = text_encoder
+        self.vae_tile = vae_tile
+        self._place_dit = place_dit
+        self._vae: WanVAE | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        text_encoder: str | None = None,
+        vae_tile: int | None = None,
+        loras: Sequence[tuple[str | Path, float]] = (),
+        place_dit: Callable[[torch.nn.Module], ExitStack] | None = None,
+    ) -> "Pipeline":
+        """Load a SCAIL-2 folder (official layout, or a `scail2-lite quantize` output).
+
+        The DiT is loaded to CPU here; `place_dit` decides where it runs (all on the GPU, or streamed block by
+        block: see `runtime.py`). The encoders are loaded when first needed and released after use.
+        `text_encoder` ("bf16", "int8", "nf4") defaults to what a quantized folder recorded, else bf16.
+        """
+        from .loader import load_dit, quantized_text_encoder
+
+        folder = ModelFolder(Path(path))
+        folder.check()
+        device = torch.device(device) if device is not None else _default_device()
+        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras)
+        te = text_encoder or quantized_text_encoder(folder.root) or "bf16"
+        return cls(folder, dit, device, text_encoder=te, vae_tile=vae_tile, place_dit=place_dit)
+
+    # ---- phases ------------------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """umT5 on the prompts; the encoder leaves memory before returning (11 GB in bf16)."""
+        from .quantize.text_encoder import quantize_text_encoder
+
+        scheme = self.text_encoder
+        quant = None if scheme == "bf16" else (lambda m: quantize_text_encoder(m, scheme, self.device))
+        tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant)
+        try:
+            out = [t.to("cpu", torch.float32) for t in encode_text(tokenizer, model, prompts)]
+        finally:
+            del model
+            _release()
+        return out
+
+    def encode_clip(self, image: torch.Tensor) -> torch.Tensor:
+        """CLIP ViT-H/14 features of the reference (1, 257, 1280); the tower is released after use."""
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        model = load_clip(self.folder.clip, dtype=dtype, device=self.device)
+        try:
+            return encode_image(model, image[None]).to("cpu", torch.float32)
+        finally:
+            del model
+            _release()
+
+    @property
+    def vae(self) -> WanVAE:
+        if self._vae is None:
+            self._vae = load_vae(self.folder.vae, device=self.device, tile=self.vae_tile)
+        return self._vae
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(3, T, H, W) in [-1, 1] -> normalised latents (1, 16, Tl, H/8, W/8) on CPU, fp32."""
+        return self.vae.encode(video[None].to(self.device)).cpu()
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: str | Path | Inputs,
+        mask_image: str | Path | None = None,
+        pose: str | Path | None = None,
+        mask_video: str | Path | None = None,
+        *,
+        prompt: str = "",
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        replace: bool = False,
+        size: str | tuple[int, int] = "512p",
+        frames: int | None = None,
+        steps: int = DEFAULT_STEPS,
+        shift: float = DEFAULT_SHIFT,
+        guidance: float = DEFAULT_GUIDANCE,
+        solver: str = "unipc",
+        seed: int = 0,
+        segment_len: int = SEGMENT_LEN,
+        segment_overlap: int = SEGMENT_OVERLAP,
+        output: str | Path | None = None,
+        fps: float | None = None,
+        keep_frames: bool = True,
+        progress: Progress | None = None,
+        on_latents: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> Result:
+        """Generate a video. Inputs are file paths (or an `Inputs` from `load_inputs`). With `output`, frames
+        stream into an H.264 mp4 written atomically (no partial file on error or Ctrl-C).
+
+        `on_latents(segment, latents)` sees each segment's final latents (tests compare profiles with it).
+        """
+        timer = _Timer(self.device)
+        if steps < 1:
+            raise UserError(f"--steps must be at least 1, got {steps}")
+        make_scheduler(solver, steps, shift)  # validates the solver name and shift before any heavy work
+        with timer("inputs"):
+            if isinstance(image, Inputs):
+                inputs = image
+            else:
+                if mask_image is None or pose is None or mask_video is None:
+                    raise UserError("image, mask_image, pose and mask_video are all required")
+                inputs = load_inputs(image, mask_image, pose, mask_video, size=size, frames=frames, replace=replace)
+        plan = cond.segment_plan(inputs.frames, segment_len, segment_overlap)
+        total_frames = plan[-1][1] - (len(plan) - 1) * segment_overlap
+        h, w = inputs.size
+        fps = fps or inputs.fps
+        tasks = _Tasks(progress)
+
+        with timer("text encoder"):
+            tasks.phase("umT5 text encoder")
+            use_cfg = guidance != 1.0
+            contexts = self.encode_prompts([prompt, negative_prompt] if use_cfg else [prompt])
+        with timer("clip"):
+            tasks.phase("CLIP image encoder")
+            clip_fea = self.encode_clip(inputs.image)
+        with timer("vae encode"):
+            tasks.phase("VAE encode (reference)")
+            ref_image = cond.composite_on_black(inputs.image, inputs.ref_mask) if replace else inputs.image
+            ref_latents = self.encode_video(ref_image[:, None])
+        dit_dtype = self.dit.dtype
+        with ExitStack() as stack:
+            writer = stack.enter_context(media.VideoWriter(output, fps, (h, w))) if output is not None else None
+            with timer("dit placement"):
+                tasks.phase("placing the DiT")
+                if self._place_dit is not None:
+                    stack.enter_context(self._place_dit(self.dit))
+                else:
+                    self.dit.to(self.device)
+            ctx = [self.dit.embed_context(c[None].to(self.device, dit_dtype), clip_fea.to(self.device, dit_dtype))
+                   for c in contexts]
+            kept: list[torch.Tensor] = []
+            history_pixels: torch.Tensor | None = None
+            step_seconds: list[float] = []
+            steps_task = tasks.add("denoising", total=steps * len(plan))
+            for k, (start, end) in enumerate(plan):
+                with timer("vae encode"):
+                    pose_lat = self.encode_video(inputs.pose[:, start:end])
+                    hist_lat = self.encode_video(history_pixels) if history_pixels is not None else None
+                seg = _segment_conditions(inputs, start, end, ref_latents, pose_lat, hist_lat)
+                generator = torch.Generator().manual_seed(seed + k)
+                noise = torch.randn(seg["shape"], generator=generator, dtype=torch.float32)
+                sampler = make_scheduler(solver, steps, shift, generator=generator)
+                latents = noise
+                for t in sampler.timesteps:
+                    t0 = time.perf_counter()
+                    with timer("dit steps"):
+                        if hist_lat is not None:
+                            latents[:, :, : hist_lat.shape[2]] = hist_lat
+                        v = self._velocity(latents, t, seg, ctx, replace, guidance, dit_dtype)
+                        latents = sampler.step(v, t, latents)
+                    step_seconds.append(time.perf_counter() - t0)
+                    tasks.advance(steps_task)
+                if hist_lat is not None:
+                    latents[:, :, : hist_lat.shape[2]] = hist_lat
+                if on_latents is not None:
+                    on_latents(k, latents.clone())
+                with timer("vae decode"):
+                    tasks.phase(f"VAE decode (segment {k + 1}/{len(plan)})")
+                    drop = segment_overlap if k > 0 else 0
+                    tail: list[torch.Tensor] = []
+                    for group in self._decode(latents, drop):
+                        if writer is not None:
+                            writer.write(group)
+                        if keep_frames:
+                            kept.append(group)
+                        tail.append(group)
+                    history_pixels = torch.cat(tail, dim=1)[:, -segment_overlap:] if k + 1 < len(plan) else None
+        result_frames = torch.cat(kept, dim=1) if keep_frames else None
+        settings = dict(size=f"{w}x{h}", frames=total_frames, segments=len(plan), steps=steps, shift=shift,
+                        guidance=guidance, solver=solver, seed=seed, replace=replace, dit_dtype=str(dit_dtype),
+                        text_encoder=self.text_encoder, device=str(self.device))
+        return Result(result_frames, total_frames, fps, (h, w), timer.seconds, step_seconds, timer.peaks,
+                      settings, inputs.warnings, Path(output) if output is not None else None)
+
+    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, seg: dict, ctx: list[torch.Tensor], replace: bool,
+                  guidance: float, dtype: torch.dtype) -> torch.Tensor:
+        """One DiT evaluation per CFG branch (batch 1 each), combined on CPU in fp32."""
+        dev = self.device
+        x = latents.to(dev, dtype)
+        tt = torch.full((1,), float(t), device=dev)
+        args = [seg[k].to(dev, dtype) for k in ("pose", "driving_masks", "ref", "ref_masks")]
+        hist = seg["history_mask"].to(dev, dtype) if seg["history_mask"] is not None else None
+        outs = [self.dit.forward_with_context(x, *args, tt, c, replace, history_mask=hist).float().cpu() for c in ctx]
+        return cfg(outs[0], outs[1], guidance) if len(outs) == 2 else outs[0]
+
+    def _decode(self, latents: torch.Tensor, drop: int) -> Iterator[torch.Tensor]:
+        """Decoded frame groups (3, t, H, W) on CPU, the first `drop` frames (segment overlap) left out."""
+        seen = 0
+        for group in self.vae.decode_frames(latents.to(self.device)):
+            group = group[0].float().cpu()
+            n = group.shape[1]
+            if seen + n > drop:
+                yield group[:, max(0, drop - seen):]
+            seen += n
+
+
+def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch.Tensor, pose_latents: torch.Tensor,
+                        hist_latents: torch.Tensor | None) -> dict:
+    """Batch-1 DiT inputs of one segment (CPU, fp32)."""
+    tl = cond.latent_frames(end - start)
+    h, w = ref_latents.shape[-2:]
+    hist = None
+    if hist_latents is not None:
+        hist = cond.history_mask(tl, h, w, history_latents=hist_latents.shape[2])[None]
+    return {
+        "shape": (1, 16, tl, h, w),
+        "pose": pose_latents,
+        "driving_masks": cond.driving_mask_channels(inputs.mask_video[:, start:end])[None],
+        "ref": ref_latents,
+        "ref_masks": cond.reference_mask_channels(inputs.ref_mask, tl)[None],
+        "history_mask": hist,
+    }
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _Timer:
+    """Wall time and CUDA peak memory per named phase (phases may repeat: times add up, peaks take the max)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+                self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated())
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+class _Tasks:
+    """Thin adapter over an optional rich Progress: one spinner line per phase, one bar for the steps."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self._phase = None
+
+    def phase(self, description: str) -> None:
+        if self.progress is None:
+            return
+        if self._phase is None:
+            self._phase = self.progress.add_task(description, total=None)
+        else:
+            self.progress.update(self._phase, description=description)
+
+    def add(self, description: str, total: int):
+        return self.progress.add_task(description, total=total) if self.progress is not None else None
+
+    def advance(self, task) -> None:
+        if self.progress is not None:
+            self.progress.advance(task)
