@@ -1,0 +1,417 @@
+"""Memory planning: profile files, a per-phase model of peak VRAM and RAM, the choice of a plan, the OOM fallback.
+
+Why a model rather than trial and error: a failed attempt at 704p costs minutes, and users must see before a run
+where their memory goes (`scail2-lite profile`). The model counts what the runtime holds in each phase:
+  text_encoder  umT5 weights (4-bit or bf16) + 512-token activations
+  clip          CLIP ViT-H/14 visual tower (fp16) + 257-token activations
+  vae_encode    VAE weights + activations of one spatial tile (4 frames at a time)
+  dit_step      non-block layers + resident blocks + streaming slots + one block's activations at the token count
+  vae_decode    VAE weights + activations of one tile (one latent frame -> 4 frames at a time)
+Encoders placed "gpu" stay in every later phase; "offload-after-use" and "cpu" leave after their phase. The DiT's
+device weights are counted from the DiT phase on (the pipeline loads it after the encoders); the VAE leaves the
+GPU during DiT steps. Activation coefficients are per-element byte counts of `model.SCAIL2Block`'s forward; the
+VAE's are per output pixel. They are estimates until `scail2-lite profile --run` measures them (issue 7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .attention import BACKENDS
+from .config import DiTConfig
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+GB = 1e9
+PHASES: tuple[str, ...] = ("text_encoder", "clip", "vae_encode", "dit_step", "vae_decode")
+QUANTIZATIONS: tuple[str, ...] = ("bf16", "fp8", "int8")
+
+# Encoders (SPEC section 4): umT5-XXL encoder = 1.05 B embedding + 4.63 B linear parameters; CLIP ViT-H/14 visual.
+UMT5_EMBED_PARAMS = 256_384 * 4096
+UMT5_LINEAR_PARAMS = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240)
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 values (embedding stays bf16)
+CLIP_PARAMS = 632_000_000
+ENCODER_ACTIVATIONS = 0.3 * GB
+VAE_PARAMS = 126_900_000  # Wan2.1 VAE, run in fp32
+VAE_DECODE_BYTES_PER_PIXEL = 11_000  # fp32, 96 channels x 4 frames at full resolution, ~7 tensors alive
+VAE_ENCODE_BYTES_PER_PIXEL = 6_000
+VAE_TILE_OVERLAP = 0.25  # each tile reaches this fraction of its size past each edge
+
+# One block's forward (model.SCAIL2Block), bytes per element of (tokens x dim) unless noted:
+RESIDUAL_BYTES = 4  # fp32 residual stream, alive for the whole forward
+QKV_ATTN_BYTES = 8  # q, k, v and the attention output in bf16
+ATTN_CHUNK_BYTES = 16  # fp32 norm/modulation and q/k RMSNorm+RoPE temporaries per token of a chunk
+CROSS_CHUNK_BYTES = 12  # fp32 norm3, bf16 q, two attention outputs, o
+FFN_CHUNK_BYTES = 12  # fp32 norm2 + bf16 input/output per token of a chunk ...
+FFN_INNER_BYTES = 4  # ... plus bf16 (tokens x ffn_dim) twice (Linear output, GELU output)
+SAGE_BYTES = 2  # int8 copies of q and k
+MODEL_DTYPE_BYTES = 2
+
+RESERVED_FACTOR = 1.10  # caching allocator: reserved / allocated at the peak
+VRAM_SAFETY = 0.3 * GB
+BASE_RAM = 3.0 * GB  # Python, torch, CUDA libraries
+LIGHTER_FACTOR = 0.8  # a step that ran out of memory is retried under a plan predicted 20% lighter
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A memory profile (one TOML file in `profiles/`). `speed_rank`: lower runs faster; plans try profiles in
+    that order and `lighter` walks it towards the lighter ones."""
+
+    name: str
+    description: str
+    speed_rank: int
+    quantization: str  # "auto" (the checkpoint's), "bf16", "fp8" or "int8"
+    resident_blocks: int | str  # a number, "auto" (the most that fit) or "all"
+    prefetch: int
+    weight_source: str  # "pinned" or "mmap"
+    vae_tile: int  # pixels per tile side, 0 = untiled
+    encoders: str  # "gpu", "cpu" or "offload-after-use"
+    ffn_chunk: int  # tokens per FFN chunk, 0 = one shot
+    attn_chunk: int  # tokens per chunk of the per-token work around attention, 0 = one shot
+    attention: str
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "quantization": ("auto", *QUANTIZATIONS),
+    "weight_source": ("pinned", "mmap"),
+    "encoders": ("gpu", "cpu", "offload-after-use"),
+    "attention": BACKENDS,
+}
+_INTS: dict[str, tuple[int, int]] = {
+    "speed_rank": (0, 1000), "prefetch": (0, 8), "vae_tile": (0, 4096), "ffn_chunk": (0, 1 << 20),
+    "attn_chunk": (0, 1 << 20),
+}
+
+
+def parse_profile(data: dict[str, Any], name: str, where: str) -> Profile:
+    """Validate a profile's fields; every problem is a one-line UserError naming `where` and the field."""
+    fields = [f.name for f in dataclasses.fields(Profile) if f.name != "name"]
+    for key in data:
+        if key not in fields:
+            raise UserError(f"{where}: unknown field {key!r} (fields: {', '.join(fields)})")
+    for key in fields:
+        if key not in data:
+            raise UserError(f"{where}: missing field {key!r}")
+    if not isinstance(data["description"], str):
+        raise UserError(f"{where}: field 'description' must be a string")
+    for key, choices in _CHOICES.items():
+        if data[key] not in choices:
+            raise UserError(f"{where}: field {key!r} must be one of {', '.join(choices)}, got {data[key]!r}")
+    for key, (lo, hi) in _INTS.items():
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"{where}: field {key!r} must be an integer in {lo}..{hi}, got {value!r}")
+    resident = data["resident_blocks"]
+    if not (resident in ("auto", "all") or (isinstance(resident, int) and not isinstance(resident, bool) and resident >= 0)):
+        raise UserError(f"{where}: field 'resident_blocks' must be a number >= 0, \"auto\" or \"all\", got {resident!r}")
+    return Profile(name=name, **data)
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A shipped profile by name (`16gb`) or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise UserError(f"{path}: profile file not found")
+        text, where, name = path.read_text(), str(path), path.stem
+    else:
+        resource = resources.files("scail2_lite.profiles") / f"{name_or_path}.toml"
+        if not resource.is_file():
+            names = ", ".join(p.name for p in list_profiles())
+            raise UserError(f"unknown profile {str(name_or_path)!r}; choose one of {names} or give a .toml path")
+        text, where, name = resource.read_text(), f"profiles/{name_or_path}.toml", str(name_or_path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: not valid TOML ({e})") from None
+    return parse_profile(data, name, where)
+
+
+def list_profiles() -> list[Profile]:
+    """The shipped profiles, fastest first."""
+    files = sorted(f.name for f in resources.files("scail2_lite.profiles").iterdir() if f.name.endswith(".toml"))
+    return sorted((load_profile(f[: -len(".toml")]) for f in files), key=lambda p: (p.speed_rank, p.name))
+
+
+# ---- sizes ----------------------------------------------------------------------------------------------------
+
+
+def tokens(config: DiTConfig, height: int, width: int, frames: int) -> int:
+    """Packed sequence length `[ref | video | pose]` for an output of height x width x frames (SPEC section 3)."""
+    if height % 32 or width % 32 or height <= 0 or width <= 0:
+        raise UserError(f"size {height}x{width} must be positive multiples of 32")
+    if frames < 1 or (frames - 1) % 4:
+        raise UserError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
+    _, ph, pw = config.patch_size
+    per_frame = (height // 8 // ph) * (width // 8 // pw)
+    latent_frames = (frames - 1) // 4 + 1
+    return per_frame + latent_frames * per_frame + latent_frames * per_frame // 4
+
+
+def block_bytes(config: DiTConfig, quantization: str) -> int:
+    """Bytes of one DiT block: Linear weights in the quantization (8-bit ones with an fp32 scale per row), biases
+    and norms in bf16, the modulation table in fp32 (quantize/schemes.py's rule)."""
+    d, f = config.dim, config.ffn_dim
+    linears = [(d, d)] * 10 + [(d, f), (f, d)]  # self q k v o, cross q k v o k_img v_img, ffn 0 and 2
+    weight_bytes = 2 if quantization == "bf16" else 1
+    total = sum(i * o * weight_bytes + o * MODEL_DTYPE_BYTES for i, o in linears)
+    if quantization != "bf16":
+        total += sum(o * 4 for _, o in linears)
+    total += (5 * d + 2 * d) * MODEL_DTYPE_BYTES  # 5 RMSNorm weights, norm3 weight and bias
+    return total + 6 * d * 4
+
+
+def nonblock_bytes(config: DiTConfig) -> int:
+    """Bytes of everything outside the blocks (embeddings, time MLPs, head), kept in bf16 and always resident."""
+    c = config
+    patch = 4  # 1 x 2 x 2 kernel
+    params = (
+        2 * (c.in_dim * patch * c.dim + c.dim) + c.mask_dim * patch * c.dim + c.dim
+        + c.text_dim * c.dim + c.dim + c.dim * c.dim + c.dim
+        + c.freq_dim * c.dim + c.dim + c.dim * c.dim + c.dim
+        + c.dim * 6 * c.dim + 6 * c.dim
+        + 2 * c.clip_dim + c.clip_dim * c.clip_dim + c.clip_dim + c.clip_dim * c.dim + c.dim + 2 * c.dim
+        + c.dim * c.out_dim * patch + c.out_dim * patch
+    )
+    return params * MODEL_DTYPE_BYTES + 2 * c.dim * 4
+
+
+def block_activation_bytes(config: DiTConfig, n_tokens: int, ffn_chunk: int, attn_chunk: int, attention: str) -> int:
+    """Peak transient bytes of one block's forward at `n_tokens` (batch 1: CFG branches run one after the other),
+    including the fp32 residual stream."""
+    d, f, n = config.dim, config.ffn_dim, n_tokens
+    ca = min(attn_chunk or n, n)
+    cf = min(ffn_chunk or n, n)
+    self_attn = QKV_ATTN_BYTES * n * d + ATTN_CHUNK_BYTES * ca * d + (SAGE_BYTES * n * d if attention == "sage" else 0)
+    cross = CROSS_CHUNK_BYTES * ca * d
+    ffn = FFN_CHUNK_BYTES * cf * d + FFN_INNER_BYTES * cf * f
+    context = (257 + config.text_len) * d * MODEL_DTYPE_BYTES * 3  # context, its k/v for text and image
+    return RESIDUAL_BYTES * n * d + max(self_attn, cross, ffn) + context
+
+
+def _vae_activation_bytes(height: int, width: int, tile: int, per_pixel: int) -> int:
+    """One spatial tile's activations; a tile reaches VAE_TILE_OVERLAP of its size past each edge."""
+    if tile:
+        reach = int(tile * (1 + 2 * VAE_TILE_OVERLAP))
+        height, width = min(height, reach), min(width, reach)
+    return height * width * per_pixel
+
+
+TEXT_ENCODERS: tuple[str, ...] = ("4bit", "bf16")
+
+
+def umt5_bytes(text_encoder: str) -> int:
+    if text_encoder == "bf16":
+        return (UMT5_EMBED_PARAMS + UMT5_LINEAR_PARAMS) * 2
+    return int(UMT5_EMBED_PARAMS * 2 + UMT5_LINEAR_PARAMS * NF4_BYTES_PER_PARAM)
+
+
+# ---- plans ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    vram: int  # predicted peak allocated bytes
+    ram: int  # predicted peak process RAM bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A profile resolved for one run: how many blocks stay resident, and the predicted memory of every phase."""
+
+    profile: Profile
+    config: DiTConfig
+    height: int
+    width: int
+    frames: int
+    quantization: str
+    text_encoder: str
+    resident_blocks: int
+    tokens: int
+    phases: dict[str, PhaseMemory]
+    vram_budget: int  # bytes the run may reserve (free VRAM, or the --vram-budget cap)
+    ram_available: int
+    reason: str
+
+    @property
+    def streamed_blocks(self) -> int:
+        return self.config.num_layers - self.resident_blocks
+
+    @property
+    def peak_vram(self) -> int:
+        return max(p.vram for p in self.phases.values())
+
+    @property
+    def peak_vram_reserved(self) -> int:
+        """What the caching allocator will hold at the peak (the figure a VRAM budget must cover)."""
+        return int(self.peak_vram * RESERVED_FACTOR + VRAM_SAFETY)
+
+    @property
+    def peak_ram(self) -> int:
+        return max(p.ram for p in self.phases.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_vram_reserved <= self.vram_budget and self.peak_ram <= self.ram_available
+
+
+def predict(
+    profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
+    text_encoder: str = "4bit",
+) -> dict[str, PhaseMemory]:
+    """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks."""
+    n = tokens(config, height, width, frames)
+    blk = block_bytes(config, quantization)
+    streamed = config.num_layers - resident_blocks
+    slots = min(profile.prefetch + 1, streamed) * blk
+    umt5, clip = umt5_bytes(text_encoder), CLIP_PARAMS * 2
+    vae = VAE_PARAMS * 4
+    encoders_after = umt5 + clip if profile.encoders == "gpu" else 0
+    dit_device = nonblock_bytes(config) + resident_blocks * blk + slots
+    host = streamed * blk if profile.weight_source == "pinned" else (2 * blk if streamed else 0)
+    on_gpu = profile.encoders != "cpu"
+    frames_ram = 3 * frames * height * width * 4  # decoded video in fp32 before writing
+    ram = BASE_RAM + host
+    vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
+    vae_dec = _vae_activation_bytes(height, width, profile.vae_tile, VAE_DECODE_BYTES_PER_PIXEL)
+    act = block_activation_bytes(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
+    phases = {
+        "text_encoder": PhaseMemory((umt5 + ENCODER_ACTIVATIONS) if on_gpu else 0, int(ram + umt5)),
+        "clip": PhaseMemory(((umt5 if profile.encoders == "gpu" else 0) + clip + ENCODER_ACTIVATIONS) if on_gpu else 0,
+                            int(ram + clip + (umt5 if profile.encoders == "cpu" else 0))),
+        "vae_encode": PhaseMemory(encoders_after + dit_device + vae + vae_enc, int(ram)),
+        "dit_step": PhaseMemory(encoders_after + dit_device + act, int(ram)),
+        "vae_decode": PhaseMemory(encoders_after + dit_device + vae + vae_dec, int(ram + frames_ram)),
+    }
+    return {k: PhaseMemory(int(v.vram), int(v.ram)) for k, v in phases.items()}
+
+
+def _effective_quantization(profile: Profile, weights: str) -> str:
+    return weights if profile.quantization == "auto" else profile.quantization
+
+
+def resolve(
+    profile: Profile, config: DiTConfig, height: int, width: int, frames: int, vram_budget: int, ram_available: int,
+    weights: str = "bf16", reason: str = "", text_encoder: str = "4bit",
+) -> Plan:
+    """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget."""
+    quant = _effective_quantization(profile, weights)
+    n = tokens(config, height, width, frames)
+
+    def make(resident: int, why: str) -> Plan:
+        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder)
+        return Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases, int(vram_budget),
+                    int(ram_available), why)
+
+    if profile.resident_blocks == "all":
+        return make(config.num_layers, reason)
+    if profile.resident_blocks != "auto":
+        return make(min(int(profile.resident_blocks), config.num_layers), reason)
+    # Resident blocks only add VRAM and remove RAM, so the count that fits is found by bisection.
+    lo, hi = 0, config.num_layers
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if make(mid, reason).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return make(lo, reason)
+
+
+def plan(
+    config: DiTConfig,
+    height: int,
+    width: int,
+    frames: int,
+    vram_bytes: int,
+    ram_bytes: int,
+    profile: str | Path | Profile | None = None,
+    vram_budget: int | None = None,
+    weights: str = "bf16",
+    text_encoder: str = "4bit",
+) -> Plan:
+    """The fastest profile that fits `vram_bytes` of free VRAM (capped by `vram_budget`) and `ram_bytes` of RAM.
+
+    `weights` / `text_encoder`: the quantization of the loaded DiT (profiles with quantization "auto" use it) and
+    of umT5. With `profile` given the plan uses it even if it does not fit (`plan.fits` says so)."""
+    if weights not in QUANTIZATIONS:
+        raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if text_encoder not in TEXT_ENCODERS:
+        raise UserError(f"unknown text encoder quantization {text_encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
+    budget = min(vram_bytes, vram_budget) if vram_budget else vram_bytes
+    if profile is not None:
+        chosen = profile if isinstance(profile, Profile) else load_profile(profile)
+        return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
+                       text_encoder)
+    candidates = list_profiles()
+    for p in candidates:
+        result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder)
+        if result.fits:
+            faster = [c.name for c in candidates if c.speed_rank < p.speed_rank]
+            why = "fastest profile" if not faster else f"fastest that fits ({', '.join(faster)} need more memory)"
+            return dataclasses.replace(result, reason=why)
+    lightest = min(
+        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder) for p in candidates),
+        key=lambda r: (r.peak_vram_reserved > budget, r.peak_ram > ram_bytes, r.peak_vram_reserved),
+    )
+    raise UserError(
+        f"no profile fits {height}x{width}x{frames}: the lightest ({lightest.profile.name}) needs "
+        f"{lightest.peak_vram_reserved / GB:.1f} GB VRAM and {lightest.peak_ram / GB:.1f} GB RAM, "
+        f"have {budget / GB:.1f} GB and {ram_bytes / GB:.1f} GB"
+    )
+
+
+def lighter(current: Plan) -> Plan | None:
+    """The plan to retry a step that ran out of CUDA memory under: the fastest shipped profile (or the same one
+    with fewer resident blocks) predicted to need at most LIGHTER_FACTOR of the current plan's VRAM; None when
+    nothing lighter exists. Same DiT quantization: a retry changes no numbers."""
+    budget = int(current.peak_vram_reserved * LIGHTER_FACTOR)
+    for p in list_profiles():
+        if p.quantization not in ("auto", current.quantization):
+            continue
+        candidate = resolve(p, current.config, current.height, current.width, current.frames, budget,
+                            current.ram_available, current.quantization,
+                            f"fallback after out of memory under {current.profile.name}", current.text_encoder)
+        if candidate.fits:
+            return candidate
+    return None
+
+
+def detect_memory() -> tuple[int, int, int]:
+    """(free VRAM, total VRAM, available RAM) in bytes; VRAM is 0 without CUDA."""
+    import torch
+
+    free = total = 0
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+    try:
+        import psutil
+
+        ram = psutil.virtual_memory().available
+    except ImportError:
+        ram = 0
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                ram = int(line.split()[1]) * 1024
+    return int(free), int(total), int(ram)
+
+
+def configure_blocks(model: Any, plan_: Plan) -> None:
+    """Apply a plan's activation knobs to a SCAIL2Model's blocks and select its attention backend (no numbers
+    change: chunking is per token)."""
+    from .attention import set_backend
+
+    for block in model.blocks:
+        block.ffn_chunk_size = plan_.profile.ffn_chunk or None
+        block.attn_chunk_size = plan_.profile.attn_chunk or None
+    set_backend(plan_.profile.attention)

@@ -1,0 +1,420 @@
+"""Block streaming: DiT blocks live in host memory (pinned RAM or a memory-mapped safetensors file) and are copied
+into a small ring of preallocated GPU slots on a side stream while the previous block computes.
+
+Why this shape: a 14B block is 0.8 GB in bf16 (0.4 GB in 8 bits) and takes 0.1-0.5 s to compute at 512p-704p, so
+one block of look-ahead hides a PCIe copy completely; the slots are allocated once, so the caching allocator sees no
+churn; and only data moves (the module's tensors are re-pointed with `.data =` in forward hooks), so the numbers are
+those of the resident model, bit for bit. The model needs no change: it must call each block of `model.blocks` once
+per forward, in order, and touch block weights nowhere else (the contract written in `model.py`). Inference only.
+
+Ordering on CUDA, for a block running in slot s:
+  copy of the block into s  --waits for-->  `computed[s]` (the last block that ran in s has been consumed)
+  compute of the block      --waits for-->  `copied[s]`   (its weights have arrived)
+On a CPU device the same code runs with synchronous copies (used by the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+ALIGN = 4096  # byte alignment of every tensor in host buffers and slots: any dtype view, page-aligned pinning
+Source = Literal["pinned", "mmap"]
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _view(buf: torch.Tensor, offset: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """A typed view of `shape` at byte `offset` of the flat uint8 `buf` (no copy)."""
+    n = shape.numel() * dtype.itemsize
+    return buf[offset : offset + n].view(dtype).view(shape)
+
+
+@dataclass
+class _Entry:
+    """One tensor of a streamed block: the Parameter/buffer object whose `.data` is re-pointed, its place in a slot."""
+
+    name: str  # qualified name in the model, e.g. "blocks.7.ffn.0.weight"
+    tensor: torch.Tensor
+    offset: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
+
+
+def _block_entries(block: nn.Module, prefix: str) -> tuple[list[_Entry], int]:
+    """Every parameter and buffer of `block` (each tensor once) laid out at aligned offsets; returns (entries, bytes)."""
+    entries: list[_Entry] = []
+    seen: set[int] = set()
+    offset = 0
+    for mod_name, mod in block.named_modules(prefix=prefix):
+        for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            entries.append(_Entry(f"{mod_name}.{name}", t, offset, t.dtype, t.shape))
+            offset += _aligned(_nbytes(t))
+    return entries, offset
+
+
+class _MappedFiles:
+    """Zero-copy uint8 views of tensors inside safetensors files (header parsed here: no reads of tensor data)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.index: dict[str, tuple[mmap.mmap, int, int, torch.dtype, list[int]]] = {}
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    (header_len,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(header_len))
+                    # ACCESS_COPY: a private, writable mapping (torch.frombuffer wants writable memory); never written,
+                    # so pages stay shared with the page cache.
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError, struct.error) as e:
+                raise UserError(f"{path}: cannot map weights for streaming ({e})") from None
+            start = 8 + header_len
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise UserError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+                self.index[key] = (mm, start + begin, end - begin, dtype, info["shape"])
+
+    def view(self, key: str, entry: _Entry, where: str) -> torch.Tensor:
+        """uint8 view of `key`'s bytes, checked against the model tensor it will feed."""
+        if key not in self.index:
+            raise UserError(f"{where}: tensor {key} (for {entry.name}) is missing")
+        mm, offset, n, dtype, shape = self.index[key]
+        if dtype != entry.dtype or list(shape) != list(entry.shape):
+            raise UserError(
+                f"{where}: tensor {key} is {dtype} {shape}, the model expects {entry.dtype} {list(entry.shape)}"
+            )
+        if n == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=offset)
+
+    def release(self, key: str) -> None:
+        """Drop `key`'s pages from this process's mapping once copied (they stay in the page cache), so the
+        resident set does not grow to the whole file as blocks stream through."""
+        mm, offset, n, _, _ = self.index[key]
+        start = offset - offset % mmap.PAGESIZE
+        if n:
+            mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), offset + n) - start)
+
+
+class BlockStreamer:
+    """Keep `model`'s non-block layers and first `resident_blocks` blocks on `device`; stream the other blocks.
+
+    source "pinned": one page-locked host buffer holds every streamed block (registered with cudaHostRegister, so no
+    power-of-two rounding of the caching host allocator). source "mmap": blocks are read from the safetensors
+    `weights` files (keys = the model's state_dict names, or `key_map(name)`) through a ring of two pinned staging
+    buffers filled by a worker thread; process RAM stays at two blocks. `prefetch` = how many blocks ahead are copied
+    (ring of `prefetch + 1` slots, each as large as the largest block). Use as a context manager or call `detach()`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device | str,
+        resident_blocks: int = 0,
+        prefetch: int = 1,
+        source: Source = "pinned",
+        weights: str | Path | Sequence[str | Path] | None = None,
+        key_map: Callable[[str], str] | None = None,
+        blocks_attr: str = "blocks",
+    ) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        blocks = getattr(model, blocks_attr, None)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise UserError(f"model has no non-empty nn.ModuleList {blocks_attr!r} to stream")
+        if not 0 <= resident_blocks <= len(blocks):
+            raise UserError(f"resident_blocks must be 0..{len(blocks)}, got {resident_blocks}")
+        if prefetch < 0:
+            raise UserError(f"prefetch must be >= 0, got {prefetch}")
+        if source not in ("pinned", "mmap"):
+            raise UserError(f"weight source must be 'pinned' or 'mmap', got {source!r}")
+        if source == "mmap" and weights is None:
+            raise UserError("weight source 'mmap' needs the safetensors file(s) holding the blocks")
+        self.source = source
+        self.resident_blocks = resident_blocks
+        self.prefetch = prefetch
+        self.copies = 0  # block copies issued since attach (a forward with n streamed blocks issues n, fewer if they fit)
+        self.bytes_copied = 0
+
+        streamed = list(blocks)[resident_blocks:]
+        self._n = len(streamed)
+        layouts = [_block_entries(b, f"{blocks_attr}.{resident_blocks + j}") for j, b in enumerate(streamed)]
+        self._entries = [entries for entries, _ in layouts]
+        self._sizes = [size for _, size in layouts]
+        self.slot_bytes = max(self._sizes, default=0)
+        self.num_slots = min(prefetch + 1, self._n)
+
+        self._move_resident(model, streamed)
+        self._host: torch.Tensor | None = None
+        self._registered = False
+        self._mapped: _MappedFiles | None = None
+        self._rest: list[list[torch.Tensor]]  # per block: the host tensors its entries point at between runs
+        if source == "pinned":
+            self._rest = self._fill_host()
+        else:
+            paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
+            self._mapped = _MappedFiles(paths)
+            where = ", ".join(str(p) for p in paths)
+            key = key_map or (lambda name: name)
+            self._keys = [[key(e.name) for e in entries] for entries in self._entries]
+            self._rest = [
+                [self._mapped.view(k, e, where).view(e.dtype).view(e.shape) for k, e in zip(keys, entries)]
+                for keys, entries in zip(self._keys, self._entries)
+            ]
+            for entries, rest in zip(self._entries, self._rest):
+                for e, r in zip(entries, rest):
+                    e.tensor.data = r  # the model's own copy of the block is released here
+
+        self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)]
+        # Typed views of every streamed block's tensors in every slot, made once: the hooks only re-point `.data`.
+        self._views = [
+            [[_view(slot, e.offset, e.dtype, e.shape) for e in entries] for slot in self._slots]
+            for entries in self._entries
+        ]
+        self._holds: list[int | None] = [None] * self.num_slots  # block index each slot holds (or is receiving)
+        self._where: dict[int, int] = {}  # block index -> slot
+        self._next_slot = 0
+        self._current: int | None = None  # block running now (its tensors point into a slot)
+        self._pending: dict[int, Future] = {}  # mmap mode: slot -> worker job that issues its copy
+        if self.cuda:
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._copied = [torch.cuda.Event() for _ in range(self.num_slots)]
+            self._computed = [torch.cuda.Event() for _ in range(self.num_slots)]
+        if source == "mmap" and self.cuda:
+            self._staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._staging_free = [torch.cuda.Event() for _ in range(2)]
+            self._next_staging = 0
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scail2-stream")
+
+        self._hooks = []
+        for i, block in enumerate(blocks):
+            if i == 0 or i >= resident_blocks:
+                self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
+            if i >= resident_blocks:
+                self._hooks.append(block.register_forward_hook(self._make_post_hook(i - resident_blocks)))
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+
+    def _move_resident(self, model: nn.Module, streamed: list[nn.Module]) -> None:
+        """Move every tensor of the model except the streamed blocks' to the device (they stay there)."""
+        skip = {id(m) for b in streamed for m in b.modules()}
+        for mod in model.modules():
+            if id(mod) in skip:
+                continue
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    p.data = p.data.to(self.device)
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[name] = b.to(self.device)
+
+    def _fill_host(self) -> list[list[torch.Tensor]]:
+        """Copy the streamed blocks into one flat host buffer, block after block (the originals are freed as we go,
+        so RAM peaks at the model plus one block), then page-lock it in place."""
+        starts = []
+        total = 0
+        for size in self._sizes:
+            starts.append(total)
+            total += size
+        self._host = torch.empty(total, dtype=torch.uint8)
+        rest = []
+        for entries, start in zip(self._entries, starts):
+            views = []
+            for e in entries:
+                view = _view(self._host, start + e.offset, e.dtype, e.shape)
+                view.copy_(e.tensor.detach())
+                e.tensor.data = view
+                views.append(view)
+            rest.append(views)
+        if self.cuda and total:
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(self._host.data_ptr(), total, 0)
+            if int(err) != 0:
+                raise UserError(f"cannot page-lock {total / 1e9:.1f} GB of RAM for streaming (CUDA error {int(err)})")
+            self._registered = True
+        self._host_starts = starts
+        return rest
+
+    @property
+    def host_bytes(self) -> int:
+        """Page-locked RAM held for weights (streamed blocks in pinned mode, the staging ring in mmap mode)."""
+        if self.source == "pinned":
+            return 0 if self._host is None else self._host.numel()
+        return 2 * self.slot_bytes if self.cuda else 0
+
+    @property
+    def device_slot_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    # ---- copies -----------------------------------------------------------------------------------------------
+
+    def _issue(self, j: int) -> int:
+        """Start copying streamed block j into the oldest slot (never the one running); returns the slot."""
+        slot = self._next_slot
+        if self.num_slots > 1 and self._current is not None and self._holds[slot] == self._current:
+            slot = (slot + 1) % self.num_slots
+        self._next_slot = (slot + 1) % self.num_slots
+        evicted = self._holds[slot]
+        if evicted is not None:
+            del self._where[evicted]
+        self._holds[slot] = j
+        self._where[j] = slot
+        self.copies += 1
+        self.bytes_copied += self._sizes[j]
+        if not self.cuda:
+            for src, dst in zip(self._rest[j], self._views[j][slot]):
+                dst.copy_(src)
+            self._release(j)
+        elif self.source == "pinned":
+            start = self._host_starts[j]
+            self._cuda_copy(slot, self._host[start : start + self._sizes[j]], None)
+        else:
+            previous = self._pending.pop(slot, None)
+            if previous is not None:
+                previous.result()
+            self._pending[slot] = self._worker.submit(self._stage_and_copy, j, slot)
+        return slot
+
+    def _cuda_copy(self, slot: int, src: torch.Tensor, done: torch.cuda.Event | None) -> None:
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._computed[slot])
+            self._slots[slot][: src.numel()].copy_(src, non_blocking=True)
+            self._copied[slot].record(self._copy_stream)
+            if done is not None:
+                done.record(self._copy_stream)
+
+    def _stage_and_copy(self, j: int, slot: int) -> None:
+        """Worker thread (mmap mode): mapped file -> pinned staging buffer (CPU memcpy, page faults read the disk),
+        then an async copy staging -> slot. Two staging buffers: one fills while the other is copied."""
+        k = self._next_staging
+        self._next_staging = 1 - k
+        staging = self._staging[k]
+        self._staging_free[k].synchronize()  # its previous copy to the GPU has finished
+        for e, src in zip(self._entries[j], self._rest[j]):
+            staging[e.offset : e.offset + e.nbytes].copy_(src.reshape(-1).view(torch.uint8))
+        self._release(j)
+        self._cuda_copy(slot, staging[: self._sizes[j]], self._staging_free[k])
+
+    def _release(self, j: int) -> None:
+        if self._mapped is not None:
+            for key in self._keys[j]:
+                self._mapped.release(key)
+
+    # ---- hooks ------------------------------------------------------------------------------------------------
+
+    def _make_pre_hook(self, i: int) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if i == 0:
+                self._start_forward()
+            j = i - self.resident_blocks
+            if j >= 0:
+                self._enter(j)
+
+        return pre_hook
+
+    def _make_post_hook(self, j: int) -> Callable:
+        def post_hook(module: nn.Module, args: tuple, output: object) -> None:
+            slot = self._where[j]
+            if self.cuda:
+                self._computed[slot].record(torch.cuda.current_stream(self.device))
+            for e, rest in zip(self._entries[j], self._rest[j]):
+                e.tensor.data = rest
+            self._current = None
+
+        return post_hook
+
+    def _start_forward(self) -> None:
+        """Block 0 is about to run: undo what an interrupted forward (an exception inside a block) left behind."""
+        if self._current is not None:
+            for e, rest in zip(self._entries[self._current], self._rest[self._current]):
+                e.tensor.data = rest
+            self._current = None
+            if self.cuda:  # later copies must also wait for the interrupted block's queued kernels
+                stream = torch.cuda.current_stream(self.device)
+                for event in self._computed:
+                    event.record(stream)
+
+    def _enter(self, j: int) -> None:
+        """Streamed block j is about to run: make sure its copy is issued and awaited, point its tensors into the
+        slot, then issue the copies of the next `prefetch` blocks (wrapping to the next forward's first blocks)."""
+        slot = self._where.get(j)
+        if slot is None:
+            slot = self._issue(j)
+        if self.cuda:
+            job = self._pending.pop(slot, None)
+            if job is not None:
+                job.result()
+            torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+        for e, view in zip(self._entries[j], self._views[j][slot]):
+            e.tensor.data = view
+        self._current = j
+        for k in range(1, self.prefetch + 1):
+            b = (j + k) % self._n
+            if b not in self._where:
+                self._issue(b)
+
+    # ---- teardown ---------------------------------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Remove the hooks and free the slots; streamed blocks stay in host memory (pinned mode: unpinned RAM;
+        mmap mode: views of the mapped file). Safe to call twice."""
+        if not self._hooks:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for job in self._pending.values():
+            job.result()
+        self._pending.clear()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._start_forward()
+        if self.source == "mmap" and self.cuda:
+            self._worker.shutdown()
+            self._staging = []
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            self._registered = False
+        self._slots = []
+        self._views = []
+        self._holds = [None] * self.num_slots
+        self._where = {}
+
+    def __enter__(self) -> "BlockStreamer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()

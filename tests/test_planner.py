@@ -1,0 +1,174 @@
+"""Planner: profile files and their validation, choices for a table of (VRAM, RAM, size) cases, monotonic
+predictions, the OOM fallback order; and the attention backend switch the profiles select."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from scail2_lite import attention as attn
+from scail2_lite.config import SIZES, DiTConfig
+from scail2_lite.errors import UserError
+from scail2_lite.planner import (
+    PHASES, block_bytes, detect_memory, lighter, list_profiles, load_profile, plan, predict, tokens,
+)
+
+C14 = DiTConfig.preset("scail2-14b")
+GB = 10**9
+GOOD = """description = "test"
+speed_rank = 5
+quantization = "auto"
+resident_blocks = "auto"
+prefetch = 1
+weight_source = "pinned"
+vae_tile = 256
+encoders = "offload-after-use"
+ffn_chunk = 8192
+attn_chunk = 8192
+attention = "sdpa"
+"""
+
+
+def test_token_counts_match_the_spec() -> None:
+    assert tokens(C14, *SIZES["512p"], 81) == 48_832
+    assert tokens(C14, *SIZES["704p"], 81) == 95_920
+    assert block_bytes(C14, "bf16") == pytest.approx(0.81e9, rel=0.01)
+    assert block_bytes(C14, "fp8") == pytest.approx(0.40e9, rel=0.02)
+
+
+def test_shipped_profiles_load_and_share_the_numerics() -> None:
+    profiles = list_profiles()
+    assert {p.name for p in profiles} >= {"resident", "24gb", "16gb", "12gb", "8gb", "lowram"}
+    assert [p.speed_rank for p in profiles] == sorted(p.speed_rank for p in profiles)
+    # Profiles may only move data: everything that changes numbers is the same in all of them.
+    numerics = {(p.quantization, p.ffn_chunk, p.attn_chunk, p.attention, p.vae_tile) for p in profiles}
+    assert len(numerics) == 1
+
+
+@pytest.mark.parametrize(
+    "size,weights,vram,ram,expected,resident",
+    [
+        ("512p", "bf16", 80, 64, "resident", 40),
+        ("704p", "bf16", 80, 64, "resident", 40),
+        ("704p", "fp8", 24, 64, "24gb", None),
+        ("704p", "bf16", 24, 64, "24gb", None),
+        ("704p", "fp8", 16, 64, "24gb", None),
+        ("704p", "fp8", 12, 32, "24gb", None),
+        ("704p", "fp8", 16, 16, "lowram", 0),  # pinned blocks do not fit 16 GB of RAM
+        ("512p", "bf16", 16, 16, "lowram", 0),
+        ("512p", "fp8", 24, 16, "resident", 40),  # the 8-bit model fits a 24 GB card whole
+    ],
+)
+def test_choices_for_a_table_of_machines(size, weights, vram, ram, expected, resident) -> None:
+    p = plan(C14, *SIZES[size], 81, vram * GB, ram * GB, weights=weights)
+    assert p.profile.name == expected and p.fits
+    if resident is not None:
+        assert p.resident_blocks == resident
+    assert p.peak_vram_reserved <= vram * GB and p.peak_ram <= ram * GB
+    assert set(p.phases) == set(PHASES)
+
+
+def test_auto_resident_blocks_are_the_most_that_fit() -> None:
+    p = plan(C14, *SIZES["704p"], 81, 16 * GB, 64 * GB, weights="fp8")
+    assert 0 < p.resident_blocks < 40
+    more = predict(p.profile, C14, *SIZES["704p"], 81, p.resident_blocks + 1, "fp8")
+    assert max(m.vram for m in more.values()) * 1.1 + 0.3e9 > 16 * GB
+
+
+def test_vram_budget_caps_and_nothing_fitting_is_a_clear_error() -> None:
+    free = plan(C14, *SIZES["704p"], 81, 80 * GB, 64 * GB, weights="fp8")
+    capped = plan(C14, *SIZES["704p"], 81, 80 * GB, 64 * GB, vram_budget=12 * GB, weights="fp8")
+    assert capped.peak_vram_reserved <= 12 * GB < free.peak_vram_reserved
+    with pytest.raises(UserError, match="no profile fits 704x1280x81"):
+        plan(C14, *SIZES["704p"], 81, 4 * GB, 64 * GB)
+
+
+def test_forced_profile_is_used_even_when_it_does_not_fit() -> None:
+    p = plan(C14, *SIZES["704p"], 81, 12 * GB, 64 * GB, profile="resident")
+    assert p.profile.name == "resident" and not p.fits and "--profile" in p.reason
+
+
+def test_predictions_grow_with_resolution_and_frames() -> None:
+    prof = load_profile("12gb")
+    sizes = [(256, 448, 81), (512, 896, 41), (512, 896, 81), (704, 1280, 81), (704, 1280, 161)]
+    peaks = [predict(prof, C14, h, w, f, 0, "fp8") for h, w, f in sizes]
+    for phase in ("dit_step", "vae_decode"):
+        values = [p[phase].vram for p in peaks]
+        assert values == sorted(values) and values[0] < values[-1]
+
+
+def test_fallback_order_gets_strictly_lighter_and_ends() -> None:
+    current = plan(C14, *SIZES["704p"], 81, 80 * GB, 64 * GB, weights="fp8")
+    chain = [current]
+    while (nxt := lighter(chain[-1])) is not None:
+        assert nxt.peak_vram_reserved <= 0.8 * chain[-1].peak_vram_reserved
+        assert nxt.quantization == "fp8"
+        chain.append(nxt)
+    assert len(chain) >= 3 and chain[0].profile.name == "resident"
+    assert chain[-1].peak_vram_reserved < 0.5 * chain[0].peak_vram_reserved and chain[-1].streamed_blocks > 30
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (("prefetch = 1", "prefetch = -1"), "'prefetch' must be an integer"),
+        (("prefetch = 1", 'prefetch = "1"'), "'prefetch' must be an integer"),
+        (('weight_source = "pinned"', 'weight_source = "disk"'), "'weight_source' must be one of"),
+        (('attention = "sdpa"', 'attention = "xformers"'), "'attention' must be one of"),
+        (('resident_blocks = "auto"', 'resident_blocks = "some"'), "'resident_blocks' must be"),
+        (("vae_tile = 256\n", ""), "missing field 'vae_tile'"),
+        (("vae_tile = 256", "vae_tile = 256\ncolor = 1"), "unknown field 'color'"),
+        (("prefetch = 1", "prefetch = = 1"), "not valid TOML"),
+    ],
+)
+def test_bad_profile_files_name_the_file_and_field(tmp_path, edit, message) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD.replace(*edit))
+    with pytest.raises(UserError, match=message) as info:
+        load_profile(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_custom_profile_file_and_unknown_name(tmp_path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD)
+    assert load_profile(path).name == "mine"
+    with pytest.raises(UserError, match="unknown profile 'nope'"):
+        load_profile("nope")
+
+
+def test_detect_memory_reports_ram() -> None:
+    free, total, ram = detect_memory()
+    assert 0 <= free <= total and ram > 0
+
+
+def test_attention_backends_switch_globally() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=g) for _ in range(3))
+    ref = attn.attention(q, k, v)
+    with attn.use_backend("math"):
+        assert attn.get_backend() == "math"
+        torch.testing.assert_close(attn.attention(q, k, v), ref)
+    assert attn.get_backend() == "sdpa"
+    with pytest.raises(UserError, match="unknown attention backend"):
+        attn.set_backend("xformers")
+
+
+def test_sage_backend_missing_or_cpu_is_a_user_error() -> None:
+    try:
+        import sageattention  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install"):
+            attn.set_backend("sage")
+    else:
+        with attn.use_backend("sage"), pytest.raises(UserError, match="CUDA"):
+            attn.attention(*(torch.randn(1, 4, 1, 64) for _ in range(3)))
+    assert attn.get_backend() == "sdpa"
+
+
+def test_tiny_model_plans_too() -> None:
+    tiny = dataclasses.replace(DiTConfig.preset("tiny"), num_layers=4)
+    p = plan(tiny, 64, 64, 5, 8 * GB, 16 * GB)
+    assert p.profile.name == "resident" and p.resident_blocks == 4

@@ -1,0 +1,149 @@
+"""Block streaming on CPU: streamed forward == resident forward bit for bit, fixed slots, clean detach, mmap source."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from scail2_lite.config import DiTConfig
+from scail2_lite.errors import UserError
+from scail2_lite.model import SCAIL2Model
+from scail2_lite.quantize.linear import swap_linears
+from scail2_lite.quantize.schemes import is_quantized_name
+from scail2_lite.streamer import BlockStreamer
+
+LAYERS = 5
+
+
+def _model(scheme: str = "bf16") -> SCAIL2Model:
+    torch.manual_seed(0)
+    config = dataclasses.replace(DiTConfig.preset("tiny"), num_layers=LAYERS, clip_dim=32)
+    model = SCAIL2Model(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial biases and norms, so a wrong weight always shows
+            p.normal_(0, 0.2)
+    if scheme != "bf16":
+        names = {n[: -len(".weight")]: scheme for n, _ in model.named_parameters() if is_quantized_name(n)}
+        swap_linears(model, names)
+    return model
+
+
+def _inputs(config: DiTConfig) -> tuple:
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return (
+        r(1, 16, 2, 8, 8), r(1, 16, 2, 4, 4), r(1, 28, 2, 4, 4), r(1, 16, 1, 8, 8), r(1, 28, 3, 8, 8),
+        torch.tensor([700.0]), r(1, 5, config.text_dim), r(1, 257, config.clip_dim), False,
+    )
+
+
+@torch.no_grad()
+def _run(model: SCAIL2Model) -> torch.Tensor:
+    return model(*_inputs(model.config))
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("resident,prefetch", [(0, 0), (0, 1), (2, 1), (1, 2), (0, 7), (LAYERS, 1)])
+def test_streamed_forward_is_bit_exact(scheme: str, resident: int, prefetch: int) -> None:
+    model = _model(scheme)
+    expected = _run(model)
+    with BlockStreamer(model, "cpu", resident_blocks=resident, prefetch=prefetch) as streamer:
+        for _ in range(3):
+            assert torch.equal(_run(model), expected)
+        assert streamer.num_slots == min(prefetch + 1, LAYERS - resident)
+    assert torch.equal(_run(model), expected)  # and after detach
+
+
+def test_weights_run_from_fixed_slots_and_copies_are_counted() -> None:
+    model = _model()
+    seen: list[set[int]] = []
+
+    def record(module, args, output):
+        seen[-1].add(module.ffn[0].weight.data_ptr())
+
+    handles = [b.register_forward_hook(record) for b in model.blocks]
+    with BlockStreamer(model, "cpu", resident_blocks=1, prefetch=1) as streamer:
+        slot_ptrs = {s.data_ptr() for s in streamer._slots}
+        slot_ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer._slots]
+        for forward in range(3):
+            seen.append(set())
+            _run(model)
+            assert {s.data_ptr() for s in streamer._slots} == slot_ptrs
+            streamed = seen[-1] - {model.blocks[0].ffn[0].weight.data_ptr()}
+            assert len(streamed) == 2 and all(any(a <= p < b for a, b in slot_ranges) for p in streamed)
+            # 4 streamed blocks per forward, plus the first block of the next forward prefetched at the end.
+            assert streamer.copies == 4 * (forward + 1) + 1
+        # Between forwards no module points into a slot.
+        assert not any(any(a <= p.data_ptr() < b for a, b in slot_ranges) for p in model.parameters())
+    for h in handles:
+        h.remove()
+
+
+def test_blocks_that_fit_the_ring_are_copied_once() -> None:
+    model = _model()
+    with BlockStreamer(model, "cpu", resident_blocks=3, prefetch=1) as streamer:
+        for _ in range(3):
+            _run(model)
+        assert streamer.copies == 2
+
+
+def test_detach_removes_every_hook() -> None:
+    model = _model()
+    streamer = BlockStreamer(model, "cpu", resident_blocks=1, prefetch=1)
+    assert any(b._forward_pre_hooks for b in model.blocks)
+    streamer.detach()
+    streamer.detach()
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.blocks)
+    assert streamer._slots == []
+
+
+def test_forward_interrupted_inside_a_streamed_block_recovers() -> None:
+    model = _model()
+    expected = _run(model)
+
+    def boom(module, args):
+        raise RuntimeError("out of memory")
+
+    with BlockStreamer(model, "cpu", resident_blocks=0, prefetch=1):
+        handle = model.blocks[2].ffn.register_forward_pre_hook(boom)
+        with pytest.raises(RuntimeError):
+            _run(model)
+        handle.remove()
+        assert torch.equal(_run(model), expected)
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8"])
+def test_mmap_source_streams_from_the_file(tmp_path, scheme: str) -> None:
+    model = _model(scheme)
+    expected = _run(model)
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():  # wreck the in-memory blocks: the numbers must come from the file
+        for b in fresh.blocks[1:]:
+            for t in [*b.parameters(), *b.buffers()]:
+                t.zero_()
+    with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=1, source="mmap", weights=path) as streamer:
+        assert streamer.host_bytes == 0
+        for _ in range(2):
+            assert torch.equal(_run(fresh), expected)
+
+
+def test_bad_arguments_are_user_errors(tmp_path) -> None:
+    model = _model()
+    with pytest.raises(UserError, match="resident_blocks"):
+        BlockStreamer(model, "cpu", resident_blocks=LAYERS + 1)
+    with pytest.raises(UserError, match="prefetch"):
+        BlockStreamer(model, "cpu", prefetch=-1)
+    with pytest.raises(UserError, match="mmap"):
+        BlockStreamer(model, "cpu", source="mmap")
+    path = tmp_path / "partial.safetensors"
+    save_file({"blocks.1.modulation": torch.zeros(1, 6, 3)}, str(path))
+    with pytest.raises(UserError, match="blocks.1.modulation"):
+        BlockStreamer(_model(), "cpu", resident_blocks=1, source="mmap", weights=path)
+    with pytest.raises(UserError, match="missing"):
+        BlockStreamer(_model(), "cpu", resident_blocks=2, source="mmap", weights=path)
