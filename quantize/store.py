@@ -172,6 +172,7 @@ def write_quantized(
     expected_shapes: Mapping[str, Sequence[int]] | None = None,
     copy_files: Mapping[str, str | Path] | None = None,
     text_encoder: Mapping | None = None,
+    loras: Sequence[Mapping] = (),
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     shard_bytes: int = SHARD_BYTES,
@@ -181,7 +182,9 @@ def write_quantized(
     `expected_shapes` (name -> shape, e.g. from the format reader's index) enables the disk-space check before
     anything is written and the missing/unexpected/shape checks. `copy_files` maps a path inside the folder to a
     source file or directory (VAE, CLIP, tokenizer, umT5) so the folder is self-contained. `progress` receives
-    the source bytes consumed by each tensor. Peak RAM ~ `shard_bytes` + a few copies of the largest tensor."""
+    the source bytes consumed by each tensor. `loras`: records of the LoRAs merged into the stream (name,
+    fingerprint, strength, match report) for the manifest. Peak RAM ~ `shard_bytes` + a few copies of the largest
+    tensor."""
     check_scheme(scheme)
     out = Path(out)
     if out.exists() and not force:
@@ -208,7 +211,7 @@ def write_quantized(
             "sources": [fingerprint(p) for p in sources],
             "files": sorted(str(rel) for rel in (copy_files or {})),
             "text_encoder": dict(text_encoder) if text_encoder is not None else None,
-            "loras": [],
+            "loras": [dict(lo) for lo in loras],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _replace(tmp, out)

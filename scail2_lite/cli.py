@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,6 +12,7 @@ import typer
 from rich.console import Console
 
 from .errors import UserError
+from .quantize.schemes import QuantizeError
 
 app = typer.Typer(
     name="scail2-lite",
@@ -20,6 +22,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+# diffusers and transformers import optional backends that log load failures irrelevant to us (torchao's CUDA
+# extensions, bitsandbytes' CPU kernels download): keep the terminal for our own messages.
+_NOISY = ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+for _noisy in _NOISY:
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -29,9 +36,9 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
+        except (UserError, QuantizeError) as e:
             console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
+            raise typer.Exit(UserError.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None
@@ -90,6 +97,8 @@ def quantize(
     compute: str = typer.Option("auto", "--compute", help="matmul path: auto, fp8, int8 or dequant"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
     export: Optional[str] = typer.Option(None, "--export", help="comfy: also write a ComfyUI fp8_scaled file"),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA to merge (fp32) before quantizing: PATH[:STRENGTH]; "
+                                   "repeatable"),
 ) -> None:
     """Quantize the DiT to FP8/INT8 (streamed, bounded RAM), copy the other components, report the fidelity."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -118,6 +127,8 @@ def quantize(
         shapes = {k: v for k, v in formats.read_shapes(src).items() if not k.endswith((".scale_weight", ".scale_input"))}
         config, _ = formats.read_config(src, shapes)
         formats.check_keys(shapes, config, src)
+        lora_pairs = _lora_args(lora)
+        loras = _load_quantize_loras(lora_pairs, config)
         root = Path(src) if Path(src).is_dir() else dit_file.parent
         parts = {name: root / name for name in ("Wan2.1_VAE.pth", _CLIP_FILE, "umt5-xxl") if (root / name).exists()}
         if len(parts) < 3:
@@ -125,21 +136,26 @@ def quantize(
                           "will hold only what was found")
         sources = _dit_files(dit_file)
         tensors = formats.iter_tensors(src)
+        if fmt == "comfy-fp8_scaled":
+            tensors = from_comfy_fp8(tensors)
+        if loras:
+            tensors = _merged_with_loras(tensors, loras)
         with Progress(*Progress.get_default_columns()[:1], BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       console=console) as bar:
             task = bar.add_task(f"quantizing DiT to {dit}", total=sum(p.stat().st_size for p in sources))
             result = write_quantized(
-                from_comfy_fp8(tensors) if fmt == "comfy-fp8_scaled" else tensors, out, dit,
+                tensors, out, dit,
                 config=config.to_dict(), sources=sources, expected_shapes=formats.wan_shapes(config),
                 copy_files=parts, force=force, progress=lambda n: bar.advance(task, n),
                 text_encoder={"scheme": text_encoder, "file": "umt5-xxl", "stored": "bf16",
                               "quantized_at_load": text_encoder != "bf16"},
+                loras=[_lora_record(path, s, lo) for (path, s), (lo, _) in zip(lora_pairs, loras)],
             )
             bar.update(task, completed=bar.tasks[0].total)  # container overhead is not tensor bytes
         report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized,
                                 text_encoder_scheme=text_encoder)
         if fmt != "comfy-fp8_scaled":
-            report.dit_forward = _forward_check(src, out, config, None if compute == "auto" else compute)
+            report.dit_forward = _forward_check(src, out, config, None if compute == "auto" else compute, lora_pairs)
         if export == "comfy":
             comfy_path = out.parent / f"{out.name}.comfy_fp8_scaled.safetensors"
             report.comfy_export_errors = export_comfy(out, comfy_path)
@@ -163,9 +179,49 @@ def _dit_files(dit_file: Path) -> list[Path]:
     return [dit_file]
 
 
-def _forward_check(src: Path, out: Path, config, compute: Optional[str]) -> Optional[dict]:
-    """One DiT forward on random conditioning, quantized folder vs the bf16 source; skipped when both copies
-    do not fit (the 14B model: measured on the GPU by the lead's benchmark instead)."""
+def _load_quantize_loras(pairs: list[tuple[str, float]], config) -> list:
+    """(LoRA, strength) pairs mapped onto the DiT of `config`: shape mismatches fail here, before anything is
+    written; each LoRA's match report is printed."""
+    import torch
+
+    from .formats import wan_shapes
+    from .lora import load_lora
+
+    shapes = {k: torch.Size(v) for k, v in wan_shapes(config).items()}
+    loras = [(load_lora(path, shapes), strength) for path, strength in pairs]
+    for lo, strength in loras:
+        console.print(f"{lo.report()} (strength {strength:g})", highlight=False)
+    return loras
+
+
+def _merged_with_loras(tensors, loras: list):
+    """The tensor stream with the LoRA deltas added in fp32; merged tensors stay fp32 so the quantizer rounds once
+    (8-bit ComfyUI sources are dequantized first)."""
+    from .lora import lora_index, merge_tensor
+    from .quantize.schemes import dequantize
+    from .quantize.store import PreQuantized
+
+    index = lora_index(loras)
+    for name, item in tensors:
+        if name in index:
+            if isinstance(item, PreQuantized):
+                item = dequantize(item.qweight, item.scale)
+            item = merge_tensor(name, item.float(), index)
+        yield name, item
+
+
+def _lora_record(path: str, strength: float, lo) -> dict:
+    """The manifest's entry for a LoRA merged at quantization time."""
+    from .quantize.store import fingerprint
+
+    return {**fingerprint(path), "strength": strength, "matched_keys": lo.matched_keys,
+            "updates": len(lo.updates), "unmatched": lo.unmatched, "merged": "fp32, before quantization"}
+
+
+def _forward_check(src: Path, out: Path, config, compute: Optional[str],
+                   loras: list[tuple[str, float]] = ()) -> Optional[dict]:
+    """One DiT forward on random conditioning, quantized folder vs the bf16 source (with the same LoRAs merged);
+    skipped when both copies do not fit (the 14B model: measured on the GPU by the lead's benchmark instead)."""
     import torch
 
     from .loader import load_dit
@@ -182,7 +238,7 @@ def _forward_check(src: Path, out: Path, config, compute: Optional[str]) -> Opti
     if params > budget:
         console.print("[yellow]note:[/yellow] DiT forward check skipped (model too large for this machine)")
         return None
-    ref = load_dit(src, dtype=torch.bfloat16, device=device)
+    ref = load_dit(src, dtype=torch.bfloat16, device=device, loras=loras)
     manifest, state = load_quantized(out, device)
     with torch.device("meta"):
         model = SCAIL2Model(config)
@@ -235,7 +291,8 @@ def _run_generation(model: Path, output: Path, *, save_frames: Optional[Path], p
         raise UserError(f"-o {output}: the output must be an .mp4 file")
     if not output.parent.is_dir():
         raise UserError(f"-o {output}: folder {output.parent} does not exist")
-    load_opts = {k: kwargs.pop(k) for k in ("text_encoder", "vae_tile", "loras", "device")}
+    load_opts = {k: kwargs.pop(k) for k in ("text_encoder", "vae_tile", "loras", "device", "profile", "vram_budget",
+                                            "attention")}
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _SecondsPerIt(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -292,15 +349,24 @@ def generate(
     width: Optional[int] = typer.Option(None, "--width", help="explicit width (multiple of 32), with --height"),
     height: Optional[int] = typer.Option(None, "--height", help="explicit height (multiple of 32), with --width"),
     frames: Optional[int] = typer.Option(None, "--frames", help="use only the first N driving frames"),
-    steps: int = typer.Option(40, "--steps"),
-    shift: float = typer.Option(5.0, "--shift"),
-    guidance: float = typer.Option(5.0, "--guidance", help="CFG scale; 1 skips the unconditional branch"),
-    solver: str = typer.Option("unipc", "--solver", help="unipc, dpm++, euler or lcm"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="fast: 4 steps, no CFG, lcm, shift 5 (for the "
+                                         "LightX2V 4-step distilled LoRA); explicit flags still win"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps [default: 40]"),
+    shift: Optional[float] = typer.Option(None, "--shift", help="sigma shift [default: 5.0]"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale; 1 skips the unconditional "
+                                             "branch [default: 5.0]"),
+    solver: Optional[str] = typer.Option(None, "--solver", help="unipc, dpm++, euler or lcm [default: unipc]"),
     seed: int = typer.Option(0, "--seed"),
     segment_len: int = typer.Option(81, "--segment-len", help="frames per segment (4k+1)"),
     segment_overlap: int = typer.Option(5, "--segment-overlap", help="history frames carried between segments"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="bf16, int8 or nf4 (default: as quantized)"),
-    vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="VAE tile size in pixels (default: untiled)"),
+    vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="VAE tile size in pixels, 0 = untiled "
+                                           "(default: the memory profile's)"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml (default: the "
+                                          "fastest that fits this GPU and RAM; see `scail2-lite profile`)"),
+    vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="GB of VRAM the run may use"),
+    attention: Optional[str] = typer.Option(None, "--attention", help="sdpa, flash, cudnn, efficient, math or "
+                                            "sage (default: the profile's)"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:STRENGTH; repeatable"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)"),
     output: Path = typer.Option(Path("scail2.mp4"), "-o", "--output", help="mp4 to write"),
@@ -310,39 +376,319 @@ def generate(
     """Animate the reference character with the driving video (or replace the character in it)."""
     if (width is None) != (height is None):
         raise UserError("give both --width and --height, or neither")
+    steps, shift, guidance, solver = _sampling_settings(preset, steps, shift, guidance, solver)
     _run_generation(
         model, output, save_frames=save_frames, preview=preview,
         image=image, mask_image=mask_image, pose=pose, mask_video=mask_video, prompt=prompt,
         negative_prompt=negative_prompt, replace=replace, size=(width, height) if width else size, frames=frames,
         steps=steps, shift=shift, guidance=guidance, solver=solver, seed=seed, segment_len=segment_len,
         segment_overlap=segment_overlap, text_encoder=text_encoder, vae_tile=vae_tile, loras=_lora_args(lora),
-        device=device,
+        device=device, profile=profile, vram_budget=int(vram_budget * 1e9) if vram_budget else None,
+        attention=attention,
     )
+
+
+def _sampling_settings(preset: Optional[str], steps: Optional[int], shift: Optional[float],
+                       guidance: Optional[float], solver: Optional[str]) -> tuple[int, float, float, str]:
+    """Explicit flags, else the preset's values, else upstream's defaults."""
+    from .config import DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS, GENERATION_PRESETS
+
+    if preset is not None and preset not in GENERATION_PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(GENERATION_PRESETS)}")
+    base = {"steps": DEFAULT_STEPS, "shift": DEFAULT_SHIFT, "guidance": DEFAULT_GUIDANCE, "solver": "unipc"}
+    base.update(GENERATION_PRESETS.get(preset, {}))
+    given = {"steps": steps, "shift": shift, "guidance": guidance, "solver": solver}
+    merged = {k: given[k] if given[k] is not None else base[k] for k in base}
+    return merged["steps"], merged["shift"], merged["guidance"], merged["solver"]
 
 
 @app.command()
 @user_errors
 def demo(
     output: Path = typer.Option(Path("demo.mp4"), "-o", "--output", help="mp4 to write"),
-    steps: int = typer.Option(8, "--steps"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="fast: the 4-step, no-CFG path"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps [default: 8, fast: 4]"),
     seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)"),
 ) -> None:
     """Run the whole pipeline on a tiny synthetic checkpoint (made once, cached): no download, CPU is enough."""
     from .synth import cached_demo_folder
 
+    steps, shift, guidance, solver = _sampling_settings(preset, steps or (None if preset else 8), None, None, None)
     folder = cached_demo_folder(progress=lambda what: console.print(f"making the demo checkpoint: {what}"))
     inputs = folder / "inputs"
     _run_generation(
         folder, output, save_frames=None, preview=False,
         image=inputs / "ref.png", mask_image=inputs / "ref_mask.png", pose=inputs / "driving.mp4",
         mask_video=inputs / "driving_mask.mp4", prompt="a person dancing", negative_prompt="",
-        replace=False, size=(DEMO_SIZE, DEMO_SIZE), frames=None, steps=steps, shift=5.0, guidance=5.0,
-        solver="unipc", seed=seed, segment_len=81, segment_overlap=5, text_encoder=None, vae_tile=None,
-        loras=[], device=None,
+        replace=False, size=(DEMO_SIZE, DEMO_SIZE), frames=None, steps=steps, shift=shift, guidance=guidance,
+        solver=solver, seed=seed, segment_len=81, segment_overlap=5, text_encoder=None, vae_tile=None,
+        loras=[], device=device, profile=None, vram_budget=None, attention=None,
     )
 
 
 DEMO_SIZE = 128
+
+
+def _bytes(b: Optional[int]) -> str:
+    """Bytes as GB (1e9, the unit of --vram) or MB for the tiny model; '-' when not measured."""
+    if b is None:
+        return "-"
+    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
+def _error_cell(e: Optional[float]) -> str:
+    from .profiling import TOLERANCE
+
+    if e is None:
+        return "-"
+    return f"[{'green' if abs(e) <= TOLERANCE else 'red'}]{e:+.1%}[/]"
+
+
+def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_plans: list, vram: int,
+                ram: int) -> None:
+    """Plan mode's printout: the chosen profile and why, its phases, the cards it fits, every profile here."""
+    from rich.table import Table
+
+    from .profiling import reserved_bytes
+
+    if chosen is None:
+        out.print(f"[red]no profile fits[/red] a {vram / 1e9:g} GB card with {ram / 1e9:.0f} GB RAM: {no_fit}",
+                  highlight=False)
+    else:
+        p = chosen.profile
+        out.print(f"profile [bold]{p.name}[/bold] ({p.description}): {chosen.reason}"
+                  + ("" if chosen.fits else " [red](does not fit)[/red]"), highlight=False)
+        out.print(f"DiT {chosen.quantization}: {chosen.resident_blocks} blocks resident, {chosen.streamed_blocks} "
+                  f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
+                  f"({p.prefetch} ahead); encoders {p.encoders}; VAE tile {p.vae_tile or 'none'}", highlight=False)
+        table = Table(title=f"predicted peaks per phase ({chosen.tokens:,} tokens)")
+        for col in ("phase", "VRAM allocated", "VRAM reserved", "RAM"):
+            table.add_column(col, justify="left" if col == "phase" else "right")
+        for name, mem in chosen.phases.items():
+            table.add_row(name, _bytes(mem.vram), _bytes(reserved_bytes(mem.vram)), _bytes(mem.ram))
+        table.add_row("[bold]peak[/bold]", _bytes(chosen.peak_vram), _bytes(chosen.peak_vram_reserved),
+                      _bytes(chosen.peak_ram))
+        out.print(table)
+    fits = [f"{gb} GB ({p.profile.name})" for gb, p in cards.items() if p is not None]
+    out.print("fits on: " + (", ".join(fits) if fits else "none of " + ", ".join(f"{gb} GB" for gb in cards))
+              + f" [dim](with {ram / 1e9:.0f} GB RAM)[/dim]", highlight=False)
+    table = Table(title=f"every profile on a {vram / 1e9:g} GB card")
+    for col in ("profile", "DiT", "resident", "streamed", "VRAM", "reserved", "RAM", "fits"):
+        table.add_column(col, justify="left" if col in ("profile", "DiT", "fits") else "right")
+    for p in table_plans:
+        why = "yes" if p.fits else "no: " + " and ".join(
+            w for w, bad in (("VRAM", p.peak_vram_reserved > p.vram_budget), ("RAM", p.peak_ram > p.ram_available))
+            if bad)
+        table.add_row(p.profile.name, p.quantization, str(p.resident_blocks), str(p.streamed_blocks),
+                      _bytes(p.peak_vram), _bytes(p.peak_vram_reserved), _bytes(p.peak_ram),
+                      f"[green]{why}[/green]" if p.fits else f"[red]{why}[/red]")
+    out.print(table)
+
+
+def _print_measured(out: Console, report: dict) -> None:
+    """`profile --run`'s printout: measured vs predicted per phase, and the verdict on the planner."""
+    from rich.table import Table
+
+    from .profiling import TOLERANCE
+
+    phases = report["measured"]["phases"]
+    rows = {r["phase"]: r for r in report["comparison"]}
+    cuda = any(s["peak_allocated"] is not None for s in phases.values())
+    table = Table(title=f"measured ({report['measured']['device_name']}) vs predicted")
+    cols = ["phase", "seconds"]
+    if cuda:
+        cols += ["allocated", "predicted", "error", "reserved", "predicted", "error", "NVML used"]
+    cols += ["RSS", "predicted", "error"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for name, s in phases.items():
+        r = rows.get(name, {})
+        cells = [name, f"{s['seconds']:.2f}"]
+        if cuda:
+            cells += [_bytes(s["peak_allocated"]), _bytes(r.get("predicted_allocated")),
+                      _error_cell(r.get("error_allocated")), _bytes(s["peak_reserved"]),
+                      _bytes(r.get("predicted_reserved")), _error_cell(r.get("error_reserved")),
+                      _bytes(s["peak_nvml_used"])]
+        cells += [_bytes(s["peak_rss"]), _bytes(r.get("predicted_ram")), _error_cell(r.get("error_ram"))]
+        table.add_row(*cells)
+    out.print(table)
+    steps = report["step_seconds"]
+    if steps:
+        out.print(f"{len(steps)} steps, {sum(steps) / len(steps):.2f} s per step", highlight=False)
+    out.print(report["measured"]["nvml"], highlight=False)
+    worst = report["max_abs_error_allocated"]
+    if worst is not None:
+        verdict = "[green]within[/green]" if report["within_tolerance"] else "[red]not within[/red]"
+        out.print(f"planner {verdict} {TOLERANCE:.0%} of the measured peak allocated on every phase "
+                  f"(worst {worst:.1%})", highlight=False)
+
+
+@app.command()
+@user_errors
+def profile(
+    model: Optional[Path] = typer.Argument(None, help="SCAIL-2 folder or checkpoint (or use --synthetic)"),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="plan for a model geometry without its "
+                                            "weights: full (14B) or tiny; with --run, tiny uses the demo checkpoint"),
+    size: str = typer.Option("512p", "--size", help="512p or 704p"),
+    width: Optional[int] = typer.Option(None, "--width", help="explicit width (multiple of 32), with --height"),
+    height: Optional[int] = typer.Option(None, "--height", help="explicit height (multiple of 32), with --width"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="frames per segment to plan for [default: 81]; "
+                                         "with --run: use only the first N driving frames"),
+    vram: Optional[float] = typer.Option(None, "--vram", help="GB (1e9 bytes) of VRAM to plan for, e.g. 8, 12, 16, "
+                                         "24 [default: this GPU's free VRAM]; with --run the process is capped to it"),
+    ram: Optional[float] = typer.Option(None, "--ram", help="GB of RAM to plan for [default: available RAM]"),
+    profile_name: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml [default: "
+                                               "the fastest that fits]"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="plan with the DiT in bf16, fp8 or int8 "
+                                          "[default: the model's]"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="plan with umT5 in 4bit or bf16 "
+                                               "[default: the model's]"),
+    run: bool = typer.Option(False, "--run", help="run the pipeline and measure each phase against the plan"),
+    steps: int = typer.Option(2, "--steps", help="denoising steps of --run"),
+    image: Optional[Path] = typer.Option(None, "--image", help="reference image [default: MODEL/inputs/ref.png]"),
+    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help="[default: MODEL/inputs/ref_mask.png]"),
+    pose: Optional[Path] = typer.Option(None, "--pose", help="driving video [default: MODEL/inputs/driving.mp4]"),
+    mask_video: Optional[Path] = typer.Option(None, "--mask-video", help="[default: MODEL/inputs/driving_mask.mp4]"),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu for --run (default: cuda if available)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON [default with --run: "
+                                             "profile.json]"),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of memory over time with phase bands "
+                                             "(--run) [default: profile.png]"),
+) -> None:
+    """Show where memory goes: the plan per phase and the cards it fits; with --run, measured against the plan."""
+    import dataclasses
+
+    from . import profiling
+    from .config import SIZES
+    from .planner import GB, detect_memory, plan
+
+    if (model is None) == (synthetic is None):
+        raise UserError("give a MODEL folder or --synthetic full|tiny (one of them)")
+    if (width is None) != (height is None):
+        raise UserError("give both --width and --height, or neither")
+    if width is None and size not in SIZES:
+        raise UserError(f"unknown size {size!r}; choose one of {', '.join(SIZES)} or give --width/--height")
+    for flag, value in (("--vram", vram), ("--ram", ram)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be a positive number of GB, got {value:g}")
+    if run:
+        if synthetic == "full":
+            raise UserError("--run needs weights: write them with `scail2-lite synth --scale full --format wan -o DIR`"
+                            " and pass DIR as MODEL")
+        if ram is not None or weights is not None or text_encoder is not None:
+            raise UserError("--ram, --weights and --text-encoder only plan; --run uses this machine and the model "
+                            "as is")
+        if steps < 1:
+            raise UserError(f"--steps must be at least 1, got {steps}")
+        if synthetic is not None:
+            from .synth import cached_demo_folder, dit_config
+
+            dit_config(synthetic)  # validates the scale name
+            model = cached_demo_folder(progress=lambda what: console.print(f"making the demo checkpoint: {what}"))
+        _profile_run(model, size=(width, height) if width else size, frames=frames, vram=vram,
+                     profile_name=profile_name, steps=steps, files=(image, mask_image, pose, mask_video), device=device,
+                     json_path=json_path or Path("profile.json"), plot_path=plot_path or Path("profile.png"))
+        return
+    if plot_path is not None:
+        raise UserError("--plot draws measured memory: add --run")
+    target = profiling.model_target(model) if model is not None else profiling.synthetic_target(synthetic)
+    target = dataclasses.replace(target, weights=weights or target.weights,
+                                 text_encoder=text_encoder or target.text_encoder)
+    h, w = (height, width) if width else SIZES[size]
+    n_frames = frames if frames is not None else 81
+    free, _, ram_free = detect_memory()
+    if vram is None and not free:
+        raise UserError("no CUDA GPU here: pass --vram GB (e.g. 8, 12, 16, 24) to plan for a card")
+    vram_bytes = int(vram * GB) if vram is not None else free
+    ram_bytes = int(ram * GB) if ram is not None else ram_free
+    chosen, no_fit = None, None
+    try:
+        chosen = plan(target.config, h, w, n_frames, vram_bytes, ram_bytes, profile=profile_name,
+                      weights=target.weights, text_encoder=target.text_encoder)
+    except UserError as e:
+        if str(e).startswith("no profile fits"):
+            no_fit = str(e)
+        else:
+            raise
+    cards = profiling.fits_on(target, h, w, n_frames, ram_bytes)
+    table_plans = profiling.all_profiles(target, h, w, n_frames, vram_bytes, ram_bytes)
+    out = Console()
+    out.print(f"model: {target.source}; DiT {target.weights}, umT5 {target.text_encoder}", highlight=False)
+    out.print(f"run: {w}x{h}, {n_frames} frames per segment; card: {vram_bytes / GB:g} GB VRAM"
+              f" ({'given' if vram is not None else 'free now'}), {ram_bytes / GB:.1f} GB RAM"
+              f" ({'given' if ram is not None else 'available now'})", highlight=False)
+    for note in target.notes:
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    _print_plan(out, chosen, no_fit, cards, table_plans, vram_bytes, ram_bytes)
+    if json_path is not None:
+        profiling.write_json(json_path, {
+            "version": profiling.REPORT_VERSION, "model": target.source, "weights": target.weights,
+            "text_encoder": target.text_encoder, "height": h, "width": w, "frames": n_frames,
+            "vram": vram_bytes, "ram": ram_bytes, "plan": profiling.plan_to_json(chosen) if chosen else None,
+            "no_fit": no_fit, "fits_on": {str(gb): p.profile.name if p else None for gb, p in cards.items()},
+            "profiles": [profiling.plan_to_json(p) for p in table_plans],
+        })
+        console.print(f"wrote {json_path}")
+
+
+def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[float], profile_name: Optional[str],
+                 steps: int, files: tuple, device: Optional[str], json_path: Path, plot_path: Path) -> None:
+    """`profile --run`: load, run `steps` steps with a PhaseRecorder, compare with the pipeline's own plan."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from . import profiling
+    from .conditioning import segment_plan
+    from .pipeline import Pipeline, load_inputs
+    from .planner import GB, detect_memory, plan
+
+    inputs_dir = model / "inputs"
+    defaults = ("ref.png", "ref_mask.png", "driving.mp4", "driving_mask.mp4")
+    paths = [given or inputs_dir / name for given, name in zip(files, defaults)]
+    for flag, p in zip(("--image", "--mask-image", "--pose", "--mask-video"), paths):
+        if not p.exists():
+            raise UserError(f"{p} not found: pass {flag}")
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    budget = int(vram * GB) if vram is not None else None
+    if budget is not None and dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)  # emulate the smaller card
+    recorder = profiling.PhaseRecorder(dev)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as bar:
+        loading = bar.add_task("loading the DiT", total=None)
+        with recorder("load"):
+            pipe = Pipeline.from_pretrained(model, device=dev, profile=profile_name, vram_budget=budget)
+        bar.update(loading, description="loaded", total=1, completed=1)
+        with recorder("inputs"):
+            inputs = load_inputs(*paths, size=size, frames=frames)
+        h, w = inputs.size
+        first = segment_plan(inputs.frames)[0]
+        predicted = pipe.make_plan(h, w, first[1] - first[0])
+        if predicted is None and budget is not None:  # CPU: predict for the card asked for, to compare RAM
+            target = profiling.model_target(model)
+            predicted = plan(target.config, h, w, first[1] - first[0], budget, detect_memory()[2],
+                             profile=profile_name, weights=target.weights, text_encoder=target.text_encoder)
+        result = pipe(inputs, prompt="a person dancing", steps=steps, keep_frames=False, progress=bar,
+                      recorder=recorder)
+    measured = recorder.to_json()
+    report = profiling.run_report(measured, predicted, result.settings, result.step_seconds, sys.argv)
+    if result.settings.get("out_of_memory_fallbacks"):
+        console.print(f"[yellow]note:[/yellow] out of memory, re-planned: {result.settings['out_of_memory_fallbacks']}"
+                      " (predictions are for the first plan)")
+    out = Console()
+    if predicted is not None:
+        out.print(f"profile [bold]{predicted.profile.name}[/bold]: {predicted.reason or 'as given'}; "
+                  f"{predicted.resident_blocks} blocks resident, {predicted.streamed_blocks} streamed", highlight=False)
+    _print_measured(out, report)
+    profiling.write_json(json_path, report)
+    try:
+        recorder.plot(plot_path, predicted, title=f"scail2-lite profile: {w}x{h}, {result.num_frames} frames, "
+                                                  f"{steps} steps ({measured['device_name']})")
+        console.print(f"wrote {json_path} and {plot_path}")
+    except UserError as e:
+        console.print(f"wrote {json_path}; no plot: {e}")
 
 
 def main() -> None:

@@ -78,3 +78,11 @@ DEFAULT_NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
+
+# Fast path for LightX2V's step-distilled Wan2.1-I2V-14B LoRA (`wan2.1_i2v_lora_rank64_lightx2v_4step`): 4 steps,
+# shift 5, one forward per step (guidance 1 = no CFG branch). Source: LightX2V
+# `configs/distill/wan21/wan_i2v_distill_lora_4step_cfg.json` (infer_steps 4, sample_shift 5, no CFG) and its
+# `WanStepDistillScheduler`, whose Wan2.1 variant predicts x0 and re-noises each step = our `lcm` solver
+# (the same update as ComfyUI's `lcm` sampler); see scail2_lite/sampling.py (researched by helper H5).
+FAST_PRESET = dict(steps=4, guidance=1.0, shift=5.0, solver="lcm")
+GENERATION_PRESETS: dict[str, dict] = {"fast": FAST_PRESET}  # `--preset NAME`

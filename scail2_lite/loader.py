@@ -55,7 +55,10 @@ def load_dit(
                 items = _keep_fp8_linears(from_comfy_fp8(items), schemes)
         state: dict[str, torch.Tensor] = {}
         for name, tensor in items:
-            state[name] = tensor.to(device=device, dtype=_cast(name, tensor, dtype), copy=True)
+            # A quantized folder's dtypes were chosen when it was written (fp32 modulation, bf16 rest), and the
+            # streamer can map its blocks from disk only if the model holds exactly those dtypes.
+            cast = None if fmt == "quantized" else _cast(name, tensor, dtype)
+            state[name] = tensor.to(device=device, dtype=cast, copy=True)
     except QuantizeError as e:
         raise UserError(str(e)) from None
     shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith(".scale")}

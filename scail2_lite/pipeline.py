@@ -19,7 +19,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from rich.progress import Progress
@@ -38,6 +38,9 @@ from .encoders import CLIP_FILE, encode_image, encode_text, load_clip, load_text
 from .errors import UserError
 from .sampling import cfg, make_scheduler
 from .vae import VAE_FILE, WanVAE, load_vae
+
+if TYPE_CHECKING:
+    from .planner import Plan
 
 UMT5_DIR = "umt5-xxl"
 # SCAIL-2's released sampler (sample_video.py) uses an empty negative prompt, not Wan's long Chinese one.
@@ -159,15 +162,19 @@ class Pipeline:
         device: torch.device,
         *,
         text_encoder: str = "bf16",
+        profile: str | None = None,
+        vram_budget: int | None = None,
+        attention: str | None = None,
         vae_tile: int | None = None,
-        place_dit: Callable[[torch.nn.Module], ExitStack] | None = None,
     ) -> None:
         self.folder = folder
         self.dit = dit
         self.device = device
         self.text_encoder = text_encoder
+        self.profile = profile
+        self.vram_budget = vram_budget
+        self.attention = attention
         self.vae_tile = vae_tile
-        self._place_dit = place_dit
         self._vae: WanVAE | None = None
 
     @classmethod
@@ -178,24 +185,40 @@ class Pipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.bfloat16,
         text_encoder: str | None = None,
+        profile: str | None = None,
+        vram_budget: int | None = None,
+        attention: str | None = None,
         vae_tile: int | None = None,
         loras: Sequence[tuple[str | Path, float]] = (),
-        place_dit: Callable[[torch.nn.Module], ExitStack] | None = None,
     ) -> "Pipeline":
         """Load a SCAIL-2 folder (official layout, or a `scail2-lite quantize` output).
 
-        The DiT is loaded to CPU here; `place_dit` decides where it runs (all on the GPU, or streamed block by
-        block: see `runtime.py`). The encoders are loaded when first needed and released after use.
-        `text_encoder` ("bf16", "int8", "nf4") defaults to what a quantized folder recorded, else bf16.
+        The DiT is loaded to CPU RAM; each call places it (all on the GPU, or streamed block by block) with the
+        memory plan that fits the size asked for: `profile` forces one of `profiles/`, `vram_budget` (bytes) caps
+        the VRAM the plan may use. The encoders are loaded when needed and released after use. `text_encoder`
+        ("bf16", "int8", "nf4") defaults to what a quantized folder recorded, else bf16.
         """
         from .loader import load_dit, quantized_text_encoder
+        from .quantize.text_encoder import text_encoder_backend
 
         folder = ModelFolder(Path(path))
         folder.check()
         device = torch.device(device) if device is not None else _default_device()
-        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but PyTorch sees no CUDA GPU")
         te = text_encoder or quantized_text_encoder(folder.root) or "bf16"
-        return cls(folder, dit, device, text_encoder=te, vae_tile=vae_tile, place_dit=place_dit)
+        text_encoder_backend(te, device)  # validates the scheme name before minutes of loading
+        if profile is not None:
+            from .planner import load_profile
+
+            load_profile(profile)
+        if attention is not None:
+            from .attention import check_backend
+
+            check_backend(attention)
+        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras)
+        return cls(folder, dit, device, text_encoder=te, profile=profile, vram_budget=vram_budget,
+                   attention=attention, vae_tile=vae_tile)
 
     # ---- phases ------------------------------------------------------------------------------------------------
 
@@ -223,15 +246,31 @@ class Pipeline:
             del model
             _release()
 
-    @property
-    def vae(self) -> WanVAE:
+    def vae(self, tile: int | None) -> WanVAE:
+        """The VAE on the device with the tiling asked for (loaded once, kept in RAM between uses)."""
         if self._vae is None:
-            self._vae = load_vae(self.folder.vae, device=self.device, tile=self.vae_tile)
-        return self._vae
+            self._vae = load_vae(self.folder.vae, device="cpu")
+        self._vae.set_tiling(tile or None)
+        return self._vae.to(self.device)
 
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """(3, T, H, W) in [-1, 1] -> normalised latents (1, 16, Tl, H/8, W/8) on CPU, fp32."""
-        return self.vae.encode(video[None].to(self.device)).cpu()
+    def park_vae(self) -> None:
+        """Send the VAE back to RAM so the DiT steps have the GPU to themselves."""
+        if self._vae is not None:
+            self._vae.to("cpu")
+            _release()
+
+    def make_plan(self, height: int, width: int, frames: int) -> "Plan | None":
+        """The memory plan for one segment of this size on this machine. On CPU there is nothing to plan unless a
+        profile is forced (the streamer then runs with synchronous copies: how the tests check profiles)."""
+        if self.device.type != "cuda" and self.profile is None:
+            return None
+        from .planner import detect_memory, plan
+
+        free, _, ram = detect_memory()
+        quant = _dit_quantization(self.dit)
+        te = "bf16" if self.text_encoder == "bf16" else "4bit"
+        return plan(self.dit.config, height, width, frames, free, ram, profile=self.profile,
+                    vram_budget=self.vram_budget, weights=quant, text_encoder=te)
 
     # ---- generation --------------------------------------------------------------------------------------------
 
@@ -259,14 +298,17 @@ class Pipeline:
         fps: float | None = None,
         keep_frames: bool = True,
         progress: Progress | None = None,
+        recorder=None,
         on_latents: Callable[[int, torch.Tensor], None] | None = None,
     ) -> Result:
         """Generate a video. Inputs are file paths (or an `Inputs` from `load_inputs`). With `output`, frames
-        stream into an H.264 mp4 written atomically (no partial file on error or Ctrl-C).
+        stream into an H.264 mp4 written atomically (no partial file on error or Ctrl-C). `guidance` 1 runs one
+        DiT forward per step (no unconditional branch), as the few-step distilled LoRAs want.
 
-        `on_latents(segment, latents)` sees each segment's final latents (tests compare profiles with it).
+        `recorder` (a `profiling.PhaseRecorder`) times the phases; `on_latents(segment, latents)` sees each
+        segment's final latents (tests compare profiles with it).
         """
-        timer = _Timer(self.device)
+        timer = recorder if recorder is not None else _Timer(self.device)
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
         make_scheduler(solver, steps, shift)  # validates the solver name and shift before any heavy work
@@ -277,10 +319,12 @@ class Pipeline:
                 if mask_image is None or pose is None or mask_video is None:
                     raise UserError("image, mask_image, pose and mask_video are all required")
                 inputs = load_inputs(image, mask_image, pose, mask_video, size=size, frames=frames, replace=replace)
-        plan = cond.segment_plan(inputs.frames, segment_len, segment_overlap)
-        total_frames = plan[-1][1] - (len(plan) - 1) * segment_overlap
+        plan_segments = cond.segment_plan(inputs.frames, segment_len, segment_overlap)
+        total_frames = plan_segments[-1][1] - (len(plan_segments) - 1) * segment_overlap
         h, w = inputs.size
         fps = fps or inputs.fps
+        mem_plan = self.make_plan(h, w, plan_segments[0][1] - plan_segments[0][0])
+        vae_tile = self.vae_tile if self.vae_tile is not None else (mem_plan.profile.vae_tile if mem_plan else None)
         tasks = _Tasks(progress)
 
         with timer("text encoder"):
@@ -293,37 +337,39 @@ class Pipeline:
         with timer("vae encode"):
             tasks.phase("VAE encode (reference)")
             ref_image = cond.composite_on_black(inputs.image, inputs.ref_mask) if replace else inputs.image
-            ref_latents = self.encode_video(ref_image[:, None])
+            vae = self.vae(vae_tile)
+            ref_latents = _encode(vae, ref_image[:, None], self.device)
+            pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device) for a, b in plan_segments]
+            self.park_vae()
         dit_dtype = self.dit.dtype
+        kept: list[torch.Tensor] = []
+        step_seconds: list[float] = []
         with ExitStack() as stack:
             writer = stack.enter_context(media.VideoWriter(output, fps, (h, w))) if output is not None else None
             with timer("dit placement"):
                 tasks.phase("placing the DiT")
-                if self._place_dit is not None:
-                    stack.enter_context(self._place_dit(self.dit))
-                else:
-                    self.dit.to(self.device)
+                placement = stack.enter_context(DitPlacement(self.dit, self.device, mem_plan, self.attention,
+                                                             _weight_files(self.folder.root)))
             ctx = [self.dit.embed_context(c[None].to(self.device, dit_dtype), clip_fea.to(self.device, dit_dtype))
                    for c in contexts]
-            kept: list[torch.Tensor] = []
             history_pixels: torch.Tensor | None = None
-            step_seconds: list[float] = []
-            steps_task = tasks.add("denoising", total=steps * len(plan))
-            for k, (start, end) in enumerate(plan):
-                with timer("vae encode"):
-                    pose_lat = self.encode_video(inputs.pose[:, start:end])
-                    hist_lat = self.encode_video(history_pixels) if history_pixels is not None else None
-                seg = _segment_conditions(inputs, start, end, ref_latents, pose_lat, hist_lat)
+            steps_task = tasks.add("denoising", total=steps * len(plan_segments))
+            for k, (start, end) in enumerate(plan_segments):
+                hist_lat = None
+                if history_pixels is not None:
+                    with timer("vae encode"):
+                        hist_lat = _encode(self.vae(vae_tile), history_pixels, self.device)
+                        self.park_vae()
+                seg = _segment_conditions(inputs, start, end, ref_latents, pose_latents[k], hist_lat)
                 generator = torch.Generator().manual_seed(seed + k)
-                noise = torch.randn(seg["shape"], generator=generator, dtype=torch.float32)
+                latents = torch.randn(seg["shape"], generator=generator, dtype=torch.float32)
                 sampler = make_scheduler(solver, steps, shift, generator=generator)
-                latents = noise
                 for t in sampler.timesteps:
                     t0 = time.perf_counter()
                     with timer("dit steps"):
                         if hist_lat is not None:
                             latents[:, :, : hist_lat.shape[2]] = hist_lat
-                        v = self._velocity(latents, t, seg, ctx, replace, guidance, dit_dtype)
+                        v = self._velocity_with_fallback(placement, latents, t, seg, ctx, replace, guidance, dit_dtype)
                         latents = sampler.step(v, t, latents)
                     step_seconds.append(time.perf_counter() - t0)
                     tasks.advance(steps_task)
@@ -332,22 +378,43 @@ class Pipeline:
                 if on_latents is not None:
                     on_latents(k, latents.clone())
                 with timer("vae decode"):
-                    tasks.phase(f"VAE decode (segment {k + 1}/{len(plan)})")
+                    tasks.phase(f"VAE decode (segment {k + 1}/{len(plan_segments)})")
                     drop = segment_overlap if k > 0 else 0
                     tail: list[torch.Tensor] = []
-                    for group in self._decode(latents, drop):
+                    for group in _decode(self.vae(vae_tile), latents, drop, self.device):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
                             kept.append(group)
                         tail.append(group)
-                    history_pixels = torch.cat(tail, dim=1)[:, -segment_overlap:] if k + 1 < len(plan) else None
+                    self.park_vae()
+                    last = k + 1 == len(plan_segments)
+                    history_pixels = None if last else torch.cat(tail, dim=1)[:, -segment_overlap:]
+            final_plan = placement.plan
+            fallbacks = placement.fallbacks
         result_frames = torch.cat(kept, dim=1) if keep_frames else None
-        settings = dict(size=f"{w}x{h}", frames=total_frames, segments=len(plan), steps=steps, shift=shift,
-                        guidance=guidance, solver=solver, seed=seed, replace=replace, dit_dtype=str(dit_dtype),
-                        text_encoder=self.text_encoder, device=str(self.device))
+        settings = dict(size=f"{w}x{h}", frames=total_frames, segments=len(plan_segments), steps=steps, shift=shift,
+                        guidance=guidance, solver=solver, seed=seed, replace=replace,
+                        dit=_dit_quantization(self.dit), text_encoder=self.text_encoder, device=str(self.device))
+        if final_plan is not None:
+            settings.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
+                            plan=final_plan.reason)
+        if fallbacks:
+            settings["out_of_memory_fallbacks"] = "; ".join(fallbacks)
         return Result(result_frames, total_frames, fps, (h, w), timer.seconds, step_seconds, timer.peaks,
                       settings, inputs.warnings, Path(output) if output is not None else None)
+
+    def _velocity_with_fallback(self, placement: "DitPlacement", *args) -> torch.Tensor:
+        """One step's velocity; on CUDA out-of-memory the DiT is re-placed under a lighter plan and the same step
+        runs again (finished steps and segments are kept: the sampler has not moved)."""
+        while True:
+            try:
+                return self._velocity(*args)
+            except torch.cuda.OutOfMemoryError:
+                _release()
+                if not placement.fallback():
+                    raise UserError("CUDA ran out of memory and no lighter memory profile is left; try a smaller "
+                                    "--size, fewer --frames per segment, or --dit fp8 weights") from None
 
     def _velocity(self, latents: torch.Tensor, t: torch.Tensor, seg: dict, ctx: list[torch.Tensor], replace: bool,
                   guidance: float, dtype: torch.dtype) -> torch.Tensor:
@@ -360,15 +427,101 @@ class Pipeline:
         outs = [self.dit.forward_with_context(x, *args, tt, c, replace, history_mask=hist).float().cpu() for c in ctx]
         return cfg(outs[0], outs[1], guidance) if len(outs) == 2 else outs[0]
 
-    def _decode(self, latents: torch.Tensor, drop: int) -> Iterator[torch.Tensor]:
-        """Decoded frame groups (3, t, H, W) on CPU, the first `drop` frames (segment overlap) left out."""
-        seen = 0
-        for group in self.vae.decode_frames(latents.to(self.device)):
-            group = group[0].float().cpu()
-            n = group.shape[1]
-            if seen + n > drop:
-                yield group[:, max(0, drop - seen):]
-            seen += n
+
+def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(3, T, H, W) in [-1, 1] -> normalised latents (1, 16, Tl, H/8, W/8) on CPU, fp32."""
+    return vae.encode(video[None].to(device)).cpu()
+
+
+def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Decoded frame groups (3, t, H, W) on CPU, the first `drop` frames (segment overlap) left out."""
+    seen = 0
+    for group in vae.decode_frames(latents.to(device)):
+        group = group[0].float().cpu()
+        n = group.shape[1]
+        if seen + n > drop:
+            yield group[:, max(0, drop - seen):]
+        seen += n
+
+
+def _dit_quantization(model: torch.nn.Module) -> str:
+    """"fp8", "int8" or "bf16": what the DiT's block Linears hold (the planner sizes blocks by it)."""
+    from .quantize.linear import QuantLinear
+
+    for module in model.blocks[0].modules():
+        if isinstance(module, QuantLinear):
+            return module.scheme
+    return "bf16"
+
+
+def _weight_files(root: Path) -> list[Path]:
+    """The quantized folder's DiT shards (block weights the streamer can map from disk); none for other formats,
+    whose tensors need converting on the way in."""
+    from .quantize.store import is_quantized_folder, read_manifest
+
+    if not is_quantized_folder(root):
+        return []
+    return [root / f for f in read_manifest(root)["dit"]["files"]]
+
+
+class DitPlacement:
+    """Where the DiT runs during one generation: wholly on the device, or streamed block by block as a planner
+    `Plan` says. `fallback()` re-places it under the next lighter plan after a CUDA out-of-memory error. Only data
+    moves (same weights, same kernels, batch 1), so the numbers do not depend on the plan."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, plan: "Plan | None" = None,
+                 attention: str | None = None, weight_files: Sequence[Path] = ()) -> None:
+        self.model, self.device, self.plan = model, device, plan
+        self.attention = attention
+        self.weight_files = list(weight_files)
+        self.streamer = None
+        self.fallbacks: list[str] = []
+
+    def __enter__(self) -> "DitPlacement":
+        self._apply()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _apply(self) -> None:
+        from .attention import set_backend
+        from .planner import configure_blocks
+
+        if self.plan is not None:
+            configure_blocks(self.model, self.plan)
+        if self.attention is not None:
+            set_backend(self.attention)
+        plan = self.plan
+        if plan is None or plan.streamed_blocks == 0:
+            self.model.to(self.device)
+            return
+        from .streamer import BlockStreamer
+
+        source = plan.profile.weight_source if self.weight_files else "pinned"
+        self.streamer = BlockStreamer(self.model, self.device, resident_blocks=plan.resident_blocks,
+                                      prefetch=plan.profile.prefetch, source=source,
+                                      weights=self.weight_files if source == "mmap" else None)
+
+    def _release(self) -> None:
+        if self.streamer is not None:
+            self.streamer.detach()
+            self.streamer = None
+        self.model.to("cpu")
+        _release()
+
+    def fallback(self) -> bool:
+        """Re-place the DiT under the next lighter plan; False when there is none."""
+        from .planner import lighter
+
+        new = lighter(self.plan) if self.plan is not None else None
+        if new is None:
+            return False
+        self._release()
+        self.fallbacks.append(f"{self.plan.profile.name} -> {new.profile.name}")
+        self.plan = new
+        self._apply()
+        return True
 
 
 def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch.Tensor, pose_latents: torch.Tensor,

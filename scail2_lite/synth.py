@@ -357,7 +357,7 @@ def _scene(h: int, w: int, phase: float, mask_bg: tuple[int, int, int] | None) -
     for k, (color, x) in enumerate(((BLUE, 0.3), (RED, 0.7))):
         cx = w * x + 0.05 * w * math.sin(phase + k)
         _figure(draw, cx, h * 0.5, s, phase + k * 1.3, color if mask_bg is not None else None)
-    return np.asarray(img)
+    return np.array(img)
 
 
 def _write_mp4(path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: int) -> None:
@@ -382,6 +382,31 @@ def write_inputs(folder: Path, scale: str, fps: int = 16) -> None:
     phases = [2 * math.pi * i / n for i in range(n)]
     _write_mp4(folder / "driving.mp4", (_scene(h, w, p, None) for p in phases), (h, w), fps)
     _write_mp4(folder / "driving_mask.mp4", (_scene(h, w, p, (0, 0, 0)) for p in phases), (h, w), fps)
+
+
+# ---------------------------------------------------------------- LoRAs
+
+LORA_DIR = "loras"
+LORA_FILES = {"kohya": "kohya_lightx2v.safetensors", "peft": "peft.safetensors",
+              "diffusers": "diffusers.safetensors", "comfy": "comfy.safetensors"}
+
+
+def write_loras(folder: Path, config: DiTConfig, seed: int, rank: int = 4) -> dict[str, Path]:
+    """One small LoRA per format (LORA_FILES) for the DiT of `config`; the kohya one also carries LightX2V-style
+    full deltas (`diff`, `diff_b`, `diff_m`). Same seed, same low-rank deltas in every format."""
+    from safetensors.torch import save_file
+
+    from .lora import make_synthetic_lora
+
+    shapes = wan_shapes(config)
+    paths = {}
+    for fmt, name in LORA_FILES.items():
+        state = make_synthetic_lora(shapes, fmt, rank=rank, seed=seed, include_diffs=fmt == "kohya")
+        tmp = _atomic(folder / name)
+        save_file(state, str(tmp), metadata={"format": "pt", "synthetic": "scail2-lite"})
+        os.replace(tmp, folder / name)
+        paths[fmt] = folder / name
+    return paths
 
 
 # ---------------------------------------------------------------- everything
@@ -412,6 +437,8 @@ def synth(out: str | Path, scale: str = "tiny", fmt: str = "sat", seed: int = 0,
     write_tokenizer(out / "umt5-xxl", min(1000, umt5_config(scale).vocab_size))
     step("inputs")
     write_inputs(out / "inputs", scale)
+    step("LoRAs")
+    write_loras(out / LORA_DIR, config, seed)
     return out
 
 

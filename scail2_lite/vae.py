@@ -185,6 +185,12 @@ class WanVAE:
             tile_sample_stride_height=stride, tile_sample_stride_width=stride,
         )
 
+    def to(self, device: str | torch.device) -> "WanVAE":
+        """Move the model and its normalisation statistics (the pipeline parks the VAE on CPU during DiT steps)."""
+        self.model.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     @property
     def _param(self) -> Tensor:
         return next(self.model.parameters())

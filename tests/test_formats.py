@@ -126,8 +126,15 @@ def test_fp8_scaled_is_detected_and_exposed_raw(tmp_path: Path, reference: dict)
     assert "blocks.0.ffn.0.scale_weight" in names and "scaled_fp8" not in names
     info = formats.describe(tmp_path / "fp8.safetensors")
     assert info["problems"] == [] and info["scale_tensors"] == info["dtypes"]["float8_e4m3fn"]
-    with pytest.raises(UserError, match="fp8_scaled"):
-        load_dit(tmp_path / "fp8.safetensors")
+    # Loads without conversion: block Linears stay FP8 (QuantLinear, per-tensor scale broadcast per channel),
+    # other FP8 tensors are dequantized because we keep those layers in high precision.
+    model = load_dit(tmp_path / "fp8.safetensors", dtype=torch.float32)
+    ffn = model.blocks[0].ffn[0]
+    assert type(ffn).__name__ == "QuantLinear" and ffn.scheme == "fp8"
+    assert torch.equal(ffn.weight.view(torch.uint8), names["blocks.0.ffn.0.weight"].view(torch.uint8))
+    assert torch.equal(ffn.scale, torch.full_like(ffn.scale, 0.5))
+    text = names["text_embedding.0.weight"].float() * 0.5
+    assert torch.equal(model.text_embedding[0].weight, text)
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

@@ -1,0 +1,205 @@
+"""End to end on a tiny synthetic checkpoint: animation, replacement, segments, solvers, profiles, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from scail2_lite import media
+from scail2_lite.cli import app
+from scail2_lite.errors import UserError
+from scail2_lite.pipeline import Pipeline
+from scail2_lite.synth import synth
+
+SIZE = (128, 128)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return synth(tmp_path_factory.mktemp("ckpt") / "scail2", scale="tiny", fmt="sat", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(folder) -> Pipeline:
+    return Pipeline.from_pretrained(folder, device="cpu")
+
+
+def inputs(folder: Path) -> dict:
+    d = folder / "inputs"
+    return dict(image=d / "ref.png", mask_image=d / "ref_mask.png", pose=d / "driving.mp4",
+                mask_video=d / "driving_mask.mp4")
+
+
+def run(pipe: Pipeline, folder: Path, **kw):
+    latents: list[torch.Tensor] = []
+    args = dict(size=SIZE, steps=2, seed=3, prompt="a person dancing")
+    args.update(kw)
+    result = pipe(**inputs(folder), on_latents=lambda k, z: latents.append(z), **args)
+    return result, latents
+
+
+def test_animation_writes_video(pipe, folder, tmp_path):
+    out = tmp_path / "anim.mp4"
+    result, latents = run(pipe, folder, output=out)
+    assert result.frames.shape == (3, 17, *SIZE)
+    assert result.frames.abs().max() <= 1.0
+    assert len(latents) == 1 and latents[0].shape == (1, 16, 5, 16, 16)
+    video, fps = media.read_video(out)
+    assert video.shape == (3, 17, *SIZE) and fps == 16
+    assert result.settings["segments"] == 1 and not result.warnings
+
+
+def test_same_seed_same_video_and_solvers_differ(pipe, folder):
+    _, a = run(pipe, folder, solver="unipc")
+    _, b = run(pipe, folder, solver="unipc")
+    _, c = run(pipe, folder, solver="dpm++")
+    assert torch.equal(a[0], b[0])
+    assert not torch.equal(a[0], c[0])
+    assert torch.isfinite(c[0]).all()
+
+
+def test_replacement_mode_and_background_warnings(pipe, folder):
+    anim, za = run(pipe, folder)
+    repl, zr = run(pipe, folder, replace=True)
+    assert repl.frames.shape == anim.frames.shape
+    assert not torch.equal(za[0], zr[0])
+    # The synthetic masks are drawn for animation: replacement mode must say they look wrong.
+    assert any("replacement mode expects it on" in w for w in repl.warnings)
+
+
+def test_segments_carry_history(pipe, folder):
+    result, latents = run(pipe, folder, segment_len=9, segment_overlap=5)
+    assert result.settings["segments"] == 3 and len(latents) == 3
+    assert result.frames.shape[1] == 17  # 9 + (9 - 5) + (9 - 5)
+    assert all(z.shape[2] == 3 for z in latents)
+
+
+def test_guidance_one_runs_one_branch(pipe, folder, monkeypatch):
+    calls = []
+    original = pipe.dit.forward_with_context
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.dit, "forward_with_context", counting)
+    run(pipe, folder, steps=3, guidance=1.0, solver="lcm")
+    assert len(calls) == 3
+    calls.clear()
+    run(pipe, folder, steps=3)
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("profile", ["8gb", "16gb", "lowram"])
+def test_profiles_change_no_numbers(folder, pipe, profile):
+    _, reference = run(pipe, folder)
+    streamed_pipe = Pipeline.from_pretrained(folder, device="cpu", profile=profile)
+    result, streamed = run(streamed_pipe, folder)
+    assert result.settings["profile"] == profile
+    assert torch.equal(reference[0], streamed[0])
+
+
+def test_unknown_solver_is_user_error(pipe, folder):
+    with pytest.raises(UserError, match="unknown solver"):
+        run(pipe, folder, solver="heun")
+
+
+# ---- the CLI: exit codes, one-line errors, no partial output ------------------------------------------------------
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def generate_args(folder: Path, out: Path, **over: str) -> list[str]:
+    paths = {k: str(v) for k, v in inputs(folder).items()}
+    paths.update(over)
+    return ["generate", str(over.pop("model", folder)), "--image", paths["image"], "--mask-image",
+            paths["mask_image"], "--pose", paths["pose"], "--mask-video", paths["mask_video"], "--width", "128",
+            "--height", "128", "--steps", "1", "--device", "cpu", "-o", str(out)]
+
+
+def test_cli_generate(folder, tmp_path):
+    out = tmp_path / "cli.mp4"
+    res = cli(*generate_args(folder, out), "--preview", "--save-frames", str(tmp_path / "frames"))
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and (tmp_path / "cli_preview.mp4").is_file()
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 17
+
+
+def _short_video(path: Path, frames: int, size=(64, 64)) -> Path:
+    media.write_video(path, torch.zeros(3, frames, *size), fps=16)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "mask_size", "frame_count", "too_short", "size32", "solver"])
+def test_cli_bad_input(folder, tmp_path, case):
+    out = tmp_path / "bad.mp4"
+    args = generate_args(folder, out)
+    if case == "missing":
+        args[args.index("--image") + 1] = str(tmp_path / "nope.png")
+    elif case == "mask_size":
+        Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "m.png")
+        args[args.index("--mask-image") + 1] = str(tmp_path / "m.png")
+    elif case == "frame_count":
+        args[args.index("--mask-video") + 1] = str(_short_video(tmp_path / "m.mp4", 9))
+    elif case == "too_short":
+        short = _short_video(tmp_path / "d.mp4", 3)
+        args[args.index("--pose") + 1] = str(short)
+        args[args.index("--mask-video") + 1] = str(short)
+    elif case == "size32":
+        args[args.index("--width") + 1] = "100"
+    elif case == "solver":
+        args += ["--solver", "heun"]
+    res = cli(*args)
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_cli_missing_component_names_the_file(folder, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(folder, partial, ignore=shutil.ignore_patterns("Wan2.1_VAE.pth"))
+    res = cli(*generate_args(folder, tmp_path / "x.mp4", model=str(partial)))
+    assert res.exit_code == 2 and "Wan2.1_VAE.pth" in res.output
+
+
+def test_ctrl_c_leaves_no_partial_video(folder, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "_velocity", interrupted)
+    out = tmp_path / "int.mp4"
+    res = cli(*generate_args(folder, out))
+    assert res.exit_code == 130
+    assert not out.exists() and not list(tmp_path.glob("*.mp4*"))
+
+
+def test_demo_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "demo.mp4"
+    res = cli("demo", "-o", str(out), "--steps", "2", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    video, _ = media.read_video(out)
+    assert video.shape[1] == 17
+    res = cli("demo", "-o", str(tmp_path / "fast.mp4"), "--preset", "fast", "--device", "cpu")
+    assert res.exit_code == 0 and "steps 4" in res.output and "guidance 1.0" in res.output
+
+
+def test_quantized_folder_runs_and_streams_from_disk(folder, tmp_path):
+    q = tmp_path / "q"
+    res = cli("quantize", str(folder), "-o", str(q), "--dit", "int8", "--text-encoder", "bf16")
+    assert res.exit_code == 0, res.output
+    latents = []
+    for profile in (None, "lowram"):  # lowram maps the blocks from the quantized shards on disk
+        result, z = run(Pipeline.from_pretrained(q, device="cpu", profile=profile), folder)
+        assert result.settings["dit"] == "int8"
+        latents += z
+    assert torch.equal(latents[0], latents[1])
+    _, bf16 = run(Pipeline.from_pretrained(folder, device="cpu"), folder)
+    assert (latents[0] - bf16[0]).norm() / bf16[0].norm() < 0.1

@@ -1,0 +1,193 @@
+"""`scail2-lite profile`: plan mode for a table of cards (CPU, no weights), its JSON, bad input; the PhaseRecorder
+on CPU (times, RSS timeline, JSON, plot); the measured-vs-predicted comparison; `--run` on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from scail2_lite import profiling
+from scail2_lite.cli import app
+from scail2_lite.config import SIZES
+from scail2_lite.planner import PHASES, list_profiles, plan
+from scail2_lite.synth import synth, tiny_config
+
+runner = CliRunner()
+C14 = profiling.synthetic_target("full").config
+
+
+def plan_json(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "plan.json"
+    result = runner.invoke(app, ["profile", "--synthetic", "full", *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    "size,weights,vram,ram,expected",
+    [
+        ("704p", "bf16", 12, 64, "24gb"),
+        ("704p", "bf16", 16, 64, "24gb"),
+        ("704p", "bf16", 24, 64, "24gb"),
+        ("512p", "bf16", 8, 64, "24gb"),
+        ("704p", "fp8", 32, 64, "resident"),
+        ("704p", "bf16", 16, 16, "lowram"),  # pinned blocks do not fit 16 GB of RAM
+    ],
+)
+def test_plan_mode_picks_the_planners_profile(tmp_path: Path, size, weights, vram, ram, expected) -> None:
+    data = plan_json(tmp_path, "--size", size, "--vram", str(vram), "--ram", str(ram), "--weights", weights)
+    p = data["plan"]
+    assert p["profile"] == expected and p["fits"]
+    assert p["peak_vram_reserved"] <= vram * 1e9 and p["peak_ram"] <= ram * 1e9
+    # The CLI reports what the library plans: same choice, same figures.
+    direct = plan(C14, *SIZES[size], 81, int(vram * 1e9), int(ram * 1e9), weights=weights)
+    assert p == profiling.plan_to_json(direct)
+
+
+def test_plan_json_structure_and_fits_on(tmp_path: Path) -> None:
+    data = plan_json(tmp_path, "--size", "704p", "--vram", "16", "--ram", "64")
+    assert (data["height"], data["width"], data["frames"]) == (704, 1280, 81)
+    assert set(data["plan"]["phases"]) == set(PHASES)
+    for mem in data["plan"]["phases"].values():
+        assert set(mem) == {"vram", "vram_reserved", "ram"} and mem["vram_reserved"] >= mem["vram"]
+    assert data["plan"]["resident_blocks"] + data["plan"]["streamed_blocks"] == 40
+    # 704p bf16 needs more than an 8 GB card; every larger common card fits.
+    assert data["fits_on"]["8"] is None
+    assert all(data["fits_on"][gb] for gb in ("12", "16", "24", "32"))
+    assert [p["profile"] for p in data["profiles"]] == [p.name for p in list_profiles()]
+    for p in data["profiles"]:
+        assert p["fits"] == (p["peak_vram_reserved"] <= 16e9 and p["peak_ram"] <= 64e9)
+
+
+def test_plan_mode_printout(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["profile", "--synthetic", "full", "--size", "704p", "--vram", "16", "--ram", "64"])
+    assert result.exit_code == 0, result.output
+    for text in ("profile 24gb", "fastest that fits", "dit_step", "fits on: 12 GB (24gb)", "every profile"):
+        assert text in result.output
+
+
+def test_nothing_fitting_is_an_answer_not_a_crash(tmp_path: Path) -> None:
+    data = plan_json(tmp_path, "--size", "704p", "--vram", "2", "--ram", "64")
+    assert data["plan"] is None and data["no_fit"].startswith("no profile fits")
+    assert not any(p["fits"] for p in data["profiles"])
+
+
+def test_plan_mode_reads_a_model_folder(tmp_path: Path) -> None:
+    folder = synth(tmp_path / "m", scale="tiny")
+    target = profiling.model_target(folder)
+    assert target.config == tiny_config() and (target.weights, target.text_encoder) == ("bf16", "bf16")
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, ["profile", str(folder), "--width", "128", "--height", "128", "--frames", "5",
+                                 "--vram", "24", "--ram", "32", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["plan"]["tokens"] == 8 * 8 + 2 * 64 + 2 * 64 // 4
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--synthetic", "full", "--vram", "12", "--profile", "nope"], "unknown profile"),
+        (["--synthetic", "full", "--vram", "12", "--width", "500", "--height", "512"], "multiples of 32"),
+        (["--synthetic", "full", "--vram", "12", "--size", "600p"], "unknown size"),
+        (["/no/such/model", "--vram", "12"], "does not exist"),
+        (["--vram", "12"], "MODEL folder or --synthetic"),
+        (["--synthetic", "full", "--vram", "12", "--weights", "fp4"], "unknown DiT quantization"),
+        (["--synthetic", "full", "--run"], "--run needs weights"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["profile", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+# ---- PhaseRecorder ---------------------------------------------------------------------------------------------
+
+
+def test_recorder_times_phases_and_samples_rss() -> None:
+    rec = profiling.PhaseRecorder("cpu", interval=0.01)
+    with rec("inputs"):
+        time.sleep(0.05)
+    for _ in range(2):
+        with rec("dit steps"):
+            big = torch.ones(200_000_000, dtype=torch.uint8)  # 200 MB, touched: beyond any reusable free memory
+            time.sleep(0.1)
+            del big
+    with pytest.raises(RuntimeError, match="do not nest"):
+        with rec("vae decode"):
+            with rec("clip"):
+                pass
+    assert rec.seconds["inputs"] >= 0.05 and rec.seconds["dit steps"] >= 0.2
+    assert rec.stats["dit steps"].calls == 2 and rec.peaks == {}  # no CUDA: no allocator peaks
+    assert rec.stats["dit steps"].peak_rss >= rec.stats["inputs"].peak_rss + 150e6
+    data = rec.to_json()
+    assert [i[0] for i in data["intervals"]] == ["inputs", "dit steps", "dit steps", "vae decode"]
+    starts = [i[1] for i in data["intervals"]]
+    assert starts == sorted(starts)
+    tl = data["timeline"]
+    assert set(tl) == set(profiling.Sample._fields)
+    assert tl["t"] == sorted(tl["t"]) and tl["phase"].count("dit steps") >= 6  # sampled inside, plus both edges
+    assert all(v is None for v in tl["allocated"]) and all(v > 0 for v in tl["rss"])
+
+
+def test_recorder_save_and_plot(tmp_path: Path) -> None:
+    rec = profiling.PhaseRecorder("cpu", interval=0.01)
+    for name in ("text encoder", "dit steps", "vae decode"):
+        with rec(name):
+            time.sleep(0.02)
+    saved = json.loads(rec.save(tmp_path / "r.json").read_text())
+    assert saved["phases"].keys() == {"text encoder", "dit steps", "vae decode"}
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (the optional 'profile' extra)")
+    p = plan(tiny_config(), 128, 128, 5, int(8e9), int(32e9))
+    png = rec.plot(tmp_path / "r.png", p)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_compare_errors_per_phase() -> None:
+    p = plan(C14, *SIZES["704p"], 81, int(16e9), int(64e9))
+    pred = p.phases["dit_step"].vram
+    measured = {"phases": {
+        "dit steps": {"seconds": 1.0, "peak_allocated": pred // 2, "peak_reserved": None, "peak_nvml_used": None,
+                      "peak_rss": 10**9},
+        "inputs": {"seconds": 0.1, "peak_allocated": 1, "peak_reserved": 1, "peak_nvml_used": None, "peak_rss": 1},
+    }}
+    (row,) = profiling.compare(measured, p)  # "inputs" has no prediction
+    assert row["planner_phase"] == "dit_step" and row["predicted_allocated"] == pred
+    assert row["error_allocated"] == pytest.approx(1.0, abs=1e-6)
+    assert row["error_reserved"] is None
+    assert row["error_ram"] == pytest.approx(p.phases["dit_step"].ram / 1e9 - 1)
+    assert profiling.PIPELINE_TO_PLANNER.keys() >= {"text encoder", "clip", "vae encode", "dit steps", "vae decode"}
+    assert set(profiling.PIPELINE_TO_PLANNER.values()) == set(PHASES)
+
+
+# ---- --run -----------------------------------------------------------------------------------------------------
+
+
+def test_profile_run_on_a_tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = synth(tmp_path / "m", scale="tiny")
+    monkeypatch.chdir(tmp_path)  # default outputs profile.json / profile.png land here
+    result = runner.invoke(app, ["profile", str(folder), "--run", "--width", "64", "--height", "64", "--frames", "5",
+                                 "--steps", "1", "--vram", "24", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "profile.json").read_text())
+    phases = report["measured"]["phases"]
+    assert set(phases) >= {"load", "inputs", "text encoder", "clip", "vae encode", "dit placement", "dit steps",
+                           "vae decode"}
+    assert all(s["seconds"] > 0 and s["peak_rss"] > 0 for s in phases.values())
+    assert len(report["step_seconds"]) == 1 and report["settings"]["steps"] == 1
+    assert [r["planner_phase"] for r in report["comparison"]] == list(PHASES)
+    assert report["plan"]["width"] == 64 and report["plan"]["frames"] == 5
+    assert "measured (cpu) vs predicted" in result.output
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot" in result.output
+    else:
+        assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
