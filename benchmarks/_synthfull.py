@@ -4,10 +4,9 @@
   (same shard grouping, same bytes: each tensor has its own seeded generator), with the shards written by a
   pool of processes. `synth_tensor` draws on one core (~25-60 M values/s), so the 16.4 G values of the 14B DiT
   take ~5 minutes serially and well under one minute on 15 cores.
-- `device_synth_tensor`: `synth.synth_tensor`'s recipe (Student-t with 4 degrees of freedom, std 1/sqrt(fan_in)
-  for Linear weights with ~1% of input channels 8x larger, norm gains near 1, small biases/embeddings) drawn with
-  a generator on the target device. Same distribution, not the same values: used for tensors that never go
-  through a file (the 5.7 B-parameter umT5 is built on the GPU in seconds instead of minutes on the CPU).
+- `device_synth_tensor`: `synth.synth_tensor` with its generator on the device. Same distribution, not the same
+  values: used for tensors that never go through a file (the 5.7 B-parameter umT5 is built on the GPU in seconds
+  instead of minutes on the CPU).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import math
 import os
 import time
-import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 
 from scail2_lite.config import DiTConfig
 from scail2_lite.formats import wan_shapes
-from scail2_lite.synth import _NORM, SHARD_STEM, synth_tensor, write_safetensors
+from scail2_lite.synth import SHARD_STEM, synth_tensor, write_safetensors
 
 _META = {"format": "pt", "synthetic": "scail2-lite"}  # what synth.write_dit puts in every shard
 
@@ -94,23 +92,5 @@ class ParallelDiTWriter:
 
 def device_synth_tensor(name: str, shape: tuple[int, ...], seed: int, namespace: str,
                         device: torch.device | str) -> torch.Tensor:
-    """One float32 tensor on `device` with `synth_tensor`'s statistics for its role (see module docstring)."""
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(f"{namespace}/{name}".encode()))
-                                                     % 2**63)
-    t = torch.randn(shape, generator=gen, device=device)
-    chi2 = torch.rand(shape, generator=gen, device=device).neg_().add_(1.0)  # (0, 1]
-    chi2.mul_(torch.rand(shape, generator=gen, device=device).neg_().add_(1.0)).log_().neg_()  # E1 + E2 ~ chi2_4 / 2
-    t.mul_(chi2.mul_(0.5).rsqrt_()).div_(math.sqrt(2.0))  # Student-t, 4 dof, unit variance
-    del chi2
-    vector = math.prod(shape) == (shape[0] if shape else 1)
-    if vector and _NORM.search(name) and not name.endswith("bias"):
-        return t.mul_(0.1).add_(1.0)
-    if "modulation" in name:
-        return t.mul_(1.0 / math.sqrt(shape[-1]))
-    if vector or not name.endswith("weight"):
-        return t.mul_(0.02)
-    t.mul_(1.0 / math.sqrt(math.prod(shape[1:])))
-    cols = torch.randperm(shape[1], generator=gen, device=device)[: max(1, shape[1] // 128)]
-    t[:, cols] *= 8.0
-    return t
+    """`synth_tensor` drawn by a generator on `device` (same recipe; on CUDA not the CPU files' values)."""
+    return synth_tensor(name, shape, seed, namespace, device=device)

@@ -50,12 +50,17 @@ def quantize_text_encoder(model: nn.Module, scheme: str, device: torch.device | 
     return model
 
 
+# T5's feed-forward output projection stays bf16, as transformers' own bitsandbytes loading keeps it: T5's FFN
+# casts its input to `wo.weight.dtype`, which for a packed 4-bit weight is uint8 and destroys the activations.
+NF4_SKIP = ("wo",)
+
+
 def _replace_with_nf4(model: nn.Module) -> None:
     import bitsandbytes as bnb
 
     for parent in list(model.modules()):
         for cname, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
+            if not isinstance(child, nn.Linear) or cname in NF4_SKIP:
                 continue
             new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                     compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")

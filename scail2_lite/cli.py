@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,6 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+# Streaming blocks through fixed slots while activations come and go fragments the caching allocator: growable
+# segments keep reserved memory near allocated (read when CUDA first allocates, so setting it here is in time).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # diffusers and transformers import optional backends that log load failures irrelevant to us (torchao's CUDA
 # extensions, bitsandbytes' CPU kernels download): keep the terminal for our own messages.
 _NOISY = ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
@@ -368,6 +372,10 @@ def generate(
     attention: Optional[str] = typer.Option(None, "--attention", help="sdpa, flash, cudnn, efficient, math or "
                                             "sage (default: the profile's)"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:STRENGTH; repeatable"),
+    cache: str = typer.Option("off", "--cache", help="skip DiT forwards that change little: teacache, magcache "
+                              "or off (judge quality on your own videos)"),
+    cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", help="higher skips more "
+                                                    "[default: teacache 0.20, magcache 0.12]"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)"),
     output: Path = typer.Option(Path("scail2.mp4"), "-o", "--output", help="mp4 to write"),
     save_frames: Optional[Path] = typer.Option(None, "--save-frames", help="also save PNG frames in this folder"),
@@ -382,7 +390,8 @@ def generate(
         image=image, mask_image=mask_image, pose=pose, mask_video=mask_video, prompt=prompt,
         negative_prompt=negative_prompt, replace=replace, size=(width, height) if width else size, frames=frames,
         steps=steps, shift=shift, guidance=guidance, solver=solver, seed=seed, segment_len=segment_len,
-        segment_overlap=segment_overlap, text_encoder=text_encoder, vae_tile=vae_tile, loras=_lora_args(lora),
+        segment_overlap=segment_overlap, cache=cache, cache_threshold=cache_threshold,
+        text_encoder=text_encoder, vae_tile=vae_tile, loras=_lora_args(lora),
         device=device, profile=profile, vram_budget=int(vram_budget * 1e9) if vram_budget else None,
         attention=attention,
     )
@@ -542,7 +551,7 @@ def profile(
                                                "the fastest that fits]"),
     weights: Optional[str] = typer.Option(None, "--weights", help="plan with the DiT in bf16, fp8 or int8 "
                                           "[default: the model's]"),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="plan with umT5 in 4bit or bf16 "
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="plan with umT5 in 4bit, int8 or bf16 "
                                                "[default: the model's]"),
     run: bool = typer.Option(False, "--run", help="run the pipeline and measure each phase against the plan"),
     steps: int = typer.Option(2, "--steps", help="denoising steps of --run"),

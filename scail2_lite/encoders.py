@@ -178,11 +178,17 @@ def load_text_encoder(
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the umT5 tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
     model: nn.Module = build_umt5(load_pth(weights))
+    # The 256k x 4096 token embedding (2.1 GB) stays in RAM: a lookup of a few hundred rows costs nothing on the
+    # CPU, and `encode_text` hands the encoder embeddings instead of ids. It is set aside while the rest moves.
+    embedding = model.get_input_embeddings()
+    model.set_input_embeddings(nn.Embedding(1, 1))  # placeholder while the rest moves
     if quantize is not None:
         model = quantize(model)
     else:
         model = model.to(dtype=dtype)
-    return tokenizer, model.to(device)
+    model = model.to(device)
+    model.set_input_embeddings(embedding.to(dtype=next(model.encoder.final_layer_norm.parameters()).dtype))
+    return tokenizer, model
 
 
 def _clean_prompt(text: str) -> str:
@@ -203,9 +209,11 @@ def encode_text(tokenizer, model: nn.Module, prompts: list[str], text_len: int =
         return_attention_mask=True,
         return_tensors="pt",
     )
-    device = next(model.parameters()).device
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    states = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    device = model.encoder.final_layer_norm.weight.device
+    embedding = model.get_input_embeddings()
+    embeds = embedding(batch["input_ids"].to(embedding.weight.device)).to(device)
+    mask = batch["attention_mask"].to(device)
+    states = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     lengths = mask.sum(dim=1).tolist()
     return [s[:n] for s, n in zip(states, lengths)]
 

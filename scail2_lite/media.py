@@ -14,7 +14,6 @@ from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,15 @@ from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RESIZE_MODES = ("bicubic", "nearest", "area")
+
+
+def _av():
+    """PyAV, imported on first use: image-only work (and GPU benchmarks that read frame folders) runs without it."""
+    try:
+        import av
+    except ImportError:
+        raise UserError("reading or writing video files needs PyAV: pip install av") from None
+    return av
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -81,7 +89,7 @@ def read_video(
         raise UserError(f"{path}: file not found")
     frames = []
     try:
-        with av.open(str(path)) as container:
+        with _av().open(str(path)) as container:
             if not container.streams.video:
                 raise UserError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -92,7 +100,7 @@ def read_video(
                 frames.append(resize_crop(image, size, mode) if size else image)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-    except av.FFmpegError as e:
+    except _av().FFmpegError as e:
         raise UserError(f"{path}: cannot read video ({e})") from None
     if not frames:
         raise UserError(f"{path}: video has no frames")
@@ -110,12 +118,12 @@ def video_size(path: str | Path) -> tuple[int, int]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        with av.open(str(path)) as container:
+        with _av().open(str(path)) as container:
             if not container.streams.video:
                 raise UserError(f"{path}: no video stream")
             stream = container.streams.video[0]
             return stream.codec_context.height, stream.codec_context.width
-    except av.FFmpegError as e:
+    except _av().FFmpegError as e:
         raise UserError(f"{path}: cannot read video ({e})") from None
 
 
@@ -175,6 +183,7 @@ def output_size(preset_or_wh: str | tuple[int, int], orient_hw: tuple[int, int])
 
 def _h264_codec() -> str:
     """libx264 when this FFmpeg build has it, else whichever encoder FFmpeg registers for H.264."""
+    av = _av()
     try:
         av.Codec("libx264", "w")
         return "libx264"
@@ -216,7 +225,7 @@ class VideoWriter:
         os.close(fd)
         self._tmp = Path(tmp)
         try:
-            self._container = av.open(tmp, mode="w", format="mp4")
+            self._container = _av().open(tmp, mode="w", format="mp4")
             codec = _h264_codec()
             stream = self._container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
             stream.height, stream.width = self.size
@@ -234,7 +243,7 @@ class VideoWriter:
         if frames.dim() != 4 or frames.shape[0] != 3 or tuple(frames.shape[2:]) != self.size:
             raise ValueError(f"expected frames (3, t, {self.size[0]}, {self.size[1]}), got {tuple(frames.shape)}")
         for rgb in _to_uint8(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame = _av().VideoFrame.from_ndarray(rgb, format="rgb24")
             for packet in self._stream.encode(frame):
                 self._container.mux(packet)
             self.frames_written += 1
@@ -261,7 +270,7 @@ class VideoWriter:
         if self._container is not None:
             try:
                 self._container.close()
-            except av.FFmpegError:
+            except _av().FFmpegError:
                 pass
             self._container = None
         if self._tmp is not None:

@@ -41,6 +41,7 @@ from .vae import VAE_FILE, WanVAE, load_vae
 
 if TYPE_CHECKING:
     from .planner import Plan
+    from .stepcache import StepCache
 
 UMT5_DIR = "umt5-xxl"
 # SCAIL-2's released sampler (sample_video.py) uses an empty negative prompt, not Wan's long Chinese one.
@@ -268,7 +269,7 @@ class Pipeline:
 
         free, _, ram = detect_memory()
         quant = _dit_quantization(self.dit)
-        te = "bf16" if self.text_encoder == "bf16" else "4bit"
+        te = {"bf16": "bf16", "int8": "int8", "nf4": "4bit"}[self.text_encoder]
         return plan(self.dit.config, height, width, frames, free, ram, profile=self.profile,
                     vram_budget=self.vram_budget, weights=quant, text_encoder=te)
 
@@ -298,6 +299,8 @@ class Pipeline:
         fps: float | None = None,
         keep_frames: bool = True,
         progress: Progress | None = None,
+        cache: str = "off",
+        cache_threshold: float | None = None,
         recorder=None,
         on_latents: Callable[[int, torch.Tensor], None] | None = None,
     ) -> Result:
@@ -305,13 +308,17 @@ class Pipeline:
         stream into an H.264 mp4 written atomically (no partial file on error or Ctrl-C). `guidance` 1 runs one
         DiT forward per step (no unconditional branch), as the few-step distilled LoRAs want.
 
-        `recorder` (a `profiling.PhaseRecorder`) times the phases; `on_latents(segment, latents)` sees each
-        segment's final latents (tests compare profiles with it).
+        `cache` ("teacache", "magcache", "off") skips DiT forwards whose input barely changed (stepcache.py;
+        `cache_threshold` overrides its default). `recorder` (a `profiling.PhaseRecorder`) times the phases;
+        `on_latents(segment, latents)` sees each segment's final latents (tests compare profiles with it).
         """
+        from .stepcache import StepCache
+
         timer = recorder if recorder is not None else _Timer(self.device)
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
         make_scheduler(solver, steps, shift)  # validates the solver name and shift before any heavy work
+        step_cache = StepCache(cache, cache_threshold, store_device="cpu")
         with timer("inputs"):
             if isinstance(image, Inputs):
                 inputs = image
@@ -350,6 +357,9 @@ class Pipeline:
                 tasks.phase("placing the DiT")
                 placement = stack.enter_context(DitPlacement(self.dit, self.device, mem_plan, self.attention,
                                                              _weight_files(self.folder.root)))
+            handle = step_cache.attach(self.dit)
+            if handle is not None:
+                stack.callback(handle.detach)
             ctx = [self.dit.embed_context(c[None].to(self.device, dit_dtype), clip_fea.to(self.device, dit_dtype))
                    for c in contexts]
             history_pixels: torch.Tensor | None = None
@@ -364,12 +374,17 @@ class Pipeline:
                 generator = torch.Generator().manual_seed(seed + k)
                 latents = torch.randn(seg["shape"], generator=generator, dtype=torch.float32)
                 sampler = make_scheduler(solver, steps, shift, generator=generator)
+                step_cache.begin(steps)
+                if k > 0:
+                    with timer("dit placement"):
+                        placement.apply()
                 for t in sampler.timesteps:
                     t0 = time.perf_counter()
                     with timer("dit steps"):
                         if hist_lat is not None:
                             latents[:, :, : hist_lat.shape[2]] = hist_lat
-                        v = self._velocity_with_fallback(placement, latents, t, seg, ctx, replace, guidance, dit_dtype)
+                        v = self._velocity_with_fallback(placement, step_cache, latents, t, seg, ctx, replace,
+                                                         guidance, dit_dtype)
                         latents = sampler.step(v, t, latents)
                     step_seconds.append(time.perf_counter() - t0)
                     tasks.advance(steps_task)
@@ -377,6 +392,8 @@ class Pipeline:
                     latents[:, :, : hist_lat.shape[2]] = hist_lat
                 if on_latents is not None:
                     on_latents(k, latents.clone())
+                with timer("dit placement"):
+                    placement.release()
                 with timer("vae decode"):
                     tasks.phase(f"VAE decode (segment {k + 1}/{len(plan_segments)})")
                     drop = segment_overlap if k > 0 else 0
@@ -401,6 +418,8 @@ class Pipeline:
                             plan=final_plan.reason)
         if fallbacks:
             settings["out_of_memory_fallbacks"] = "; ".join(fallbacks)
+        if cache != "off":
+            settings["cache"] = f"{cache}: {step_cache.stats}"
         return Result(result_frames, total_frames, fps, (h, w), timer.seconds, step_seconds, timer.peaks,
                       settings, inputs.warnings, Path(output) if output is not None else None)
 
@@ -416,15 +435,18 @@ class Pipeline:
                     raise UserError("CUDA ran out of memory and no lighter memory profile is left; try a smaller "
                                     "--size, fewer --frames per segment, or --dit fp8 weights") from None
 
-    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, seg: dict, ctx: list[torch.Tensor], replace: bool,
-                  guidance: float, dtype: torch.dtype) -> torch.Tensor:
+    def _velocity(self, cache: "StepCache", latents: torch.Tensor, t: torch.Tensor, seg: dict,
+                  ctx: list[torch.Tensor], replace: bool, guidance: float, dtype: torch.dtype) -> torch.Tensor:
         """One DiT evaluation per CFG branch (batch 1 each), combined on CPU in fp32."""
         dev = self.device
         x = latents.to(dev, dtype)
         tt = torch.full((1,), float(t), device=dev)
         args = [seg[k].to(dev, dtype) for k in ("pose", "driving_masks", "ref", "ref_masks")]
         hist = seg["history_mask"].to(dev, dtype) if seg["history_mask"] is not None else None
-        outs = [self.dit.forward_with_context(x, *args, tt, c, replace, history_mask=hist).float().cpu() for c in ctx]
+        outs = []
+        for name, c in zip(("cond", "uncond"), ctx):
+            with cache.branch(name):
+                outs.append(self.dit.forward_with_context(x, *args, tt, c, replace, history_mask=hist).float().cpu())
         return cfg(outs[0], outs[1], guidance) if len(outs) == 2 else outs[0]
 
 
@@ -475,16 +497,20 @@ class DitPlacement:
         self.attention = attention
         self.weight_files = list(weight_files)
         self.streamer = None
+        self.placed = False
         self.fallbacks: list[str] = []
 
     def __enter__(self) -> "DitPlacement":
-        self._apply()
+        self.apply()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._release()
+        self.release()
 
-    def _apply(self) -> None:
+    def apply(self) -> None:
+        """Put the DiT where the plan says (no-op when it is there already)."""
+        if self.placed:
+            return
         from .attention import set_backend
         from .planner import configure_blocks
 
@@ -493,6 +519,7 @@ class DitPlacement:
         if self.attention is not None:
             set_backend(self.attention)
         plan = self.plan
+        self.placed = True
         if plan is None or plan.streamed_blocks == 0:
             self.model.to(self.device)
             return
@@ -503,7 +530,9 @@ class DitPlacement:
                                       prefetch=plan.profile.prefetch, source=source,
                                       weights=self.weight_files if source == "mmap" else None)
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give the GPU back (the VAE decodes a 704p segment in about as much memory as the DiT steps take)."""
+        self.placed = False
         if self.streamer is not None:
             self.streamer.detach()
             self.streamer = None
@@ -517,10 +546,10 @@ class DitPlacement:
         new = lighter(self.plan) if self.plan is not None else None
         if new is None:
             return False
-        self._release()
+        self.release()
         self.fallbacks.append(f"{self.plan.profile.name} -> {new.profile.name}")
         self.plan = new
-        self._apply()
+        self.apply()
         return True
 
 

@@ -36,9 +36,12 @@ PHASES: tuple[str, ...] = ("text_encoder", "clip", "vae_encode", "dit_step", "va
 QUANTIZATIONS: tuple[str, ...] = ("bf16", "fp8", "int8")
 
 # Encoders (SPEC section 4): umT5-XXL encoder = 1.05 B embedding + 4.63 B linear parameters; CLIP ViT-H/14 visual.
+# The token embedding stays in RAM (encoders.load_text_encoder); T5's FFN output projections `wo` stay bf16 in
+# the 4-bit and int8 encoders (quantize.text_encoder: T5 casts activations to wo's dtype).
 UMT5_EMBED_PARAMS = 256_384 * 4096
 UMT5_LINEAR_PARAMS = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240)
-NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 values (embedding stays bf16)
+UMT5_WO_PARAMS = 24 * 4096 * 10240
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 values
 CLIP_PARAMS = 632_000_000
 ENCODER_ACTIVATIONS = 0.3 * GB
 VAE_PARAMS = 126_900_000  # Wan2.1 VAE, run in fp32
@@ -207,13 +210,14 @@ def _vae_activation_bytes(height: int, width: int, tile: int, per_pixel: int) ->
     return height * width * per_pixel
 
 
-TEXT_ENCODERS: tuple[str, ...] = ("4bit", "bf16")
+TEXT_ENCODERS: tuple[str, ...] = ("4bit", "int8", "bf16")
 
 
 def umt5_bytes(text_encoder: str) -> int:
     if text_encoder == "bf16":
-        return (UMT5_EMBED_PARAMS + UMT5_LINEAR_PARAMS) * 2
-    return int(UMT5_EMBED_PARAMS * 2 + UMT5_LINEAR_PARAMS * NF4_BYTES_PER_PARAM)
+        return UMT5_LINEAR_PARAMS * 2
+    per_param = NF4_BYTES_PER_PARAM if text_encoder == "4bit" else 1 + 4 / 4096  # int8 + per-row scale
+    return int(UMT5_WO_PARAMS * 2 + (UMT5_LINEAR_PARAMS - UMT5_WO_PARAMS) * per_param)
 
 
 # ---- plans ----------------------------------------------------------------------------------------------------
@@ -289,9 +293,10 @@ def predict(
         "text_encoder": PhaseMemory((umt5 + ENCODER_ACTIVATIONS) if on_gpu else 0, int(ram + umt5)),
         "clip": PhaseMemory(((umt5 if profile.encoders == "gpu" else 0) + clip + ENCODER_ACTIVATIONS) if on_gpu else 0,
                             int(ram + clip + (umt5 if profile.encoders == "cpu" else 0))),
-        "vae_encode": PhaseMemory(encoders_after + dit_device + vae + vae_enc, int(ram)),
+        # The pipeline encodes before placing the DiT and releases the DiT before decoding: the VAE runs alone.
+        "vae_encode": PhaseMemory(encoders_after + vae + vae_enc, int(ram)),
         "dit_step": PhaseMemory(encoders_after + dit_device + act, int(ram)),
-        "vae_decode": PhaseMemory(encoders_after + dit_device + vae + vae_dec, int(ram + frames_ram)),
+        "vae_decode": PhaseMemory(encoders_after + vae + vae_dec, int(ram + frames_ram)),
     }
     return {k: PhaseMemory(int(v.vram), int(v.ram)) for k, v in phases.items()}
 

@@ -318,7 +318,7 @@ class Target:
 
     config: DiTConfig
     weights: str  # planner quantization of the DiT: bf16, fp8, int8
-    text_encoder: str  # planner umT5 precision: 4bit or bf16
+    text_encoder: str  # planner umT5 precision: 4bit, int8 or bf16
     source: str  # where the figures came from, for the printout
     notes: tuple[str, ...] = ()
 
@@ -345,7 +345,7 @@ def model_target(path: str | Path) -> Target:
         config = DiTConfig.from_dict(manifest["config"])
         weights = manifest["dit"]["scheme"]
         scheme = (manifest.get("text_encoder") or {}).get("scheme", "bf16")
-        text_encoder = "4bit" if scheme == "nf4" else "bf16"
+        text_encoder = {"nf4": "4bit", "int8": "int8"}.get(scheme, "bf16")
         if scheme == "int8":
             notes.append("int8 umT5 is planned as bf16 (the planner has no int8 umT5 figure)")
         return Target(config, weights, text_encoder, f"{path} (quantized, DiT {weights}, umT5 {scheme})", tuple(notes))

@@ -54,28 +54,35 @@ def dit_config(scale: str) -> DiTConfig:
 # ---------------------------------------------------------------- trained-looking values
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
+def _generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
     """Each tensor gets its own stream, so values do not depend on write order (streamed == in-memory)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
 def _student_t(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Student-t with 4 degrees of freedom, unit variance: z / sqrt(chi2_4 / 4) with chi2_4 = 2 (E1 + E2) and
     E1 + E2 = -log(U1 U2) (two uniforms and a log are 3x faster than torch's exponential_)."""
-    t = torch.randn(shape, generator=gen)
-    u = torch.rand(shape, generator=gen).neg_().add_(1.0)  # (0, 1]
-    u.mul_(torch.rand(shape, generator=gen).neg_().add_(1.0)).log_().neg_()  # E1 + E2
+    device = gen.device
+    t = torch.randn(shape, generator=gen, device=device)
+    u = torch.rand(shape, generator=gen, device=device).neg_().add_(1.0)  # (0, 1]
+    u.mul_(torch.rand(shape, generator=gen, device=device).neg_().add_(1.0)).log_().neg_()  # E1 + E2
     return t.mul_(u.mul_(0.5).rsqrt_()).div_(math.sqrt(2.0))
 
 
 _NORM = re.compile(r"(norm|gamma|img_emb\.proj\.[04]\.weight)")
+# T5 folds attention's 1/sqrt(d_kv) into the query init (Mesh TF: q ~ (d_model * d_kv)^-1/2); without it a random
+# umT5 has logits of std ~8 and is chaotic (any perturbation, quantization included, changes every output).
+_T5_QUERY = re.compile(r"^blocks\.\d+\.attn\.q\.weight$")
+_T5_D_KV = 64
 
 
-def synth_tensor(name: str, shape: tuple[int, ...], seed: int, namespace: str = "dit") -> torch.Tensor:
-    """One float32 tensor whose statistics depend on its role, read from its name and shape."""
-    gen = _generator(seed, f"{namespace}/{name}")
+def synth_tensor(name: str, shape: tuple[int, ...], seed: int, namespace: str = "dit",
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """One float32 tensor whose statistics depend on its role, read from its name and shape. Values depend on
+    (seed, namespace, name) and on the device's generator: CPU values are the checkpoint files' values."""
+    gen = _generator(seed, f"{namespace}/{name}", device)
     if name == "log_scale":
-        return torch.tensor(math.log(1 / 0.07))
+        return torch.tensor(math.log(1 / 0.07), device=device)
     t = _student_t(shape, gen)
     vector = math.prod(shape) == (shape[0] if shape else 1)
     if vector and _NORM.search(name) and not name.endswith("bias"):
@@ -86,8 +93,10 @@ def synth_tensor(name: str, shape: tuple[int, ...], seed: int, namespace: str = 
         return t.mul_(0.02)  # biases, embeddings, positional tables
     fan_in = math.prod(shape[1:])
     t.mul_(1.0 / math.sqrt(fan_in))
+    if namespace == "umt5" and _T5_QUERY.match(name):
+        t.mul_(1.0 / math.sqrt(_T5_D_KV))
     n_out = max(1, shape[1] // 128)  # ~1% of input channels carry outliers, as in trained transformers
-    cols = torch.randperm(shape[1], generator=gen)[:n_out]
+    cols = torch.randperm(shape[1], generator=gen, device=device)[:n_out]
     t[:, cols] *= 8.0
     return t
 
@@ -369,8 +378,9 @@ def _write_mp4(path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], 
             writer.write(torch.from_numpy(rgb).float().div_(127.5).sub_(1.0).permute(2, 0, 1).unsqueeze(1))
 
 
-def write_inputs(folder: Path, scale: str, fps: int = 16) -> None:
-    """ref.png, ref_mask.png (animation mode: on white), driving.mp4, driving_mask.mp4 (on black)."""
+def write_inputs(folder: Path, scale: str, fps: int = 16, as_frames: bool = False) -> None:
+    """ref.png, ref_mask.png (animation mode: on white), driving.mp4, driving_mask.mp4 (on black); with
+    `as_frames` the two videos are folders of numbered PNGs instead (`driving/`, `driving_mask/`: no PyAV)."""
     from PIL import Image
 
     (h, w), n = ((128, 128), 17) if scale == "tiny" else ((512, 896), 81)
@@ -380,8 +390,14 @@ def write_inputs(folder: Path, scale: str, fps: int = 16) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
         os.replace(tmp, folder / name)
     phases = [2 * math.pi * i / n for i in range(n)]
-    _write_mp4(folder / "driving.mp4", (_scene(h, w, p, None) for p in phases), (h, w), fps)
-    _write_mp4(folder / "driving_mask.mp4", (_scene(h, w, p, (0, 0, 0)) for p in phases), (h, w), fps)
+    for name, bg in (("driving", None), ("driving_mask", (0, 0, 0))):
+        frames = (_scene(h, w, p, bg) for p in phases)
+        if not as_frames:
+            _write_mp4(folder / f"{name}.mp4", frames, (h, w), fps)
+            continue
+        (folder / name).mkdir(exist_ok=True)
+        for i, arr in enumerate(frames):
+            Image.fromarray(arr).save(folder / name / f"{i:04d}.png", format="PNG")
 
 
 # ---------------------------------------------------------------- LoRAs

@@ -215,21 +215,34 @@ class WanVAE:
     def decode_frames(self, latents: Tensor) -> Iterator[Tensor]:
         """Decode one latent frame at a time: yields (B,3,1,H,W) first, then (B,3,4,H,W) groups, in [-1,1].
 
-        Each tile keeps its own causal cache, so tiled streaming equals diffusers' `tiled_decode` frame by frame.
+        Untiled, frames stream out as they are decoded (one causal cache). Tiled, each tile is decoded over the
+        whole clip before the next (its own causal cache, as diffusers' `tiled_decode`), its frames parked in
+        RAM, then the tiles are blended: the GPU holds one tile's cache instead of a full frame's (at 704p the
+        full-frame fp32 cache alone exceeds a 16 GB card). Groups are on the latents' device.
         """
         m, p = self.model, self._param
         z = (latents.float() * self.std + self.mean).to(p.device, p.dtype)
         _, _, frames, h, w = z.shape
         tiles = self._latent_tiles(h, w)
-        caches = [[None] * self._decoder_convs for _ in tiles]
-        for k in range(frames):
-            x = m.post_quant_conv(z[:, :, k : k + 1])
-            decoded = [
-                m.decoder(x[:, :, :, i : i + th, j : j + tw], feat_cache=cache, feat_idx=[0], first_chunk=k == 0)
-                for (i, j, th, tw), cache in zip(tiles, caches)
-            ]
-            out = decoded[0] if len(tiles) == 1 else self._blend(decoded, tiles, h, w)
-            yield out.clamp(-1.0, 1.0)
+        if len(tiles) == 1:
+            cache = [None] * self._decoder_convs
+            for k in range(frames):
+                x = m.post_quant_conv(z[:, :, k : k + 1])
+                yield m.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=k == 0).clamp(-1.0, 1.0)
+            return
+        decoded = []
+        for i, j, th, tw in tiles:
+            cache = [None] * self._decoder_convs
+            x = m.post_quant_conv(z[:, :, :, i : i + th, j : j + tw])
+            decoded.append(torch.cat([
+                m.decoder(x[:, :, k : k + 1], feat_cache=cache, feat_idx=[0], first_chunk=k == 0).cpu()
+                for k in range(frames)
+            ], dim=2))
+            del cache
+        video = self._blend(decoded, tiles, h, w).clamp(-1.0, 1.0)
+        yield video[:, :, :1].to(latents.device)
+        for t in range(1, video.shape[2], 4):
+            yield video[:, :, t : t + 4].to(latents.device)
 
     def _latent_tiles(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         """(row, col, height, width) latent windows in diffusers' order; one window when tiling is off or not needed."""

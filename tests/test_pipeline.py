@@ -203,3 +203,14 @@ def test_quantized_folder_runs_and_streams_from_disk(folder, tmp_path):
     assert torch.equal(latents[0], latents[1])
     _, bf16 = run(Pipeline.from_pretrained(folder, device="cpu"), folder)
     assert (latents[0] - bf16[0]).norm() / bf16[0].norm() < 0.1
+
+
+def test_step_cache_skips_forwards_and_off_changes_nothing(pipe, folder):
+    _, reference = run(pipe, folder, steps=8)
+    off, same = run(pipe, folder, steps=8, cache="off")
+    assert torch.equal(reference[0], same[0]) and "cache" not in off.settings
+    cached, approx = run(pipe, folder, steps=8, cache="magcache", cache_threshold=10.0)
+    assert "skipped" in cached.settings["cache"]
+    assert not torch.equal(reference[0], approx[0])
+    with pytest.raises(UserError, match="cache"):
+        run(pipe, folder, cache="fastest")
