@@ -1,4 +1,4 @@
-"""Offload overhead and VRAM: our BlockStreamer vs every block resident vs diffusers group offloading, same run.
+"""Offload overhead and VRAM: our BlockStreamer vs every block resident vs diffusers group offloading vs mmgp, same run.
 
 Question (issue 6/7): at the real 14B block geometry and 81 frames (512p = 48,832 tokens, 704p = 95,920), what
 does streaming the blocks from pinned RAM cost in seconds per forward, and what peak VRAM does it need, under
@@ -14,6 +14,13 @@ Design, to fit one 10-minute device call:
   from a seed before each forward (outside the timer), so no extra copy of it sits in the peak.
 - Not included (add for a full model): non-block layers (0.48 GB bf16), the head and embeddings' activations.
 - Bit-exactness: the streamed output at 512p is compared with the resident one (torch.equal).
+- mmgp (the offloader behind WanGP), `offload.profile` HighRAM_LowVRAM (profile 2): every weight in pinned RAM,
+  `asyncTransfers` (the next block is prefetched on a side stream while the current one computes, circular from
+  5 blocks on), transformer budget 1200 MB, which preloads no block (two 0.8 GB blocks exceed it), so it matches
+  our 0 resident / prefetch 1. No quanto quantization (`quantizeTransformer=False`), no compile (ours is not
+  compiled either). It runs last: applying it sets torch's default device to cuda (kept while it is measured, as
+  in WanGP, restored after) and patches transformers' device property at import.
+- `--only resident,ours,mmgp` runs just those methods; `--skip` removes methods.
 Run: `python benchmarks/bench_offload.py` (prints a markdown table; writes $OUT/bench_offload.json if OUT is set,
 updated after every measurement so a timeout keeps what finished).
 """
@@ -21,6 +28,7 @@ updated after every measurement so a timeout keeps what finished).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -39,6 +47,8 @@ GB = 1e9
 CAPS = {"none": None, "24GB": 24e9, "16GB": 16e9}
 CONFIG = DiTConfig()
 CHUNK = 8192  # ffn_chunk / attn_chunk of the shipped profiles
+METHODS = ("resident", "ours", "fp8", "diffusers-block", "diffusers-leaf", "mmgp")
+MMGP_METHOD = "mmgp profile 2 HighRAM_LowVRAM: pinned, async prefetch"
 
 
 class Blocks(nn.Module):
@@ -142,6 +152,36 @@ def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep:
     return row
 
 
+def safe_measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool = False) -> dict:
+    """`measure`, with any failure of a third-party offloader's hooks turned into an error row instead of a crash."""
+    try:
+        return measure(model, size, cap, forwards, keep)
+    except Exception as e:
+        return {"size": size, "cap": cap, "error": failure(e)}
+
+
+def failure(e: Exception) -> str:
+    """One table-safe line naming the exception."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160] if lines else ''}".replace("|", "/")
+
+
+def apply_mmgp(model: "Blocks"):
+    """Hook mmgp's fastest low-VRAM profile onto the blocks (on the CPU); returns mmgp's offload object.
+
+    mmgp asserts one dtype per model unless a module carries `_lock_dtype`: the blocks keep their float32
+    modulation that way, and `_lock_dtype = None` on the root stops its top-level hook from casting the float32
+    residual stream and e0 to bfloat16 (which would change the numbers, not just the speed).
+    """
+    from mmgp import offload, profile_type
+
+    for block in model.blocks:
+        block._lock_dtype = torch.float32
+    model._lock_dtype = None
+    return offload.profile({"transformer": model}, profile_type.HighRAM_LowVRAM, quantizeTransformer=False,
+                           convertWeightsFloatTo=None, verboseLevel=1)
+
+
 def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
@@ -151,12 +191,20 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--forwards", type=int, default=2)
     parser.add_argument("--sizes", default="512p,704p")
-    parser.add_argument("--skip", default="", help="comma list of methods to skip: fp8, diffusers-block, diffusers-leaf")
+    parser.add_argument("--skip", default="", help=f"comma list of methods to skip: {', '.join(METHODS)}")
+    parser.add_argument("--only", default="", help="comma list of the methods to run (default: all)")
     args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
+    if unknown := (skip | only) - set(METHODS):
+        parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     sizes = args.sizes.split(",")
-    skip = set(filter(None, args.skip.split(",")))
+
+    def selected(method: str) -> bool:
+        return method not in skip and (not only or method in only)
+
     n = args.blocks
     out_dir = os.environ.get("OUT")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "blocks": n,
@@ -189,7 +237,8 @@ def main() -> None:
     del host, dev
     clean()
 
-    schemes = ["bf16"] + ([] if "fp8" in skip else ["fp8"])
+    schemes = (["bf16"] if selected("resident") or selected("ours") else []) + (["fp8"] if selected("fp8") else [])
+    reference = None  # bf16 resident output at 512p, for mmgp's bit-exactness check
     for scheme in schemes:
         try:
             model = make_blocks(n, scheme)
@@ -199,20 +248,24 @@ def main() -> None:
         per_block = weight_bytes(model) / n
         report[f"block_bytes_{scheme}"] = per_block
         resident = {}
-        for size in sizes:
+        for size in sizes if scheme != "bf16" or selected("resident") else []:
             row = measure(model, size, None, args.forwards, keep=size == "512p")
             resident[size] = row
             record("resident", scheme, row, {"peak_allocated_40_blocks": row.get("peak_allocated", 0) + (40 - n) * per_block})
-        with BlockStreamer(model, "cuda", resident_blocks=0, prefetch=1) as streamer:
-            for size in sizes:
+        if scheme == "bf16" and selected("mmgp"):
+            reference = resident.get("512p", {}).get("output")
+        streaming = scheme != "bf16" or selected("ours")
+        with (BlockStreamer(model, "cuda", resident_blocks=0, prefetch=1) if streaming else contextlib.nullcontext()) \
+                as streamer:
+            for size in sizes if streaming else []:
                 for cap_name, cap in CAPS.items():
                     if scheme != "bf16" and cap_name == "24GB":
                         continue
                     row = measure(model, size, cap, args.forwards, keep=size == "512p" and cap is None)
                     extra = {"copies": streamer.copies}
-                    if "output" in row and "output" in resident[size]:
+                    if "output" in row and "output" in resident.get(size, {}):
                         extra["bit_exact_vs_resident"] = bool(torch.equal(row["output"], resident[size]["output"]))
-                    if "s_per_forward" in row and "s_per_forward" in resident[size]:
+                    if "s_per_forward" in row and "s_per_forward" in resident.get(size, {}):
                         extra["ratio"] = row["s_per_forward"] / resident[size]["s_per_forward"]
                     record("ours: 0 resident, prefetch 1", scheme, row, extra)
         for row in resident.values():
@@ -220,16 +273,16 @@ def main() -> None:
         del model
         clean()
 
+    bf16_resident = {r["size"]: r for r in report["rows"] if r["method"] == "resident" and r["dtype"] == "bf16"}
+    levels = [level for level in ("block_level", "leaf_level") if selected(f"diffusers-{level.split('_')[0]}")]
     try:
         from diffusers.hooks import apply_group_offloading
     except ImportError:
         apply_group_offloading = None
-        report["notes"].append("diffusers not importable: group offloading skipped")
+        if levels:
+            report["notes"].append("diffusers not importable: group offloading skipped")
     if apply_group_offloading is not None:
-        bf16_resident = {r["size"]: r for r in report["rows"] if r["method"] == "resident" and r["dtype"] == "bf16"}
-        for level in ("block_level", "leaf_level"):
-            if f"diffusers-{level.split('_')[0]}" in skip:
-                continue
+        for level in levels:
             model = make_blocks(n, "bf16").to("cpu")
             clean()
             kwargs = {"num_blocks_per_group": 1} if level == "block_level" else {}
@@ -237,12 +290,38 @@ def main() -> None:
                                    **kwargs)
             for size in sizes:
                 for cap_name, cap in CAPS.items():
-                    row = measure(model, size, cap, args.forwards)
+                    row = safe_measure(model, size, cap, args.forwards)
                     extra = {}
                     if "s_per_forward" in row and "s_per_forward" in bf16_resident.get(size, {}):
                         extra["ratio"] = row["s_per_forward"] / bf16_resident[size]["s_per_forward"]
                     record(f"diffusers group offload, {level.replace('_', ' ')}, streams", "bf16", row, extra)
             del model
+            clean()
+
+    if selected("mmgp"):
+        model = offloader = None
+        try:
+            model = make_blocks(n, "bf16").to("cpu")
+            clean()
+            offloader = apply_mmgp(model)
+        except Exception as e:  # not installed, or its hooks refuse the module: an error row, not a crash
+            for size in sizes:
+                record(MMGP_METHOD, "bf16", {"size": size, "cap": None, "error": f"could not apply: {failure(e)}"})
+        else:
+            for size in sizes:
+                for cap in CAPS.values():
+                    row = safe_measure(model, size, cap, args.forwards, keep=size == "512p" and cap is None)
+                    extra = {}
+                    if "output" in row and reference is not None:
+                        extra["bit_exact_vs_resident"] = bool(torch.equal(row["output"], reference))
+                    if "s_per_forward" in row and "s_per_forward" in bf16_resident.get(size, {}):
+                        extra["ratio"] = row["s_per_forward"] / bf16_resident[size]["s_per_forward"]
+                    record(MMGP_METHOD, "bf16", row, extra)
+        finally:
+            if offloader is not None:
+                offloader.release()
+            torch.set_default_device(None)  # this script never sets one; mmgp leaves it at cuda
+            del model, offloader
             clean()
 
     print(f"\n{report['device']}, torch {report['torch']}; {n} full-size blocks, {args.forwards} timed forwards after "
@@ -261,7 +340,7 @@ def main() -> None:
         if "bit_exact_vs_resident" in r:
             note.append("bit-exact" if r["bit_exact_vs_resident"] else "NOT bit-exact")
         s = r["s_per_forward"]
-        ratio = f"{r['ratio']:.3f}" if "ratio" in r else "1"
+        ratio = f"{r['ratio']:.3f}" if "ratio" in r else "1" if r["method"] == "resident" else "-"
         print(f"| {r['method']} | {r['dtype']} | {r['size']} | {cap} | {s:.3f} | {s / n:.4f} | {s / n * 40:.2f} | "
               f"{ratio} | {r['peak_allocated'] / GB:.2f} | {r['peak_reserved'] / GB:.2f} | {'; '.join(note)} |")
     for note in report["notes"]:

@@ -614,7 +614,7 @@ def profile(
     chosen, no_fit = None, None
     try:
         chosen = plan(target.config, h, w, n_frames, vram_bytes, ram_bytes, profile=profile_name,
-                      weights=target.weights, text_encoder=target.text_encoder)
+                      weights=target.weights, text_encoder=target.text_encoder, mappable=target.mappable)
     except UserError as e:
         if str(e).startswith("no profile fits"):
             no_fit = str(e)
@@ -678,7 +678,8 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         if predicted is None and budget is not None:  # CPU: predict for the card asked for, to compare RAM
             target = profiling.model_target(model)
             predicted = plan(target.config, h, w, first[1] - first[0], budget, detect_memory()[2],
-                             profile=profile_name, weights=target.weights, text_encoder=target.text_encoder)
+                             profile=profile_name, weights=target.weights, text_encoder=target.text_encoder,
+                             mappable=target.mappable)
         result = pipe(inputs, prompt="a person dancing", steps=steps, keep_frames=False, progress=bar,
                       recorder=recorder)
     measured = recorder.to_json()

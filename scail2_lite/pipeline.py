@@ -271,7 +271,8 @@ class Pipeline:
         quant = _dit_quantization(self.dit)
         te = {"bf16": "bf16", "int8": "int8", "nf4": "4bit"}[self.text_encoder]
         return plan(self.dit.config, height, width, frames, free, ram, profile=self.profile,
-                    vram_budget=self.vram_budget, weights=quant, text_encoder=te)
+                    vram_budget=self.vram_budget, weights=quant, text_encoder=te,
+                    mappable=bool(_weight_files(self.folder.root)))
 
     # ---- generation --------------------------------------------------------------------------------------------
 

@@ -344,11 +344,14 @@ def plan(
     vram_budget: int | None = None,
     weights: str = "bf16",
     text_encoder: str = "4bit",
+    mappable: bool = True,
 ) -> Plan:
     """The fastest profile that fits `vram_bytes` of free VRAM (capped by `vram_budget`) and `ram_bytes` of RAM.
 
     `weights` / `text_encoder`: the quantization of the loaded DiT (profiles with quantization "auto" use it) and
-    of umT5. With `profile` given the plan uses it even if it does not fit (`plan.fits` says so)."""
+    of umT5. `mappable`: whether the DiT's blocks can be memory-mapped from disk (our quantized folder); if not,
+    profiles that stream from the mapped file are left out. With `profile` given the plan uses it even if it
+    does not fit (`plan.fits` says so)."""
     if weights not in QUANTIZATIONS:
         raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if text_encoder not in TEXT_ENCODERS:
@@ -358,7 +361,7 @@ def plan(
         chosen = profile if isinstance(profile, Profile) else load_profile(profile)
         return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
                        text_encoder)
-    candidates = list_profiles()
+    candidates = [p for p in list_profiles() if mappable or p.weight_source != "mmap"]
     for p in candidates:
         result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder)
         if result.fits:

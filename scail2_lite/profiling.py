@@ -322,12 +322,16 @@ class Target:
     source: str  # where the figures came from, for the printout
     notes: tuple[str, ...] = ()
 
+    @property
+    def mappable(self) -> bool:
+        """Blocks can stream from the mapped file only out of our quantized folder (8-bit weights)."""
+        return self.weights != "bf16"
+
 
 def model_target(path: str | Path) -> Target:
     """Config and precisions of a SCAIL-2 folder or checkpoint, read without loading tensors.
 
-    The umT5 precision follows the pipeline: a quantized folder's recorded scheme, else bf16. The planner knows
-    4-bit and bf16 umT5 only, so an int8 umT5 is planned as bf16 (over-predicts, never under)."""
+    The umT5 precision follows the pipeline: a quantized folder's recorded scheme, else bf16."""
     from . import formats
     from .quantize.schemes import QuantizeError
     from .quantize.store import read_manifest
@@ -346,8 +350,6 @@ def model_target(path: str | Path) -> Target:
         weights = manifest["dit"]["scheme"]
         scheme = (manifest.get("text_encoder") or {}).get("scheme", "bf16")
         text_encoder = {"nf4": "4bit", "int8": "int8"}.get(scheme, "bf16")
-        if scheme == "int8":
-            notes.append("int8 umT5 is planned as bf16 (the planner has no int8 umT5 figure)")
         return Target(config, weights, text_encoder, f"{path} (quantized, DiT {weights}, umT5 {scheme})", tuple(notes))
     shapes = formats.read_shapes(path)
     config, where = formats.read_config(path, shapes)
@@ -362,7 +364,7 @@ def fits_on(target: Target, height: int, width: int, frames: int, ram_bytes: int
     for card in cards_gb:
         try:
             out[card] = plan(target.config, height, width, frames, int(card * GB), ram_bytes,
-                             weights=target.weights, text_encoder=target.text_encoder)
+                             weights=target.weights, text_encoder=target.text_encoder, mappable=target.mappable)
         except UserError:
             out[card] = None
     return out

@@ -172,3 +172,10 @@ def test_tiny_model_plans_too() -> None:
     tiny = dataclasses.replace(DiTConfig.preset("tiny"), num_layers=4)
     p = plan(tiny, 64, 64, 5, 8 * GB, 16 * GB)
     assert p.profile.name == "resident" and p.resident_blocks == 4
+
+
+def test_weights_that_cannot_be_mapped_never_get_a_disk_streaming_profile() -> None:
+    low_ram = plan(C14, *SIZES["704p"], 81, 16 * GB, 12 * GB, weights="fp8")
+    assert low_ram.profile.weight_source == "mmap"
+    with pytest.raises(UserError, match="no profile fits"):
+        plan(C14, *SIZES["704p"], 81, 16 * GB, 12 * GB, weights="fp8", mappable=False)
