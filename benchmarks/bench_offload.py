@@ -166,7 +166,7 @@ def failure(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:160] if lines else ''}".replace("|", "/")
 
 
-def apply_mmgp(model: "Blocks"):
+def apply_mmgp(model: Blocks) -> "mmgp.offload.offload":
     """Hook mmgp's fastest low-VRAM profile onto the blocks (on the CPU); returns mmgp's offload object.
 
     mmgp asserts one dtype per model unless a module carries `_lock_dtype`: the blocks keep their float32

@@ -58,6 +58,7 @@ T0 = time.perf_counter()
 PROMPT = "a person dancing in a sunlit studio"
 STEPS = 2
 GUIDANCE = 5.0
+SOLVER = "unipc"
 TARGETS = {"704p_peak_allocated": 8e9, "704p_peak_reserved": 9e9, "512p_peak_allocated": 4.5e9,
            "offload_overhead_704p": 1.02}
 
@@ -290,7 +291,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
         return ok
 
     cached = st.encoded_by is not None
-    settings = {"size": f"{w}x{h}", "frames": inputs.frames, "steps": STEPS, "guidance": GUIDANCE,
+    settings = {"size": f"{w}x{h}", "frames": inputs.frames, "steps": STEPS, "guidance": GUIDANCE, "solver": SOLVER,
                 "profile_asked": profile, "vram_budget": vram_budget, "memory_cap": cap, "decode": decode,
                 "text_encoder_cached": cached, "dit": "fp8", "text_encoder": "nf4", "device": str(s.device)}
     latents: list[torch.Tensor] = []
@@ -314,7 +315,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     pl.DitPlacement.fallback = watched
     t = time.perf_counter()
     try:
-        pipe(inputs, prompt=PROMPT, steps=STEPS, guidance=GUIDANCE, seed=s.seed, recorder=recorder,
+        pipe(inputs, prompt=PROMPT, steps=STEPS, guidance=GUIDANCE, solver=SOLVER, seed=s.seed, recorder=recorder,
              on_latents=on_latents, keep_frames=False)
     except _StopAfterLatents:
         pass
@@ -477,7 +478,14 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="force this profile in stages 3 and 5 (default: the planner's)")
     ap.add_argument("--budget", type=float, default=555.0, help="seconds this call may take (stage 4b/5 adapt)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fast", action="store_true", help="the --preset fast sampling (4 steps, no CFG, lcm) instead "
+                    "of 2 steps with CFG")
     args = ap.parse_args()
+    if args.fast:
+        from scail2_lite.config import FAST_PRESET
+
+        global STEPS, GUIDANCE, SOLVER
+        STEPS, GUIDANCE, SOLVER = FAST_PRESET["steps"], FAST_PRESET["guidance"], FAST_PRESET["solver"]
     stages = {int(x) for x in args.stages.split(",") if x.strip()}
     tiny = args.tiny
     device = torch.device("cpu" if tiny else "cuda")

@@ -662,7 +662,7 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
     budget = int(vram * GB) if vram is not None else None
     if budget is not None and dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)  # emulate the smaller card
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))  # emulate the smaller card
     recorder = profiling.PhaseRecorder(dev)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:

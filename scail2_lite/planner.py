@@ -43,10 +43,13 @@ UMT5_LINEAR_PARAMS = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240)
 UMT5_WO_PARAMS = 24 * 4096 * 10240
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 values
 CLIP_PARAMS = 632_000_000
+# Calibrated on the H100 runs of benchmarks/bench_pipeline.py (RESULTS.md, 2026-11-24): umT5 NF4 peaked at
+# 4.19-4.44 GB, CLIP at 1.33-1.37 GB, tiled (256 px) VAE encode at 1.84-1.90 GB and decode at 2.08-2.13 GB.
 ENCODER_ACTIVATIONS = 0.3 * GB
+CLIP_ACTIVATIONS = 0.1 * GB
 VAE_PARAMS = 126_900_000  # Wan2.1 VAE, run in fp32
 VAE_DECODE_BYTES_PER_PIXEL = 11_000  # fp32, 96 channels x 4 frames at full resolution, ~7 tensors alive
-VAE_ENCODE_BYTES_PER_PIXEL = 6_000
+VAE_ENCODE_BYTES_PER_PIXEL = 9_300  # the causal cache of the encoder's first stages dominates
 VAE_TILE_OVERLAP = 0.25  # each tile reaches this fraction of its size past each edge
 
 # One block's forward (model.SCAIL2Block), bytes per element of (tokens x dim) unless noted:
@@ -291,7 +294,7 @@ def predict(
     act = block_activation_bytes(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
     phases = {
         "text_encoder": PhaseMemory((umt5 + ENCODER_ACTIVATIONS) if on_gpu else 0, int(ram + umt5)),
-        "clip": PhaseMemory(((umt5 if profile.encoders == "gpu" else 0) + clip + ENCODER_ACTIVATIONS) if on_gpu else 0,
+        "clip": PhaseMemory(((umt5 if profile.encoders == "gpu" else 0) + clip + CLIP_ACTIVATIONS) if on_gpu else 0,
                             int(ram + clip + (umt5 if profile.encoders == "cpu" else 0))),
         # The pipeline encodes before placing the DiT and releases the DiT before decoding: the VAE runs alone.
         "vae_encode": PhaseMemory(encoders_after + vae + vae_enc, int(ram)),
