@@ -303,12 +303,10 @@ def _run_generation(model: Path, output: Path, *, save_frames: Optional[Path], p
         loading = bar.add_task("loading the DiT", total=None)
         pipe = Pipeline.from_pretrained(model, **load_opts)
         bar.update(loading, description="DiT loaded", total=1, completed=1)
-        result = pipe(**kwargs, output=output, progress=bar)
+        result = pipe(**kwargs, output=output, progress=bar, keep_frames=save_frames is not None or preview)
     if save_frames is not None:
         media.save_frames(save_frames, result.frames)
-    if preview:
-        from .pipeline import load_inputs  # noqa: F401  (inputs are re-read at full size for the preview)
-
+    if preview:  # the inputs are read again at the output size, next to the result
         ref = media.read_image(kwargs["image"])
         drive, _ = media.read_video(kwargs["pose"], size=result.size, max_frames=result.num_frames)
         preview_path = output.with_name(output.stem + "_preview.mp4")

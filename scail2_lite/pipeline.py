@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -36,6 +36,7 @@ from .config import (
 )
 from .encoders import CLIP_FILE, encode_image, encode_text, load_clip, load_text_encoder
 from .errors import UserError
+from .profiling import PhaseRecorder
 from .sampling import cfg, make_scheduler
 from .vae import VAE_FILE, WanVAE, load_vae
 
@@ -315,7 +316,7 @@ class Pipeline:
         """
         from .stepcache import StepCache
 
-        timer = recorder if recorder is not None else _Timer(self.device)
+        timer = recorder if recorder is not None else PhaseRecorder(self.device)
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
         make_scheduler(solver, steps, shift)  # validates the solver name and shift before any heavy work
@@ -580,29 +581,6 @@ def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class _Timer:
-    """Wall time and CUDA peak memory per named phase (phases may repeat: times add up, peaks take the max)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = {}
-        self.peaks: dict[str, int] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-                self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated())
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 class _Tasks:

@@ -58,7 +58,7 @@ def _inputs(config) -> dict:
 
 
 def test_sat_and_wan_files_give_the_same_forward(tmp_path: Path) -> None:
-    sat = synth.write_dit(_with_config(tmp_path / "sat"), CFG, "sat", seed=3)
+    synth.write_dit(_with_config(tmp_path / "sat"), CFG, "sat", seed=3)
     wan = synth.write_dit(_with_config(tmp_path / "wan"), CFG, "wan", seed=3)
     assert formats.detect_format(tmp_path / "sat") == "sat" and formats.detect_format(wan) == "wan"
     outs = []

@@ -3,7 +3,6 @@ when the LoRA belongs to another model."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
