@@ -107,158 +107,27 @@ def quantize(
     """Quantize the DiT to FP8/INT8 (streamed, bounded RAM), copy the other components, report the fidelity."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from . import formats
-    from .quantize.comfy import export_comfy, from_comfy_fp8
-    from .quantize.linear import check_compute
-    from .quantize.report import FidelityReport
-    from .quantize.schemes import QuantizeError, check_scheme
-    from .quantize.store import is_quantized_folder, write_quantized
-    from .quantize.text_encoder import text_encoder_backend
+    from .convert import quantize_checkpoint
+
+    bar = Progress(*Progress.get_default_columns()[:1], BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   console=console)
+    task = bar.add_task(f"quantizing DiT to {dit}", total=None)
+
+    def advance(done: int, total: int) -> None:
+        if not bar.live.is_started:  # shown once the checks have passed: bad input stays a single line
+            bar.start()
+        bar.update(task, completed=done, total=total)
 
     try:
-        check_scheme(dit)
-        text_encoder_backend(text_encoder, "cpu")
-        if compute != "auto" and dit != "bf16":
-            check_compute(compute, dit)
-        if export not in (None, "comfy") or (export == "comfy" and dit != "fp8"):
-            raise UserError("--export comfy is the only export and needs --dit fp8")
-        if out.exists() and not force:
-            raise UserError(f"output {out} already exists; pass --force to replace it")
-        fmt = formats.detect_format(src)
-        if fmt == "quantized" or is_quantized_folder(src):
-            raise UserError(f"{src} is already quantized; quantize from the original checkpoint")
-        dit_file = formats.find_dit(src)
-        shapes = {k: v for k, v in formats.read_shapes(src).items() if not k.endswith((".scale_weight", ".scale_input"))}
-        config, _ = formats.read_config(src, shapes)
-        formats.check_keys(shapes, config, src)
-        lora_pairs = _lora_args(lora)
-        loras = _load_quantize_loras(lora_pairs, config)
-        root = Path(src) if Path(src).is_dir() else dit_file.parent
-        parts = {name: root / name for name in ("Wan2.1_VAE.pth", _CLIP_FILE, "umt5-xxl") if (root / name).exists()}
-        if len(parts) < 3:
-            console.print(f"[yellow]note:[/yellow] {root} lacks {3 - len(parts)} of VAE, CLIP, umt5-xxl/; the output "
-                          "will hold only what was found")
-        sources = _dit_files(dit_file)
-        tensors = formats.iter_tensors(src)
-        if fmt == "comfy-fp8_scaled":
-            tensors = from_comfy_fp8(tensors)
-        if loras:
-            tensors = _merged_with_loras(tensors, loras)
-        with Progress(*Progress.get_default_columns()[:1], BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=console) as bar:
-            task = bar.add_task(f"quantizing DiT to {dit}", total=sum(p.stat().st_size for p in sources))
-            result = write_quantized(
-                tensors, out, dit,
-                config=config.to_dict(), sources=sources, expected_shapes=formats.wan_shapes(config),
-                copy_files=parts, force=force, progress=lambda n: bar.advance(task, n),
-                text_encoder={"scheme": text_encoder, "file": "umt5-xxl", "stored": "bf16",
-                              "quantized_at_load": text_encoder != "bf16"},
-                loras=[_lora_record(path, s, lo) for (path, s), (lo, _) in zip(lora_pairs, loras)],
-            )
-            bar.update(task, completed=bar.tasks[0].total)  # container overhead is not tensor bytes
-        report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized,
-                                text_encoder_scheme=text_encoder)
-        if fmt != "comfy-fp8_scaled":
-            report.dit_forward = _forward_check(src, out, config, None if compute == "auto" else compute, lora_pairs)
-        if export == "comfy":
-            comfy_path = out.parent / f"{out.name}.comfy_fp8_scaled.safetensors"
-            report.comfy_export_errors = export_comfy(out, comfy_path)
-            console.print(f"wrote {comfy_path}")
-    except QuantizeError as e:
-        raise UserError(str(e)) from None
-    report.save(out)
+        report = quantize_checkpoint(
+            src, out, dit=dit, text_encoder=text_encoder, compute=None if compute == "auto" else compute,
+            loras=_lora_args(lora), export=export, force=force, progress=advance,
+            log=lambda msg: console.print(msg, highlight=False),
+        )
+    finally:
+        bar.stop()
     console.print(report.table())
     console.print(f"wrote {out}")
-
-
-_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14-onlyvisual.pth"
-
-
-def _dit_files(dit_file: Path) -> list[Path]:
-    """The files holding the DiT tensors (the shards of an index), for the progress total and fingerprints."""
-    if dit_file.name.endswith(".index.json"):
-        import json
-
-        return [dit_file.parent / f for f in sorted(set(json.loads(dit_file.read_text())["weight_map"].values()))]
-    return [dit_file]
-
-
-def _load_quantize_loras(pairs: list[tuple[str, float]], config) -> list:
-    """(LoRA, strength) pairs mapped onto the DiT of `config`: shape mismatches fail here, before anything is
-    written; each LoRA's match report is printed."""
-    import torch
-
-    from .formats import wan_shapes
-    from .lora import load_lora
-
-    shapes = {k: torch.Size(v) for k, v in wan_shapes(config).items()}
-    loras = [(load_lora(path, shapes), strength) for path, strength in pairs]
-    for lo, strength in loras:
-        console.print(f"{lo.report()} (strength {strength:g})", highlight=False)
-    return loras
-
-
-def _merged_with_loras(tensors, loras: list):
-    """The tensor stream with the LoRA deltas added in fp32; merged tensors stay fp32 so the quantizer rounds once
-    (8-bit ComfyUI sources are dequantized first)."""
-    from .lora import lora_index, merge_tensor
-    from .quantize.schemes import dequantize
-    from .quantize.store import PreQuantized
-
-    index = lora_index(loras)
-    for name, item in tensors:
-        if name in index:
-            if isinstance(item, PreQuantized):
-                item = dequantize(item.qweight, item.scale)
-            item = merge_tensor(name, item.float(), index)
-        yield name, item
-
-
-def _lora_record(path: str, strength: float, lo) -> dict:
-    """The manifest's entry for a LoRA merged at quantization time."""
-    from .quantize.store import fingerprint
-
-    return {**fingerprint(path), "strength": strength, "matched_keys": lo.matched_keys,
-            "updates": len(lo.updates), "unmatched": lo.unmatched, "merged": "fp32, before quantization"}
-
-
-def _forward_check(src: Path, out: Path, config, compute: Optional[str],
-                   loras: list[tuple[str, float]] = ()) -> Optional[dict]:
-    """One DiT forward on random conditioning, quantized folder vs the bf16 source (with the same LoRAs merged);
-    skipped when both copies do not fit (the 14B model: measured on the GPU by the lead's benchmark instead)."""
-    import torch
-
-    from .loader import load_dit
-    from .model import SCAIL2Model
-    from .quantize.linear import swap_linears
-    from .quantize.report import compare
-    from .quantize.store import linear_schemes, load_quantized
-
-    from .formats import wan_shapes
-
-    params = sum(torch.Size(s).numel() for s in wan_shapes(config).values())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    budget = torch.cuda.mem_get_info()[0] / 3.5 if device == "cuda" else 1e9
-    if params > budget:
-        console.print("[yellow]note:[/yellow] DiT forward check skipped (model too large for this machine)")
-        return None
-    ref = load_dit(src, dtype=torch.bfloat16, device=device, loras=loras)
-    manifest, state = load_quantized(out, device)
-    with torch.device("meta"):
-        model = SCAIL2Model(config)
-    swap_linears(model, linear_schemes(manifest), compute)
-    model.load_state_dict(state, strict=True, assign=True)
-    g = torch.Generator().manual_seed(0)
-    t_lat, h, w = 2, 8, 8
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device)
-
-    inputs = (rand(1, 16, t_lat, h, w), rand(1, 16, t_lat, h // 2, w // 2), rand(1, 28, t_lat, h // 2, w // 2),
-              rand(1, 16, 1, h, w), rand(1, 28, 1 + t_lat, h, w), torch.tensor([700.0], device=device),
-              rand(1, 16, config.text_dim), rand(1, 257, config.clip_dim))
-    with torch.no_grad():
-        return compare(ref(*inputs, replace_flag=False), model.eval()(*inputs, replace_flag=False))
 
 
 def _lora_args(loras: list[str]) -> list[tuple[str, float]]:

@@ -271,15 +271,23 @@ def _index_files(index: Path) -> list[Path]:
 def _entries(path: Path) -> Iterator[_Entry]:
     fmt = detect_format(path)
     path = find_dit(path)
-    if fmt == "quantized":
-        raise UserError(f"{path} is a quantized folder: loading it through formats is not wired yet (use scail2_lite.quantize)")
-    if fmt == "sharded":
+    if fmt == "quantized":  # our folder: Wan-named safetensors shards listed in the manifest (+ `.scale` tensors)
+        for shard in _quantized_manifest(path)["dit"]["files"]:
+            yield from _safetensors_entries(path / shard)
+    elif fmt == "sharded":
         for shard in _index_files(path):
             yield from _safetensors_entries(shard)
     elif path.suffix == ".safetensors":
         yield from _safetensors_entries(path)
     else:
         yield from _pickle_entries(path)
+
+
+def _quantized_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder}/manifest.json is unreadable: {e}") from None
 
 
 def _safetensors_keys(path: Path) -> list[str]:
@@ -363,7 +371,10 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> DiTConfig | None:
 
 
 def read_config(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[DiTConfig, str]:
-    """(config, where it came from): config.json beside the checkpoint or in the SCAIL-2 root, else shapes, else 14B."""
+    """(config, where it came from): a quantized folder's manifest, config.json beside the checkpoint or in the
+    SCAIL-2 root, else shapes, else 14B."""
+    if detect_format(path) == "quantized":
+        return DiTConfig.from_dict(_quantized_manifest(find_dit(path))["config"]), "manifest.json"
     for candidate in _config_candidates(Path(path)):
         if candidate.is_file():
             try:
@@ -388,7 +399,7 @@ def describe(path: str | Path) -> dict:
     path = Path(path)
     fmt = detect_format(path)
     entries = [e for e in _entries(path) if e.name != FP8_MARKER]
-    scales = [e for e in entries if e.name.endswith((".scale_weight", ".scale_input"))]
+    scales = [e for e in entries if e.name.endswith((".scale_weight", ".scale_input", ".scale"))]
     tensors = [e for e in entries if e not in scales]
     shapes = {e.name: e.shape for e in tensors}
     config, config_source = read_config(path, shapes)
