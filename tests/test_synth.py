@@ -100,7 +100,7 @@ def test_weights_look_trained() -> None:
     w = synth.synth_tensor("blocks.0.ffn.0.weight", (512, 1024), seed=0)
     col_rms = w.pow(2).mean(0).sqrt()
     outliers = col_rms > 4 * col_rms.median()
-    assert 1 <= int(outliers.sum()) <= 16  # a few outlier input channels
+    assert 0 < int(outliers.sum()) <= 16  # a few outlier input channels
     body = w[:, ~outliers]
     assert _excess_kurtosis(body) > 1.5  # heavy tails beyond the outliers (Gaussian: 0)
     assert abs(float(body.std()) * 1024**0.5 - 1) < 0.15  # trained-init scale, 1/sqrt(fan_in)
