@@ -251,6 +251,8 @@ def generate(
     """Animate the reference character with the driving video (or replace the character in it)."""
     if (width is None) != (height is None):
         raise UserError("give both --width and --height, or neither")
+    if vram_budget is not None and vram_budget <= 0:
+        raise UserError(f"--vram-budget must be a positive number of GB, got {vram_budget:g}")
     steps, shift, guidance, solver = _sampling_settings(preset, steps, shift, guidance, solver)
     _run_generation(
         model, output, save_frames=save_frames, preview=preview,
@@ -516,7 +518,7 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
 
     from . import profiling
     from .conditioning import segment_plan
-    from .pipeline import Pipeline, load_inputs
+    from .pipeline import Pipeline, load_inputs, parse_device
     from .planner import GB, detect_memory, plan
 
     inputs_dir = model / "inputs"
@@ -525,7 +527,7 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
     for flag, p in zip(("--image", "--mask-image", "--pose", "--mask-video"), paths):
         if not p.exists():
             raise UserError(f"{p} not found: pass {flag}")
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = parse_device(device)
     budget = int(vram * GB) if vram is not None else None
     if budget is not None and dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory

@@ -7,14 +7,13 @@ them), then measures the result with the real loaders (DiT forward and umT5 embe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from . import formats
-from .encoders import CLIP_FILE
+from .encoders import CLIP_FILE, UMT5_DIR
 from .errors import UserError
 from .quantize.comfy import export_comfy, from_comfy_fp8
 from .quantize.linear import check_compute
@@ -24,7 +23,6 @@ from .quantize.store import PreQuantized, fingerprint, is_quantized_folder, writ
 from .quantize.text_encoder import quantize_text_encoder, text_encoder_backend
 from .vae import VAE_FILE
 
-UMT5_DIR = "umt5-xxl"
 COMPONENTS = (VAE_FILE, CLIP_FILE, UMT5_DIR)
 # Reference copies for the checks must fit beside the quantized model: skip them above this share of free memory.
 _CHECK_MEMORY_SHARE = 1 / 3.5
@@ -94,10 +92,14 @@ def quantize_checkpoint(
         if progress is not None:
             progress(total, total)
         report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized, text_encoder_scheme=text_encoder)
-        if fmt != "comfy-fp8_scaled":
-            report.dit_forward = _dit_check(src, out, config, compute, loras, log)
-        if text_encoder != "bf16" and UMT5_DIR in parts:
-            report.text_encoder_backend, report.text_encoder = _text_encoder_check(out / UMT5_DIR, text_encoder, log)
+        try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
+            if fmt != "comfy-fp8_scaled":
+                report.dit_forward = _dit_check(src, out, config, compute, loras, log)
+            if text_encoder != "bf16" and UMT5_DIR in parts:
+                report.text_encoder_backend, report.text_encoder = _text_encoder_check(out / UMT5_DIR, text_encoder,
+                                                                                       log)
+        except torch.cuda.OutOfMemoryError:
+            log("note: fidelity check skipped (CUDA out of memory)")
         if export == "comfy":
             comfy_path = out.parent / f"{out.name}.comfy_fp8_scaled.safetensors"
             report.comfy_export_errors = export_comfy(out, comfy_path)
@@ -110,9 +112,7 @@ def quantize_checkpoint(
 
 def _dit_files(dit_file: Path) -> list[Path]:
     """The files holding the DiT tensors (the shards of an index), for the progress total and fingerprints."""
-    if dit_file.name.endswith(".index.json"):
-        return [dit_file.parent / f for f in sorted(set(json.loads(dit_file.read_text())["weight_map"].values()))]
-    return [dit_file]
+    return formats.index_files(dit_file) if dit_file.name.endswith(".index.json") else [dit_file]
 
 
 def _load_loras(pairs: Sequence[tuple[str | Path, float]], config, log: Callable[[str], None]) -> list:

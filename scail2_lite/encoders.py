@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5C
 
 from .errors import UserError
 
+UMT5_DIR = "umt5-xxl"  # the umT5 folder of a SCAIL-2 download: weights + tokenizer files
 UMT5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14-onlyvisual.pth"
 TEXT_LEN = 512

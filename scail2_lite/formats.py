@@ -256,7 +256,8 @@ def _safetensors_entries(path: Path) -> Iterator[_Entry]:
                 yield _Entry(name, part_shape, dtype, load)
 
 
-def _index_files(index: Path) -> list[Path]:
+def index_files(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` lists, checked to exist."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -275,7 +276,7 @@ def _entries(path: Path) -> Iterator[_Entry]:
         for shard in _quantized_manifest(path)["dit"]["files"]:
             yield from _safetensors_entries(path / shard)
     elif fmt == "sharded":
-        for shard in _index_files(path):
+        for shard in index_files(path):
             yield from _safetensors_entries(shard)
     elif path.suffix == ".safetensors":
         yield from _safetensors_entries(path)
@@ -284,10 +285,14 @@ def _entries(path: Path) -> Iterator[_Entry]:
 
 
 def _quantized_manifest(folder: Path) -> dict:
+    """Our quantized folder's manifest (quantize.store owns the format; here only its shard list and config)."""
+    from .quantize.schemes import QuantizeError
+    from .quantize.store import read_manifest
+
     try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{folder}/manifest.json is unreadable: {e}") from None
+        return read_manifest(folder)
+    except QuantizeError as e:
+        raise UserError(str(e)) from None
 
 
 def _safetensors_keys(path: Path) -> list[str]:

@@ -34,7 +34,7 @@ from .config import (
     SEGMENT_LEN,
     SEGMENT_OVERLAP,
 )
-from .encoders import CLIP_FILE, encode_image, encode_text, load_clip, load_text_encoder
+from .encoders import CLIP_FILE, UMT5_DIR, encode_image, encode_text, load_clip, load_text_encoder
 from .errors import UserError
 from .profiling import PhaseRecorder
 from .sampling import cfg, make_scheduler
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from .planner import Plan
     from .stepcache import StepCache
 
-UMT5_DIR = "umt5-xxl"
 # SCAIL-2's released sampler (sample_video.py) uses an empty negative prompt, not Wan's long Chinese one.
 DEFAULT_NEGATIVE_PROMPT = ""
 
@@ -177,6 +176,7 @@ class Pipeline:
         self.vram_budget = vram_budget
         self.attention = attention
         self.vae_tile = vae_tile
+        self.weight_files = _weight_files(folder.root)  # quantized shards the streamer can map from disk
         self._vae: WanVAE | None = None
 
     @classmethod
@@ -205,9 +205,7 @@ class Pipeline:
 
         folder = ModelFolder(Path(path))
         folder.check()
-        device = torch.device(device) if device is not None else _default_device()
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but PyTorch sees no CUDA GPU")
+        device = parse_device(device)
         te = text_encoder or quantized_text_encoder(folder.root) or "bf16"
         text_encoder_backend(te, device)  # validates the scheme name before minutes of loading
         if profile is not None:
@@ -273,7 +271,7 @@ class Pipeline:
         te = {"bf16": "bf16", "int8": "int8", "nf4": "4bit"}[self.text_encoder]
         return plan(self.dit.config, height, width, frames, free, ram, profile=self.profile,
                     vram_budget=self.vram_budget, weights=quant, text_encoder=te,
-                    mappable=bool(_weight_files(self.folder.root)))
+                    mappable=bool(self.weight_files))
 
     # ---- generation --------------------------------------------------------------------------------------------
 
@@ -358,7 +356,7 @@ class Pipeline:
             with timer("dit placement"):
                 tasks.phase("placing the DiT")
                 placement = stack.enter_context(DitPlacement(self.dit, self.device, mem_plan, self.attention,
-                                                             _weight_files(self.folder.root)))
+                                                             self.weight_files))
             handle = step_cache.attach(self.dit)
             if handle is not None:
                 stack.callback(handle.detach)
@@ -373,6 +371,7 @@ class Pipeline:
                         hist_lat = _encode(self.vae(vae_tile), history_pixels, self.device)
                         self.park_vae()
                 seg = _segment_conditions(inputs, start, end, ref_latents, pose_latents[k], hist_lat)
+                seg = {name: v.to(self.device, dit_dtype) if torch.is_tensor(v) else v for name, v in seg.items()}
                 generator = torch.Generator().manual_seed(seed + k)
                 latents = torch.randn(seg["shape"], generator=generator, dtype=torch.float32)
                 sampler = make_scheduler(solver, steps, shift, generator=generator)
@@ -434,17 +433,17 @@ class Pipeline:
             except torch.cuda.OutOfMemoryError:
                 _release()
                 if not placement.fallback():
-                    raise UserError("CUDA ran out of memory and no lighter memory profile is left; try a smaller "
-                                    "--size, fewer --frames per segment, or --dit fp8 weights") from None
+                    raise _out_of_memory() from None
 
     def _velocity(self, cache: "StepCache", latents: torch.Tensor, t: torch.Tensor, seg: dict,
                   ctx: list[torch.Tensor], replace: bool, guidance: float, dtype: torch.dtype) -> torch.Tensor:
-        """One DiT evaluation per CFG branch (batch 1 each), combined on CPU in fp32."""
+        """One DiT evaluation per CFG branch (batch 1 each), combined on CPU in fp32. `seg` holds the segment's
+        conditions already on the device in the DiT's dtype."""
         dev = self.device
         x = latents.to(dev, dtype)
         tt = torch.full((1,), float(t), device=dev)
-        args = [seg[k].to(dev, dtype) for k in ("pose", "driving_masks", "ref", "ref_masks")]
-        hist = seg["history_mask"].to(dev, dtype) if seg["history_mask"] is not None else None
+        args = [seg[k] for k in ("pose", "driving_masks", "ref", "ref_masks")]
+        hist = seg["history_mask"]
         outs = []
         for name, c in zip(("cond", "uncond"), ctx):
             with cache.branch(name):
@@ -510,9 +509,18 @@ class DitPlacement:
         self.release()
 
     def apply(self) -> None:
-        """Put the DiT where the plan says (no-op when it is there already)."""
-        if self.placed:
-            return
+        """Put the DiT where the plan says (no-op when it is there already); a plan that runs out of CUDA memory
+        while placing falls back to the next lighter one."""
+        while not self.placed:
+            try:
+                self._place()
+                self.placed = True
+            except torch.cuda.OutOfMemoryError:
+                self.release()
+                if not self._lighter():
+                    raise _out_of_memory() from None
+
+    def _place(self) -> None:
         from .attention import set_backend
         from .planner import configure_blocks
 
@@ -521,7 +529,6 @@ class DitPlacement:
         if self.attention is not None:
             set_backend(self.attention)
         plan = self.plan
-        self.placed = True
         if plan is None or plan.streamed_blocks == 0:
             self.model.to(self.device)
             return
@@ -543,15 +550,20 @@ class DitPlacement:
 
     def fallback(self) -> bool:
         """Re-place the DiT under the next lighter plan; False when there is none."""
+        self.release()
+        if not self._lighter():
+            return False
+        self.apply()
+        return True
+
+    def _lighter(self) -> bool:
         from .planner import lighter
 
         new = lighter(self.plan) if self.plan is not None else None
         if new is None:
             return False
-        self.release()
         self.fallbacks.append(f"{self.plan.profile.name} -> {new.profile.name}")
         self.plan = new
-        self.apply()
         return True
 
 
@@ -573,8 +585,22 @@ def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch
     }
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def _out_of_memory() -> UserError:
+    return UserError("CUDA ran out of memory and no lighter memory profile is left; try a smaller --size, fewer "
+                     "--frames per segment, or FP8 weights (scail2-lite quantize)")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """`--device` (default: cuda when PyTorch sees a GPU, else cpu) as a torch.device, checked."""
+    if device is None:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {device!r}; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but PyTorch sees no CUDA GPU")
+    return device
 
 
 def _release() -> None:

@@ -134,7 +134,7 @@ class BlockStreamer:
 
     source "pinned": one page-locked host buffer holds every streamed block (registered with cudaHostRegister, so no
     power-of-two rounding of the caching host allocator). source "mmap": blocks are read from the safetensors
-    `weights` files (keys = the model's state_dict names, or `key_map(name)`) through a ring of two pinned staging
+    `weights` files (keys = the model's state_dict names) through a ring of two pinned staging
     buffers filled by a worker thread; process RAM stays at two blocks. `prefetch` = how many blocks ahead are copied
     (ring of `prefetch + 1` slots, each as large as the largest block). Use as a context manager or call `detach()`.
     """
@@ -147,14 +147,12 @@ class BlockStreamer:
         prefetch: int = 1,
         source: Source = "pinned",
         weights: str | Path | Sequence[str | Path] | None = None,
-        key_map: Callable[[str], str] | None = None,
-        blocks_attr: str = "blocks",
     ) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        blocks = getattr(model, blocks_attr, None)
+        blocks = getattr(model, "blocks", None)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise UserError(f"model has no non-empty nn.ModuleList {blocks_attr!r} to stream")
+            raise UserError("model has no non-empty nn.ModuleList 'blocks' to stream")
         if not 0 <= resident_blocks <= len(blocks):
             raise UserError(f"resident_blocks must be 0..{len(blocks)}, got {resident_blocks}")
         if prefetch < 0:
@@ -171,7 +169,7 @@ class BlockStreamer:
 
         streamed = list(blocks)[resident_blocks:]
         self._n = len(streamed)
-        layouts = [_block_entries(b, f"{blocks_attr}.{resident_blocks + j}") for j, b in enumerate(streamed)]
+        layouts = [_block_entries(b, f"blocks.{resident_blocks + j}") for j, b in enumerate(streamed)]
         self._entries = [entries for entries, _ in layouts]
         self._sizes = [size for _, size in layouts]
         self.slot_bytes = max(self._sizes, default=0)
@@ -188,11 +186,9 @@ class BlockStreamer:
             paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
             self._mapped = _MappedFiles(paths)
             where = ", ".join(str(p) for p in paths)
-            key = key_map or (lambda name: name)
-            self._keys = [[key(e.name) for e in entries] for entries in self._entries]
             self._rest = [
-                [self._mapped.view(k, e, where).view(e.dtype).view(e.shape) for k, e in zip(keys, entries)]
-                for keys, entries in zip(self._keys, self._entries)
+                [self._mapped.view(e.name, e, where).view(e.dtype).view(e.shape) for e in entries]
+                for entries in self._entries
             ]
             for entries, rest in zip(self._entries, self._rest):
                 for e, r in zip(entries, rest):
@@ -330,8 +326,8 @@ class BlockStreamer:
 
     def _release(self, j: int) -> None:
         if self._mapped is not None:
-            for key in self._keys[j]:
-                self._mapped.release(key)
+            for e in self._entries[j]:
+                self._mapped.release(e.name)
 
     # ---- hooks ------------------------------------------------------------------------------------------------
 
