@@ -398,16 +398,15 @@ class Pipeline:
                 with timer("vae decode"):
                     tasks.phase(f"VAE decode (segment {k + 1}/{len(plan_segments)})")
                     drop = segment_overlap if k > 0 else 0
-                    tail: list[torch.Tensor] = []
+                    tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
                     for group in _decode(self.vae(vae_tile), latents, drop, self.device):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
                             kept.append(group)
-                        tail.append(group)
+                        tail = torch.cat([tail, group], dim=1)[:, -segment_overlap:]
                     self.park_vae()
-                    last = k + 1 == len(plan_segments)
-                    history_pixels = None if last else torch.cat(tail, dim=1)[:, -segment_overlap:]
+                    history_pixels = tail if k + 1 < len(plan_segments) else None
             final_plan = placement.plan
             fallbacks = placement.fallbacks
         result_frames = torch.cat(kept, dim=1) if keep_frames else None

@@ -77,6 +77,9 @@ def test_segments_carry_history(pipe, folder):
     assert result.settings["segments"] == 3 and len(latents) == 3
     assert result.frames.shape[1] == 17  # 9 + (9 - 5) + (9 - 5)
     assert all(z.shape[2] == 3 for z in latents)
+    # Segment 2 starts from segment 1's last 5 output frames, VAE-encoded into its first 2 latent frames.
+    history = pipe.vae(None).encode(result.frames[:, 4:9][None])
+    assert torch.allclose(latents[1][:, :, :2], history, atol=1e-5)
 
 
 def test_guidance_one_runs_one_branch(pipe, folder, monkeypatch):
