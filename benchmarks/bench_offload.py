@@ -1,27 +1,51 @@
 """Offload overhead and VRAM: our BlockStreamer vs every block resident vs diffusers group offloading vs mmgp, same run.
 
-Question (issue 6/7): at the real 14B block geometry and 81 frames (512p = 48,832 tokens, 704p = 95,920), what
+Question (issues 6/7): at the real 14B block geometry and 81 frames (512p = 48,832 tokens, 704p = 95,920), what
 does streaming the blocks from pinned RAM cost in seconds per forward, and what peak VRAM does it need, under
-`set_per_process_memory_fraction` caps emulating 16 GB and 24 GB cards?
+`set_per_process_memory_fraction` caps emulating 16 GB and 24 GB cards? How do bf16, FP8 and INT8 weights compare,
+and does FP8 with a faster attention backend reach 0.7x diffusers' bf16 group offload (issue 6's target)?
 
 Design, to fit one 10-minute device call:
 - `--blocks N` (default 8) full-size SCAIL2Blocks with random weights generated on the GPU, block by block (no
-  checkpoint). Offloaded and resident runs use the same N, so the ratios are exact; seconds for the 40-block
-  model are per-block x 40 (labelled "x40", extrapolated). Streamed peaks do not depend on N (slots + one
-  block's activations); the resident peak is extrapolated by adding (40 - N) blocks of weights.
+  checkpoint). Every method runs the same N, so the ratios are exact; seconds for the 40-block model are
+  per-block x 40 (labelled "x40", extrapolated). Streamed peaks do not depend on N (slots + one block's
+  activations); the resident peak is extrapolated by adding (40 - N) blocks of weights.
 - Each configuration: 1 warm-up forward, then `--forwards` timed forwards (CUDA-synchronised wall time), peak
-  allocated/reserved from the allocator statistics reset after the warm-up. The residual input is regenerated
-  from a seed before each forward (outside the timer), so no extra copy of it sits in the peak.
+  allocated/reserved from the allocator statistics reset after the warm-up.
+- Methods (`--only` / `--skip` take these names): resident (bf16, uncapped); ours (0 resident, prefetch 1: two
+  slots); ours-1slot (prefetch 0: one slot, the lowest-memory profile); fp8 and int8 (resident and ours, each
+  scheme's weights); fp8-attention (ours fp8 under each `--attention` backend other than sdpa, the fp8 row being
+  the sdpa one; "sage-self" = sage for self-attention, sdpa for the cross-attentions, whose 257/512 keys
+  sageattention 1.0.6 pads with unmasked zero keys, see bench_attention.py); diffusers-block and diffusers-leaf
+  (group offloading with streams); mmgp.
+  `--caps` picks the caps of the streamed/offloaded rows (quantized rows skip 24GB).
+- Checks: every streamed/offloaded bf16 output at 512p is compared with the resident one (torch.equal); the
+  fp8-attention row reports relative error and cosine against the resident fp8 (SDPA) output instead.
 - Not included (add for a full model): non-block layers (0.48 GB bf16), the head and embeddings' activations.
-- Bit-exactness: the streamed output at 512p is compared with the resident one (torch.equal).
 - mmgp (the offloader behind WanGP), `offload.profile` HighRAM_LowVRAM (profile 2): every weight in pinned RAM,
   `asyncTransfers` (the next block is prefetched on a side stream while the current one computes, circular from
   5 blocks on), transformer budget 1200 MB, which preloads no block (two 0.8 GB blocks exceed it), so it matches
   our 0 resident / prefetch 1. No quanto quantization (`quantizeTransformer=False`), no compile (ours is not
   compiled either). It runs last: applying it sets torch's default device to cuda (kept while it is measured, as
   in WanGP, restored after) and patches transformers' device property at import.
-- `--only resident,ours,mmgp` runs just those methods; `--skip` removes methods.
-Run: `python benchmarks/bench_offload.py` (prints a markdown table; writes $OUT/bench_offload.json if OUT is set,
+
+Fairness of the peaks (audit replacing RESULTS.md's "the input regeneration counts in our rows", which was wrong):
+- The earlier gap (diffusers block level 0.81 GB below ours at both sizes) was diffusers running WITHOUT
+  prefetch: its block-level path installs the lazy prefetch hook only when the top module holds something besides
+  the block list. The harness's wrapper held nothing else, so each block copied itself on the side stream in its
+  own pre-hook and started computing without waiting for that copy (no event, no sync): one block on the GPU
+  instead of two, and the first kernels of a block could read the previous block's stale weights. Real models
+  (Wan, SCAIL-2) have non-block layers, so `Blocks.head` (an Identity standing in for them) restores diffusers'
+  normal, prefetching path. Its bf16 outputs are now checked against resident like ours and mmgp's.
+- With `--forwards 2` the second timed forward ran while the first one's output was still referenced, and its
+  input was drawn while the previous input was alive: one extra fp32 residual (0.98 GB at 512p, 1.96 GB at 704p)
+  in every row's peak, every method alike. Each forward's input and output are now dropped before the next.
+- Counted in every row alike: e0, context and RoPE tables (~0.1 GB) and the input residual, which stays alive
+  for the whole forward (`Module.__call__` holds its arguments); the real model frees its block-0 input.
+- Not an asymmetry: the streamer keeps its two slots allocated between forwards (diffusers frees its blocks),
+  but at the peak both hold two blocks. Leaf level is lower by design (it holds a Linear and the next one, not
+  two blocks); the one-slot row is our lowest-memory comparison point.
+Run: `python benchmarks/bench_offload.py` (prints markdown tables; writes $OUT/bench_offload.json if OUT is set,
 updated after every measurement so a timeout keeps what finished).
 """
 
@@ -34,11 +58,17 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Iterator, Sequence
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import scail2_lite.model as model_module
+from scail2_lite.attention import BACKENDS, attention, check_backend, use_backend
 from scail2_lite.config import SIZES, DiTConfig
+from scail2_lite.errors import UserError
 from scail2_lite.model import CLIP_TOKENS, SCAIL2Block
 from scail2_lite.rope import rope_freqs
 from scail2_lite.streamer import BlockStreamer
@@ -47,25 +77,37 @@ GB = 1e9
 CAPS = {"none": None, "24GB": 24e9, "16GB": 16e9}
 CONFIG = DiTConfig()
 CHUNK = 8192  # ffn_chunk / attn_chunk of the shipped profiles
-METHODS = ("resident", "ours", "fp8", "diffusers-block", "diffusers-leaf", "mmgp")
+KEEP_SIZE = "512p"  # outputs are compared at this size (1 GB each on the CPU)
+METHODS = ("resident", "ours", "ours-1slot", "fp8", "int8", "fp8-attention", "diffusers-block", "diffusers-leaf",
+           "mmgp")
 MMGP_METHOD = "mmgp profile 2 HighRAM_LowVRAM: pinned, async prefetch"
+DIFFUSERS_BLOCK = "diffusers group offload, block level, streams"
+DIFFUSERS_LEAF = "diffusers group offload, leaf level, streams"
+SAGE_SELF = "sage-self"
+ATTENTION = (*BACKENDS, SAGE_SELF)
+FP8_TARGET = 0.7  # issue 6: FP8 + fastest accurate attention <= 0.7x diffusers' bf16 group offload at 704p
 
 
 class Blocks(nn.Module):
-    """Only the block loop of SCAIL2Model (what streaming acts on), called the way the model calls it."""
+    """Only the block loop of SCAIL2Model (what streaming acts on), called the way the model calls it.
+
+    `head` stands in for the model's non-block layers: diffusers' block-level offloading installs its prefetching
+    hook only when the top module holds something besides the block list (module docstring, "Fairness").
+    """
 
     def __init__(self, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Identity()
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, freqs: tuple) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, e0, context, freqs)
-        return x
+        return self.head(x)
 
 
 def make_blocks(n: int, scheme: str) -> Blocks:
-    """n full-size blocks with random weights made on the GPU (bf16 Linears, fp32 modulation), optionally FP8."""
+    """n full-size blocks with random weights made on the GPU (bf16 Linears, fp32 modulation), optionally FP8/INT8."""
     c = CONFIG
     blocks = []
     for i in range(n):
@@ -120,7 +162,11 @@ def clean() -> None:
 
 @torch.no_grad()
 def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool = False) -> dict:
-    """Time `forwards` forwards after one warm-up, under an optional VRAM cap; returns a result row."""
+    """Time `forwards` forwards after one warm-up, under an optional VRAM cap; returns a result row.
+
+    Every method goes through here unchanged: only the model's hooks differ. Each forward's input and output are
+    released before the next input is drawn, so a peak is one forward's; `keep` copies the last output to the CPU
+    (after the forward: no GPU allocation) for the bit-exactness checks."""
     clean()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if cap else 1.0)
@@ -132,18 +178,18 @@ def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times = []
-        for _ in range(forwards):
+        for i in range(forwards):
             x = residual(length)
             torch.cuda.synchronize()
             start = time.perf_counter()
             out = model(x, e0, context, freqs)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            if keep and i == forwards - 1:
+                row["output"] = out.cpu()
+            del x, out
         row.update(s_per_forward=min(times), times=times, peak_allocated=torch.cuda.max_memory_allocated(),
                    peak_reserved=torch.cuda.max_memory_reserved())
-        if keep:
-            row["output"] = out.cpu()
-        del x, out
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     finally:
@@ -153,11 +199,41 @@ def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep:
 
 
 def safe_measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool = False) -> dict:
-    """`measure`, with any failure of a third-party offloader's hooks turned into an error row instead of a crash."""
+    """`measure`, with any failure of a third-party offloader's hooks or kernels turned into an error row."""
     try:
         return measure(model, size, cap, forwards, keep)
     except Exception as e:
         return {"size": size, "cap": cap, "error": failure(e)}
+
+
+@contextlib.contextmanager
+def attention_scope(name: str) -> Iterator[None]:
+    """`use_backend(name)`; "sage-self" routes only self-attention (q and k of one length: cross-attention queries
+    are chunk-sized, never 257 or 512 long) to sage and the rest to sdpa. Raises UserError if sage is missing."""
+    if name != SAGE_SELF:
+        with use_backend(name):
+            yield
+        return
+    check_backend("sage")
+
+    def self_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with use_backend("sage" if q.shape[1] == k.shape[1] else "sdpa"):
+            return attention(q, k, v)
+
+    with mock.patch.object(model_module, "attention", self_only):
+        yield
+
+
+def measure_with(backend: str, model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool) -> dict:
+    """`measure` under attention `backend`; a backend that cannot run (package missing, kernel error) gives an
+    error row and the rest of the run goes on."""
+    if backend == "sdpa":  # the process default: our own rows, where a failure should stop the run
+        return measure(model, size, cap, forwards, keep)
+    try:
+        with attention_scope(backend):
+            return safe_measure(model, size, cap, forwards, keep)
+    except UserError as e:  # raised on entering: e.g. sageattention not installed
+        return {"size": size, "cap": cap, "error": f"attention {backend} unavailable: {failure(e)}"}
 
 
 def failure(e: Exception) -> str:
@@ -166,7 +242,61 @@ def failure(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:160] if lines else ''}".replace("|", "/")
 
 
-def apply_mmgp(model: Blocks) -> "mmgp.offload.offload":
+def vs_reference(row: dict, reference: torch.Tensor | None, exact: bool = True) -> dict:
+    """Compare a row's kept output with the resident one: bit-exactness, or (another attention kernel, where
+    differences are expected) relative error and cosine."""
+    out = row.get("output")
+    if out is None or reference is None:
+        return {}
+    if exact:
+        return {"bit_exact_vs_resident": bool(torch.equal(out, reference))}
+    o, r = out.float().flatten(), reference.float().flatten()
+    return {"rel_err_vs_sdpa": float((o - r).norm() / r.norm()),
+            "cosine_vs_sdpa": float(F.cosine_similarity(o, r, dim=0))}
+
+
+def ours_label(prefetch: int, backend: str = "sdpa") -> str:
+    label = f"ours: 0 resident, prefetch {prefetch}" + (" (one slot)" if prefetch == 0 else "")
+    return label if backend == "sdpa" else f"{label}, {backend} attention"
+
+
+def versus(rows: list[dict], ours: tuple[str, str], peers: Sequence[tuple[str, str]]) -> list[dict]:
+    """Ours (method, dtype) against each peer (method, dtype) at every (size, cap) where ours finished and the peer
+    ran: seconds and peak allocated, ours / peer for both (or the peer's error, e.g. out of memory)."""
+
+    def runs(method: str, dtype: str) -> dict:
+        return {(r["size"], r["cap"]): r for r in rows if r["method"] == method and r["dtype"] == dtype}
+
+    mine = {key: r for key, r in runs(*ours).items() if "s_per_forward" in r}
+    table = []
+    for peer in peers:
+        for key, p in runs(*peer).items():
+            if key not in mine:
+                continue
+            r = mine[key]
+            entry = {"ours": f"{ours[0]} ({ours[1]})", "peer": f"{peer[0]} ({peer[1]})", "size": key[0], "cap": key[1],
+                     "s": r["s_per_forward"], "peak": r["peak_allocated"]}
+            if "s_per_forward" in p:
+                entry.update(peer_s=p["s_per_forward"], peer_peak=p["peak_allocated"],
+                             time_ratio=r["s_per_forward"] / p["s_per_forward"],
+                             peak_ratio=r["peak_allocated"] / p["peak_allocated"])
+            else:
+                entry["peer_error"] = p.get("error", "no result")
+            table.append(entry)
+    return table
+
+
+def diffusers_prefetches(model: nn.Module) -> bool:
+    """Whether diffusers' group offloading installed its lazy prefetch hook on `model` (right after applying it:
+    the hook wires the prefetch chain during the first forward, then removes itself)."""
+    from diffusers.hooks import group_offloading
+
+    registry = getattr(model, "_diffusers_hook", None)
+    name = getattr(group_offloading, "_LAZY_PREFETCH_GROUP_OFFLOADING", "lazy_prefetch_group_offloading")
+    return registry is not None and registry.get_hook(name) is not None
+
+
+def apply_mmgp(model: Blocks) -> object:
     """Hook mmgp's fastest low-VRAM profile onto the blocks (on the CPU); returns mmgp's offload object.
 
     mmgp asserts one dtype per model unless a module carries `_lock_dtype`: the blocks keep their float32
@@ -186,29 +316,68 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line, with method and cap names checked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--forwards", type=int, default=2)
     parser.add_argument("--sizes", default="512p,704p")
+    parser.add_argument("--caps", default=",".join(CAPS),
+                        help=f"caps of the streamed/offloaded rows: {', '.join(CAPS)}")
+    parser.add_argument("--attention", default="sdpa",
+                        help=f"comma list of attention backends for extra 'ours fp8 + backend' rows (issue 6's 0.7x "
+                             f"target): {', '.join(ATTENTION)}")
     parser.add_argument("--skip", default="", help=f"comma list of methods to skip: {', '.join(METHODS)}")
     parser.add_argument("--only", default="", help="comma list of the methods to run (default: all)")
-    args = parser.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
-    only = set(filter(None, args.only.split(",")))
-    if unknown := (skip | only) - set(METHODS):
+    args = parser.parse_args(argv)
+    args.skip = set(filter(None, args.skip.split(",")))
+    args.only = set(filter(None, args.only.split(",")))
+    if unknown := (args.skip | args.only) - set(METHODS):
         parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    args.sizes = args.sizes.split(",")
+    if unknown := set(args.sizes) - set(SIZES):
+        parser.error(f"unknown size(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIZES)}")
+    cap_names = args.caps.split(",")
+    if unknown := set(cap_names) - set(CAPS):
+        parser.error(f"unknown cap(s) {', '.join(sorted(unknown))}; choose from {', '.join(CAPS)}")
+    args.caps = {name: CAPS[name] for name in cap_names}
+    args.attention = args.attention.split(",")
+    if unknown := set(args.attention) - set(ATTENTION):
+        parser.error(f"unknown attention backend(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTENTION)}")
+    if args.blocks < 1 or args.forwards < 1:
+        parser.error("--blocks and --forwards must be at least 1")
+    return args
+
+
+def selected(args: argparse.Namespace, method: str) -> bool:
+    return method not in args.skip and (not args.only or method in args.only)
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, bool, list[tuple[int, list[str]]]]]:
+    """What runs on our own blocks: per weight scheme, whether its resident rows run and, per BlockStreamer attached
+    in turn, (prefetch, attention backends measured under it)."""
+    runs = []
+    bf16 = [(prefetch, ["sdpa"]) for prefetch, method in ((1, "ours"), (0, "ours-1slot")) if selected(args, method)]
+    if selected(args, "resident") or bf16:
+        runs.append(("bf16", selected(args, "resident"), bf16))
+    for scheme in ("fp8", "int8"):
+        backends = ["sdpa"] if selected(args, scheme) else []
+        if scheme == "fp8" and selected(args, "fp8-attention"):
+            backends += [b for b in dict.fromkeys(args.attention) if b != "sdpa"]
+        if backends:
+            runs.append((scheme, selected(args, scheme), [(1, backends)]))
+    return runs
+
+
+def main() -> None:
+    args = parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    sizes = args.sizes.split(",")
-
-    def selected(method: str) -> bool:
-        return method not in skip and (not only or method in only)
-
-    n = args.blocks
+    sizes, caps, n = args.sizes, args.caps, args.blocks
+    first_cap = next(iter(caps))
     out_dir = os.environ.get("OUT")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "blocks": n,
-              "forwards": args.forwards, "rows": [], "notes": []}
+              "forwards": args.forwards, "attention": args.attention, "rows": [], "notes": []}
     start_all = time.perf_counter()
 
     def record(method: str, dtype: str, row: dict, extra: dict | None = None) -> dict:
@@ -224,6 +393,12 @@ def main() -> None:
             tmp.rename(Path(out_dir) / "bench_offload.json")
         return row
 
+    def ratio_to(resident: dict, row: dict) -> dict:
+        base = resident.get(row["size"], {})
+        if "s_per_forward" in row and "s_per_forward" in base:
+            return {"ratio": row["s_per_forward"] / base["s_per_forward"]}
+        return {}
+
     # Host-to-device bandwidth from page-locked memory (what a streamed block copy runs at).
     host = torch.empty(int(1e9), dtype=torch.uint8, pin_memory=True)
     dev = torch.empty_like(host, device="cuda")
@@ -237,44 +412,41 @@ def main() -> None:
     del host, dev
     clean()
 
-    schemes = (["bf16"] if selected("resident") or selected("ours") else []) + (["fp8"] if selected("fp8") else [])
-    reference = None  # bf16 resident output at 512p, for mmgp's bit-exactness check
-    for scheme in schemes:
+    references: dict[str, torch.Tensor] = {}  # resident output at KEEP_SIZE per dtype: the reference of the checks
+    resident_rows: dict[str, dict] = {}  # dtype -> size -> resident row (for the ratio column)
+    for scheme, with_resident, streamers in plan(args):
         try:
             model = make_blocks(n, scheme)
-        except Exception as e:  # FP8 needs the quantize package and an FP8-capable GPU
-            report["notes"].append(f"{scheme}: could not build blocks ({type(e).__name__}: {e})")
+        except Exception as e:  # FP8/INT8 need the quantize package and a capable GPU
+            report["notes"].append(f"{scheme}: could not build blocks ({failure(e)})")
             continue
         per_block = weight_bytes(model) / n
         report[f"block_bytes_{scheme}"] = per_block
-        resident = {}
-        for size in sizes if scheme != "bf16" or selected("resident") else []:
-            row = measure(model, size, None, args.forwards, keep=size == "512p")
-            resident[size] = row
-            record("resident", scheme, row, {"peak_allocated_40_blocks": row.get("peak_allocated", 0) + (40 - n) * per_block})
-        if scheme == "bf16" and selected("mmgp"):
-            reference = resident.get("512p", {}).get("output")
-        streaming = scheme != "bf16" or selected("ours")
-        with (BlockStreamer(model, "cuda", resident_blocks=0, prefetch=1) if streaming else contextlib.nullcontext()) \
-                as streamer:
-            for size in sizes if streaming else []:
-                for cap_name, cap in CAPS.items():
-                    if scheme != "bf16" and cap_name == "24GB":
-                        continue
-                    row = measure(model, size, cap, args.forwards, keep=size == "512p" and cap is None)
-                    extra = {"copies": streamer.copies}
-                    if "output" in row and "output" in resident.get(size, {}):
-                        extra["bit_exact_vs_resident"] = bool(torch.equal(row["output"], resident[size]["output"]))
-                    if "s_per_forward" in row and "s_per_forward" in resident.get(size, {}):
-                        extra["ratio"] = row["s_per_forward"] / resident[size]["s_per_forward"]
-                    record("ours: 0 resident, prefetch 1", scheme, row, extra)
-        for row in resident.values():
-            row.pop("output", None)
+        resident = resident_rows.setdefault(scheme, {})
+        for size in sizes if with_resident else []:
+            row = measure(model, size, None, args.forwards, keep=size == KEEP_SIZE)
+            if "output" in row:
+                references[scheme] = row["output"]
+            resident[size] = record("resident", scheme, row,
+                                    {"peak_allocated_40_blocks": row.get("peak_allocated", 0) + (40 - n) * per_block})
+        scheme_caps = {name: cap for name, cap in caps.items() if scheme == "bf16" or name != "24GB"}
+        for prefetch, backends in streamers:
+            with BlockStreamer(model, "cuda", resident_blocks=0, prefetch=prefetch) as streamer:
+                for backend in backends:
+                    for size in sizes:
+                        for cap_name, cap in scheme_caps.items():
+                            keep = size == KEEP_SIZE and cap_name == next(iter(scheme_caps))
+                            row = measure_with(backend, model, size, cap, args.forwards, keep)
+                            extra = {"copies": streamer.copies, **ratio_to(resident, row),
+                                     **vs_reference(row, references.get(scheme), exact=backend == "sdpa")}
+                            record(ours_label(prefetch, backend), scheme, row, extra)
+        if scheme != "bf16":
+            references.pop(scheme, None)
         del model
         clean()
 
-    bf16_resident = {r["size"]: r for r in report["rows"] if r["method"] == "resident" and r["dtype"] == "bf16"}
-    levels = [level for level in ("block_level", "leaf_level") if selected(f"diffusers-{level.split('_')[0]}")]
+    bf16_resident = resident_rows.get("bf16", {})
+    levels = [level for level in ("block_level", "leaf_level") if selected(args, f"diffusers-{level.split('_')[0]}")]
     try:
         from diffusers.hooks import apply_group_offloading
     except ImportError:
@@ -283,22 +455,24 @@ def main() -> None:
             report["notes"].append("diffusers not importable: group offloading skipped")
     if apply_group_offloading is not None:
         for level in levels:
+            method = DIFFUSERS_BLOCK if level == "block_level" else DIFFUSERS_LEAF
             model = make_blocks(n, "bf16").to("cpu")
             clean()
             kwargs = {"num_blocks_per_group": 1} if level == "block_level" else {}
             apply_group_offloading(model, onload_device=torch.device("cuda"), offload_type=level, use_stream=True,
                                    **kwargs)
+            if not diffusers_prefetches(model):
+                report["notes"].append(f"{method}: diffusers installed no prefetch hook (rows ran without prefetch)")
             for size in sizes:
-                for cap_name, cap in CAPS.items():
-                    row = safe_measure(model, size, cap, args.forwards)
-                    extra = {}
-                    if "s_per_forward" in row and "s_per_forward" in bf16_resident.get(size, {}):
-                        extra["ratio"] = row["s_per_forward"] / bf16_resident[size]["s_per_forward"]
-                    record(f"diffusers group offload, {level.replace('_', ' ')}, streams", "bf16", row, extra)
+                for cap_name, cap in caps.items():
+                    keep = size == KEEP_SIZE and cap_name == first_cap
+                    row = safe_measure(model, size, cap, args.forwards, keep)
+                    record(method, "bf16", row, {**ratio_to(bf16_resident, row),
+                                                 **vs_reference(row, references.get("bf16"))})
             del model
             clean()
 
-    if selected("mmgp"):
+    if selected(args, "mmgp"):
         model = offloader = None
         try:
             model = make_blocks(n, "bf16").to("cpu")
@@ -309,14 +483,11 @@ def main() -> None:
                 record(MMGP_METHOD, "bf16", {"size": size, "cap": None, "error": f"could not apply: {failure(e)}"})
         else:
             for size in sizes:
-                for cap in CAPS.values():
-                    row = safe_measure(model, size, cap, args.forwards, keep=size == "512p" and cap is None)
-                    extra = {}
-                    if "output" in row and reference is not None:
-                        extra["bit_exact_vs_resident"] = bool(torch.equal(row["output"], reference))
-                    if "s_per_forward" in row and "s_per_forward" in bf16_resident.get(size, {}):
-                        extra["ratio"] = row["s_per_forward"] / bf16_resident[size]["s_per_forward"]
-                    record(MMGP_METHOD, "bf16", row, extra)
+                for cap_name, cap in caps.items():
+                    keep = size == KEEP_SIZE and cap_name == first_cap
+                    row = safe_measure(model, size, cap, args.forwards, keep)
+                    record(MMGP_METHOD, "bf16", row, {**ratio_to(bf16_resident, row),
+                                                      **vs_reference(row, references.get("bf16"))})
         finally:
             if offloader is not None:
                 offloader.release()
@@ -324,13 +495,25 @@ def main() -> None:
             del model, offloader
             clean()
 
-    print(f"\n{report['device']}, torch {report['torch']}; {n} full-size blocks, {args.forwards} timed forwards after "
+    print_tables(report, n, args.forwards)
+
+
+def cap_text(cap: float | None) -> str:
+    return f"{cap / GB:.0f} GB" if cap else "-"
+
+
+def print_tables(report: dict, n: int, forwards: int) -> None:
+    """The markdown tables: every row, ours vs the peers, and issue 6's FP8 + attention target."""
+    rows = report["rows"]
+    print(f"\n> {report['device']}, torch {report['torch']}; {n} full-size blocks, {forwards} timed forward(s) after "
           f"1 warm-up; pinned H2D {report['pinned_h2d_GBps']:.1f} GB/s. 'x40' = per-block time x 40 (extrapolated); "
-          "ratio = seconds / resident seconds of the same dtype in this run. Non-block layers (0.48 GB) not included.\n")
-    print("| method | dtype | size | cap | s/forward | s/block | x40 s/forward | ratio | peak alloc GB | peak reserved GB | note |")
+          "ratio = seconds / resident seconds of the same dtype in this run. Non-block layers (0.48 GB) not "
+          "included.\n")
+    print("| method | dtype | size | cap | s/forward | s/block | x40 s/forward | ratio | peak alloc GB "
+          "| peak reserved GB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in report["rows"]:
-        cap = f"{r['cap'] / GB:.0f} GB" if r["cap"] else "-"
+    for r in rows:
+        cap = cap_text(r["cap"])
         if "error" in r:
             print(f"| {r['method']} | {r['dtype']} | {r['size']} | {cap} | {r['error']} | | | | | | |")
             continue
@@ -339,12 +522,41 @@ def main() -> None:
             note.append(f"40 blocks: {r['peak_allocated_40_blocks'] / GB:.1f} GB alloc (extrapolated)")
         if "bit_exact_vs_resident" in r:
             note.append("bit-exact" if r["bit_exact_vs_resident"] else "NOT bit-exact")
+        if "rel_err_vs_sdpa" in r:
+            note.append(f"vs SDPA: rel. err {r['rel_err_vs_sdpa']:.4f}, cosine {r['cosine_vs_sdpa']:.5f}")
         s = r["s_per_forward"]
         ratio = f"{r['ratio']:.3f}" if "ratio" in r else "1" if r["method"] == "resident" else "-"
         print(f"| {r['method']} | {r['dtype']} | {r['size']} | {cap} | {s:.3f} | {s / n:.4f} | {s / n * 40:.2f} | "
               f"{ratio} | {r['peak_allocated'] / GB:.2f} | {r['peak_reserved'] / GB:.2f} | {'; '.join(note)} |")
+
+    peers = [(DIFFUSERS_BLOCK, "bf16"), (DIFFUSERS_LEAF, "bf16"), (MMGP_METHOD, "bf16")]
+    ours = [(ours_label(1), "bf16"), (ours_label(0), "bf16")]
+    print_versus("ours vs peers (issue 7: no slower, lower peak)", [e for o in ours for e in versus(rows, o, peers)])
+    for backend in dict.fromkeys(["sdpa", *report["attention"]]):
+        print_versus(f"issue 6: FP8 + {backend} attention vs diffusers bf16 (target <= {FP8_TARGET}x at 704p)",
+                     versus(rows, (ours_label(1, backend), "fp8"), peers[:2]), target=FP8_TARGET)
     for note in report["notes"]:
         print(f"\nnote: {note}")
+
+
+def print_versus(title: str, table: list[dict], target: float | None = None) -> None:
+    """One comparison table; `target` adds a met / NOT met column on the time ratio at 704p (where issue 6 sets it)."""
+    if not table:
+        return
+    head = f"| {title}: ours | peer | size | cap | ours s/forward | peer s/forward | time ours/peer | " \
+           "ours peak alloc GB | peer peak alloc GB | peak ours/peer |"
+    print(f"\n{head}{' target |' if target else ''}")
+    print("|---" * (10 + bool(target)) + "|")
+    for e in table:
+        start = f"| {e['ours']} | {e['peer']} | {e['size']} | {cap_text(e['cap'])} | {e['s']:.3f} |"
+        if "peer_error" in e:
+            print(f"{start} {e['peer_error']} | - | {e['peak'] / GB:.2f} | - | - |{' - |' if target else ''}")
+            continue
+        met = ""
+        if target:
+            met = f" {'-' if e['size'] != '704p' else 'met' if e['time_ratio'] <= target else 'NOT met'} |"
+        print(f"{start} {e['peer_s']:.3f} | {e['time_ratio']:.3f} | {e['peak'] / GB:.2f} | {e['peer_peak'] / GB:.2f} | "
+              f"{e['peak_ratio']:.3f} |{met}")
 
 
 if __name__ == "__main__":

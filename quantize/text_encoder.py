@@ -15,6 +15,8 @@ quantizing 5.7B parameters takes seconds on a GPU, small next to reading the 11 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -34,14 +36,17 @@ def text_encoder_backend(scheme: str, device: torch.device | str) -> str:
     return "quanto-qint8"
 
 
-def quantize_text_encoder(model: nn.Module, scheme: str, device: torch.device | str = "cpu") -> nn.Module:
-    """Move `model` to `device` in bf16 and quantize its block Linears in place; returns it in eval mode."""
+def quantize_text_encoder(model: nn.Module, scheme: str, device: torch.device | str = "cpu",
+                          move: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """Move `model` to `device` in bf16 and quantize its block Linears in place; returns it in eval mode.
+    `move` does the move (default `.to(device)`; the loader's moves block by block to bound RAM)."""
     backend = text_encoder_backend(scheme, device)
+    move = move or (lambda m: m.to(device))
     model = model.to(dtype=torch.bfloat16).eval().requires_grad_(False)
     if backend == "bitsandbytes-nf4":
         _replace_with_nf4(model)
-        return model.to(device)  # bitsandbytes quantizes Params4bit when they move to the GPU
-    model = model.to(device)
+        return move(model)  # bitsandbytes quantizes Params4bit when they move to the GPU
+    model = move(model)
     if backend.startswith("quanto"):
         from optimum.quanto import freeze, qint4, qint8, quantize
 

@@ -4,7 +4,11 @@ The backend is process-global (`set_backend`, or `use_backend` for a scope) beca
 choose it once per run while the model keeps calling `attention(q, k, v)`. Backends:
   sdpa       PyTorch scaled_dot_product_attention, PyTorch picks flash / cuDNN / memory-efficient per GPU (default)
   flash, cudnn, efficient, math   the same with one SDPA kernel forced (`torch.nn.attention.sdpa_kernel`)
-  sage       SageAttention's 8-bit QK^T kernels (optional extra `scail2-lite[sage]`, CUDA only, fp16/bf16)
+  sage       SageAttention's 8-bit QK^T kernels (optional extra `scail2-lite[sage]`, CUDA only, fp16/bf16) for
+             self-attention; cross-attention (257 image / 512 text keys) stays on SDPA: sageattention 1.0.6 pads
+             the keys to a multiple of its 64-key tile with zeros it does not mask, which adds phantom keys of
+             score 0 to the softmax (63 of 320 for the image keys; 16 of 95,936 at 704p, negligible). It also
+             subtracts the keys' mean from `k` in place (harmless to the softmax; k is a temporary here).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ _FORCED: dict[str, SDPBackend] = {
 }
 BACKENDS: tuple[str, ...] = ("sdpa", *_FORCED, "sage")
 
+SAGE_MIN_KEYS = 4096  # shorter key sequences (the cross-attentions) go to SDPA under the sage backend
 _backend = "sdpa"
 _sage: Callable | None = None
 
@@ -79,9 +84,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if _backend == "sage":
         if not q.is_cuda:
             raise UserError("attention backend 'sage' needs a CUDA GPU; use --attention sdpa")
-        return _load_sage()(q, k, v, tensor_layout="NHD", is_causal=False)
+        if k.shape[1] >= SAGE_MIN_KEYS:
+            return _load_sage()(q, k, v, tensor_layout="NHD", is_causal=False)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _backend == "sdpa":
+    if _backend in ("sdpa", "sage"):
         out = F.scaled_dot_product_attention(qt, kt, vt)
     else:
         with sdpa_kernel([_FORCED[_backend]]):

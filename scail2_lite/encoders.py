@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from .errors import UserError
+from .formats import FilePages
 
 UMT5_DIR = "umt5-xxl"  # the umT5 folder of a SCAIL-2 download: weights + tokenizer files
 UMT5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -46,6 +47,18 @@ def load_pth(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise UserError(f"{path} is not a plain state dict of tensors")
     return sd
+
+
+def move_in_pieces(model: nn.Module, device: str | torch.device, after_each: Callable[[], None]) -> nn.Module:
+    """`model.to(device)` one ModuleList entry at a time (umT5: its 24 blocks), then the rest, calling
+    `after_each` after every piece, so the CPU side can let go of what has moved before the next piece is read."""
+    for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+        for block in blocks:
+            block.to(device)
+            after_each()
+    model.to(device)
+    after_each()
+    return model
 
 
 def assign_state_dict(model: nn.Module, sd: Mapping[str, Tensor], what: str) -> None:
@@ -163,12 +176,13 @@ def load_text_encoder(
     folder: str | Path,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
-    quantize: Callable[[UMT5EncoderModel], nn.Module] | None = None,
+    quantize: Callable[[UMT5EncoderModel, Callable[[nn.Module], nn.Module]], nn.Module] | None = None,
 ) -> tuple[object, nn.Module]:
     """(tokenizer, encoder) from a `umt5-xxl/` folder: Wan weights file + tokenizer files, no hub access.
 
     `quantize` is the hook for 4-bit weights (`scail2_lite.quantize.text_encoder`): it receives the bf16 model on
-    CPU, before it moves to `device`, so the full-precision copy never reaches the GPU.
+    CPU, before it moves to `device`, so the full-precision copy never reaches the GPU, and the function that
+    moves it (block by block, giving the file's pages back as it goes: `FilePages`).
     """
     folder = Path(folder)
     weights = folder / UMT5_FILE
@@ -179,15 +193,19 @@ def load_text_encoder(
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the umT5 tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
     model: nn.Module = build_umt5(load_pth(weights))
+    pages = FilePages([weights])
+
+    def move(m: nn.Module) -> nn.Module:
+        return move_in_pieces(m, device, pages.drop) if torch.device(device).type != "cpu" else m.to(device)
+
     # The 256k x 4096 token embedding (2.1 GB) stays in RAM: a lookup of a few hundred rows costs nothing on the
     # CPU, and `encode_text` hands the encoder embeddings instead of ids. It is set aside while the rest moves.
     embedding = model.get_input_embeddings()
     model.set_input_embeddings(nn.Embedding(1, 1))  # placeholder while the rest moves
     if quantize is not None:
-        model = quantize(model)
+        model = quantize(model, move)
     else:
-        model = model.to(dtype=dtype)
-    model = model.to(device)
+        model = move(model.to(dtype=dtype))
     model.set_input_embeddings(embedding.to(dtype=next(model.encoder.final_layer_norm.parameters()).dtype))
     return tokenizer, model
 

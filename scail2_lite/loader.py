@@ -25,6 +25,7 @@ def load_dit(
     device: str | torch.device = "cpu",
     loras: Sequence[tuple[str | Path, float]] = (),
     compute: str | None = None,
+    map_blocks: bool = False,
 ) -> "SCAIL2Model":  # noqa: F821 (imported lazily below)
     """Build the model on the meta device, then assign each tensor (cast as it is read) so none is copied twice.
 
@@ -34,16 +35,23 @@ def load_dit(
     The config comes from `config`, else the quantized manifest or config.json beside the checkpoint, else
     tensor shapes, else 14B. `loras` ((file, strength) pairs) are merged in fp32 before the cast; into 8-bit
     weights by dequantize -> add -> requantize, once at load. `compute` forces the QuantLinear matmul path.
+
+    `map_blocks` (quantized folders, no LoRAs): block tensors are left as read-only views of the mapped shards,
+    read only when something copies them (to the GPU, or into the streamer's buffers), so loading takes no RAM
+    for them. Only for models that will not compute on the CPU: mapped tensors keep the file's alignment.
     """
     from .model import SCAIL2Model
 
     fmt = formats.detect_format(path)
     try:
+        if map_blocks and (fmt != "quantized" or loras):
+            raise UserError("map_blocks needs a scail2-lite quantized folder and no LoRAs (merged weights live in RAM)")
         if fmt == "quantized":
-            manifest = read_manifest(formats.find_dit(path))
+            folder = formats.find_dit(path)
+            manifest = read_manifest(folder)
             config = config or DiTConfig.from_dict(manifest["config"])
             schemes = linear_schemes(manifest)
-            items: Iterable = iter_quantized(formats.find_dit(path))
+            items: Iterable = _mapped_blocks(folder, manifest) if map_blocks else iter_quantized(folder)
         else:
             if config is None:
                 config, _ = formats.read_config(path, formats.read_shapes(path))
@@ -58,7 +66,8 @@ def load_dit(
             # A quantized folder's dtypes were chosen when it was written (fp32 modulation, bf16 rest), and the
             # streamer can map its blocks from disk only if the model holds exactly those dtypes.
             cast = None if fmt == "quantized" else _cast(name, tensor, dtype)
-            state[name] = tensor.to(device=device, dtype=cast, copy=True)
+            mapped = map_blocks and name.startswith("blocks.")
+            state[name] = tensor if mapped else tensor.to(device=device, dtype=cast, copy=True)
     except QuantizeError as e:
         raise UserError(str(e)) from None
     shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith(".scale")}
@@ -73,6 +82,13 @@ def load_dit(
         swap_linears(model, schemes, compute)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _mapped_blocks(folder: Path, manifest: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a quantized folder as a view of its mapped shard (the caller copies what it keeps)."""
+    files = formats.WeightFiles([folder / f for f in manifest["dit"]["files"]])
+    for name in files.index:
+        yield name, files.view(name)
 
 
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype | None:

@@ -36,6 +36,7 @@ from .config import (
 )
 from .encoders import CLIP_FILE, UMT5_DIR, encode_image, encode_text, load_clip, load_text_encoder
 from .errors import UserError
+from .formats import FilePages
 from .profiling import PhaseRecorder
 from .sampling import cfg, make_scheduler
 from .vae import VAE_FILE, WanVAE, load_vae
@@ -167,6 +168,7 @@ class Pipeline:
         vram_budget: int | None = None,
         attention: str | None = None,
         vae_tile: int | None = None,
+        weight_files: bool = True,
     ) -> None:
         self.folder = folder
         self.dit = dit
@@ -176,7 +178,8 @@ class Pipeline:
         self.vram_budget = vram_budget
         self.attention = attention
         self.vae_tile = vae_tile
-        self.weight_files = _weight_files(folder.root)  # quantized shards the streamer can map from disk
+        # The quantized shards the streamer may read blocks from; not when LoRAs were merged into the RAM copy.
+        self.weight_files = _weight_files(folder.root) if weight_files else []
         self._vae: WanVAE | None = None
 
     @classmethod
@@ -216,9 +219,12 @@ class Pipeline:
             from .attention import check_backend
 
             check_backend(attention)
-        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras)
+        # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
+        # them from the files, a resident placement copies them to the GPU): RAM holds only the non-block layers.
+        mapped = device.type == "cuda" and not loras and bool(_weight_files(folder.root))
+        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras, map_blocks=mapped)
         return cls(folder, dit, device, text_encoder=te, profile=profile, vram_budget=vram_budget,
-                   attention=attention, vae_tile=vae_tile)
+                   attention=attention, vae_tile=vae_tile, weight_files=not loras)
 
     # ---- phases ------------------------------------------------------------------------------------------------
 
@@ -227,7 +233,7 @@ class Pipeline:
         from .quantize.text_encoder import quantize_text_encoder
 
         scheme = self.text_encoder
-        quant = None if scheme == "bf16" else (lambda m: quantize_text_encoder(m, scheme, self.device))
+        quant = None if scheme == "bf16" else (lambda m, move: quantize_text_encoder(m, scheme, self.device, move))
         tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant)
         try:
             out = [t.to("cpu", torch.float32) for t in encode_text(tokenizer, model, prompts)]
@@ -499,13 +505,14 @@ class DitPlacement:
         self.streamer = None
         self.placed = False
         self.fallbacks: list[str] = []
+        self._saved: dict[tuple[torch.nn.Module, str, bool], torch.Tensor] = {}
 
     def __enter__(self) -> "DitPlacement":
         self.apply()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        self.close()
 
     def apply(self) -> None:
         """Put the DiT where the plan says (no-op when it is there already); a plan that runs out of CUDA memory
@@ -515,7 +522,7 @@ class DitPlacement:
                 self._place()
                 self.placed = True
             except torch.cuda.OutOfMemoryError:
-                self.release()
+                self.close()
                 if not self._lighter():
                     raise _out_of_memory() from None
 
@@ -528,28 +535,54 @@ class DitPlacement:
         if self.attention is not None:
             set_backend(self.attention)
         plan = self.plan
+        resident = len(self.model.blocks) if plan is None else plan.resident_blocks
+        # What moves to the device is remembered, so `release` re-points it instead of copying it back (mapped
+        # blocks stay mapped, and RAM gains no second copy of the model).
+        self._saved = _host_tensors(self.model, skip=self.model.blocks[resident:])
+        if self.streamer is not None:  # a later segment under the same plan: the host side is still in place
+            self.streamer.resume()
+            return
+        # Resident blocks move one at a time and the mapped shards' pages are given back after each, so RAM never
+        # holds their file pages beside the pinned buffer.
+        pages = FilePages(self.weight_files)
+        for block in self.model.blocks[:resident]:
+            block.to(self.device)
+            pages.drop()
         if plan is None or plan.streamed_blocks == 0:
             self.model.to(self.device)
-            return
-        from .streamer import BlockStreamer
+        else:
+            from .streamer import BlockStreamer
 
-        source = plan.profile.weight_source if self.weight_files else "pinned"
-        self.streamer = BlockStreamer(self.model, self.device, resident_blocks=plan.resident_blocks,
-                                      prefetch=plan.profile.prefetch, source=source,
-                                      weights=self.weight_files if source == "mmap" else None)
+            source = plan.profile.weight_source if self.weight_files else "pinned"
+            self.streamer = BlockStreamer(self.model, self.device, resident_blocks=plan.resident_blocks,
+                                          prefetch=plan.profile.prefetch, source=source,
+                                          weights=self.weight_files or None)
+        pages.drop()
 
     def release(self) -> None:
-        """Give the GPU back (the VAE decodes a 704p segment in about as much memory as the DiT steps take)."""
+        """Give the GPU back (the VAE decodes a 704p segment in about as much memory as the DiT steps take). A
+        streamer is only suspended: the next segment under the same plan reuses its pinned buffer."""
         self.placed = False
+        if self.streamer is not None:
+            self.streamer.suspend()
+        for (owner, name, is_param), tensor in self._saved.items():
+            if is_param:
+                getattr(owner, name).data = tensor
+            else:
+                owner._buffers[name] = tensor
+        self._saved = {}
+        _release()
+
+    def close(self) -> None:
+        """Release, and unpin the streamer's host buffer for good."""
+        self.release()
         if self.streamer is not None:
             self.streamer.detach()
             self.streamer = None
-        self.model.to("cpu")
-        _release()
 
     def fallback(self) -> bool:
         """Re-place the DiT under the next lighter plan; False when there is none."""
-        self.release()
+        self.close()
         if not self._lighter():
             return False
         self.apply()
@@ -564,6 +597,22 @@ class DitPlacement:
         self.fallbacks.append(f"{self.plan.profile.name} -> {new.profile.name}")
         self.plan = new
         return True
+
+
+def _host_tensors(model: torch.nn.Module, skip: Sequence[torch.nn.Module]) -> dict:
+    """(module, name, is_parameter) -> current data of every parameter and buffer outside the `skip` modules."""
+    skipped = {id(m) for b in skip for m in b.modules()}
+    saved = {}
+    for mod in model.modules():
+        if id(mod) in skipped:
+            continue
+        for name, p in mod._parameters.items():
+            if p is not None:
+                saved[(mod, name, True)] = p.data
+        for name, b in mod._buffers.items():
+            if b is not None:
+                saved[(mod, name, False)] = b
+    return saved
 
 
 def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch.Tensor, pose_latents: torch.Tensor,

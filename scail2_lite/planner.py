@@ -39,7 +39,8 @@ QUANTIZATIONS: tuple[str, ...] = ("bf16", "fp8", "int8")
 # The token embedding stays in RAM (encoders.load_text_encoder); T5's FFN output projections `wo` stay bf16 in
 # the 4-bit and int8 encoders (quantize.text_encoder: T5 casts activations to wo's dtype).
 UMT5_EMBED_PARAMS = 256_384 * 4096
-UMT5_LINEAR_PARAMS = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240)
+UMT5_LAYERS = 24
+UMT5_LINEAR_PARAMS = UMT5_LAYERS * (4 * 4096 * 4096 + 3 * 4096 * 10240)
 UMT5_WO_PARAMS = 24 * 4096 * 10240
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 values
 CLIP_PARAMS = 632_000_000
@@ -65,6 +66,9 @@ MODEL_DTYPE_BYTES = 2
 RESERVED_FACTOR = 1.10  # caching allocator: reserved / allocated at the peak
 VRAM_SAFETY = 0.3 * GB
 BASE_RAM = 3.0 * GB  # Python, torch, CUDA libraries
+# Copies of the decoded fp32 frames at the end of a run (the kept groups, their concatenation, the writer's or
+# summary's conversion): 704p x 81 measured +3.0 GB over the DiT steps for 0.88 GB of frames.
+DECODED_COPIES = 3
 LIGHTER_FACTOR = 0.8  # a step that ran out of memory is retried under a plan predicted 20% lighter
 
 
@@ -249,6 +253,7 @@ class Plan:
     vram_budget: int  # bytes the run may reserve (free VRAM, or the --vram-budget cap)
     ram_available: int
     reason: str
+    mappable: bool = True  # blocks read from the quantized shards (not held in RAM between uses)
 
     @property
     def streamed_blocks(self) -> int:
@@ -274,9 +279,14 @@ class Plan:
 
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
-    text_encoder: str = "4bit",
+    text_encoder: str = "4bit", mappable: bool = True,
 ) -> dict[str, PhaseMemory]:
-    """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks."""
+    """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks.
+
+    RAM (resident set, file pages included): the non-block layers; the blocks only when they cannot be read from
+    a quantized folder's shards (`mappable` False: the whole DiT stays in RAM, the pinned buffer replacing the
+    streamed blocks' copies); else the pinned buffer of the streamed blocks (or the two-block staging ring of
+    disk-mapped profiles) once the DiT is placed."""
     n = tokens(config, height, width, frames)
     blk = block_bytes(config, quantization)
     streamed = config.num_layers - resident_blocks
@@ -285,19 +295,30 @@ def predict(
     vae = VAE_PARAMS * 4
     encoders_after = umt5 + clip if profile.encoders == "gpu" else 0
     dit_device = nonblock_bytes(config) + resident_blocks * blk + slots
-    host = streamed * blk if profile.weight_source == "pinned" else (2 * blk if streamed else 0)
+    staging = 2 * blk if streamed and profile.weight_source == "mmap" else 0
+    if mappable:
+        host = streamed * blk if profile.weight_source == "pinned" else staging
+        rest = BASE_RAM + nonblock_bytes(config)
+    else:
+        host = 0
+        rest = BASE_RAM + nonblock_bytes(config) + config.num_layers * blk + staging
     on_gpu = profile.encoders != "cpu"
-    frames_ram = 3 * frames * height * width * 4  # decoded video in fp32 before writing
-    ram = BASE_RAM + host
+    frames_ram = DECODED_COPIES * 3 * frames * height * width * 4  # decoded video in fp32 before writing
+    ram = rest + host
+    # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (encoders.FilePages);
+    # on the CPU the whole file is paged in beside the quantized copy.
+    umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS if on_gpu else UMT5_LINEAR_PARAMS * 2 + umt5
     vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
     vae_dec = _vae_activation_bytes(height, width, profile.vae_tile, VAE_DECODE_BYTES_PER_PIXEL)
     act = block_activation_bytes(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
     phases = {
-        "text_encoder": PhaseMemory((umt5 + ENCODER_ACTIVATIONS) if on_gpu else 0, int(ram + umt5)),
+        # The encoders run before the first placement: no pinned buffer yet.
+        "text_encoder": PhaseMemory((umt5 + ENCODER_ACTIVATIONS) if on_gpu else 0, int(rest + umt5_file)),
         "clip": PhaseMemory(((umt5 if profile.encoders == "gpu" else 0) + clip + CLIP_ACTIVATIONS) if on_gpu else 0,
-                            int(ram + clip + (umt5 if profile.encoders == "cpu" else 0))),
+                            int(rest + clip + (umt5 if profile.encoders == "cpu" else 0))),
         # The pipeline encodes before placing the DiT and releases the DiT before decoding: the VAE runs alone.
-        "vae_encode": PhaseMemory(encoders_after + vae + vae_enc, int(ram)),
+        # First segment: before the first placement (a later segment's encode holds the host buffer, as its steps do).
+        "vae_encode": PhaseMemory(encoders_after + vae + vae_enc, int(rest)),
         "dit_step": PhaseMemory(encoders_after + dit_device + act, int(ram)),
         "vae_decode": PhaseMemory(encoders_after + vae + vae_dec, int(ram + frames_ram)),
     }
@@ -310,16 +331,16 @@ def _effective_quantization(profile: Profile, weights: str) -> str:
 
 def resolve(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, vram_budget: int, ram_available: int,
-    weights: str = "bf16", reason: str = "", text_encoder: str = "4bit",
+    weights: str = "bf16", reason: str = "", text_encoder: str = "4bit", mappable: bool = True,
 ) -> Plan:
     """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget."""
     quant = _effective_quantization(profile, weights)
     n = tokens(config, height, width, frames)
 
     def make(resident: int, why: str) -> Plan:
-        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder)
+        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable)
         return Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases, int(vram_budget),
-                    int(ram_available), why)
+                    int(ram_available), why, mappable)
 
     if profile.resident_blocks == "all":
         return make(config.num_layers, reason)
@@ -363,16 +384,17 @@ def plan(
     if profile is not None:
         chosen = profile if isinstance(profile, Profile) else load_profile(profile)
         return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
-                       text_encoder)
+                       text_encoder, mappable)
     candidates = [p for p in list_profiles() if mappable or p.weight_source != "mmap"]
     for p in candidates:
-        result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder)
+        result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable)
         if result.fits:
             faster = [c.name for c in candidates if c.speed_rank < p.speed_rank]
             why = "fastest profile" if not faster else f"fastest that fits ({', '.join(faster)} need more memory)"
             return dataclasses.replace(result, reason=why)
     lightest = min(
-        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder) for p in candidates),
+        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable)
+         for p in candidates),
         key=lambda r: (r.peak_vram_reserved > budget, r.peak_ram > ram_bytes, r.peak_vram_reserved),
     )
     raise UserError(
@@ -392,7 +414,8 @@ def lighter(current: Plan) -> Plan | None:
             continue
         candidate = resolve(p, current.config, current.height, current.width, current.frames, budget,
                             current.ram_available, current.quantization,
-                            f"fallback after out of memory under {current.profile.name}", current.text_encoder)
+                            f"fallback after out of memory under {current.profile.name}", current.text_encoder,
+                            current.mappable)
         if candidate.fits:
             return candidate
     return None

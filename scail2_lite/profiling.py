@@ -373,7 +373,7 @@ def fits_on(target: Target, height: int, width: int, frames: int, ram_bytes: int
 def all_profiles(target: Target, height: int, width: int, frames: int, vram_bytes: int, ram_bytes: int) -> list[Plan]:
     """Every shipped profile resolved for one card (fastest first), fitting or not."""
     return [resolve(p, target.config, height, width, frames, vram_bytes, ram_bytes, target.weights, "",
-                    target.text_encoder) for p in list_profiles()]
+                    target.text_encoder, target.mappable) for p in list_profiles()]
 
 
 # ---- measured vs predicted -------------------------------------------------------------------------------------

@@ -15,9 +15,6 @@ On a CPU device the same code runs with synchronous copies (used by the tests).
 
 from __future__ import annotations
 
-import json
-import mmap
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +24,10 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .formats import WeightFiles
 
 ALIGN = 4096  # byte alignment of every tensor in host buffers and slots: any dtype view, page-aligned pinning
 Source = Literal["pinned", "mmap"]
-
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
@@ -82,61 +73,18 @@ def _block_entries(block: nn.Module, prefix: str) -> tuple[list[_Entry], int]:
     return entries, offset
 
 
-class _MappedFiles:
-    """Zero-copy uint8 views of tensors inside safetensors files (header parsed here: no reads of tensor data)."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.index: dict[str, tuple[mmap.mmap, int, int, torch.dtype, list[int]]] = {}
-        for path in paths:
-            try:
-                with open(path, "rb") as f:
-                    (header_len,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(header_len))
-                    # ACCESS_COPY: a private, writable mapping (torch.frombuffer wants writable memory); never written,
-                    # so pages stay shared with the page cache.
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            except (OSError, ValueError, struct.error) as e:
-                raise UserError(f"{path}: cannot map weights for streaming ({e})") from None
-            start = 8 + header_len
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise UserError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-                self.index[key] = (mm, start + begin, end - begin, dtype, info["shape"])
-
-    def view(self, key: str, entry: _Entry, where: str) -> torch.Tensor:
-        """uint8 view of `key`'s bytes, checked against the model tensor it will feed."""
-        if key not in self.index:
-            raise UserError(f"{where}: tensor {key} (for {entry.name}) is missing")
-        mm, offset, n, dtype, shape = self.index[key]
-        if dtype != entry.dtype or list(shape) != list(entry.shape):
-            raise UserError(
-                f"{where}: tensor {key} is {dtype} {shape}, the model expects {entry.dtype} {list(entry.shape)}"
-            )
-        if n == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=offset)
-
-    def release(self, key: str) -> None:
-        """Drop `key`'s pages from this process's mapping once copied (they stay in the page cache), so the
-        resident set does not grow to the whole file as blocks stream through."""
-        mm, offset, n, _, _ = self.index[key]
-        start = offset - offset % mmap.PAGESIZE
-        if n:
-            mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), offset + n) - start)
-
-
 class BlockStreamer:
     """Keep `model`'s non-block layers and first `resident_blocks` blocks on `device`; stream the other blocks.
 
     source "pinned": one page-locked host buffer holds every streamed block (registered with cudaHostRegister, so no
     power-of-two rounding of the caching host allocator). source "mmap": blocks are read from the safetensors
-    `weights` files (keys = the model's state_dict names) through a ring of two pinned staging
-    buffers filled by a worker thread; process RAM stays at two blocks. `prefetch` = how many blocks ahead are copied
-    (ring of `prefetch + 1` slots, each as large as the largest block). Use as a context manager or call `detach()`.
+    `weights` files (keys = the model's state_dict names) into a ring of two pinned staging buffers by a worker
+    thread; process RAM stays at two blocks. With `weights` given, the pinned buffer is also filled straight from
+    the files (no second copy of a block in RAM while it fills). `prefetch` = how many blocks ahead are copied
+    (ring of `prefetch + 1` slots, each as large as the largest block).
+
+    Use as a context manager or call `detach()`. `suspend()` gives the GPU back between segments (slots freed,
+    resident layers left for the caller to move) while the host side stays ready for `resume()`.
     """
 
     def __init__(
@@ -146,7 +94,7 @@ class BlockStreamer:
         resident_blocks: int = 0,
         prefetch: int = 1,
         source: Source = "pinned",
-        weights: str | Path | Sequence[str | Path] | None = None,
+        weights: str | Path | Sequence[str | Path] | WeightFiles | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -161,6 +109,7 @@ class BlockStreamer:
             raise UserError(f"weight source must be 'pinned' or 'mmap', got {source!r}")
         if source == "mmap" and weights is None:
             raise UserError("weight source 'mmap' needs the safetensors file(s) holding the blocks")
+        self.model = model
         self.source = source
         self.resident_blocks = resident_blocks
         self.prefetch = prefetch
@@ -168,6 +117,7 @@ class BlockStreamer:
         self.bytes_copied = 0
 
         streamed = list(blocks)[resident_blocks:]
+        self._streamed = streamed
         self._n = len(streamed)
         layouts = [_block_entries(b, f"blocks.{resident_blocks + j}") for j, b in enumerate(streamed)]
         self._entries = [entries for entries, _ in layouts]
@@ -175,26 +125,84 @@ class BlockStreamer:
         self.slot_bytes = max(self._sizes, default=0)
         self.num_slots = min(prefetch + 1, self._n)
 
-        self._move_resident(model, streamed)
+        self._files: WeightFiles | None = None
+        if weights is not None:
+            self._files = weights if isinstance(weights, WeightFiles) else WeightFiles(
+                [weights] if isinstance(weights, (str, Path)) else list(weights))
+            for entries in self._entries:
+                for e in entries:
+                    self._files.check(e.name, e.dtype, e.shape, e.name)
         self._host: torch.Tensor | None = None
         self._registered = False
-        self._mapped: _MappedFiles | None = None
         self._rest: list[list[torch.Tensor]]  # per block: the host tensors its entries point at between runs
         if source == "pinned":
             self._rest = self._fill_host()
         else:
-            paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
-            self._mapped = _MappedFiles(paths)
-            where = ", ".join(str(p) for p in paths)
-            self._rest = [
-                [self._mapped.view(e.name, e, where).view(e.dtype).view(e.shape) for e in entries]
-                for entries in self._entries
-            ]
+            self._rest = [[self._files.view(e.name) for e in entries] for entries in self._entries]
             for entries, rest in zip(self._entries, self._rest):
                 for e, r in zip(entries, rest):
                     e.tensor.data = r  # the model's own copy of the block is released here
+        self._hooks: list = []
+        self._attached = False
+        try:
+            self.resume()
+        except BaseException:
+            self.detach()
+            raise
 
-        self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)]
+    # ---- setup ------------------------------------------------------------------------------------------------
+
+    def _move_resident(self) -> None:
+        """Move every tensor of the model except the streamed blocks' to the device (they stay there)."""
+        skip = {id(m) for b in self._streamed for m in b.modules()}
+        for mod in self.model.modules():
+            if id(mod) in skip:
+                continue
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    p.data = p.data.to(self.device)
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[name] = b.to(self.device)
+
+    def _fill_host(self) -> list[list[torch.Tensor]]:
+        """Gather the streamed blocks into one flat host buffer, block after block, then page-lock it in place.
+        From the weight files when given (read straight into the buffer), else from the model's tensors (each
+        original is freed as it is replaced, so RAM peaks at the model plus one block)."""
+        starts = []
+        total = 0
+        for size in self._sizes:
+            starts.append(total)
+            total += size
+        self._host = torch.empty(total, dtype=torch.uint8)
+        rest = []
+        for entries, start in zip(self._entries, starts):
+            views = []
+            for e in entries:
+                view = _view(self._host, start + e.offset, e.dtype, e.shape)
+                if self._files is not None:
+                    self._files.read_into(e.name, self._host[start + e.offset : start + e.offset + e.nbytes])
+                else:
+                    view.copy_(e.tensor.detach())
+                e.tensor.data = view
+                views.append(view)
+            rest.append(views)
+        if self.cuda and total:
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(self._host.data_ptr(), total, 0)
+            if int(err) != 0:
+                raise UserError(f"cannot page-lock {total / 1e9:.1f} GB of RAM for streaming (CUDA error {int(err)})")
+            self._registered = True
+        self._host_starts = starts
+        return rest
+
+    def resume(self) -> None:
+        """Move the resident layers to the device, allocate the slots and hook the blocks (no-op if attached)."""
+        if self._attached:
+            return
+        self._move_resident()
+        self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+                       for _ in range(self.num_slots)]
         # Typed views of every streamed block's tensors in every slot, made once: the hooks only re-point `.data`.
         self._views = [
             [[_view(slot, e.offset, e.dtype, e.shape) for e in entries] for slot in self._slots]
@@ -209,60 +217,17 @@ class BlockStreamer:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._copied = [torch.cuda.Event() for _ in range(self.num_slots)]
             self._computed = [torch.cuda.Event() for _ in range(self.num_slots)]
-        if source == "mmap" and self.cuda:
+        if self.source == "mmap" and self.cuda:
             self._staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
             self._staging_free = [torch.cuda.Event() for _ in range(2)]
             self._next_staging = 0
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scail2-stream")
-
-        self._hooks = []
-        for i, block in enumerate(blocks):
-            if i == 0 or i >= resident_blocks:
+        self._attached = True
+        for i, block in enumerate(self.model.blocks):
+            if i == 0 or i >= self.resident_blocks:
                 self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
-            if i >= resident_blocks:
-                self._hooks.append(block.register_forward_hook(self._make_post_hook(i - resident_blocks)))
-
-    # ---- setup ------------------------------------------------------------------------------------------------
-
-    def _move_resident(self, model: nn.Module, streamed: list[nn.Module]) -> None:
-        """Move every tensor of the model except the streamed blocks' to the device (they stay there)."""
-        skip = {id(m) for b in streamed for m in b.modules()}
-        for mod in model.modules():
-            if id(mod) in skip:
-                continue
-            for name, p in mod._parameters.items():
-                if p is not None:
-                    p.data = p.data.to(self.device)
-            for name, b in mod._buffers.items():
-                if b is not None:
-                    mod._buffers[name] = b.to(self.device)
-
-    def _fill_host(self) -> list[list[torch.Tensor]]:
-        """Copy the streamed blocks into one flat host buffer, block after block (the originals are freed as we go,
-        so RAM peaks at the model plus one block), then page-lock it in place."""
-        starts = []
-        total = 0
-        for size in self._sizes:
-            starts.append(total)
-            total += size
-        self._host = torch.empty(total, dtype=torch.uint8)
-        rest = []
-        for entries, start in zip(self._entries, starts):
-            views = []
-            for e in entries:
-                view = _view(self._host, start + e.offset, e.dtype, e.shape)
-                view.copy_(e.tensor.detach())
-                e.tensor.data = view
-                views.append(view)
-            rest.append(views)
-        if self.cuda and total:
-            cudart = torch.cuda.cudart()
-            err = cudart.cudaHostRegister(self._host.data_ptr(), total, 0)
-            if int(err) != 0:
-                raise UserError(f"cannot page-lock {total / 1e9:.1f} GB of RAM for streaming (CUDA error {int(err)})")
-            self._registered = True
-        self._host_starts = starts
-        return rest
+            if i >= self.resident_blocks:
+                self._hooks.append(block.register_forward_hook(self._make_post_hook(i - self.resident_blocks)))
 
     @property
     def host_bytes(self) -> int:
@@ -291,9 +256,11 @@ class BlockStreamer:
         self.copies += 1
         self.bytes_copied += self._sizes[j]
         if not self.cuda:
-            for src, dst in zip(self._rest[j], self._views[j][slot]):
-                dst.copy_(src)
-            self._release(j)
+            if self.source == "mmap":
+                self._read_block(j, self._slots[slot])
+            else:
+                for src, dst in zip(self._rest[j], self._views[j][slot]):
+                    dst.copy_(src)
         elif self.source == "pinned":
             start = self._host_starts[j]
             self._cuda_copy(slot, self._host[start : start + self._sizes[j]], None)
@@ -304,6 +271,11 @@ class BlockStreamer:
             self._pending[slot] = self._worker.submit(self._stage_and_copy, j, slot)
         return slot
 
+    def _read_block(self, j: int, dest: torch.Tensor) -> None:
+        """Read streamed block j from the weight files into the flat uint8 buffer `dest` (its slot layout)."""
+        for e in self._entries[j]:
+            self._files.read_into(e.name, dest[e.offset : e.offset + e.nbytes])
+
     def _cuda_copy(self, slot: int, src: torch.Tensor, done: torch.cuda.Event | None) -> None:
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._computed[slot])
@@ -313,21 +285,15 @@ class BlockStreamer:
                 done.record(self._copy_stream)
 
     def _stage_and_copy(self, j: int, slot: int) -> None:
-        """Worker thread (mmap mode): mapped file -> pinned staging buffer (CPU memcpy, page faults read the disk),
-        then an async copy staging -> slot. Two staging buffers: one fills while the other is copied."""
+        """Worker thread (mmap mode): weight files -> pinned staging buffer (plain reads: the page cache serves
+        them and the process's resident set does not grow), then an async copy staging -> slot. Two staging
+        buffers: one fills while the other is copied."""
         k = self._next_staging
         self._next_staging = 1 - k
         staging = self._staging[k]
         self._staging_free[k].synchronize()  # its previous copy to the GPU has finished
-        for e, src in zip(self._entries[j], self._rest[j]):
-            staging[e.offset : e.offset + e.nbytes].copy_(src.reshape(-1).view(torch.uint8))
-        self._release(j)
+        self._read_block(j, staging)
         self._cuda_copy(slot, staging[: self._sizes[j]], self._staging_free[k])
-
-    def _release(self, j: int) -> None:
-        if self._mapped is not None:
-            for e in self._entries[j]:
-                self._mapped.release(e.name)
 
     # ---- hooks ------------------------------------------------------------------------------------------------
 
@@ -384,10 +350,10 @@ class BlockStreamer:
 
     # ---- teardown ---------------------------------------------------------------------------------------------
 
-    def detach(self) -> None:
-        """Remove the hooks and free the slots; streamed blocks stay in host memory (pinned mode: unpinned RAM;
-        mmap mode: views of the mapped file). Safe to call twice."""
-        if not self._hooks:
+    def suspend(self) -> None:
+        """Unhook the blocks and free the slots; the host side (pinned buffer or file mapping) stays for `resume()`.
+        Streamed blocks point at host memory afterwards; the caller moves the resident layers where it wants."""
+        if not self._attached:
             return
         for h in self._hooks:
             h.remove()
@@ -401,13 +367,21 @@ class BlockStreamer:
         if self.source == "mmap" and self.cuda:
             self._worker.shutdown()
             self._staging = []
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
-            self._registered = False
         self._slots = []
         self._views = []
         self._holds = [None] * self.num_slots
         self._where = {}
+        self._attached = False
+
+    def detach(self) -> None:
+        """`suspend()`, then unpin the host buffer and close the weight files; streamed blocks stay in host memory
+        (pinned mode: plain RAM; mmap mode: views of the mapped files). Safe to call twice."""
+        self.suspend()
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            self._registered = False
+        if self._files is not None:
+            self._files.close()
 
     def __enter__(self) -> "BlockStreamer":
         return self

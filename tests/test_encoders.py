@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,29 @@ def test_tiny_clip_yields_257_tokens():
 def test_clip_preprocess_rejects_bad_shape():
     with pytest.raises(UserError, match="B, 3, H, W"):
         E.clip_preprocess(torch.zeros(3, 10, 10))
+
+
+def _rss_file() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux resident-set accounting")
+def test_file_pages_are_given_back_and_tensors_stay_intact(tmp_path) -> None:
+    from scail2_lite.encoders import load_pth
+    from scail2_lite.formats import FilePages
+
+    weights = {"w": torch.randn(64, 1024, 1024 // 4)}  # 64 MB
+    path = tmp_path / "w.pth"
+    torch.save(weights, path)
+    sd = load_pth(path)
+    pages = FilePages([path])
+    assert pages.ranges
+    before = _rss_file()
+    assert torch.equal(sd["w"], weights["w"])  # reads every page
+    touched = _rss_file()
+    pages.drop()
+    assert touched - before > 48e6 and touched - _rss_file() > 48e6
+    assert torch.equal(sd["w"], weights["w"])  # faulted back in from the page cache, unchanged

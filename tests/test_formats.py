@@ -184,3 +184,25 @@ def test_numpy_globals_are_allowed(tmp_path: Path) -> None:
     sd = {formats.COMFY_PREFIX + k: v for k, v in synth.dit_tensors(CFG, 0)}
     torch.save({"module": sd, "iteration": np.array([1])}, tmp_path / "np.pt")
     assert len(formats.read_state_dict(tmp_path / "np.pt")) == 91
+
+
+def test_weight_files_read_and_map_without_copies(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int8), "c": torch.randn(4).to(torch.bfloat16)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    files = formats.WeightFiles([path])
+    for key, t in tensors.items():
+        out = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
+        files.read_into(key, out)
+        assert torch.equal(out.view(t.dtype).view(t.shape), t)
+        assert torch.equal(files.view(key), t)
+    files.check("a", torch.float32, (3, 5), "x")
+    with pytest.raises(UserError, match="expects torch.float16"):
+        files.check("a", torch.float16, (3, 5), "x")
+    with pytest.raises(UserError, match="missing"):
+        files.check("zz", torch.float32, (1,), "x")
+    files.close()
+    path.write_bytes(path.read_bytes()[:-8])  # truncated: the last tensor ends past the end of the file
+    last = max(files.index, key=lambda k: files.index[k][1])
+    with pytest.raises(UserError, match="truncated"):
+        formats.WeightFiles([path]).read_into(last, torch.empty(files.index[last][2], dtype=torch.uint8))

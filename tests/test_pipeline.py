@@ -217,3 +217,26 @@ def test_step_cache_skips_forwards_and_off_changes_nothing(pipe, folder):
     assert not torch.equal(reference[0], approx[0])
     with pytest.raises(UserError, match="cache"):
         run(pipe, folder, cache="fastest")
+
+
+def test_quantized_blocks_map_and_stream_once_across_segments(folder, tmp_path, monkeypatch):
+    from scail2_lite import streamer as streamer_module
+    from scail2_lite.loader import load_dit
+
+    q = tmp_path / "q"
+    assert cli("quantize", str(folder), "-o", str(q), "--dit", "fp8", "--text-encoder", "bf16").exit_code == 0
+    eager, mapped = load_dit(q), load_dit(q, map_blocks=True)
+    for (name, a), b in zip(eager.state_dict().items(), mapped.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(UserError, match="map_blocks"):
+        load_dit(folder, map_blocks=True)
+    built = []
+    real = streamer_module.BlockStreamer
+    monkeypatch.setattr(streamer_module, "BlockStreamer", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    segments = dict(segment_len=9, segment_overlap=5)
+    _, reference = run(Pipeline.from_pretrained(q, device="cpu"), folder, **segments)
+    for profile in ("16gb", "lowram"):  # pinned buffer filled from the shards / blocks read from them per use
+        built.clear()
+        result, z = run(Pipeline.from_pretrained(q, device="cpu", profile=profile), folder, **segments)
+        assert result.settings["segments"] == 3 and len(built) == 1  # suspended between segments, not rebuilt
+        assert all(torch.equal(a, b) for a, b in zip(reference, z))

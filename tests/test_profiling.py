@@ -45,7 +45,8 @@ def test_plan_mode_picks_the_planners_profile(tmp_path: Path, size, weights, vra
     assert p["profile"] == expected and p["fits"]
     assert p["peak_vram_reserved"] <= vram * 1e9 and p["peak_ram"] <= ram * 1e9
     # The CLI reports what the library plans: same choice, same figures.
-    direct = plan(C14, *SIZES[size], 81, int(vram * 1e9), int(ram * 1e9), weights=weights)
+    direct = plan(C14, *SIZES[size], 81, int(vram * 1e9), int(ram * 1e9), weights=weights,
+                  mappable=weights != "bf16")
     assert p == profiling.plan_to_json(direct)
 
 

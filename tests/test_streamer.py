@@ -147,3 +147,22 @@ def test_bad_arguments_are_user_errors(tmp_path) -> None:
         BlockStreamer(_model(), "cpu", resident_blocks=1, source="mmap", weights=path)
     with pytest.raises(UserError, match="missing"):
         BlockStreamer(_model(), "cpu", resident_blocks=2, source="mmap", weights=path)
+
+
+@pytest.mark.parametrize("source", ["pinned", "mmap"])
+def test_weights_come_from_the_files_and_suspend_resume_keeps_them(tmp_path, source: str) -> None:
+    model = _model("fp8")
+    expected = _run(model)
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():  # wreck the in-memory blocks: the numbers must come from the file
+        for b in fresh.blocks[1:]:
+            for t in [*b.parameters(), *b.buffers()]:
+                t.zero_()
+    with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=1, source=source, weights=path) as streamer:
+        assert torch.equal(_run(fresh), expected)
+        streamer.suspend()
+        assert streamer._slots == [] and not any(b._forward_pre_hooks for b in fresh.blocks)
+        streamer.resume()
+        assert torch.equal(_run(fresh), expected)

@@ -1,0 +1,427 @@
+"""Attention backends on the real 14B geometry: speed, and error against SDPA per kernel call and per block output.
+
+Question (issue 6 deliverable 5, issue 7): which `--attention` backend of `scail2_lite.attention` (sdpa, cudnn,
+flash, efficient, sage) is fastest at 81 frames (512p = 48,832 tokens, 704p = 95,920), and is its error against
+SDPA small enough to make it a default (block-output cosine >= --min-cosine, 0.999, at every block)?
+
+Design, one device call (about 2 minutes on an H100):
+1. Kernel level, per size: q, k, v (1, L, 40, 128) bf16, random normal (unit scale, like the model's q and k after
+   RMSNorm). Self-attention (L keys) and the two cross-attentions (q of length L against the 257 CLIP keys and the
+   512 text keys). Per backend: one call whose output is compared with sdpa's (relative Frobenius error, cosine),
+   one more warm-up call, then the median of --kernel-reps synchronised calls; TFLOP/s = 4 L Lk 128 40 / t.
+2. Block level: a chain of --blocks full-size SCAIL2Blocks with `synth_tensor`'s trained-looking weights drawn on
+   the GPU, block Linears in FP8 (the fast profile's compute path), chunk 8192 like the shipped profiles, the
+   same inputs for every backend. Per backend: one untimed chain forward whose residual stream after each block
+   is compared with the sdpa chain's (errors compound along the chain, as they do over 40 blocks), then
+   --repeats timed chain forwards: ms per block is their mean, "x40 s/forward" = ms per block x 40 / 1000
+   (blocks only, extrapolated), "transient GB" = peak allocated above weights, inputs and residual stream.
+   One extra row, "sage-self": sage for self-attention only, sdpa for both cross-attentions. Reason: the
+   sageattention 1.0.6 kernel loads the keys past kv_len in its last 64-key block as zeros without masking them,
+   so they enter the softmax with logit 0; 257 CLIP keys get 63 of them (the kernel-level cross-img row
+   measures it), 95,920 self-attention keys get 16.
+3. Verdict: the fastest backend whose block-output cosine is >= --min-cosine at every block of every size, and its
+   speed-up over sdpa at the largest size.
+`math` is left out on the GPU: it materialises the 40 x L x L score matrix (hundreds of GB at these sizes).
+A failing backend (not installed, no kernel for this GPU, out of memory) gets a one-line error row; the rest run.
+
+Run: `python benchmarks/bench_attention.py` (markdown tables and the verdict; with OUT set, $OUT/bench_attention.json
+is rewritten after every measurement, so a timeout keeps what finished). `--tiny` runs the same code on the CPU
+with the tiny preset (sdpa, math, flash run there; the others give error rows), as a proof of the plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+from unittest import mock
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fidelity import sync, table  # noqa: E402
+from bench_offload import failure  # noqa: E402
+
+import scail2_lite.model as model_module  # noqa: E402
+from scail2_lite.attention import attention, check_backend, use_backend  # noqa: E402
+from scail2_lite.config import PRESETS, SIZES, DiTConfig  # noqa: E402
+from scail2_lite.model import CLIP_TOKENS, SCAIL2Block  # noqa: E402
+from scail2_lite.planner import tokens  # noqa: E402
+from scail2_lite.quantize.linear import swap_linears  # noqa: E402
+from scail2_lite.quantize.report import compare  # noqa: E402
+from scail2_lite.quantize.schemes import is_quantized_name, kept_dtype  # noqa: E402
+from scail2_lite.rope import rope_freqs  # noqa: E402
+from scail2_lite.synth import synth_tensor  # noqa: E402
+
+SAGE_SELF = "sage-self"
+ALL_BACKENDS = ("sdpa", "math", "cudnn", "flash", "efficient", "sage", SAGE_SELF)
+GPU_BACKENDS = tuple(b for b in ALL_BACKENDS if b != "math")
+FRAMES = 81
+GPU_SIZES = {size: (height, width, FRAMES) for size, (height, width) in reversed(SIZES.items())}  # 704p first
+TINY_SIZES = {"64x64x5": (64, 64, 5), "128x128x9": (128, 128, 9)}
+GPU_CHUNK, TINY_CHUNK = 8192, 128  # ffn_chunk / attn_chunk (shipped profiles; tiny: several chunks per block)
+SEED = 0
+# Issue 6 target at 704p: FP8 + fastest accurate attention <= 0.7x diffusers' bf16 block-level offload, which
+# measured 18.97 s per 40-block forward on the H100 (RESULTS.md, bench_offload --blocks 6).
+DIFFUSERS_704P_X40_S = 18.97
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def clean(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def short_failure(e: Exception) -> str:
+    """`failure`'s one table-safe line, cut at its first sentence (SDPA's "no kernel" errors run on)."""
+    return failure(e).split(". ")[0]
+
+
+def patch_grid(config: DiTConfig, height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """Video patch grid (latent frames, h, w) that `rope_freqs` takes."""
+    _, ph, pw = config.patch_size
+    return (frames - 1) // 4 + 1, height // 8 // ph, width // 8 // pw
+
+
+@contextlib.contextmanager
+def backend_scope(name: str) -> Iterator[None]:
+    """`use_backend(name)`; for "sage-self": sage where q and k have the same length (self-attention; the
+    cross-attention queries are attn_chunk-sized and never match 257 or 512 keys), sdpa elsewhere."""
+    if name != SAGE_SELF:
+        with use_backend(name):
+            yield
+        return
+    check_backend("sage")
+
+    def self_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with use_backend("sage" if q.shape[1] == k.shape[1] else "sdpa"):
+            return attention(q, k, v)
+
+    with mock.patch.object(model_module, "attention", self_only):
+        yield
+
+
+def median_ms(fn: Callable[[], object], device: str, reps: int) -> float:
+    """Median wall time of `reps` synchronised calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def kernel_level(config: DiTConfig, device: str, size: str, length: int, backends: list[str], reps: int,
+                 record: Callable[[dict], None]) -> None:
+    """Time every backend on q, k, v of the model's self- and cross-attention shapes; errors vs sdpa."""
+    heads, head_dim = config.num_heads, config.head_dim
+    g = torch.Generator(device=device).manual_seed(SEED)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randn(1, n, heads, head_dim, generator=g, device=device, dtype=torch.bfloat16)
+
+    q = rand(length)
+    for kind, kv_len in (("self", length), ("cross-img", CLIP_TOKENS), ("cross-text", config.text_len)):
+        k, v = rand(kv_len), rand(kv_len)
+        reference = None
+        for backend in backends:
+            row: dict = {"size": size, "tokens": length, "attention": kind, "kv_tokens": kv_len, "backend": backend}
+            try:
+                with use_backend(backend):
+                    k_run = k.clone()  # sageattn subtracts k's mean from k in place (smooth_k)
+                    out = attention(q, k_run, v)
+                    if backend == "sdpa":
+                        reference = out
+                    if reference is not None:
+                        row.update(compare(reference, out))
+                    del out
+                    row["ms"] = median_ms(lambda: attention(q, k_run, v), device, reps)
+                row["tflops"] = 4 * length * kv_len * head_dim * heads / row["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 - reported in the table, the other backends still run
+                row["error"] = short_failure(e)
+            record(row)
+            clean(device)
+
+
+def make_chain(config: DiTConfig, n: int, device: str, chunk: int) -> list[SCAIL2Block]:
+    """n blocks with synth_tensor's weights (drawn on `device`, stored in the loader's dtypes), Linears in FP8."""
+    blocks = []
+    for i in range(n):
+        prefix = f"blocks.{i}."
+        with torch.device("meta"):
+            block = SCAIL2Block(config.dim, config.ffn_dim, config.num_heads, config.eps)
+        state = {name: synth_tensor(prefix + name, tuple(t.shape), SEED, device=device).to(kept_dtype(prefix + name))
+                 for name, t in block.state_dict().items()}
+        block.load_state_dict(state, assign=True)
+        del state
+        swap_linears(block, {name: "fp8" for name, m in block.named_modules()
+                             if isinstance(m, nn.Linear) and is_quantized_name(f"{prefix}{name}.weight")})
+        block.ffn_chunk_size = block.attn_chunk_size = chunk
+        blocks.append(block.eval())
+    clean(device)
+    return blocks
+
+
+def chain_inputs(config: DiTConfig, grid: tuple[int, int, int], device: str) -> tuple:
+    """(e0, context, freqs) shared by every backend: e0 and context random, fixed seed; RoPE of the grid."""
+    g = torch.Generator(device=device).manual_seed(SEED)
+    e0 = torch.randn(1, 6, config.dim, generator=g, device=device) * 0.02
+    context = torch.randn(1, CLIP_TOKENS + config.text_len, config.dim, generator=g, device=device).bfloat16()
+    return e0, context, rope_freqs(config.head_dim, grid, False, device=device)
+
+
+def residual(config: DiTConfig, length: int, device: str) -> torch.Tensor:
+    """The float32 residual stream entering block 0, regenerated from a seed for every chain forward."""
+    g = torch.Generator(device=device).manual_seed(SEED + 1)
+    return torch.randn(1, length, config.dim, generator=g, device=device)
+
+
+@torch.no_grad()
+def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size: str,
+                dims: tuple[int, int, int], backends: list[str], repeats: int,
+                record: Callable[[dict], None]) -> None:
+    """Per backend: residual after each block vs the sdpa chain's, then timed chain forwards."""
+    length = tokens(config, *dims)
+    e0, context, freqs = chain_inputs(config, patch_grid(config, *dims), device)
+    references: list[torch.Tensor] = []
+    for backend in backends:
+        row: dict = {"size": size, "tokens": length, "backend": backend, "blocks": []}
+        try:
+            with backend_scope(backend):
+                x = residual(config, length, device)
+                for i, block in enumerate(blocks):
+                    x = block(x, e0, context, freqs)
+                    if backend == "sdpa":
+                        references.append(x.clone())
+                    if references:
+                        row["blocks"].append(compare(references[i], x))
+                del x
+                clean(device)
+                times, transient = [], 0
+                for _ in range(repeats):
+                    x = residual(config, length, device)
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    for block in blocks:
+                        sync(device)
+                        start = time.perf_counter()
+                        x = block(x, e0, context, freqs)
+                        sync(device)
+                        times.append((time.perf_counter() - start) * 1000)
+                    if device == "cuda":
+                        transient = max(transient, torch.cuda.max_memory_allocated() - base)
+                    del x
+            row["ms_per_block"] = statistics.mean(times)
+            row["x40_s"] = row["ms_per_block"] * 40 / 1000
+            if device == "cuda":
+                row["transient_gb"] = transient / 1e9
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other backends still run
+            row["error"] = short_failure(e)
+            if backend == "sdpa":
+                references.clear()  # a partial reference chain would fail every other row's comparison
+        record(row)
+        clean(device)
+    del references, e0, context, freqs
+    clean(device)
+
+
+def verdict(rows: list[dict], min_cosine: float, kernel_rows: Sequence[dict] = ()) -> str:
+    """One paragraph: the fastest backend whose block-output cosine >= min_cosine at every block of every measured
+    size, its speed-up over sdpa at the largest size, its worst kernel-level error (a per-query rescaling, such as
+    unmasked padding keys, barely moves a cosine but shows in the relative error), and why the others were
+    rejected."""
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: max(r["tokens"] for r in rows if r["size"] == s))
+    if not sizes:
+        return "Verdict: no block-level measurement."
+    top = sizes[-1]
+    at_top = {r["backend"]: r for r in rows if r["size"] == top and "ms_per_block" in r}
+    if "sdpa" not in at_top:
+        return f"Verdict: sdpa has no block-level time at {top}, so no backend can be compared with it."
+    passing, rejected = [], []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        why = next((f"{r['size']}: {r['error']}" for r in mine if "error" in r), None)
+        if why is None and backend not in at_top:
+            why = f"not measured at {top}"
+        if why is None and not all(len(r["blocks"]) == len(at_top["sdpa"]["blocks"]) for r in mine):
+            why = "no error measurement (the sdpa chain failed)"
+        if why is None:
+            cos, i, size = min((b["cosine"], i, r["size"]) for r in mine for i, b in enumerate(r["blocks"]))
+            if cos < min_cosine:
+                why = f"cosine {cos:.5f} after block {i + 1} at {size}"
+        if why:
+            rejected.append(f"{backend} ({why})")
+        else:
+            passing.append(backend)
+    if not passing:
+        return f"Verdict: no backend reaches block-output cosine {min_cosine}. Rejected: " + "; ".join(rejected) + "."
+    best = min(passing, key=lambda b: at_top[b]["ms_per_block"])
+    b, s = at_top[best], at_top["sdpa"]
+    worst = min(blk["cosine"] for r in rows if r["backend"] == best for blk in r["blocks"])
+    text = (f"Verdict: the fastest backend whose block-output cosine vs sdpa is >= {min_cosine} at every block "
+            f"({', '.join(sizes)}) is **{best}**: {b['ms_per_block']:.0f} ms per block at {top}, "
+            f"{s['ms_per_block'] / b['ms_per_block']:.2f}x sdpa ({s['ms_per_block']:.0f} ms), x40 {b['x40_s']:.1f} s "
+            f"per forward (blocks only) vs sdpa's {s['x40_s']:.1f} s; its lowest block-output cosine is {worst:.5f}, "
+            f"relative error {b['blocks'][-1]['rel_error']:.4f} after the last block at {top}.")
+    if best == SAGE_SELF:
+        text += (" sage-self is not an `--attention` choice yet: attention.py would route keys that are not the"
+                 " query sequence (the cross-attentions) to sdpa.")
+    # sage-self has no kernel rows of its own: its kernels are sage's self-attention ones (cross runs sdpa)
+    kernel = [r for r in kernel_rows if "rel_error" in r and (r["backend"] == best or (
+        best == SAGE_SELF and r["backend"] == "sage" and r["attention"] == "self"))]
+    if kernel and best != "sdpa":
+        k = max(kernel, key=lambda r: r["rel_error"])
+        text += (f" Its worst kernel-level error vs sdpa: relative {k['rel_error']:.4f}, cosine {k['cosine']:.6f} "
+                 f"({k['attention']} attention, {k['size']}).")
+    if top == "704p":
+        text += (f" Issue 6 target at 704p: <= 0.7 x diffusers' bf16 offload ({DIFFUSERS_704P_X40_S} s x40) = "
+                 f"{0.7 * DIFFUSERS_704P_X40_S:.1f} s per forward.")
+    if rejected:
+        text += " Rejected: " + "; ".join(rejected) + "."
+    return text
+
+
+def fmt(row: dict, key: str, spec: str) -> str:
+    return format(row[key], spec) if key in row else "-"
+
+
+def kernel_table(rows: list[dict]) -> str:
+    sdpa = {(r["size"], r["attention"]): r.get("ms") for r in rows if r["backend"] == "sdpa"}
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["size"], r["attention"], r["kv_tokens"], r["backend"], r["error"], "", "", "", ""])
+            continue
+        base = sdpa.get((r["size"], r["attention"]))
+        lines.append([r["size"], r["attention"], r["kv_tokens"], r["backend"], f"{r['ms']:.2f}",
+                      f"{r['tflops']:.0f}", f"{base / r['ms']:.2f}" if base else "-", fmt(r, "rel_error", ".5f"),
+                      fmt(r, "cosine", ".6f")])
+    return table(["size", "attention", "keys", "backend", "ms", "TFLOP/s", "x sdpa", "rel. error", "cosine"], lines)
+
+
+def block_table(rows: list[dict], n: int) -> str:
+    sdpa = {r["size"]: r.get("ms_per_block") for r in rows if r["backend"] == "sdpa"}
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["size"], r["backend"], r["error"], *[""] * (4 + n)])
+            continue
+        base = sdpa.get(r["size"])
+        per_block = [f"{b['cosine']:.6f} / {b['rel_error']:.4f}" for b in r["blocks"]]
+        lines.append([r["size"], r["backend"], f"{r['ms_per_block']:.1f}",
+                      f"{base / r['ms_per_block']:.2f}" if base else "-", f"{r['x40_s']:.2f}",
+                      fmt(r, "transient_gb", ".2f"), *(per_block + ["-"] * (n - len(per_block)))])
+    return table(["size", "backend", "ms / block", "x sdpa", "x40 s/forward", "transient GB",
+                  *[f"block {i + 1} cos / rel. err" for i in range(n)]], lines)
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for package in ("triton", "sageattention"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=4, help="blocks in the chain (default 4)")
+    parser.add_argument("--sizes", default="", help="comma list (default: 704p,512p; with --tiny the tiny sizes)")
+    parser.add_argument("--backends", default="", help="comma list; sdpa always runs first (default: all but math "
+                                                      "on the GPU)")
+    parser.add_argument("--kernel-reps", type=int, default=5, help="timed calls per kernel-level row (median)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed chain forwards per block-level row")
+    parser.add_argument("--min-cosine", type=float, default=0.999, help="block-output cosine a default needs")
+    parser.add_argument("--skip-kernel", action="store_true", help="block level only")
+    parser.add_argument("--tiny", action="store_true", help="CPU proof run: tiny preset, tiny sizes")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (--tiny runs the same code on the CPU)")
+    config = PRESETS["tiny"] if args.tiny else DiTConfig()
+    all_sizes = TINY_SIZES if args.tiny else GPU_SIZES
+    sizes = list(filter(None, args.sizes.split(","))) or list(all_sizes)
+    backends = list(filter(None, args.backends.split(","))) or list(ALL_BACKENDS if args.tiny else GPU_BACKENDS)
+    if args.blocks < 1 or args.kernel_reps < 1 or args.repeats < 1:
+        parser.error("--blocks, --kernel-reps and --repeats must be >= 1")
+    if unknown := [s for s in sizes if s not in all_sizes]:
+        parser.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(all_sizes)}")
+    if unknown := [b for b in backends if b not in ALL_BACKENDS]:
+        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(ALL_BACKENDS)}")
+    backends = ["sdpa", *dict.fromkeys(b for b in backends if b != "sdpa")]
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    report: dict = {"device": name, **versions(), "blocks": args.blocks, "kernel_reps": args.kernel_reps,
+                    "repeats": args.repeats, "min_cosine": args.min_cosine, "kernel": [], "block": []}
+    out_dir = os.environ.get("OUT")
+
+    def save() -> None:
+        if out_dir:
+            tmp = Path(out_dir) / "bench_attention.json.tmp"
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(Path(out_dir) / "bench_attention.json")
+
+    def recorder(level: str) -> Callable[[dict], None]:
+        def record(row: dict) -> None:
+            report[level].append(row)
+            save()
+            what = row.get("error") or (f"{row['ms']:.2f} ms" if level == "kernel" else
+                                        f"{row['ms_per_block']:.1f} ms/block")
+            cos = [b["cosine"] for b in row.get("blocks", [])] + ([row["cosine"]] if "cosine" in row else [])
+            extra = f", cosine {min(cos):.6f}" if cos and "error" not in row else ""
+            where = " ".join(filter(None, (level, row["size"], row.get("attention"), row["backend"])))
+            log(f"{where}: {what}{extra}")
+        return record
+
+    log(f"{name}, torch {report['torch']}, triton {report['triton']}, sageattention {report['sageattention']}")
+    if not args.skip_kernel:
+        for size in sizes:
+            length = tokens(config, *all_sizes[size])
+            kernel_level(config, device, size, length, [b for b in backends if b != SAGE_SELF], args.kernel_reps,
+                         recorder("kernel"))
+        print(f"\nKernel level, {name}: q (1, L, {config.num_heads}, {config.head_dim}) bf16, median of "
+              f"{args.kernel_reps} calls; x sdpa = sdpa time / this time; errors vs the sdpa output.\n", flush=True)
+        print(kernel_table(report["kernel"]) + "\n", flush=True)
+    chunk = TINY_CHUNK if args.tiny else GPU_CHUNK
+    blocks = make_chain(config, args.blocks, device, chunk)
+    log(f"{args.blocks} blocks built (FP8 Linears)")
+    for size in sizes:
+        block_level(blocks, config, device, size, all_sizes[size], backends, args.repeats, recorder("block"))
+    del blocks
+    clean(device)
+    report["verdict"] = verdict(report["block"], args.min_cosine, report["kernel"])
+    save()
+    print(f"\n{name}, torch {report['torch']}, sageattention {report['sageattention']}; {args.blocks} chained blocks, "
+          f"FP8 Linears, chunk {chunk}; cell = cosine / relative error of the "
+          f"residual stream after that block vs the sdpa chain's; ms per block = mean over {args.repeats} timed "
+          "chain forwards after an untimed one; x sdpa = sdpa time / this time; transient GB = peak allocated above "
+          "weights, inputs and residual stream.\n", flush=True)
+    print(block_table(report["block"], args.blocks) + "\n", flush=True)
+    print(report["verdict"], flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""benchmarks/bench_offload.py on the CPU: argument checks, the run plan, the comparison tables' arithmetic, the
+sage-self routing, and that diffusers' block-level offloading prefetches on the harness's wrapper."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_offload as bo  # noqa: E402
+
+import scail2_lite.model as model_module  # noqa: E402
+
+
+def test_defaults_and_plan() -> None:
+    args = bo.parse_args([])
+    assert args.caps == bo.CAPS and args.sizes == ["512p", "704p"] and args.attention == ["sdpa"]
+    assert bo.plan(args) == [("bf16", True, [(1, ["sdpa"]), (0, ["sdpa"])]),
+                             ("fp8", True, [(1, ["sdpa"])]), ("int8", True, [(1, ["sdpa"])])]
+
+
+def test_plan_with_attention_and_filters() -> None:
+    args = bo.parse_args(["--attention", "sage,sage-self,sdpa", "--skip", "int8,ours-1slot", "--caps", "16GB"])
+    assert args.caps == {"16GB": 16e9}
+    assert bo.plan(args) == [("bf16", True, [(1, ["sdpa"])]), ("fp8", True, [(1, ["sdpa", "sage", "sage-self"])])]
+    only = bo.parse_args(["--only", "fp8-attention", "--attention", "sage"])
+    assert bo.plan(only) == [("fp8", False, [(1, ["sage"])])]
+    assert bo.plan(bo.parse_args(["--only", "diffusers-block,mmgp"])) == []
+
+
+@pytest.mark.parametrize("argv", [["--skip", "nope"], ["--caps", "8GB"], ["--attention", "fast"],
+                                  ["--sizes", "1080p"], ["--blocks", "0"]])
+def test_bad_arguments_exit(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        bo.parse_args(argv)
+
+
+def _row(method: str, dtype: str, size: str, cap: float | None, s: float | None = None, peak: float = 0.0,
+         error: str | None = None) -> dict:
+    row = {"method": method, "dtype": dtype, "size": size, "cap": cap}
+    if error:
+        return {**row, "error": error}
+    return {**row, "s_per_forward": s, "peak_allocated": peak}
+
+
+def test_versus_ratios_errors_and_matching() -> None:
+    ours, block, leaf = bo.ours_label(1), bo.DIFFUSERS_BLOCK, bo.DIFFUSERS_LEAF
+    rows = [
+        _row(ours, "bf16", "512p", 16e9, 1.0, 6e9),
+        _row(ours, "bf16", "704p", 16e9, 3.0, 9e9),
+        _row(ours, "fp8", "704p", 16e9, 1.0, 1e9),  # another dtype: not ours here
+        _row(block, "bf16", "512p", 16e9, 2.0, 4e9),
+        _row(block, "bf16", "704p", 16e9, error="out of memory"),
+        _row(block, "bf16", "704p", None, 5.0, 5e9),  # no run of ours at this cap
+        _row(leaf, "bf16", "512p", 16e9, 0.5, 3e9),
+    ]
+    table = bo.versus(rows, (ours, "bf16"), [(block, "bf16"), (leaf, "bf16")])
+    assert [(e["peer"].split(",")[1].strip(), e["size"]) for e in table] == [
+        ("block level", "512p"), ("block level", "704p"), ("leaf level", "512p")]
+    assert table[0]["time_ratio"] == pytest.approx(0.5) and table[0]["peak_ratio"] == pytest.approx(1.5)
+    assert table[1]["peer_error"] == "out of memory" and "time_ratio" not in table[1]
+    assert table[2]["time_ratio"] == pytest.approx(2.0)
+
+
+def test_vs_reference() -> None:
+    ref = torch.randn(1, 64, 8)
+    assert bo.vs_reference({"output": ref.clone()}, ref) == {"bit_exact_vs_resident": True}
+    assert bo.vs_reference({"output": ref + 1e-3}, ref) == {"bit_exact_vs_resident": False}
+    assert bo.vs_reference({}, ref) == {} and bo.vs_reference({"output": ref}, None) == {}
+    close = bo.vs_reference({"output": ref * 1.01}, ref, exact=False)
+    assert close["rel_err_vs_sdpa"] == pytest.approx(0.01, rel=1e-3)
+    assert close["cosine_vs_sdpa"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_labels() -> None:
+    assert bo.ours_label(1) == "ours: 0 resident, prefetch 1"
+    assert bo.ours_label(0) == "ours: 0 resident, prefetch 0 (one slot)"
+    assert bo.ours_label(1, "sage") == "ours: 0 resident, prefetch 1, sage attention"
+
+
+def test_sage_self_routes_only_self_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    chosen: list[str] = []
+
+    @contextlib.contextmanager
+    def fake_use_backend(name: str):
+        chosen.append(name)
+        yield
+
+    monkeypatch.setattr(bo, "check_backend", lambda name: name)
+    monkeypatch.setattr(bo, "use_backend", fake_use_backend)
+    monkeypatch.setattr(bo, "attention", lambda q, k, v: q)
+    original = model_module.attention
+    q = torch.zeros(1, 16, 2, 4)
+    with bo.attention_scope(bo.SAGE_SELF):
+        model_module.attention(q, q, q)  # self-attention: same length
+        model_module.attention(q, torch.zeros(1, 5, 2, 4), torch.zeros(1, 5, 2, 4))  # cross-attention
+    assert chosen == ["sage", "sdpa"]
+    assert model_module.attention is original
+
+
+def test_missing_backend_gives_an_error_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> str:
+        raise bo.UserError(f"attention backend {name!r} needs a package")
+
+    monkeypatch.setattr(bo, "check_backend", missing)
+    monkeypatch.setattr("scail2_lite.attention.check_backend", missing)
+    for backend in ("sage", bo.SAGE_SELF):  # raised on entering: the model is never called
+        row = bo.measure_with(backend, None, "512p", 16e9, 1, False)
+        assert row["size"] == "512p" and row["error"].startswith(f"attention {backend} unavailable: UserError")
+
+
+class _Bare(nn.Module):
+    """The harness's wrapper as it was: nothing but the block list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+
+def test_diffusers_block_level_prefetches_on_the_harness_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    group_offloading = pytest.importorskip("diffusers.hooks.group_offloading")
+
+    class Stream:
+        def synchronize(self) -> None:
+            pass
+
+    class Backend:  # streams without CUDA: enough for diffusers to build its hooks
+        def __init__(self, device: torch.device) -> None:
+            self.Stream = Stream
+
+        def current_stream(self) -> Stream:
+            return Stream()
+
+    monkeypatch.setattr(group_offloading, "TorchDeviceBackend", Backend)
+    results = []
+    for model in (_Bare(), bo.Blocks([nn.Linear(4, 4) for _ in range(3)])):
+        group_offloading.apply_group_offloading(model, onload_device=torch.device("cuda"), offload_type="block_level",
+                                                num_blocks_per_group=1, use_stream=True, low_cpu_mem_usage=True)
+        results.append(bo.diffusers_prefetches(model))
+    assert results == [False, True]
+
+
+def test_printed_tables_are_well_formed(capsys: pytest.CaptureFixture) -> None:
+    ours, sage = bo.ours_label(1), bo.ours_label(1, "sage")
+    rows = [
+        {**_row("resident", "bf16", "704p", None, 2.8, 12e9), "ratio": 1.0, "peak_reserved": 13e9,
+         "peak_allocated_40_blocks": 40e9},
+        {**_row(ours, "bf16", "704p", 16e9, 2.8, 9e9), "ratio": 1.0, "peak_reserved": 10e9,
+         "bit_exact_vs_resident": True},
+        {**_row(sage, "fp8", "704p", 16e9, 1.5, 8e9), "peak_reserved": 9e9, "rel_err_vs_sdpa": 0.01,
+         "cosine_vs_sdpa": 0.9999},
+        {**_row(bo.DIFFUSERS_BLOCK, "bf16", "704p", 16e9, 2.9, 9e9), "peak_reserved": 10e9},
+        _row(bo.DIFFUSERS_LEAF, "bf16", "704p", 16e9, error="out of memory"),
+    ]
+    report = {"device": "GPU", "torch": "2.x", "pinned_h2d_GBps": 50.0, "attention": ["sage"], "rows": rows,
+              "notes": ["a note"]}
+    bo.print_tables(report, 3, 1)
+    out = capsys.readouterr().out
+    tables = [block.splitlines() for block in out.split("\n\n") if block.startswith("|")]
+    assert len(tables) == 3  # every row, ours vs peers, FP8 + sage (no FP8 + sdpa row: no table)
+    for table in tables:
+        assert len({line.count("|") for line in table}) == 1, table
+    assert "| 0.517 |" in out and "met |" in out and "out of memory" in out and "note: a note" in out
