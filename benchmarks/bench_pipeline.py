@@ -5,6 +5,13 @@ Run on the GPU machine (H100 80 GB, 64 GB disk), ~8-9 minutes:
     PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python benchmarks/bench_pipeline.py --workdir /tmp/scail2_bench --keep
 Proof run of the same code on a CPU (tiny model, ~1-2 minutes):
     python benchmarks/bench_pipeline.py --tiny
+Issue 8's long runs (stage 6, one call each; the machine and its /tmp may be gone between calls, so each call
+rebuilds the folder with stages 1-2, ~50 s, and the second compares against the first's saved latents):
+    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python benchmarks/bench_pipeline.py --stages 1,2,6 --size 512p
+    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python benchmarks/bench_pipeline.py --stages 1,2,6 --size 512p \
+        --cache magcache --reference .carry/latents_512p_40steps_g5_unipc_off.pt
+(the first call's $OUT/latents_512p_40steps_g5_unipc_off.pt carried into the second; `--keep` lets a second call on
+the same warm machine skip stages 1-2.)
 Prints elapsed-seconds progress lines and a markdown table per stage; with $OUT set, writes $OUT/pipeline.json
 (and a VRAM-timeline PNG per run) after every stage and before every VAE decode, so a timeout keeps what finished.
 
@@ -26,9 +33,19 @@ Stages (`--stages`, each guarded: a failure is logged and recorded, the next sta
    <= 1.02). These runs stop after the final latents (no VAE decode: stage 3 measured it).
 5. 512p x 81 frames, 2 steps, under an 8.0e9 cap and `vram_budget=8e9`: peak allocated (target <= 4.5 GB). If
    the time left is short, the frame count is reduced (recorded) so the call finishes.
+6. Long run (issue 8): one full pipeline run at `--size` (512p) x 81 frames, `--profile` (default 16gb) under a
+   16e9-byte cap, `--steps` (40) with `--guidance` (5.0), `--solver` (unipc), `--cache` off|teacache|magcache
+   (`--cache-threshold`; `--fast` makes the defaults the fast preset). Prints total seconds (the pipeline call, end
+   to end: encoders, VAE encode, DiT steps, VAE decode; the text encoder only when no earlier stage of the call
+   encoded the prompts: run it alone, as above), DiT seconds, s/step (their mean), DiT forwards computed/skipped (the
+   StepCache stats in the run's settings), peak allocated. Saves segment 0's final latents (fp32) with the run's
+   seconds and settings to $OUT/latents_<tag>.pt (the current directory without $OUT), first when the steps end
+   (seconds None: a call that times out in the decode keeps them), then complete. With `--reference FILE` (such a
+   file from an earlier call, loaded with weights_only) it prints this run's relative error and cosine vs those
+   latents, the settings that differ, and the reference's total / DiT seconds over this run's (the speed-up).
 One Pipeline object serves every run (the FP8 DiT is loaded once); prompts are encoded by the first run only
 (its "text encoder" phase is the measurement; later runs reuse the embeddings, marked `text_encoder_cached`).
-Seconds per step: the minimum over the 2 steps (the first step of a run includes kernel warm-up).
+Seconds per step in stages 3-5: the minimum over the 2 steps (the first step of a run includes kernel warm-up).
 """
 
 from __future__ import annotations
@@ -36,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -51,7 +69,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthfull import device_synth_tensor  # noqa: E402
 
 from scail2_lite import synth  # noqa: E402
-from scail2_lite.config import SEGMENT_LEN, SEGMENT_OVERLAP, DiTConfig  # noqa: E402
+from scail2_lite.config import DEFAULT_SHIFT, FAST_PRESET, SEGMENT_LEN, SEGMENT_OVERLAP, DiTConfig  # noqa: E402
+from scail2_lite.errors import UserError  # noqa: E402
+from scail2_lite.sampling import make_scheduler  # noqa: E402
+from scail2_lite.stepcache import CACHE_MODES, DEFAULT_THRESHOLDS  # noqa: E402
 
 GB = 1e9
 T0 = time.perf_counter()
@@ -262,8 +283,11 @@ def _cap(s: Setup, cap: float | None) -> None:
 
 
 def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, *, size, frames: int,
-             profile: str | None, vram_budget: float | None, cap: float | None, decode: bool) -> dict:
-    """One pipeline call with a PhaseRecorder; returns (and records) its report with the plan comparison."""
+             profile: str | None, vram_budget: float | None, cap: float | None, decode: bool,
+             sampling: dict | None = None, after_steps: Callable[[torch.Tensor], None] | None = None) -> dict:
+    """One pipeline call with a PhaseRecorder; returns (and records) its report with the plan comparison.
+    `sampling` overrides the pipeline keywords steps/guidance/solver (default: the module's) and adds cache ones;
+    `after_steps` gets segment 0's final latents (CPU) before the VAE decode."""
     from scail2_lite import conditioning as cond
     from scail2_lite import pipeline as pl
     from scail2_lite.profiling import PhaseRecorder, run_report
@@ -291,8 +315,9 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
         return ok
 
     cached = st.encoded_by is not None
-    settings = {"size": f"{w}x{h}", "frames": inputs.frames, "steps": STEPS, "guidance": GUIDANCE, "solver": SOLVER,
-                "profile_asked": profile, "vram_budget": vram_budget, "memory_cap": cap, "decode": decode,
+    sampling = {"steps": STEPS, "guidance": GUIDANCE, "solver": SOLVER, **(sampling or {})}
+    settings = {"size": f"{w}x{h}", "frames": inputs.frames, **sampling, "profile_asked": profile,
+                "vram_budget": vram_budget, "memory_cap": cap, "decode": decode,
                 "text_encoder_cached": cached, "dit": "fp8", "text_encoder": "nf4", "device": str(s.device)}
     latents: list[torch.Tensor] = []
 
@@ -305,8 +330,10 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
         rep["measured"].pop("timeline")  # the PNG holds it; keeps the JSON small
         return rep
 
-    def on_latents(_: int, z: torch.Tensor) -> None:
+    def on_latents(segment: int, z: torch.Tensor) -> None:
         latents.append(z.cpu())
+        if after_steps is not None and segment == 0:
+            after_steps(latents[0])
         res.put(key, report("steps done, VAE decode running" if decode else "steps done"))
         log(f"{key}: steps {step_seconds()} s")
         if not decode:
@@ -314,9 +341,10 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
 
     pl.DitPlacement.fallback = watched
     t = time.perf_counter()
+    result = None
     try:
-        pipe(inputs, prompt=PROMPT, steps=STEPS, guidance=GUIDANCE, solver=SOLVER, seed=s.seed, recorder=recorder,
-             on_latents=on_latents, keep_frames=False)
+        result = pipe(inputs, prompt=PROMPT, seed=s.seed, recorder=recorder, on_latents=on_latents, keep_frames=False,
+                      **sampling)
     except _StopAfterLatents:
         pass
     finally:
@@ -328,6 +356,8 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     st.latents[key] = latents[0]
     rep = report("complete")
     rep["wall_seconds"] = round(wall, 2)
+    if result is not None:
+        rep["pipeline_settings"] = result.settings
     steps = rep["step_seconds"]
     rep["seconds_per_step"] = min(steps) if steps else None
     phases = rep["measured"]["phases"]
@@ -449,6 +479,136 @@ def stage_512(s: Setup, st: State, dst: Path, src: Path, res: Results) -> str:
             + f"\n\ntargets: {ok}")
 
 
+# ---------------------------------------------------------------- stage 6: one long run, compared across calls
+
+
+@dataclass
+class LongRun:
+    """Stage 6's options (see the module doc)."""
+
+    size: str  # "512p" or "704p": the label; the tiny run maps it to its own small size
+    profile: str
+    steps: int
+    guidance: float
+    solver: str
+    cache: str
+    cache_threshold: float | None  # resolved to the mode's default in main, None with the cache off
+    reference: Path | None
+    reference_data: dict | None  # loaded in main (`load_reference`), so a bad file fails before stages 1-2
+
+    def tag(self) -> str:
+        """File-name tag: every setting that changes the latents or the time."""
+        th = "" if self.cache_threshold is None else f"{self.cache_threshold:g}"
+        return f"{self.size}_{self.steps}steps_g{self.guidance:g}_{self.solver}_{self.cache}{th}"
+
+
+def _forwards(rep: dict) -> tuple[int, int] | None:
+    """(computed, skipped) DiT forwards: the StepCache stats the pipeline wrote into its settings; with the cache
+    off every branch of every step ran."""
+    settings = rep.get("pipeline_settings") or {}
+    if "cache" in settings:
+        m = re.search(r"skipped (\d+)/(\d+)", settings["cache"])
+        return None if m is None else (int(m[2]) - int(m[1]), int(m[1]))
+    branches = 1 if rep["settings"]["guidance"] == 1 else 2
+    return len(rep["step_seconds"]) * branches, 0
+
+
+def _latents_file(tag: str) -> Path:
+    return (Path(os.environ["OUT"]) if os.environ.get("OUT") else Path.cwd()) / f"latents_{tag}.pt"
+
+
+def load_reference(path: Path) -> dict:
+    """A latents file written by stage 6 (weights_only: it came back from another machine)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (missing, truncated or not a weights-only pickle: one message)
+        raise ValueError(f"--reference {path}: cannot load it ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not torch.is_tensor(data.get("latents")) or "settings" not in data:
+        raise ValueError(f"--reference {path}: not a latents file written by stage 6")
+    return data
+
+
+def _compare(z: torch.Tensor, ref: dict, seconds: dict) -> dict:
+    """This run's final latents and times vs a reference file's: relative error, cosine, settings that differ,
+    reference seconds / these seconds."""
+    r = ref["latents"]
+    out: dict = {"differs": {k: (v, seconds["settings"].get(k)) for k, v in ref["settings"].items()
+                             if seconds["settings"].get(k) != v}}
+    if r.shape != z.shape:
+        out["error"] = f"latent shapes differ: reference {tuple(r.shape)}, this run {tuple(z.shape)}"
+        return out
+    a, b = z.double().flatten(), r.double().flatten()
+    out["relative_error"] = float((a - b).norm() / b.norm())
+    out["cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    out["max_abs_diff"] = float((a - b).abs().max())
+    for part in ("total", "dit"):
+        mine, theirs = seconds.get(part), (ref.get("seconds") or {}).get(part)
+        out[f"{part}_seconds_ratio"] = theirs / mine if mine and theirs else None
+    return out
+
+
+def stage_long(s: Setup, st: State, dst: Path, src: Path, res: Results, lr: LongRun) -> str:
+    """One end-to-end run (see the module doc); its latents file lets a later call compare against it."""
+    reference = lr.reference_data
+    tag = lr.tag()
+    key = f"6_{tag}"
+    path = _latents_file(tag)
+    cuda = s.device.type == "cuda"
+    sampling = {"steps": lr.steps, "guidance": lr.guidance, "solver": lr.solver, "cache": lr.cache,
+                "cache_threshold": lr.cache_threshold}
+    settings = {**sampling, "size": lr.size, "profile": lr.profile, "seed": s.seed, "frames": s.frames,
+                "scale": s.scale, "memory_cap": 16e9 if cuda else None,
+                "text_encoder_cached": st.encoded_by is not None}
+
+    def save(z: torch.Tensor, seconds: dict | None) -> None:
+        _save({"latents": z.float(), "seconds": seconds, "settings": settings}, path)
+        log(f"{key}: latents saved to {path} ({'complete' if seconds else 'steps done, decode running'})")
+
+    rep = run_case(s, st, dst, src, res, key, size=s.size_512 if lr.size == "512p" else s.size_704,
+                   frames=s.frames, profile=lr.profile, vram_budget=16e9, cap=16e9 if cuda else None, decode=True,
+                   sampling=sampling, after_steps=lambda z: save(z, None))
+    phases = rep["measured"]["phases"]
+    dit = phases.get("dit steps", {}).get("seconds")
+    steps = rep["step_seconds"]
+    seconds = {"total": rep["wall_seconds"], "dit": dit, "per_step_mean": dit / len(steps) if dit else None,
+               "per_step_min": min(steps) if steps else None, "load": res.data.get("load_seconds"),
+               "phases": {name: p["seconds"] for name, p in phases.items()}}
+    z = st.latents[key]
+    save(z, seconds)
+    forwards = _forwards(rep)
+    rep["long_run"] = {"tag": tag, "latents_file": str(path), "seconds": seconds, "forwards": forwards,
+                       "profile_used": (rep.get("pipeline_settings") or {}).get("profile")}
+    th = "" if lr.cache == "off" else f" {lr.cache_threshold:g}"
+    computed, skipped = forwards if forwards else ("-", "-")
+    per_step = "-" if seconds["per_step_mean"] is None else f"{seconds['per_step_mean']:.2f}"
+    encoders = "CLIP (umT5 cached by an earlier stage)" if settings["text_encoder_cached"] else "encoders"
+    out = [f"### Stage 6: long run `{tag}` ({rep['settings']['size']}, cap {gb(rep['settings']['memory_cap'])} GB, "
+           f"{encoders}, VAE encode and decode included)\n"
+           "| size | frames | profile | steps | guidance | solver | cache | forwards computed | skipped | s/step | "
+           "DiT s | total s | peak alloc GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+           f"| {lr.size} | {rep['settings']['frames']} | {rep['long_run']['profile_used'] or lr.profile} | "
+           f"{lr.steps} | {lr.guidance:g} | {lr.solver} | {lr.cache}{th} | {computed} | {skipped} | {per_step} | "
+           f"{'-' if dit is None else f'{dit:.1f}'} | {seconds['total']:.1f} | {gb(rep['peak_allocated'])} |"]
+    if reference is not None:
+        cmp = _compare(z, reference, {**seconds, "settings": settings})
+        rep["long_run"]["vs_reference"] = {"file": str(lr.reference), **cmp}
+        differs = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in cmp["differs"].items()) or "none"
+        if "error" in cmp:
+            out.append(f"vs `{lr.reference.name}`: not comparable ({cmp['error']}); settings differing: {differs}")
+        else:
+            def ratio(x: float | None) -> str:
+                return "-" if x is None else f"{x:.2f}x"
+
+            out.append(f"### vs reference `{lr.reference.name}` (settings differing: {differs})\n"
+                       "| relative error | cosine | max abs diff | reference total s / this | "
+                       "reference DiT s / this |\n"
+                       f"|---|---|---|---|---|\n| {cmp['relative_error']:.3e} | {cmp['cosine']:.6f} | "
+                       f"{cmp['max_abs_diff']:.3e} | {ratio(cmp['total_seconds_ratio'])} | "
+                       f"{ratio(cmp['dit_seconds_ratio'])} |")
+    res.put(key, rep)
+    return "\n\n".join(out)
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -470,20 +630,47 @@ def guarded(name: str, fn: Callable[[], str], res: Results, tables: list[str]) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stages", default="1,2,3,4,5", help="comma list of stages to run (1-5)")
+    ap.add_argument("--stages", default="1,2,3,4,5", help="comma list of stages to run (1-6; 6 is not a default)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scail2_bench_pipeline"))
     ap.add_argument("--keep", action="store_true", help="keep the work dir (a later call reuses the folder)")
     ap.add_argument("--tiny", action="store_true", help="CPU proof run on the tiny model")
     ap.add_argument("--light-profile", default="8gb", help="stage 4's forced low-memory profile")
-    ap.add_argument("--profile", default=None, help="force this profile in stages 3 and 5 (default: the planner's)")
+    ap.add_argument("--profile", default=None, help="force this profile in stages 3, 5 and 6 (default: the "
+                    "planner's in 3 and 5, 16gb in 6)")
     ap.add_argument("--budget", type=float, default=555.0, help="seconds this call may take (stage 4b/5 adapt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fast", action="store_true", help="the --preset fast sampling (4 steps, no CFG, lcm) instead "
-                    "of 2 steps with CFG")
+                    "of 2 steps with CFG; also stage 6's defaults)")
+    long = ap.add_argument_group("stage 6 (long run)")
+    long.add_argument("--size", choices=("512p", "704p"), default="512p")
+    long.add_argument("--steps", type=int, default=None, help="default 40 (--fast: 4)")
+    long.add_argument("--guidance", type=float, default=None, help="default 5.0 (--fast: 1)")
+    long.add_argument("--solver", default=None, help="default unipc (--fast: lcm)")
+    long.add_argument("--cache", choices=CACHE_MODES, default="off")
+    long.add_argument("--cache-threshold", type=float, default=None, help="default: the mode's (stepcache.py)")
+    long.add_argument("--reference", type=Path, default=None,
+                      help="a latents_<tag>.pt from an earlier stage-6 call to compare against")
     args = ap.parse_args()
+    base = FAST_PRESET if args.fast else {"steps": 40, "guidance": 5.0, "solver": "unipc"}
+    if args.cache == "off" and args.cache_threshold is not None:
+        ap.error("--cache-threshold needs --cache teacache or magcache")
+    try:
+        reference = load_reference(args.reference) if args.reference is not None else None
+    except ValueError as e:
+        ap.error(str(e))
+    long_run = LongRun(size=args.size, profile=args.profile or "16gb",
+                       steps=args.steps if args.steps is not None else base["steps"],
+                       guidance=args.guidance if args.guidance is not None else base["guidance"],
+                       solver=args.solver or base["solver"], cache=args.cache,
+                       cache_threshold=None if args.cache == "off" else (
+                           args.cache_threshold if args.cache_threshold is not None
+                           else DEFAULT_THRESHOLDS[args.cache]),
+                       reference=args.reference, reference_data=reference)
+    try:  # a bad solver or step count fails now, not after stages 1-2
+        make_scheduler(long_run.solver, long_run.steps, DEFAULT_SHIFT)
+    except UserError as e:
+        ap.error(str(e))
     if args.fast:
-        from scail2_lite.config import FAST_PRESET
-
         global STEPS, GUIDANCE, SOLVER
         STEPS, GUIDANCE, SOLVER = FAST_PRESET["steps"], FAST_PRESET["guidance"], FAST_PRESET["solver"]
     stages = {int(x) for x in args.stages.split(",") if x.strip()}
@@ -520,7 +707,8 @@ def main() -> None:
         have_fp8 = guarded("stage 2", lambda: stage_quantize(s, src, dst, res), res, tables)
     elif 2 in stages:
         log(f"stage 2: skipped ({'the FP8 folder exists' if have_fp8 else 'no sources'})")
-    runs = [(3, "stage 3", stage_704), (4, "stage 4", stage_profiles), (5, "stage 5", stage_512)]
+    runs = [(3, "stage 3", stage_704), (4, "stage 4", stage_profiles), (5, "stage 5", stage_512),
+            (6, "stage 6", lambda *a: stage_long(*a, long_run))]
     for number, name, fn in runs:
         if number not in stages:
             continue

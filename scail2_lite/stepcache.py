@@ -32,7 +32,12 @@ path (`FAST_PRESET`) has nothing to skip: first, last and warm-up steps cover al
 
 Memory: each branch keeps its residual, (tokens, dim) float32 on `store_device` (704p x 81 frames: ~2 GB per
 branch), and a computed step holds one more copy of the block input while the blocks run. `store_device="cpu"`
-keeps both off the GPU at the cost of a copy each way per computed step.
+keeps both off the GPU at the cost of copies: the input out before the blocks and back after them (it becomes
+the residual there, so one extra stream on the GPU after the blocks have freed their activations), the residual
+out, and the residual in for a skipped step, into page-locked buffers reused across steps (one for the input,
+one residual per branch: 3 x 1 GB at 512p). Measured at 512p x 81 frames, 40 UniPC steps with CFG, FP8, H100:
+with fresh pageable copies and the residual computed on the CPU, each computed step took 14.2-14.8 s instead of
+11.1 s uncached.
 
 Pipeline use (one cache per run, model calls made once per branch per step):
 
@@ -99,6 +104,7 @@ class _Branch:
     step: int = 0
     probe: torch.Tensor | None = None  # teacache: e0 of the previous call
     residual: torch.Tensor | None = None
+    norms: torch.Tensor | None = None  # magcache: per-token norms of `residual`, kept where they were computed
     residual_step: int = -1  # step the residual was computed at (magcache's ratio spans the gap)
     ratio: float = 1.0  # magcache: per-step magnitude ratio measured between the last two computed residuals
     acc: float = 0.0  # teacache: accumulated distance; magcache: accumulated error
@@ -147,6 +153,7 @@ class StepCache:
         self._branches: dict[str, _Branch] = {}
         self._current: str | None = None
         self._num_steps: int | None = None
+        self._x_in: torch.Tensor | None = None  # the block input of the step being computed (reused buffer)
 
     # ---- caller API -----------------------------------------------------------------------------------------
 
@@ -207,17 +214,27 @@ class StepCache:
             skip = self._magcache_decide(b, forced)
         if skip:
             self.stats.skipped[name] = self.stats.skipped.get(name, 0) + 1
-            return emb.x.add_(b.residual.to(emb.x.device))
+            return emb.x.add_(b.residual.to(emb.x.device, non_blocking=True))
         self.stats.computed[name] = self.stats.computed.get(name, 0) + 1
-        x_in = emb.x.to(self.store_device, copy=True)
+        self._x_in = self._stash(emb.x, self._x_in)
         out = run_blocks(emb, context)
-        residual = out.to(self.store_device, copy=True).sub_(x_in)
-        del x_in
-        if self.mode == "magcache" and b.residual is not None:
-            ratio = (residual.norm(dim=-1) / b.residual.norm(dim=-1).clamp_min(1e-12)).mean().item()
+        # The subtraction and the norms run where the blocks ran (the input comes back and becomes the residual).
+        residual = self._x_in.to(out.device, non_blocking=True).neg_().add_(out)
+        norms = residual.norm(dim=-1) if self.mode == "magcache" else None
+        if norms is not None and b.norms is not None:
+            ratio = (norms / b.norms.clamp_min(1e-12)).mean().item()
             b.ratio = ratio ** (1.0 / (step - b.residual_step))
-        b.residual, b.residual_step = residual, step
+        b.residual, b.norms, b.residual_step = self._stash(residual, b.residual), norms, step
         return out
+
+    def _stash(self, src: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+        """`src` copied to `store_device` into `buf`, reused across steps (page-locked when the copy leaves a GPU:
+        fresh pageable gigabytes each step cost ~1 s of page faults). Same stream: later reads are ordered."""
+        device = torch.device(self.store_device) if self.store_device is not None else src.device
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype or buf.device != device:
+            pin = src.is_cuda and device.type == "cpu"
+            buf = torch.empty(src.shape, dtype=src.dtype, device=device, pin_memory=pin)
+        return buf.copy_(src, non_blocking=True)
 
     def _teacache_decide(self, b: _Branch, e0: torch.Tensor, forced: bool) -> bool:
         probe = e0.detach().float()
