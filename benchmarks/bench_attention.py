@@ -2,23 +2,23 @@
 
 Question (issue 6 deliverable 5, issue 7): which `--attention` backend of `scail2_lite.attention` (sdpa, cudnn,
 flash, efficient, sage) is fastest at 81 frames (512p = 48,832 tokens, 704p = 95,920), and is its error against
-SDPA small enough to make it a default (block-output cosine >= --min-cosine, 0.999, at every block)?
+SDPA small enough to make it a default (block-output cosine >= --min-cosine, 0.999, at every block)? `sage` means
+what attention.py makes of it: SageAttention for self-attention (keys >= SAGE_MIN_KEYS), SDPA for the
+cross-attentions (sageattention 1.0.6 pads their 257 / 512 keys with zeros it does not mask).
 
 Design, one device call (about 2 minutes on an H100):
 1. Kernel level, per size: q, k, v (1, L, 40, 128) bf16, random normal (unit scale, like the model's q and k after
    RMSNorm). Self-attention (L keys) and the two cross-attentions (q of length L against the 257 CLIP keys and the
    512 text keys). Per backend: one call whose output is compared with sdpa's (relative Frobenius error, cosine),
    one more warm-up call, then the median of --kernel-reps synchronised calls; TFLOP/s = 4 L Lk 128 40 / t.
+   sage has self-attention rows only: with fewer keys than SAGE_MIN_KEYS `attention` runs SDPA under it, so its
+   cross rows would time SDPA again.
 2. Block level: a chain of --blocks full-size SCAIL2Blocks with `synth_tensor`'s trained-looking weights drawn on
    the GPU, block Linears in FP8 (the fast profile's compute path), chunk 8192 like the shipped profiles, the
    same inputs for every backend. Per backend: one untimed chain forward whose residual stream after each block
    is compared with the sdpa chain's (errors compound along the chain, as they do over 40 blocks), then
    --repeats timed chain forwards: ms per block is their mean, "x40 s/forward" = ms per block x 40 / 1000
    (blocks only, extrapolated), "transient GB" = peak allocated above weights, inputs and residual stream.
-   One extra row, "sage-self": sage for self-attention only, sdpa for both cross-attentions. Reason: the
-   sageattention 1.0.6 kernel loads the keys past kv_len in its last 64-key block as zeros without masking them,
-   so they enter the softmax with logit 0; 257 CLIP keys get 63 of them (the kernel-level cross-img row
-   measures it), 95,920 self-attention keys get 16.
 3. Verdict: the fastest backend whose block-output cosine is >= --min-cosine at every block of every size, and its
    speed-up over sdpa at the largest size.
 `math` is left out on the GPU: it materialises the 40 x L x L score matrix (hundreds of GB at these sizes).
@@ -26,13 +26,13 @@ A failing backend (not installed, no kernel for this GPU, out of memory) gets a 
 
 Run: `python benchmarks/bench_attention.py` (markdown tables and the verdict; with OUT set, $OUT/bench_attention.json
 is rewritten after every measurement, so a timeout keeps what finished). `--tiny` runs the same code on the CPU
-with the tiny preset (sdpa, math, flash run there; the others give error rows), as a proof of the plumbing.
+with the tiny preset (sdpa, math, flash run there; the others give error rows, sage at block level only: the tiny
+sequences are below SAGE_MIN_KEYS), as a proof of the plumbing.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -41,8 +41,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
-from unittest import mock
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -52,8 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fidelity import sync, table  # noqa: E402
 from bench_offload import failure  # noqa: E402
 
-import scail2_lite.model as model_module  # noqa: E402
-from scail2_lite.attention import attention, check_backend, use_backend  # noqa: E402
+from scail2_lite.attention import BACKENDS, SAGE_MIN_KEYS, attention, use_backend  # noqa: E402
 from scail2_lite.config import PRESETS, SIZES, DiTConfig  # noqa: E402
 from scail2_lite.model import CLIP_TOKENS, SCAIL2Block  # noqa: E402
 from scail2_lite.planner import tokens  # noqa: E402
@@ -63,9 +61,7 @@ from scail2_lite.quantize.schemes import is_quantized_name, kept_dtype  # noqa: 
 from scail2_lite.rope import rope_freqs  # noqa: E402
 from scail2_lite.synth import synth_tensor  # noqa: E402
 
-SAGE_SELF = "sage-self"
-ALL_BACKENDS = ("sdpa", "math", "cudnn", "flash", "efficient", "sage", SAGE_SELF)
-GPU_BACKENDS = tuple(b for b in ALL_BACKENDS if b != "math")
+GPU_BACKENDS = tuple(b for b in BACKENDS if b != "math")
 FRAMES = 81
 GPU_SIZES = {size: (height, width, FRAMES) for size, (height, width) in reversed(SIZES.items())}  # 704p first
 TINY_SIZES = {"64x64x5": (64, 64, 5), "128x128x9": (128, 128, 9)}
@@ -99,24 +95,6 @@ def patch_grid(config: DiTConfig, height: int, width: int, frames: int) -> tuple
     return (frames - 1) // 4 + 1, height // 8 // ph, width // 8 // pw
 
 
-@contextlib.contextmanager
-def backend_scope(name: str) -> Iterator[None]:
-    """`use_backend(name)`; for "sage-self": sage where q and k have the same length (self-attention; the
-    cross-attention queries are attn_chunk-sized and never match 257 or 512 keys), sdpa elsewhere."""
-    if name != SAGE_SELF:
-        with use_backend(name):
-            yield
-        return
-    check_backend("sage")
-
-    def self_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        with use_backend("sage" if q.shape[1] == k.shape[1] else "sdpa"):
-            return attention(q, k, v)
-
-    with mock.patch.object(model_module, "attention", self_only):
-        yield
-
-
 def median_ms(fn: Callable[[], object], device: str, reps: int) -> float:
     """Median wall time of `reps` synchronised calls, after one warm-up call."""
     fn()
@@ -133,7 +111,8 @@ def median_ms(fn: Callable[[], object], device: str, reps: int) -> float:
 @torch.no_grad()
 def kernel_level(config: DiTConfig, device: str, size: str, length: int, backends: list[str], reps: int,
                  record: Callable[[dict], None]) -> None:
-    """Time every backend on q, k, v of the model's self- and cross-attention shapes; errors vs sdpa."""
+    """Time every backend on q, k, v of the model's self- and cross-attention shapes; errors vs sdpa. No sage row
+    below SAGE_MIN_KEYS keys (the cross-attentions): `attention` runs SDPA there under the sage backend."""
     heads, head_dim = config.num_heads, config.head_dim
     g = torch.Generator(device=device).manual_seed(SEED)
 
@@ -145,6 +124,8 @@ def kernel_level(config: DiTConfig, device: str, size: str, length: int, backend
         k, v = rand(kv_len), rand(kv_len)
         reference = None
         for backend in backends:
+            if backend == "sage" and kv_len < SAGE_MIN_KEYS:
+                continue
             row: dict = {"size": size, "tokens": length, "attention": kind, "kv_tokens": kv_len, "backend": backend}
             try:
                 with use_backend(backend):
@@ -207,7 +188,7 @@ def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size:
     for backend in backends:
         row: dict = {"size": size, "tokens": length, "backend": backend, "blocks": []}
         try:
-            with backend_scope(backend):
+            with use_backend(backend):
                 x = residual(config, length, device)
                 for i, block in enumerate(blocks):
                     x = block(x, e0, context, freqs)
@@ -284,12 +265,7 @@ def verdict(rows: list[dict], min_cosine: float, kernel_rows: Sequence[dict] = (
             f"{s['ms_per_block'] / b['ms_per_block']:.2f}x sdpa ({s['ms_per_block']:.0f} ms), x40 {b['x40_s']:.1f} s "
             f"per forward (blocks only) vs sdpa's {s['x40_s']:.1f} s; its lowest block-output cosine is {worst:.5f}, "
             f"relative error {b['blocks'][-1]['rel_error']:.4f} after the last block at {top}.")
-    if best == SAGE_SELF:
-        text += (" sage-self is not an `--attention` choice yet: attention.py would route keys that are not the"
-                 " query sequence (the cross-attentions) to sdpa.")
-    # sage-self has no kernel rows of its own: its kernels are sage's self-attention ones (cross runs sdpa)
-    kernel = [r for r in kernel_rows if "rel_error" in r and (r["backend"] == best or (
-        best == SAGE_SELF and r["backend"] == "sage" and r["attention"] == "self"))]
+    kernel = [r for r in kernel_rows if "rel_error" in r and r["backend"] == best]
     if kernel and best != "sdpa":
         k = max(kernel, key=lambda r: r["rel_error"])
         text += (f" Its worst kernel-level error vs sdpa: relative {k['rel_error']:.4f}, cosine {k['cosine']:.6f} "
@@ -364,13 +340,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = PRESETS["tiny"] if args.tiny else DiTConfig()
     all_sizes = TINY_SIZES if args.tiny else GPU_SIZES
     sizes = list(filter(None, args.sizes.split(","))) or list(all_sizes)
-    backends = list(filter(None, args.backends.split(","))) or list(ALL_BACKENDS if args.tiny else GPU_BACKENDS)
+    backends = list(filter(None, args.backends.split(","))) or list(BACKENDS if args.tiny else GPU_BACKENDS)
     if args.blocks < 1 or args.kernel_reps < 1 or args.repeats < 1:
         parser.error("--blocks, --kernel-reps and --repeats must be >= 1")
     if unknown := [s for s in sizes if s not in all_sizes]:
         parser.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(all_sizes)}")
-    if unknown := [b for b in backends if b not in ALL_BACKENDS]:
-        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(ALL_BACKENDS)}")
+    if unknown := [b for b in backends if b not in BACKENDS]:
+        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     backends = ["sdpa", *dict.fromkeys(b for b in backends if b != "sdpa")]
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     report: dict = {"device": name, **versions(), "blocks": args.blocks, "kernel_reps": args.kernel_reps,
@@ -399,10 +375,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_kernel:
         for size in sizes:
             length = tokens(config, *all_sizes[size])
-            kernel_level(config, device, size, length, [b for b in backends if b != SAGE_SELF], args.kernel_reps,
-                         recorder("kernel"))
+            kernel_level(config, device, size, length, backends, args.kernel_reps, recorder("kernel"))
         print(f"\nKernel level, {name}: q (1, L, {config.num_heads}, {config.head_dim}) bf16, median of "
-              f"{args.kernel_reps} calls; x sdpa = sdpa time / this time; errors vs the sdpa output.\n", flush=True)
+              f"{args.kernel_reps} calls; x sdpa = sdpa time / this time; errors vs the sdpa output.", flush=True)
+        if "sage" in backends:
+            print(f"note: no sage rows with fewer than {SAGE_MIN_KEYS} keys (the cross-attentions): attention.py runs "
+                  "SDPA there under the sage backend.", flush=True)
+        print(flush=True)
         print(kernel_table(report["kernel"]) + "\n", flush=True)
     chunk = TINY_CHUNK if args.tiny else GPU_CHUNK
     blocks = make_chain(config, args.blocks, device, chunk)

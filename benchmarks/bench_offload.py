@@ -15,8 +15,8 @@ Design, to fit one 10-minute device call:
 - Methods (`--only` / `--skip` take these names): resident (bf16, uncapped); ours (0 resident, prefetch 1: two
   slots); ours-1slot (prefetch 0: one slot, the lowest-memory profile); fp8 and int8 (resident and ours, each
   scheme's weights); fp8-attention (ours fp8 under each `--attention` backend other than sdpa, the fp8 row being
-  the sdpa one; "sage-self" = sage for self-attention, sdpa for the cross-attentions, whose 257/512 keys
-  sageattention 1.0.6 pads with unmasked zero keys, see bench_attention.py); diffusers-block and diffusers-leaf
+  the sdpa one; "sage" = SageAttention for self-attention and SDPA for the cross-attentions, as
+  scail2_lite/attention.py routes it); diffusers-block and diffusers-leaf
   (group offloading with streams); mmgp.
   `--caps` picks the caps of the streamed/offloaded rows (quantized rows skip 24GB).
 - Checks: every streamed/offloaded bf16 output at 512p is compared with the resident one (torch.equal); the
@@ -52,21 +52,18 @@ updated after every measurement so a timeout keeps what finished).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
-from unittest import mock
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import scail2_lite.model as model_module
-from scail2_lite.attention import BACKENDS, attention, check_backend, use_backend
+from scail2_lite.attention import BACKENDS, use_backend
 from scail2_lite.config import SIZES, DiTConfig
 from scail2_lite.errors import UserError
 from scail2_lite.model import CLIP_TOKENS, SCAIL2Block
@@ -83,8 +80,6 @@ METHODS = ("resident", "ours", "ours-1slot", "fp8", "int8", "fp8-attention", "di
 MMGP_METHOD = "mmgp profile 2 HighRAM_LowVRAM: pinned, async prefetch"
 DIFFUSERS_BLOCK = "diffusers group offload, block level, streams"
 DIFFUSERS_LEAF = "diffusers group offload, leaf level, streams"
-SAGE_SELF = "sage-self"
-ATTENTION = (*BACKENDS, SAGE_SELF)
 FP8_TARGET = 0.7  # issue 6: FP8 + fastest accurate attention <= 0.7x diffusers' bf16 group offload at 704p
 
 
@@ -206,31 +201,13 @@ def safe_measure(model: nn.Module, size: str, cap: float | None, forwards: int, 
         return {"size": size, "cap": cap, "error": failure(e)}
 
 
-@contextlib.contextmanager
-def attention_scope(name: str) -> Iterator[None]:
-    """`use_backend(name)`; "sage-self" routes only self-attention (q and k of one length: cross-attention queries
-    are chunk-sized, never 257 or 512 long) to sage and the rest to sdpa. Raises UserError if sage is missing."""
-    if name != SAGE_SELF:
-        with use_backend(name):
-            yield
-        return
-    check_backend("sage")
-
-    def self_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        with use_backend("sage" if q.shape[1] == k.shape[1] else "sdpa"):
-            return attention(q, k, v)
-
-    with mock.patch.object(model_module, "attention", self_only):
-        yield
-
-
 def measure_with(backend: str, model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool) -> dict:
     """`measure` under attention `backend`; a backend that cannot run (package missing, kernel error) gives an
     error row and the rest of the run goes on."""
     if backend == "sdpa":  # the process default: our own rows, where a failure should stop the run
         return measure(model, size, cap, forwards, keep)
     try:
-        with attention_scope(backend):
+        with use_backend(backend):
             return safe_measure(model, size, cap, forwards, keep)
     except UserError as e:  # raised on entering: e.g. sageattention not installed
         return {"size": size, "cap": cap, "error": f"attention {backend} unavailable: {failure(e)}"}
@@ -326,7 +303,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"caps of the streamed/offloaded rows: {', '.join(CAPS)}")
     parser.add_argument("--attention", default="sdpa",
                         help=f"comma list of attention backends for extra 'ours fp8 + backend' rows (issue 6's 0.7x "
-                             f"target): {', '.join(ATTENTION)}")
+                             f"target): {', '.join(BACKENDS)}")
     parser.add_argument("--skip", default="", help=f"comma list of methods to skip: {', '.join(METHODS)}")
     parser.add_argument("--only", default="", help="comma list of the methods to run (default: all)")
     args = parser.parse_args(argv)
@@ -342,8 +319,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown cap(s) {', '.join(sorted(unknown))}; choose from {', '.join(CAPS)}")
     args.caps = {name: CAPS[name] for name in cap_names}
     args.attention = args.attention.split(",")
-    if unknown := set(args.attention) - set(ATTENTION):
-        parser.error(f"unknown attention backend(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTENTION)}")
+    if unknown := set(args.attention) - set(BACKENDS):
+        parser.error(f"unknown attention backend(s) {', '.join(sorted(unknown))}; choose from {', '.join(BACKENDS)}")
     if args.blocks < 1 or args.forwards < 1:
         parser.error("--blocks and --forwards must be at least 1")
     return args

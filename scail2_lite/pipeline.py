@@ -539,12 +539,13 @@ class DitPlacement:
         # What moves to the device is remembered, so `release` re-points it instead of copying it back (mapped
         # blocks stay mapped, and RAM gains no second copy of the model).
         self._saved = _host_tensors(self.model, skip=self.model.blocks[resident:])
-        if self.streamer is not None:  # a later segment under the same plan: the host side is still in place
-            self.streamer.resume()
-            return
         # Resident blocks move one at a time and the mapped shards' pages are given back after each, so RAM never
         # holds their file pages beside the pinned buffer.
         pages = FilePages(self.weight_files)
+        if self.streamer is not None:  # a later segment under the same plan: the host side is still in place
+            self.streamer.resume()
+            pages.drop()
+            return
         for block in self.model.blocks[:resident]:
             block.to(self.device)
             pages.drop()

@@ -1,4 +1,5 @@
-"""benchmarks/bench_attention.py: the verdict rule, and the whole script's plumbing on the CPU (tiny preset)."""
+"""benchmarks/bench_attention.py: the verdict rule, which kernel rows sage gets, and the whole script's plumbing
+on the CPU (tiny preset)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_attention  # noqa: E402
+
+from scail2_lite.config import PRESETS  # noqa: E402
 
 
 def block_row(backend: str, size: str, tokens: int, ms: float, cosines: list[float]) -> dict:
@@ -25,23 +28,34 @@ def test_verdict_picks_the_fastest_backend_accurate_at_every_block_and_size() ->
         # fastest, but drifts below the bar at block 2 of the smaller size only
         block_row("sage", "704p", 95920, 250.0, [0.9995, 0.9991]),
         block_row("sage", "512p", 48832, 90.0, [0.9993, 0.9987]),
-        block_row("sage-self", "704p", 95920, 260.0, [0.9996, 0.9993]),
-        block_row("sage-self", "512p", 48832, 95.0, [0.9995, 0.9992]),
+        block_row("efficient", "704p", 95920, 260.0, [0.9996, 0.9993]),
+        block_row("efficient", "512p", 48832, 95.0, [0.9995, 0.9992]),
         {"size": "704p", "tokens": 95920, "backend": "cudnn", "blocks": [], "error": "RuntimeError: no kernel"},
     ]
-    kernel = [{"size": "704p", "attention": a, "backend": "sage", "rel_error": e, "cosine": 0.99}
-              for a, e in (("self", 0.02), ("cross-img", 0.13))]
+    kernel = [{"size": "704p", "attention": a, "backend": b, "rel_error": e, "cosine": 0.99}
+              for a, b, e in (("self", "efficient", 0.02), ("cross-img", "efficient", 0.03), ("self", "sage", 0.05),
+                              ("self", "flash", 0.5))]
     text = bench_attention.verdict(rows, 0.999, kernel)
-    assert "**sage-self**" in text
-    assert "relative 0.0200, cosine 0.990000 (self attention, 704p)" in text  # its cross-attention runs sdpa
+    assert "**efficient**" in text
+    assert "relative 0.0300, cosine 0.990000 (cross-img attention, 704p)" in text  # its worst kernel row
     loose = bench_attention.verdict(rows, 0.998, kernel)
-    assert "**sage**" in loose and "relative 0.1300, cosine 0.990000 (cross-img attention, 704p)" in loose
+    assert "**sage**" in loose and "relative 0.0500, cosine 0.990000 (self attention, 704p)" in loose
     assert "at 704p, 1.54x sdpa" in text  # 400 / 260, at the largest size
     assert "sage (cosine 0.99870 after block 2 at 512p)" in text
     assert "cudnn (704p: RuntimeError: no kernel)" in text
     assert "flash" not in text.split("Rejected:")[1]
     assert "**sdpa**" in bench_attention.verdict(rows, 0.9999999)
     assert "no backend reaches" in bench_attention.verdict(rows, 1.1)
+
+
+def test_sage_gets_kernel_rows_only_where_attention_calls_sageattention(monkeypatch) -> None:
+    monkeypatch.setattr(bench_attention, "SAGE_MIN_KEYS", 600)  # between the 512 text keys and a 1024-token q
+    rows: list[dict] = []
+    bench_attention.kernel_level(PRESETS["tiny"], "cpu", "t", 1024, ["sdpa", "sage"], 1, rows.append)
+    assert [(r["attention"], r["backend"]) for r in rows] == [
+        ("self", "sdpa"), ("self", "sage"), ("cross-img", "sdpa"), ("cross-text", "sdpa")]
+    # the sage backend ran (here without sageattention or without CUDA: an error row, the run goes on)
+    assert rows[1]["error"].startswith("UserError: attention backend 'sage' needs")
 
 
 def test_tiny_cpu_run_writes_rows_errors_and_verdict(tmp_path: Path, monkeypatch) -> None:

@@ -1,9 +1,9 @@
 """benchmarks/bench_offload.py on the CPU: argument checks, the run plan, the comparison tables' arithmetic, the
-sage-self routing, and that diffusers' block-level offloading prefetches on the harness's wrapper."""
+attention backend scope of a measurement, and that diffusers' block-level offloading prefetches on the harness's
+wrapper."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_offload as bo  # noqa: E402
 
-import scail2_lite.model as model_module  # noqa: E402
+from scail2_lite.attention import get_backend  # noqa: E402
 
 
 def test_defaults_and_plan() -> None:
@@ -26,9 +26,9 @@ def test_defaults_and_plan() -> None:
 
 
 def test_plan_with_attention_and_filters() -> None:
-    args = bo.parse_args(["--attention", "sage,sage-self,sdpa", "--skip", "int8,ours-1slot", "--caps", "16GB"])
+    args = bo.parse_args(["--attention", "sage,flash,sdpa,sage", "--skip", "int8,ours-1slot", "--caps", "16GB"])
     assert args.caps == {"16GB": 16e9}
-    assert bo.plan(args) == [("bf16", True, [(1, ["sdpa"])]), ("fp8", True, [(1, ["sdpa", "sage", "sage-self"])])]
+    assert bo.plan(args) == [("bf16", True, [(1, ["sdpa"])]), ("fp8", True, [(1, ["sdpa", "sage", "flash"])])]
     only = bo.parse_args(["--only", "fp8-attention", "--attention", "sage"])
     assert bo.plan(only) == [("fp8", False, [(1, ["sage"])])]
     assert bo.plan(bo.parse_args(["--only", "diffusers-block,mmgp"])) == []
@@ -84,35 +84,29 @@ def test_labels() -> None:
     assert bo.ours_label(1, "sage") == "ours: 0 resident, prefetch 1, sage attention"
 
 
-def test_sage_self_routes_only_self_attention(monkeypatch: pytest.MonkeyPatch) -> None:
-    chosen: list[str] = []
+def test_measure_with_runs_under_the_backend_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
 
-    @contextlib.contextmanager
-    def fake_use_backend(name: str):
-        chosen.append(name)
-        yield
+    def fake_measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool) -> dict:
+        seen.append(get_backend())
+        if get_backend() == "flash":
+            raise RuntimeError("no flash kernel for this input")
+        return {"size": size, "cap": cap, "s_per_forward": 1.0}
 
-    monkeypatch.setattr(bo, "check_backend", lambda name: name)
-    monkeypatch.setattr(bo, "use_backend", fake_use_backend)
-    monkeypatch.setattr(bo, "attention", lambda q, k, v: q)
-    original = model_module.attention
-    q = torch.zeros(1, 16, 2, 4)
-    with bo.attention_scope(bo.SAGE_SELF):
-        model_module.attention(q, q, q)  # self-attention: same length
-        model_module.attention(q, torch.zeros(1, 5, 2, 4), torch.zeros(1, 5, 2, 4))  # cross-attention
-    assert chosen == ["sage", "sdpa"]
-    assert model_module.attention is original
+    monkeypatch.setattr(bo, "measure", fake_measure)
+    assert bo.measure_with("sdpa", None, "512p", 16e9, 1, False)["s_per_forward"] == 1.0
+    row = bo.measure_with("flash", None, "512p", 16e9, 1, False)  # a kernel failure: a row, the run goes on
+    assert row["error"] == "RuntimeError: no flash kernel for this input"
+    assert seen == ["sdpa", "flash"] and get_backend() == "sdpa"
 
 
 def test_missing_backend_gives_an_error_row(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(name: str) -> str:
         raise bo.UserError(f"attention backend {name!r} needs a package")
 
-    monkeypatch.setattr(bo, "check_backend", missing)
     monkeypatch.setattr("scail2_lite.attention.check_backend", missing)
-    for backend in ("sage", bo.SAGE_SELF):  # raised on entering: the model is never called
-        row = bo.measure_with(backend, None, "512p", 16e9, 1, False)
-        assert row["size"] == "512p" and row["error"].startswith(f"attention {backend} unavailable: UserError")
+    row = bo.measure_with("sage", None, "512p", 16e9, 1, False)  # raised on entering: the model is never called
+    assert row["size"] == "512p" and row["error"].startswith("attention sage unavailable: UserError")
 
 
 class _Bare(nn.Module):

@@ -20,6 +20,15 @@ def test_steps_fit_the_device_call() -> None:
         assert title and seconds > 0
 
 
+def test_offload_step_arguments_parse() -> None:
+    """The suite's bench_offload command line (its `--attention` backends included) passes the script's checks."""
+    import bench_offload
+
+    (command,) = [command for _, command, _ in suite.STEPS if command[0] == "benchmarks/bench_offload.py"]
+    args = bench_offload.parse_args(command[1:])
+    assert args.attention == ["sage"] and args.blocks == 3 and list(args.caps) == ["16GB"]
+
+
 def test_dry_run_lists_every_step(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(sys, "argv", ["suite.py", "--dry-run"])
     suite.main()
