@@ -49,7 +49,8 @@ def run_profile(model: Path, inputs: Path, profile: str, out: Path, size: str, s
     cmd = [sys.executable, "-m", "scail2_lite.cli", "profile", str(model), "--run", "--size", size, "--frames", "81",
            "--steps", str(steps), "--vram", "16", "--profile", profile, "--image", str(inputs / "ref.png"),
            "--mask-image", str(inputs / "ref_mask.png"), "--pose", str(inputs / "driving"),
-           "--mask-video", str(inputs / "driving_mask"), "--json", str(report), "--plot", str(out / f"ram_{profile}.png")]
+           "--mask-video", str(inputs / "driving_mask"), "--json", str(report),
+           "--plot", str(out / f"ram_{profile}.png")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,7 +92,8 @@ def main() -> None:
         (out / "bench_ram.json").write_text(json.dumps(rows, indent=1, default=str))
         if row["exit"] != 0:
             print(f"{profile}: exit {row['exit']}\n{row['output_tail']}", flush=True)
-    print(f"\n### Process RAM, {args.size} x 81 frames, {args.steps} step(s) with CFG, 16e9-byte VRAM cap, FP8 folder\n")
+    print(f"\n### Process RAM, {args.size} x 81 frames, {args.steps} step(s) with CFG, 16e9-byte VRAM cap, "
+          "FP8 folder\n")
     print("| profile | exit | s | peak RSS GB (VmHWM) | peak anon GB | peak file GB | peak shmem GB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

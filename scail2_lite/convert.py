@@ -195,5 +195,6 @@ def _text_encoder_check(folder: Path, scheme: str, log: Callable[[str], None]) -
     tokenizer, model = load_text_encoder(folder, device=device)
     reference = torch.cat(encode_text(tokenizer, model, prompts))
     del model
-    quant = load_text_encoder(folder, device=device, quantize=lambda m, move: quantize_text_encoder(m, scheme, device, move))[1]
+    quant = load_text_encoder(folder, device=device,
+                              quantize=lambda m, move: quantize_text_encoder(m, scheme, device, move))[1]
     return text_encoder_backend(scheme, device), compare(reference, torch.cat(encode_text(tokenizer, quant, prompts)))

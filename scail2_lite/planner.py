@@ -60,7 +60,8 @@ ATTN_CHUNK_BYTES = 16  # fp32 norm/modulation and q/k RMSNorm+RoPE temporaries p
 CROSS_CHUNK_BYTES = 12  # fp32 norm3, bf16 q, two attention outputs, o
 FFN_CHUNK_BYTES = 12  # fp32 norm2 + bf16 input/output per token of a chunk ...
 FFN_INNER_BYTES = 4  # ... plus bf16 (tokens x ffn_dim) twice (Linear output, GELU output)
-SAGE_BYTES = 3  # int8 q and k, and part of v's fp16 copy: measured +1.47 GB at 704p, +0.74 GB at 512p (bench_attention)
+# int8 q and k plus v's fp16 copy, in part: bench_attention measured +1.47 GB at 704p and +0.74 GB at 512p.
+SAGE_BYTES = 3
 MODEL_DTYPE_BYTES = 2
 
 RESERVED_FACTOR = 1.10  # caching allocator: reserved / allocated at the peak
