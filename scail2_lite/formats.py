@@ -254,8 +254,8 @@ def _safetensors_entries(path: Path) -> Iterator[_Entry]:
             for name, part_shape, i, n in to_wan_names(src, shape):
 
                 def load(src: str = src, i: int = i, n: int = n) -> torch.Tensor:
-                    with safe_open(path, framework="pt") as g:
-                        t = g.get_tensor(src)
+                    # Read through the open handle: entries are loaded while this generator is suspended inside it.
+                    t = f.get_tensor(src)
                     return t if n == 1 else t.chunk(n, dim=0)[i].clone()
 
                 yield _Entry(name, part_shape, dtype, load)

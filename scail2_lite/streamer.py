@@ -1,5 +1,6 @@
-"""Block streaming: DiT blocks live in host memory (pinned RAM or a memory-mapped safetensors file) and are copied
-into a small ring of preallocated GPU slots on a side stream while the previous block computes.
+"""Block streaming: DiT blocks live in pinned RAM, or stay in the quantized safetensors shards on disk (the "mmap"
+weight source: read per use, the model's block tensors are views of the mapped files), and are copied into a small
+ring of preallocated GPU slots on a side stream while the previous block computes.
 
 Why this shape: a 14B block is 0.8 GB in bf16 (0.4 GB in 8 bits) and takes 0.1-0.5 s to compute at 512p-704p, so
 one block of look-ahead hides a PCIe copy completely; the slots are allocated once, so the caching allocator sees no

@@ -179,3 +179,17 @@ def test_weights_that_cannot_be_mapped_never_get_a_disk_streaming_profile() -> N
     assert low_ram.profile.weight_source == "mmap"
     with pytest.raises(UserError, match="no profile fits"):
         plan(C14, *SIZES["704p"], 81, 16 * GB, 12 * GB, weights="fp8", mappable=False)
+
+
+def test_ram_follows_where_the_blocks_live() -> None:
+    """From a quantized folder the blocks cost RAM only once pinned (or two blocks of staging when read from disk);
+    a DiT that cannot be mapped (LoRAs merged, other formats) sits in RAM whole in every phase."""
+    size = SIZES["704p"]
+    mapped = {p: plan(C14, *size, 81, 16 * GB, 64 * GB, profile=p, weights="fp8") for p in ("8gb", "lowram")}
+    whole = {p: plan(C14, *size, 81, 16 * GB, 64 * GB, profile=p, weights="fp8", mappable=False) for p in ("8gb",)}
+    blk = block_bytes(C14, "fp8")
+    pinned, disk = mapped["8gb"].phases, mapped["lowram"].phases
+    assert pinned["dit_step"].ram - disk["dit_step"].ram == (C14.num_layers - 2) * blk
+    assert pinned["text_encoder"].ram == disk["text_encoder"].ram < pinned["dit_step"].ram  # before placement
+    assert whole["8gb"].phases["text_encoder"].ram - pinned["text_encoder"].ram == C14.num_layers * blk
+    assert mapped["8gb"].peak_ram <= 24 * GB and mapped["lowram"].peak_ram <= 12 * GB
