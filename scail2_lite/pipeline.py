@@ -168,7 +168,7 @@ class Pipeline:
         vram_budget: int | None = None,
         attention: str | None = None,
         vae_tile: int | None = None,
-        weight_files: bool = True,
+        read_blocks_from_files: bool = True,
     ) -> None:
         self.folder = folder
         self.dit = dit
@@ -179,7 +179,7 @@ class Pipeline:
         self.attention = attention
         self.vae_tile = vae_tile
         # The quantized shards the streamer may read blocks from; not when LoRAs were merged into the RAM copy.
-        self.weight_files = _weight_files(folder.root) if weight_files else []
+        self.weight_files = _weight_files(folder.root) if read_blocks_from_files else []
         self._vae: WanVAE | None = None
 
     @classmethod
@@ -224,7 +224,7 @@ class Pipeline:
         mapped = device.type == "cuda" and not loras and bool(_weight_files(folder.root))
         dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras, map_blocks=mapped)
         return cls(folder, dit, device, text_encoder=te, profile=profile, vram_budget=vram_budget,
-                   attention=attention, vae_tile=vae_tile, weight_files=not loras)
+                   attention=attention, vae_tile=vae_tile, read_blocks_from_files=not loras)
 
     # ---- phases ------------------------------------------------------------------------------------------------
 

@@ -240,3 +240,19 @@ def test_quantized_blocks_map_and_stream_once_across_segments(folder, tmp_path, 
         result, z = run(Pipeline.from_pretrained(q, device="cpu", profile=profile), folder, **segments)
         assert result.settings["segments"] == 3 and len(built) == 1  # suspended between segments, not rebuilt
         assert all(torch.equal(a, b) for a, b in zip(reference, z))
+
+
+def test_loras_merged_at_load_are_not_streamed_past(folder, tmp_path):
+    """With a LoRA merged into the RAM copy, no profile may read the blocks back from the quantized shards."""
+    from scail2_lite.synth import LORA_DIR, LORA_FILES
+
+    q = tmp_path / "q"
+    assert cli("quantize", str(folder), "-o", str(q), "--dit", "fp8", "--text-encoder", "bf16").exit_code == 0
+    lora = [(folder / LORA_DIR / LORA_FILES["kohya"], 1.0)]
+    _, plain = run(Pipeline.from_pretrained(q, device="cpu"), folder)
+    _, merged = run(Pipeline.from_pretrained(q, device="cpu", loras=lora), folder)
+    pipe = Pipeline.from_pretrained(q, device="cpu", profile="lowram", loras=lora)
+    assert pipe.weight_files == []
+    result, streamed = run(pipe, folder)
+    assert result.settings["profile"] == "lowram"
+    assert torch.equal(streamed[0], merged[0]) and not torch.equal(merged[0], plain[0])

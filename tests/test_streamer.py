@@ -116,17 +116,24 @@ def test_forward_interrupted_inside_a_streamed_block_recovers() -> None:
         assert torch.equal(_run(model), expected)
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "fp8"])
-def test_mmap_source_streams_from_the_file(tmp_path, scheme: str) -> None:
+def _saved_then_wrecked(tmp_path, scheme: str) -> tuple[SCAIL2Model, torch.Tensor, object]:
+    """(a copy of the model whose streamed blocks are zeroed, the original's output, its weights file): streamed
+    output equal to the original's can only come from the file."""
     model = _model(scheme)
     expected = _run(model)
     path = tmp_path / "dit.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     fresh = copy.deepcopy(model)
-    with torch.no_grad():  # wreck the in-memory blocks: the numbers must come from the file
+    with torch.no_grad():
         for b in fresh.blocks[1:]:
             for t in [*b.parameters(), *b.buffers()]:
                 t.zero_()
+    return fresh, expected, path
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8"])
+def test_mmap_source_streams_from_the_file(tmp_path, scheme: str) -> None:
+    fresh, expected, path = _saved_then_wrecked(tmp_path, scheme)
     with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=1, source="mmap", weights=path) as streamer:
         assert streamer.host_bytes == 0
         for _ in range(2):
@@ -151,15 +158,7 @@ def test_bad_arguments_are_user_errors(tmp_path) -> None:
 
 @pytest.mark.parametrize("source", ["pinned", "mmap"])
 def test_weights_come_from_the_files_and_suspend_resume_keeps_them(tmp_path, source: str) -> None:
-    model = _model("fp8")
-    expected = _run(model)
-    path = tmp_path / "dit.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    fresh = copy.deepcopy(model)
-    with torch.no_grad():  # wreck the in-memory blocks: the numbers must come from the file
-        for b in fresh.blocks[1:]:
-            for t in [*b.parameters(), *b.buffers()]:
-                t.zero_()
+    fresh, expected, path = _saved_then_wrecked(tmp_path, "fp8")
     with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=1, source=source, weights=path) as streamer:
         assert torch.equal(_run(fresh), expected)
         streamer.suspend()
