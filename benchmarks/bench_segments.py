@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from scail2_lite.pipeline import Pipeline
+from scail2_lite import pipeline
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,22 +37,20 @@ def main() -> None:
                         str(args.workdir), "--keep", *tiny], check=True)
     files = dict(image=inputs / "ref.png", mask_image=inputs / "ref_mask.png", pose=inputs / "driving",
                  mask_video=inputs / "driving_mask")
-    from scail2_lite import streamer
-
     built: list[int] = []
-    real = streamer.BlockStreamer
+    real = pipeline.BlockStreamer
 
     def counting(*a, **kw):
         built.append(1)
         return real(*a, **kw)
 
-    streamer.BlockStreamer = counting
+    pipeline.BlockStreamer = counting
     rows, reference = [], None
     for profile in args.profiles.split(","):
         built.clear()
         latents: list[torch.Tensor] = []
         t = time.perf_counter()
-        pipe = Pipeline.from_pretrained(model, device=args.device, profile=profile)
+        pipe = pipeline.Pipeline.from_pretrained(model, device=args.device, profile=profile)
         result = pipe(**files, size=(256, 256), frames=17, steps=2, seed=1, segment_len=9, segment_overlap=5,
                       keep_frames=False, on_latents=lambda k, z: latents.append(z))
         seconds = time.perf_counter() - t

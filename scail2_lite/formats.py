@@ -344,8 +344,9 @@ class FilePages:
 
     def __init__(self, paths: list[str | Path]) -> None:
         self.ranges: list[tuple[int, int]] = []
-        madvise = getattr(ctypes.CDLL(None), "madvise", None) if os.name == "posix" else None
-        self._madvise = madvise
+        self._madvise = getattr(ctypes.CDLL(None), "madvise", None) if os.name == "posix" and paths else None
+        if self._madvise is None:
+            return
         try:
             maps = Path("/proc/self/maps").read_text().splitlines()
         except OSError:

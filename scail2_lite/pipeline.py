@@ -39,6 +39,7 @@ from .errors import UserError
 from .formats import FilePages
 from .profiling import PhaseRecorder
 from .sampling import cfg, make_scheduler
+from .streamer import BlockStreamer, resident_tensors
 from .vae import VAE_FILE, WanVAE, load_vae
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ class Pipeline:
         vram_budget: int | None = None,
         attention: str | None = None,
         vae_tile: int | None = None,
-        read_blocks_from_files: bool = True,
+        weight_files: Sequence[Path] = (),
     ) -> None:
         self.folder = folder
         self.dit = dit
@@ -178,8 +179,7 @@ class Pipeline:
         self.vram_budget = vram_budget
         self.attention = attention
         self.vae_tile = vae_tile
-        # The quantized shards the streamer may read blocks from; not when LoRAs were merged into the RAM copy.
-        self.weight_files = _weight_files(folder.root) if read_blocks_from_files else []
+        self.weight_files = list(weight_files)  # quantized shards the streamer may read blocks from
         self._vae: WanVAE | None = None
 
     @classmethod
@@ -221,10 +221,12 @@ class Pipeline:
             check_backend(attention)
         # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
         # them from the files, a resident placement copies them to the GPU): RAM holds only the non-block layers.
-        mapped = device.type == "cuda" and not loras and bool(_weight_files(folder.root))
-        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras, map_blocks=mapped)
+        # Not with LoRAs: they are merged into the RAM copy, the shards hold the weights without them.
+        files = [] if loras else _weight_files(folder.root)
+        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras,
+                       map_blocks=device.type == "cuda" and bool(files))
         return cls(folder, dit, device, text_encoder=te, profile=profile, vram_budget=vram_budget,
-                   attention=attention, vae_tile=vae_tile, read_blocks_from_files=not loras)
+                   attention=attention, vae_tile=vae_tile, weight_files=files)
 
     # ---- phases ------------------------------------------------------------------------------------------------
 
@@ -505,7 +507,7 @@ class DitPlacement:
         self.streamer = None
         self.placed = False
         self.fallbacks: list[str] = []
-        self._saved: dict[tuple[torch.nn.Module, str, bool], torch.Tensor] = {}
+        self._saved: list[tuple[torch.nn.Module, str, bool, torch.Tensor]] = []
 
     def __enter__(self) -> "DitPlacement":
         self.apply()
@@ -538,7 +540,7 @@ class DitPlacement:
         resident = len(self.model.blocks) if plan is None else plan.resident_blocks
         # What moves to the device is remembered, so `release` re-points it instead of copying it back (mapped
         # blocks stay mapped, and RAM gains no second copy of the model).
-        self._saved = _host_tensors(self.model, skip=self.model.blocks[resident:])
+        self._saved = resident_tensors(self.model, self.model.blocks[resident:])
         # Resident blocks move one at a time and the mapped shards' pages are given back after each, so RAM never
         # holds their file pages beside the pinned buffer.
         pages = FilePages(self.weight_files)
@@ -552,8 +554,6 @@ class DitPlacement:
         if plan is None or plan.streamed_blocks == 0:
             self.model.to(self.device)
         else:
-            from .streamer import BlockStreamer
-
             source = plan.profile.weight_source if self.weight_files else "pinned"
             self.streamer = BlockStreamer(self.model, self.device, resident_blocks=plan.resident_blocks,
                                           prefetch=plan.profile.prefetch, source=source,
@@ -566,12 +566,12 @@ class DitPlacement:
         self.placed = False
         if self.streamer is not None:
             self.streamer.suspend()
-        for (owner, name, is_param), tensor in self._saved.items():
+        for owner, name, is_param, tensor in self._saved:
             if is_param:
-                getattr(owner, name).data = tensor
+                owner._parameters[name].data = tensor
             else:
                 owner._buffers[name] = tensor
-        self._saved = {}
+        self._saved = []
         _release()
 
     def close(self) -> None:
@@ -598,22 +598,6 @@ class DitPlacement:
         self.fallbacks.append(f"{self.plan.profile.name} -> {new.profile.name}")
         self.plan = new
         return True
-
-
-def _host_tensors(model: torch.nn.Module, skip: Sequence[torch.nn.Module]) -> dict:
-    """(module, name, is_parameter) -> current data of every parameter and buffer outside the `skip` modules."""
-    skipped = {id(m) for b in skip for m in b.modules()}
-    saved = {}
-    for mod in model.modules():
-        if id(mod) in skipped:
-            continue
-        for name, p in mod._parameters.items():
-            if p is not None:
-                saved[(mod, name, True)] = p.data
-        for name, b in mod._buffers.items():
-            if b is not None:
-                saved[(mod, name, False)] = b
-    return saved
 
 
 def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch.Tensor, pose_latents: torch.Tensor,

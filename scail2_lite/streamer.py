@@ -74,6 +74,19 @@ def _block_entries(block: nn.Module, prefix: str) -> tuple[list[_Entry], int]:
     return entries, offset
 
 
+def resident_tensors(model: nn.Module, streamed: Sequence[nn.Module]) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+    """(module, name, is parameter, data) of every parameter and buffer outside the `streamed` blocks: what a
+    placement keeps on the device."""
+    skip = {id(m) for b in streamed for m in b.modules()}
+    out = []
+    for mod in model.modules():
+        if id(mod) in skip:
+            continue
+        out += [(mod, name, True, p.data) for name, p in mod._parameters.items() if p is not None]
+        out += [(mod, name, False, b) for name, b in mod._buffers.items() if b is not None]
+    return out
+
+
 class BlockStreamer:
     """Keep `model`'s non-block layers and first `resident_blocks` blocks on `device`; stream the other blocks.
 
@@ -143,8 +156,7 @@ class BlockStreamer:
             for entries, rest in zip(self._entries, self._rest):
                 for e, r in zip(entries, rest):
                     e.tensor.data = r  # the model's own copy of the block is released here
-        self._hooks: list = []
-        self._attached = False
+        self._hooks: list = []  # non-empty while attached
         try:
             self.resume()
         except BaseException:
@@ -155,16 +167,11 @@ class BlockStreamer:
 
     def _move_resident(self) -> None:
         """Move every tensor of the model except the streamed blocks' to the device (they stay there)."""
-        skip = {id(m) for b in self._streamed for m in b.modules()}
-        for mod in self.model.modules():
-            if id(mod) in skip:
-                continue
-            for name, p in mod._parameters.items():
-                if p is not None:
-                    p.data = p.data.to(self.device)
-            for name, b in mod._buffers.items():
-                if b is not None:
-                    mod._buffers[name] = b.to(self.device)
+        for mod, name, is_param, t in resident_tensors(self.model, self._streamed):
+            if is_param:
+                mod._parameters[name].data = t.to(self.device)
+            else:
+                mod._buffers[name] = t.to(self.device)
 
     def _fill_host(self) -> list[list[torch.Tensor]]:
         """Gather the streamed blocks into one flat host buffer, block after block, then page-lock it in place.
@@ -199,7 +206,7 @@ class BlockStreamer:
 
     def resume(self) -> None:
         """Move the resident layers to the device, allocate the slots and hook the blocks (no-op if attached)."""
-        if self._attached:
+        if self._hooks:
             return
         self._move_resident()
         self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
@@ -223,7 +230,6 @@ class BlockStreamer:
             self._staging_free = [torch.cuda.Event() for _ in range(2)]
             self._next_staging = 0
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scail2-stream")
-        self._attached = True
         for i, block in enumerate(self.model.blocks):
             if i == 0 or i >= self.resident_blocks:
                 self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
@@ -354,7 +360,7 @@ class BlockStreamer:
     def suspend(self) -> None:
         """Unhook the blocks and free the slots; the host side (pinned buffer or file mapping) stays for `resume()`.
         Streamed blocks point at host memory afterwards; the caller moves the resident layers where it wants."""
-        if not self._attached:
+        if not self._hooks:
             return
         for h in self._hooks:
             h.remove()
@@ -372,7 +378,6 @@ class BlockStreamer:
         self._views = []
         self._holds = [None] * self.num_slots
         self._where = {}
-        self._attached = False
 
     def detach(self) -> None:
         """`suspend()`, then unpin the host buffer and close the weight files; streamed blocks stay in host memory

@@ -220,7 +220,7 @@ def test_step_cache_skips_forwards_and_off_changes_nothing(pipe, folder):
 
 
 def test_quantized_blocks_map_and_stream_once_across_segments(folder, tmp_path, monkeypatch):
-    from scail2_lite import streamer as streamer_module
+    from scail2_lite import pipeline as pipeline_module
     from scail2_lite.loader import load_dit
 
     q = tmp_path / "q"
@@ -231,8 +231,8 @@ def test_quantized_blocks_map_and_stream_once_across_segments(folder, tmp_path, 
     with pytest.raises(UserError, match="map_blocks"):
         load_dit(folder, map_blocks=True)
     built = []
-    real = streamer_module.BlockStreamer
-    monkeypatch.setattr(streamer_module, "BlockStreamer", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    real = pipeline_module.BlockStreamer
+    monkeypatch.setattr(pipeline_module, "BlockStreamer", lambda *a, **kw: built.append(1) or real(*a, **kw))
     segments = dict(segment_len=9, segment_overlap=5)
     _, reference = run(Pipeline.from_pretrained(q, device="cpu"), folder, **segments)
     for profile in ("16gb", "lowram"):  # pinned buffer filled from the shards / blocks read from them per use
