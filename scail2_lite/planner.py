@@ -296,17 +296,17 @@ def predict(
     vae = VAE_PARAMS * 4
     encoders_after = umt5 + clip if profile.encoders == "gpu" else 0
     dit_device = nonblock_bytes(config) + resident_blocks * blk + slots
-    staging = 2 * blk if streamed and profile.weight_source == "mmap" else 0
-    if mappable:
-        host = streamed * blk if profile.weight_source == "pinned" else staging
-        rest = BASE_RAM + nonblock_bytes(config)
+    rest = BASE_RAM + nonblock_bytes(config)
+    if not mappable:  # (a disk-mapped profile then streams from pinned RAM too)
+        rest, host = rest + config.num_layers * blk, 0
+    elif profile.weight_source == "pinned":
+        host = streamed * blk
     else:
-        host = 0
-        rest = BASE_RAM + nonblock_bytes(config) + config.num_layers * blk + staging
+        host = 2 * blk if streamed else 0
     on_gpu = profile.encoders != "cpu"
     frames_ram = DECODED_COPIES * 3 * frames * height * width * 4  # decoded video in fp32 before writing
     ram = rest + host
-    # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (encoders.FilePages);
+    # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (formats.FilePages);
     # on the CPU the whole file is paged in beside the quantized copy.
     umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS if on_gpu else UMT5_LINEAR_PARAMS * 2 + umt5
     vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
