@@ -1,24 +1,29 @@
 """Attention backends on the real 14B geometry: speed, and error against SDPA per kernel call and per block output.
 
 Question (issue 6 deliverable 5, issue 7): which `--attention` backend of `scail2_lite.attention` (sdpa, cudnn,
-flash, efficient, sage) is fastest at 81 frames (512p = 48,832 tokens, 704p = 95,920), and is its error against
-SDPA small enough to make it a default (block-output cosine >= --min-cosine, 0.999, at every block)? `sage` means
-what attention.py makes of it: SageAttention for self-attention (keys >= SAGE_MIN_KEYS), SDPA for the
-cross-attentions (sageattention 1.0.6 pads their 257 / 512 keys with zeros it does not mask).
+flash, efficient, sage, fp8) is fastest at 81 frames (512p = 48,832 tokens, 704p = 95,920), and is its error
+against SDPA small enough to make it a default (block-output cosine >= --min-cosine, 0.999, at every block)? `sage`
+and `fp8` mean what attention.py makes of them: SageAttention / cuDNN's FP8 kernel for self-attention (keys >=
+QUANTIZED_MIN_KEYS), SDPA for the cross-attentions. `auto` is not measured: it is fp8 or sdpa.
 
 Design, one device call (about 2 minutes on an H100):
+0. On the GPU, correctness checks first: the block's Triton passes (scail2_lite.fused, the GELU folded into the
+   activation quantization) against the PyTorch math they replace; with fp8 selected, its quantization pass against
+   its reference (bit-exact), two kernel calls against each other (bit-exact), the kernel against
+   `attention_fp8.emulate` and both against sdpa, at FP8_CHECK_TOKENS tokens.
 1. Kernel level, per size: q, k, v (1, L, 40, 128) bf16, random normal (unit scale, like the model's q and k after
    RMSNorm). Self-attention (L keys) and the two cross-attentions (q of length L against the 257 CLIP keys and the
    512 text keys). Per backend: one call whose output is compared with sdpa's (relative Frobenius error, cosine),
    one more warm-up call, then the median of --kernel-reps synchronised calls; TFLOP/s = 4 L Lk 128 40 / t.
-   sage has self-attention rows only: with fewer keys than SAGE_MIN_KEYS `attention` runs SDPA under it, so its
-   cross rows would time SDPA again.
+   sage and fp8 have self-attention rows only: with fewer keys than QUANTIZED_MIN_KEYS `attention` runs SDPA under
+   them, so their cross rows would time SDPA again.
 2. Block level: a chain of --blocks full-size SCAIL2Blocks with `synth_tensor`'s trained-looking weights drawn on
    the GPU, block Linears in FP8 (the fast profile's compute path), chunk 8192 like the shipped profiles, the
    same inputs for every backend. Per backend: one untimed chain forward whose residual stream after each block
    is compared with the sdpa chain's (errors compound along the chain, as they do over 40 blocks), then
    --repeats timed chain forwards: ms per block is their mean, "x40 s/forward" = ms per block x 40 / 1000
    (blocks only, extrapolated), "transient GB" = peak allocated above weights, inputs and residual stream.
+   `--breakdown N` then profiles one block per backend and lists its N most expensive GPU kernels.
 3. Verdict: the fastest backend whose block-output cosine is >= --min-cosine at every block of every size, and its
    speed-up over sdpa at the largest size.
 `math` is left out on the GPU: it materialises the 40 x L x L score matrix (hundreds of GB at these sizes).
@@ -27,7 +32,7 @@ A failing backend (not installed, no kernel for this GPU, out of memory) gets a 
 Run: `python benchmarks/bench_attention.py` (markdown tables and the verdict; with OUT set, $OUT/bench_attention.json
 is rewritten after every measurement, so a timeout keeps what finished). `--tiny` runs the same code on the CPU
 with the tiny preset (sdpa, math, flash run there; the others give error rows, sage at block level only: the tiny
-sequences are below SAGE_MIN_KEYS), as a proof of the plumbing.
+sequences are below QUANTIZED_MIN_KEYS), as a proof of the plumbing.
 """
 
 from __future__ import annotations
@@ -51,17 +56,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fidelity import sync, table  # noqa: E402
 from bench_offload import failure  # noqa: E402
 
-from scail2_lite.attention import BACKENDS, SAGE_MIN_KEYS, attention, use_backend  # noqa: E402
+from scail2_lite import attention_fp8, fused  # noqa: E402
+from scail2_lite.attention import BACKENDS, QUANTIZED, QUANTIZED_MIN_KEYS, attention, use_backend  # noqa: E402
 from scail2_lite.config import PRESETS, SIZES, DiTConfig  # noqa: E402
-from scail2_lite.model import CLIP_TOKENS, SCAIL2Block  # noqa: E402
+from scail2_lite.model import CLIP_TOKENS, LayerNorm32, RMSNorm, SCAIL2Block  # noqa: E402
 from scail2_lite.planner import tokens  # noqa: E402
-from scail2_lite.quantize.linear import swap_linears  # noqa: E402
+from scail2_lite.quantize.linear import quantize_rows, quantize_rows_reference, swap_linears  # noqa: E402
 from scail2_lite.quantize.report import compare  # noqa: E402
 from scail2_lite.quantize.schemes import is_quantized_name, kept_dtype  # noqa: E402
-from scail2_lite.rope import rope_freqs  # noqa: E402
+from scail2_lite.rope import apply_rope, rope_freqs  # noqa: E402
 from scail2_lite.synth import synth_tensor  # noqa: E402
 
-GPU_BACKENDS = tuple(b for b in BACKENDS if b != "math")
+MEASURED = tuple(b for b in BACKENDS if b != "auto")  # auto is one of the others, whichever it resolves to
+GPU_BACKENDS = tuple(b for b in MEASURED if b != "math")
 FRAMES = 81
 GPU_SIZES = {size: (height, width, FRAMES) for size, (height, width) in reversed(SIZES.items())}  # 704p first
 TINY_SIZES = {"64x64x5": (64, 64, 5), "128x128x9": (128, 128, 9)}
@@ -70,6 +77,7 @@ SEED = 0
 # Issue 6 target at 704p: FP8 + fastest accurate attention <= 0.7x diffusers' bf16 block-level offload, which
 # measured 18.97 s per 40-block forward on the H100 (RESULTS.md, bench_offload --blocks 6).
 DIFFUSERS_704P_X40_S = 18.97
+FP8_CHECK_TOKENS = 4096  # fp8_checks' sequence: the emulation holds the 40 x L x L float32 scores (2.7 GB)
 T0 = time.perf_counter()
 
 
@@ -111,8 +119,8 @@ def median_ms(fn: Callable[[], object], device: str, reps: int) -> float:
 @torch.no_grad()
 def kernel_level(config: DiTConfig, device: str, size: str, length: int, backends: list[str], reps: int,
                  record: Callable[[dict], None]) -> None:
-    """Time every backend on q, k, v of the model's self- and cross-attention shapes; errors vs sdpa. No sage row
-    below SAGE_MIN_KEYS keys (the cross-attentions): `attention` runs SDPA there under the sage backend."""
+    """Time every backend on q, k, v of the model's self- and cross-attention shapes; errors vs sdpa. No sage or fp8
+    row below QUANTIZED_MIN_KEYS keys (the cross-attentions): `attention` runs SDPA there under those backends."""
     heads, head_dim = config.num_heads, config.head_dim
     g = torch.Generator(device=device).manual_seed(SEED)
 
@@ -124,7 +132,7 @@ def kernel_level(config: DiTConfig, device: str, size: str, length: int, backend
         k, v = rand(kv_len), rand(kv_len)
         reference = None
         for backend in backends:
-            if backend == "sage" and kv_len < SAGE_MIN_KEYS:
+            if backend in QUANTIZED and kv_len < QUANTIZED_MIN_KEYS:
                 continue
             row: dict = {"size": size, "tokens": length, "attention": kind, "kv_tokens": kv_len, "backend": backend}
             try:
@@ -142,6 +150,75 @@ def kernel_level(config: DiTConfig, device: str, size: str, length: int, backend
                 row["error"] = short_failure(e)
             record(row)
             clean(device)
+
+
+@torch.no_grad()
+def fused_checks(config: DiTConfig, device: str, length: int) -> list[dict]:
+    """The block's Triton passes vs the PyTorch math they replace, on the block's input shapes: share of outputs
+    that differ, largest difference, relative error. scail2_lite.fused's LayerNorm + modulation (norm1/norm2),
+    affine LayerNorm (norm3) and q/k RMSNorm + RoPE; the FFN's GELU folded into the FP8/INT8 activation
+    quantization (dequantized values compared)."""
+    g = torch.Generator(device=device).manual_seed(SEED)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device) * scale
+
+    def row(name: str, reference: torch.Tensor, out: torch.Tensor) -> dict:
+        return {"check": f"fused {name} vs PyTorch", "differing": (out != reference).float().mean().item(),
+                **compare(reference, out)}
+
+    x = randn(1, length, config.dim, scale=3) + randn(config.dim)  # a residual stream with channel offsets
+    scale, shift = randn(1, 1, config.dim, scale=0.1), randn(1, 1, config.dim, scale=0.1)
+    plain = LayerNorm32(config.dim, config.eps, elementwise_affine=False)
+    affine = LayerNorm32(config.dim, config.eps).to(device)
+    affine.weight.data, affine.bias.data = 1 + randn(config.dim, scale=0.1), randn(config.dim, scale=0.1)
+    rows = []
+    for name, norm, mod in (("LayerNorm + modulation", plain, (scale, shift)), ("affine LayerNorm", affine, ())):
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+        fused.layer_norm(x, norm, out, *mod)
+        reference = norm(x).mul_(1 + scale).add_(shift) if mod else norm(x)
+        rows.append(row(name, reference.bfloat16(), out))
+    y = randn(1, length, config.dim, scale=3).bfloat16()
+    rms = RMSNorm(config.dim, config.eps).to(device)
+    rms.weight.data = 1 + randn(config.dim, scale=0.1)
+    cos, sin = rope_freqs(config.head_dim, (length // 64, 8, 8), False, device=device)
+    cos, sin = cos[:length], sin[:length]
+    reference = apply_rope(rms(y).unflatten(-1, (config.num_heads, -1)), cos, sin).bfloat16()
+    out = torch.empty_like(reference)
+    fused.rms_norm_rope(y, rms.weight, rms.eps, cos, sin, out)
+    rows.append(row("q/k RMSNorm + RoPE", reference, out))
+    h = randn(length, config.ffn_dim, scale=2).bfloat16()  # the FFN's inner activation, before the GELU
+    for compute in ("fp8", "int8"):
+        (q, q_scale), (ref, ref_scale) = (quantize_rows(h, compute, gelu=True),
+                                          quantize_rows_reference(h, compute, gelu=True))
+        rows.append(row(f"tanh-GELU + {compute} activation quantization", ref.float() * ref_scale,
+                        q.float() * q_scale))
+    return rows
+
+
+@torch.no_grad()
+def fp8_checks(config: DiTConfig, device: str, length: int, record: Callable[[dict], None]) -> None:
+    """Does the cuDNN kernel compute what attention_fp8 says it does? At `length` tokens (small enough for the
+    emulation's full score matrix): the Triton quantization pass vs its PyTorch reference (must be bit-exact, on q
+    and on the smoothed k), and the kernel vs `attention_fp8.emulate` and vs sdpa (relative error, cosine). Inputs
+    have a per-channel offset on k, as trained keys do, so the smoothing is exercised."""
+    g = torch.Generator(device=device).manual_seed(SEED)
+    shape = (1, length, config.num_heads, config.head_dim)
+    q, v = (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+    k = torch.randn(shape, generator=g, device=device) + torch.randn(shape[2:], generator=g, device=device)
+    k = k.bfloat16()
+    k_mean, sq, sk, _ = attention_fp8.scales(q, k, v)
+    for name, args in (("quantize q", (q, sq)), ("quantize smoothed k", (k, sk, k_mean))):
+        fast, ref = attention_fp8.quantize(*args), attention_fp8.quantize_reference(*args)
+        record({"check": name, "bit_exact": bool(torch.equal(fast.view(torch.uint8), ref.view(torch.uint8)))})
+    out = attention_fp8.fp8_attention([q, k, v])
+    # Profiles must not change numbers: the same inputs give the same bits on every call
+    record({"check": "kernel run twice", "bit_exact": bool(torch.equal(out, attention_fp8.fp8_attention([q, k, v])))})
+    with use_backend("sdpa"):
+        reference = attention(q, k, v)
+    record({"check": "kernel vs emulation", **compare(attention_fp8.emulate(q, k, v), out)})
+    record({"check": "kernel vs sdpa", **compare(reference, out)})
+    record({"check": "emulation vs sdpa", **compare(reference, attention_fp8.emulate(q, k, v))})
 
 
 def make_chain(config: DiTConfig, n: int, device: str, chunk: int) -> list[SCAIL2Block]:
@@ -225,6 +302,30 @@ def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size:
         clean(device)
     del references, e0, context, freqs
     clean(device)
+
+
+@torch.no_grad()
+def kernel_breakdown(block: SCAIL2Block, config: DiTConfig, device: str, size: str, dims: tuple[int, int, int],
+                     backend: str, top: int) -> dict:
+    """GPU kernel time of one block forward under `backend` (torch.profiler), the `top` kernels by total time: where
+    the block's time goes besides attention."""
+    length = tokens(config, *dims)
+    e0, context, freqs = chain_inputs(config, patch_grid(config, *dims), device)
+    x = residual(config, length, device)
+    with use_backend(backend):
+        block(x, e0, context, freqs)
+        sync(device)
+        cuda = device == "cuda"
+        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
+            block(x, e0, context, freqs)
+            sync(device)
+    # GPU: kernels and their device time; CPU (the --tiny proof run): operators and their self time
+    events = [(e.key, e.count, e.device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()
+              if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e[2], reverse=True)
+    return {"size": size, "backend": backend, "total_ms": sum(e[2] for e in events) / 1000,
+            "kernels": [{"name": key[:90], "calls": count, "ms": us / 1000} for key, count, us in events[:top]]}
 
 
 def verdict(rows: list[dict], min_cosine: float, kernel_rows: Sequence[dict] = ()) -> str:
@@ -314,7 +415,7 @@ def block_table(rows: list[dict], n: int) -> str:
 
 def versions() -> dict:
     out = {"torch": torch.__version__}
-    for package in ("triton", "sageattention"):
+    for package in ("triton", "sageattention", "nvidia-cudnn-frontend"):
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -333,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-cosine", type=float, default=0.999, help="block-output cosine a default needs")
     parser.add_argument("--skip-kernel", action="store_true", help="block level only")
     parser.add_argument("--tiny", action="store_true", help="CPU proof run: tiny preset, tiny sizes")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N", help="also profile one block per backend at "
+                        "the first size and list its N most expensive GPU kernels (default 0: off)")
     args = parser.parse_args(argv)
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -340,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = PRESETS["tiny"] if args.tiny else DiTConfig()
     all_sizes = TINY_SIZES if args.tiny else GPU_SIZES
     sizes = list(filter(None, args.sizes.split(","))) or list(all_sizes)
-    backends = list(filter(None, args.backends.split(","))) or list(BACKENDS if args.tiny else GPU_BACKENDS)
+    backends = list(filter(None, args.backends.split(","))) or list(MEASURED if args.tiny else GPU_BACKENDS)
     if args.blocks < 1 or args.kernel_reps < 1 or args.repeats < 1:
         parser.error("--blocks, --kernel-reps and --repeats must be >= 1")
     if unknown := [s for s in sizes if s not in all_sizes]:
@@ -371,16 +474,34 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"{where}: {what}{extra}")
         return record
 
-    log(f"{name}, torch {report['torch']}, triton {report['triton']}, sageattention {report['sageattention']}")
+    log(f"{name}, torch {report['torch']}, triton {report['triton']}, sageattention {report['sageattention']}, "
+        f"cudnn-frontend {report['nvidia-cudnn-frontend']}")
+    if device == "cuda":
+        report["fused_checks"] = fused_checks(config, device, FP8_CHECK_TOKENS)
+        for row in report["fused_checks"]:
+            log(f"{row['check']}: {row['differing']:.2e} of the outputs differ, largest by {row['max_abs']:.3g}, "
+                f"relative error {row['rel_error']:.2e}")
+    if "fp8" in backends and device == "cuda":
+        report["fp8_checks"] = []
+
+        def record_check(row: dict) -> None:
+            report["fp8_checks"].append(row)
+            save()
+            log(f"fp8 check: {row}")
+        try:
+            fp8_checks(config, device, FP8_CHECK_TOKENS, record_check)
+        except Exception as e:  # noqa: BLE001 - the fp8 rows below will show the same failure
+            record_check({"check": "fp8", "error": short_failure(e)})
+        clean(device)
     if not args.skip_kernel:
         for size in sizes:
             length = tokens(config, *all_sizes[size])
             kernel_level(config, device, size, length, backends, args.kernel_reps, recorder("kernel"))
         print(f"\nKernel level, {name}: q (1, L, {config.num_heads}, {config.head_dim}) bf16, median of "
               f"{args.kernel_reps} calls; x sdpa = sdpa time / this time; errors vs the sdpa output.", flush=True)
-        if "sage" in backends:
-            print(f"note: no sage rows with fewer than {SAGE_MIN_KEYS} keys (the cross-attentions): attention.py runs "
-                  "SDPA there under the sage backend.", flush=True)
+        if quantized := [b for b in backends if b in QUANTIZED]:
+            print(f"note: no {'/'.join(quantized)} rows with fewer than {QUANTIZED_MIN_KEYS} keys (the "
+                  "cross-attentions): attention.py runs SDPA there under those backends.", flush=True)
         print(flush=True)
         print(kernel_table(report["kernel"]) + "\n", flush=True)
     chunk = TINY_CHUNK if args.tiny else GPU_CHUNK
@@ -388,6 +509,16 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"{args.blocks} blocks built (FP8 Linears)")
     for size in sizes:
         block_level(blocks, config, device, size, all_sizes[size], backends, args.repeats, recorder("block"))
+    if args.breakdown:
+        report["breakdown"] = []
+        for backend in backends:
+            try:
+                report["breakdown"].append(kernel_breakdown(blocks[0], config, device, sizes[0], all_sizes[sizes[0]],
+                                                            backend, args.breakdown))
+            except Exception as e:  # noqa: BLE001 - reported, the other backends still run
+                report["breakdown"].append({"size": sizes[0], "backend": backend, "error": short_failure(e)})
+            save()
+            clean(device)
     del blocks
     clean(device)
     report["verdict"] = verdict(report["block"], args.min_cosine, report["kernel"])
@@ -398,6 +529,15 @@ def main(argv: list[str] | None = None) -> dict:
           "chain forwards after an untimed one; x sdpa = sdpa time / this time; transient GB = peak allocated above "
           "weights, inputs and residual stream.\n", flush=True)
     print(block_table(report["block"], args.blocks) + "\n", flush=True)
+    for b in report.get("breakdown", []):
+        if "error" in b:
+            print(f"\n{b['size']} {b['backend']} breakdown: {b['error']}", flush=True)
+            continue
+        print(f"\nOne block at {b['size']}, {b['backend']}: {b['total_ms']:.1f} ms of kernels (GPU; operators on the "
+              "CPU), the most expensive:\n", flush=True)
+        print(table(["kernel", "calls", "ms", "share"], [[k["name"].replace("|", "/"), k["calls"], f"{k['ms']:.2f}",
+                                                         f"{k['ms'] / b['total_ms']:.1%}"] for k in b["kernels"]]),
+              flush=True)
     print(report["verdict"], flush=True)
     return report
 

@@ -15,8 +15,8 @@ Design, to fit one 10-minute device call:
 - Methods (`--only` / `--skip` take these names): resident (bf16, uncapped); ours (0 resident, prefetch 1: two
   slots); ours-1slot (prefetch 0: one slot, the lowest-memory profile); fp8 and int8 (resident and ours, each
   scheme's weights); fp8-attention (ours fp8 under each `--attention` backend other than sdpa, the fp8 row being
-  the sdpa one; "sage" = SageAttention for self-attention and SDPA for the cross-attentions, as
-  scail2_lite/attention.py routes it); diffusers-block and diffusers-leaf
+  the sdpa one; "sage" and "fp8" = SageAttention / cuDNN's FP8 kernel for self-attention and SDPA for the
+  cross-attentions, as scail2_lite/attention.py routes them); diffusers-block and diffusers-leaf
   (group offloading with streams); mmgp.
   `--caps` picks the caps of the streamed/offloaded rows (quantized rows skip 24GB).
 - Checks: every streamed/offloaded bf16 output at 512p is compared with the resident one (torch.equal); the

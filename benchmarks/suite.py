@@ -35,12 +35,13 @@ STEPS: list[tuple[str, list[str], int]] = [
     ("Attention backends: speed and error against SDPA (issue 6, deliverable 5: which backend may be a default)",
      ["benchmarks/bench_attention.py"], 150),
     # ~105-120 s: 22 measurements of 2 forwards of 3 blocks (~42 s at 0.16 / 0.47 s per bf16 block at 512p / 704p,
-    # fp8/int8 a little less, sage ~half at 704p, leaf level +20-30%), CUDA start and imports (~8 s), block
-    # generation and pinning (~12 s), INT8 autotuning at the chunk shapes and sage JIT (~15-30 s), diffusers and
+    # fp8/int8 a little less, fp8 attention 0.75x at 704p, leaf level +20-30%), CUDA start and imports (~8 s), block
+    # generation and pinning (~12 s), INT8 autotuning at the chunk shapes (~15-30 s), diffusers and
     # mmgp set-up (~15 s), input generation, allocator clean-up and output checks (~10 s).
     ("Offload at a 16 GB cap, 512p and 704p: ours (two slots, one slot) vs resident vs diffusers block/leaf vs mmgp; "
-     "bf16 vs FP8 vs INT8 per forward; FP8 + sage (self-attention; SDPA cross) vs diffusers bf16 (issue 6: <= 0.7x)",
-     ["benchmarks/bench_offload.py", "--blocks", "3", "--forwards", "1", "--caps", "16GB", "--attention", "sage"],
+     "bf16 vs FP8 vs INT8 per forward; FP8 + fp8 attention (self-attention; SDPA cross) vs diffusers bf16 (issue 6: "
+     "<= 0.7x)",
+     ["benchmarks/bench_offload.py", "--blocks", "3", "--forwards", "1", "--caps", "16GB", "--attention", "fp8"],
      130),
     # ~200 s: synthetic encoders (~20 s), DiT drawn and written FP8 (~25 s), load, then 704p phases (142 s).
     ("Full pipeline, FP8, 704p x 81 frames under a 16 GB cap, lowest-memory profile: peak <= 8 GB (issue 6), "
@@ -48,7 +49,8 @@ STEPS: list[tuple[str, list[str], int]] = [
      ["benchmarks/bench_pipeline.py", "--stages", "1,2,3", "--profile", "8gb"], 220),
 ]
 TAIL_LINES = 30  # progress lines kept from a script that failed or ran out of time
-KEPT = ("|", "#", "> ", "note")  # output lines that go to RESULTS.md: tables, headings, context and notes
+KEPT = ("|", "#", "> ", "note", "Verdict")  # output lines that go to RESULTS.md: tables, headings, context, notes
+SUMMARY = "## Results"  # the heading of bench_pipeline.py's closing summary
 
 
 def slice_for(index: int, elapsed: float) -> int:
@@ -61,7 +63,11 @@ def step_markdown(title: str, args: list[str], status: str, took: float, stdout:
     """One step's part of the section: its tables and notes; for a step that did not finish, also the tail of its
     progress output and stderr (partial results: the scripts log each measurement as it finishes)."""
     lines = stdout.splitlines()
-    kept = "\n".join(line for line in lines if line.startswith(KEPT))
+    if SUMMARY in lines:  # a script that ends with a summary repeats its tables there: keep the summary only
+        lines = lines[lines.index(SUMMARY) + 1 :]
+    # the scripts' own headings go under the step's "###"
+    kept = "\n".join("####" + line.lstrip("#") if line.startswith("#") else line
+                     for line in lines if line.startswith(KEPT))
     text = f"### {title}\n\n`{shlex.join(['python', *args])}` ({status}, {took:.0f} s)\n\n{kept or '(no table)'}\n"
     if status != "ok":
         rest = [line for line in lines if not line.startswith(KEPT)][-TAIL_LINES:]

@@ -54,11 +54,14 @@ def _round_half_away(y: torch.Tensor) -> torch.Tensor:
     return torch.sign(y) * torch.floor(y.abs() + 0.5)
 
 
-def quantize_rows_reference(x: torch.Tensor, compute: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (row) symmetric activation quantization in eager PyTorch: (q (M, K), scale (M, 1) float32).
+def quantize_rows_reference(x: torch.Tensor, compute: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (row) symmetric activation quantization in eager PyTorch: (q (M, K), scale (M, 1) float32), of
+    tanh-GELU(x) (computed in float32) when `gelu`.
 
     The reference for the fused Triton kernel; too slow on the GPU (several passes over the activations)."""
     x32 = x.to(torch.float32)
+    if gelu:
+        x32 = F.gelu(x32, approximate="tanh")
     qmax = FP8_MAX if compute == "fp8" else INT8_MAX
     scale = x32.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
     y = x32 / scale
@@ -71,12 +74,15 @@ if triton is not None:
 
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-                           BLOCK: tl.constexpr):
-        # One program per token: read the row once, absmax, scale, cast, write (one pass over the activations).
-        row = tl.program_id(0)
+                           GELU: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per token: read the row once, (tanh-GELU,) absmax, scale, cast, write (one pass).
+        row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        if GELU:  # 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (exp(2u) + 1)
+            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / QMAX
         y = x / scale
         if IS_INT:
@@ -132,10 +138,11 @@ if triton is not None:
         tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def quantize_rows(x: torch.Tensor, compute: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token activation quantization, fused in one Triton kernel on CUDA (reference math elsewhere)."""
+def quantize_rows(x: torch.Tensor, compute: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token activation quantization (of tanh-GELU(x) when `gelu`), fused in one Triton kernel on CUDA
+    (reference math elsewhere)."""
     if triton is None or not x.is_cuda:
-        return quantize_rows_reference(x, compute)
+        return quantize_rows_reference(x, compute, gelu)
     x = x.contiguous()
     m, k = x.shape
     q = torch.empty((m, k), dtype=FP8_DTYPE if compute == "fp8" else torch.int8, device=x.device)
@@ -143,7 +150,7 @@ def quantize_rows(x: torch.Tensor, compute: str) -> tuple[torch.Tensor, torch.Te
     block = triton.next_power_of_2(k)
     _quant_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0),
                              QMAX=FP8_MAX if compute == "fp8" else INT8_MAX, IS_INT=compute == "int8",
-                             BLOCK=block, num_warps=16 if block >= 8192 else 8)
+                             GELU=gelu, BLOCK=block, num_warps=16 if block >= 8192 else 8)
     return q, scale
 
 
@@ -195,7 +202,11 @@ def _reference_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
 
 
 class QuantLinear(nn.Module):
-    """Linear layer with an FP8 or INT8 (out, in) weight and float32 per-output-channel scale, as plain buffers."""
+    """Linear layer with an FP8 or INT8 (out, in) weight and float32 per-output-channel scale, as plain buffers.
+
+    `input_gelu` (set by `swap_linears` when it folds the tanh GELU in front of it) applies that GELU to the input
+    first; the fp8/int8 paths do it inside the activation quantization, which saves a pass over the FFN's widest
+    activation."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "fp8",
                  compute: str | None = None, device: torch.device | str | None = None,
@@ -206,6 +217,7 @@ class QuantLinear(nn.Module):
             check_compute(compute, scheme)
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.compute = scheme, compute
+        self.input_gelu = False
         self.register_buffer("weight", torch.empty((out_features, in_features), dtype=STORAGE_DTYPE[scheme],
                                                    device=device))
         self.register_buffer("scale", torch.empty((out_features,), dtype=torch.float32, device=device))
@@ -226,16 +238,18 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"scheme={self.scheme}, compute={self.compute or 'auto'}")
+                f"scheme={self.scheme}, compute={self.compute or 'auto'}" + (", input_gelu" if self.input_gelu else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.compute or choose_compute(x.device, self.scheme)
         if compute == "dequant":
+            if self.input_gelu:
+                x = F.gelu(x, approximate="tanh")
             w = (self.weight.to(torch.float32) * self.scale[:, None]).to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xq, xs = quantize_rows(x2, compute)
+        xq, xs = quantize_rows(x2, compute, self.input_gelu)
         if not x.is_cuda:
             out = _reference_matmul(xq, xs, self.weight, self.scale, self.bias, x.dtype)
         elif compute == "fp8":
@@ -272,4 +286,18 @@ def swap_linears(module: nn.Module, names_to_scheme: Mapping[str, str], compute:
         else:
             new = QuantLinear.from_linear(linear, scheme, compute)
         setattr(parent, child, new)
+    _fold_gelus(module)
     return module
+
+
+def _fold_gelus(module: nn.Module) -> None:
+    """Fold each tanh GELU that feeds a QuantLinear inside an nn.Sequential (the DiT FFN) into that QuantLinear's
+    input; the GELU's slot becomes an Identity, so parameter names do not change."""
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            gelu, linear = seq[i], seq[i + 1]
+            if isinstance(gelu, nn.GELU) and gelu.approximate == "tanh" and isinstance(linear, QuantLinear):
+                linear.input_gelu = True
+                seq[i] = nn.Identity()

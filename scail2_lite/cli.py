@@ -236,8 +236,9 @@ def generate(
     profile: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml (default: the "
                                           "fastest that fits this GPU and RAM; see `scail2-lite profile`)"),
     vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="GB of VRAM the run may use"),
-    attention: Optional[str] = typer.Option(None, "--attention", help="sdpa, flash, cudnn, efficient, math or "
-                                            "sage (default: the profile's)"),
+    attention: Optional[str] = typer.Option(None, "--attention", help="auto, sdpa, flash, cudnn, "
+                                            "efficient, math, sage or fp8 (default: the profile's; auto = fp8 where "
+                                            "installed and supported, else sdpa)"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:STRENGTH; repeatable"),
     cache: str = typer.Option("off", "--cache", help="skip DiT forwards that change little: teacache, magcache "
                               "or off (judge quality on your own videos)"),

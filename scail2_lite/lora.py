@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -447,6 +448,8 @@ class LoraSidePath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if getattr(self.base, "input_gelu", False):  # the FFN's GELU was folded into the quantized base
+            x = F.gelu(x, approximate="tanh")
         side = (x.to(self.down.dtype) @ self.down.T) @ self.up.T
         return y + side.to(y.dtype)
 

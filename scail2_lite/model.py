@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from . import fused
+from .attention import attention, self_attention
 from .config import DiTConfig
 from .errors import UserError
 from .rope import apply_rope, rope_freqs
@@ -55,13 +56,20 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
 
 
-def _modulated(
-    norm: LayerNorm32, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, chunk: int
+def _normed(
+    norm: LayerNorm32, x: torch.Tensor, dtype: torch.dtype, chunk: int, shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`norm(x) * (1 + scale) + shift` in float32, written to a `dtype` buffer token chunk by token chunk."""
+    """`norm(x)`, then `* (1 + scale) + shift` if given, in float32, written to a `dtype` buffer token chunk by
+    token chunk (one Triton pass per chunk on CUDA)."""
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for s in range(0, x.shape[1], chunk):
-        out[:, s : s + chunk] = norm(x[:, s : s + chunk]).mul_(1 + scale).add_(shift)
+        if fused.available(x):
+            fused.layer_norm(x[:, s : s + chunk], norm, out[:, s : s + chunk], scale, shift)
+        elif scale is None:
+            out[:, s : s + chunk] = norm(x[:, s : s + chunk])
+        else:
+            out[:, s : s + chunk] = norm(x[:, s : s + chunk]).mul_(1 + scale).add_(shift)
     return out
 
 
@@ -90,8 +98,13 @@ class SelfAttention(nn.Module):
         cos, sin = freqs
         out = torch.empty(batch, length, self.num_heads, h.shape[-1] // self.num_heads, dtype=h.dtype, device=h.device)
         for s in range(0, length, chunk):
-            y = norm(proj(h[:, s : s + chunk])).unflatten(-1, (self.num_heads, -1))
-            out[:, s : s + chunk] = apply_rope(y, cos[s : s + chunk], sin[s : s + chunk])
+            y = proj(h[:, s : s + chunk])
+            if fused.available(y):
+                fused.rms_norm_rope(y, norm.weight, norm.eps, cos[s : s + chunk], sin[s : s + chunk],
+                                    out[:, s : s + chunk])
+            else:
+                out[:, s : s + chunk] = apply_rope(norm(y).unflatten(-1, (self.num_heads, -1)), cos[s : s + chunk],
+                                                   sin[s : s + chunk])
         return out
 
     def qkv(
@@ -178,21 +191,21 @@ class SCAIL2Block(nn.Module):
         m0, m1, m2, m3, m4, m5 = (self.modulation.float() + e0).chunk(6, dim=1)
         attn_chunk = self.attn_chunk_size or length
 
-        q, k, v = self.self_attn.qkv(_modulated(self.norm1, x, m0, m1, dtype, attn_chunk), freqs, attn_chunk)
-        y = attention(q, k, v).flatten(2)
-        del q, k, v
+        # q, k, v are handed over, not held here: a converting backend frees each once it has its copy
+        qkv = list(self.self_attn.qkv(_normed(self.norm1, x, dtype, attn_chunk, m0, m1), freqs, attn_chunk))
+        y = self_attention(qkv).flatten(2)
         x.addcmul_(self.self_attn.o(y), m2)
         del y
 
         kv = self.cross_attn.kv(context)
         for s in range(0, length, attn_chunk):
             xs = x[:, s : s + attn_chunk]
-            xs.add_(self.cross_attn(self.norm3(xs).to(dtype), kv))
+            xs.add_(self.cross_attn(_normed(self.norm3, xs, dtype, attn_chunk), kv))
 
         ffn_chunk = self.ffn_chunk_size or length
         for s in range(0, length, ffn_chunk):
             xs = x[:, s : s + ffn_chunk]
-            xs.addcmul_(self.ffn(self.norm2(xs).mul_(1 + m4).add_(m3).to(dtype)), m5)
+            xs.addcmul_(self.ffn(_normed(self.norm2, xs, dtype, ffn_chunk, m3, m4)), m5)
         return x
 
 

@@ -216,9 +216,9 @@ class Pipeline:
 
             load_profile(profile)
         if attention is not None:
-            from .attention import check_backend
+            from .attention import resolve
 
-            check_backend(attention)
+            resolve(attention)
         # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
         # them from the files, a resident placement copies them to the GPU): RAM holds only the non-block layers.
         # Not with LoRAs: they are merged into the RAM copy, the shards hold the weights without them.

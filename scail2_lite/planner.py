@@ -203,6 +203,7 @@ def block_activation_bytes(config: DiTConfig, n_tokens: int, ffn_chunk: int, att
     d, f, n = config.dim, config.ffn_dim, n_tokens
     ca = min(attn_chunk or n, n)
     cf = min(ffn_chunk or n, n)
+    # fp8 (and so auto) adds nothing: it drops each bf16 input once its e4m3 copy exists, staying under q, k, v + out
     self_attn = QKV_ATTN_BYTES * n * d + ATTN_CHUNK_BYTES * ca * d + (SAGE_BYTES * n * d if attention == "sage" else 0)
     cross = CROSS_CHUNK_BYTES * ca * d
     ffn = FFN_CHUNK_BYTES * cf * d + FFN_INNER_BYTES * cf * f

@@ -1,7 +1,8 @@
 """SCAIL-2's three-segment 3D RoPE: [ref | video | pose] tokens, each with its own shifted position grid.
 
 Tables are computed in float64 like upstream and cast once; the rotation itself runs in float32 (upstream rotates
-in float64, which at 96k tokens would cost gigabytes for a difference far below bf16 resolution).
+in float64, which at 96k tokens would cost gigabytes for a difference far below bf16 resolution). On CUDA the
+model runs q/k RMSNorm and the rotation as one Triton pass (`fused.rms_norm_rope`), with `apply_rope`'s math.
 """
 
 from __future__ import annotations
@@ -88,3 +89,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
     rotation = torch.complex(cos.float(), sin.float()).unsqueeze(1)
     return torch.view_as_real(pairs * rotation).flatten(-2)
+

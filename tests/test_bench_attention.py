@@ -49,7 +49,7 @@ def test_verdict_picks_the_fastest_backend_accurate_at_every_block_and_size() ->
 
 
 def test_sage_gets_kernel_rows_only_where_attention_calls_sageattention(monkeypatch) -> None:
-    monkeypatch.setattr(bench_attention, "SAGE_MIN_KEYS", 600)  # between the 512 text keys and a 1024-token q
+    monkeypatch.setattr(bench_attention, "QUANTIZED_MIN_KEYS", 600)  # between the 512 text keys and a 1024-token q
     rows: list[dict] = []
     bench_attention.kernel_level(PRESETS["tiny"], "cpu", "t", 1024, ["sdpa", "sage"], 1, rows.append)
     assert [(r["attention"], r["backend"]) for r in rows] == [

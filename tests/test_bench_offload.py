@@ -104,7 +104,7 @@ def test_missing_backend_gives_an_error_row(monkeypatch: pytest.MonkeyPatch) -> 
     def missing(name: str) -> str:
         raise bo.UserError(f"attention backend {name!r} needs a package")
 
-    monkeypatch.setattr("scail2_lite.attention.check_backend", missing)
+    monkeypatch.setattr("scail2_lite.attention.resolve", missing)
     row = bo.measure_with("sage", None, "512p", 16e9, 1, False)  # raised on entering: the model is never called
     assert row["size"] == "512p" and row["error"].startswith("attention sage unavailable: UserError")
 

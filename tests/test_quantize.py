@@ -130,6 +130,24 @@ def test_emulated_fast_paths_match_dequant(scheme: str, bound: float) -> None:
         check_compute("int8", "fp8")
 
 
+@pytest.mark.parametrize("compute", ["fp8", "int8", "dequant"])
+def test_ffn_gelu_folds_into_the_quantized_linear(compute: str) -> None:
+    """swap_linears moves the FFN's tanh GELU into the next QuantLinear's input (one pass on the GPU); the
+    numbers are the unfolded ones: GELU in float32 before the activation quantization, or bf16 GELU for dequant."""
+    dtype = torch.float32 if compute != "dequant" else torch.bfloat16
+    ffn = nn.Sequential(nn.Linear(DIM, FFN), nn.GELU(approximate="tanh"), nn.Linear(FFN, DIM)).to(dtype)
+    unfolded = copy.deepcopy(ffn)
+    scheme = "int8" if compute == "int8" else "fp8"
+    swap_linears(ffn, {"0": scheme, "2": scheme}, compute=compute)
+    assert isinstance(ffn[1], nn.Identity) and ffn[2].input_gelu and not ffn[0].input_gelu
+    unfolded[0], unfolded[2] = ffn[0], QuantLinear.from_linear(unfolded[2], scheme, compute)
+    x = torch.randn(3, 5, DIM, dtype=dtype)
+    assert torch.equal(ffn(x), unfolded(x))
+    exact_gelu = nn.Sequential(nn.Linear(DIM, FFN), nn.GELU()).to(dtype)  # erf GELU: not the folded kind
+    swap_linears(exact_gelu, {"0": scheme}, compute=compute)
+    assert isinstance(exact_gelu[1], nn.GELU)
+
+
 def test_write_load_roundtrip_bit_exact(tmp_path: Path) -> None:
     sd = fake_dit()
     seen: list[int] = []

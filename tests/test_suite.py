@@ -26,7 +26,7 @@ def test_offload_step_arguments_parse() -> None:
 
     (command,) = [command for _, command, _ in suite.STEPS if command[0] == "benchmarks/bench_offload.py"]
     args = bench_offload.parse_args(command[1:])
-    assert args.attention == ["sage"] and args.blocks == 3 and list(args.caps) == ["16GB"]
+    assert args.attention == ["fp8"] and args.blocks == 3 and list(args.caps) == ["16GB"]
 
 
 def test_dry_run_lists_every_step(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -47,6 +47,9 @@ def test_markdown_keeps_tables_and_the_tail_of_a_failure() -> None:
     failed = suite.step_markdown("T", ["x.py"], "exit code 1", 1.0, out, "Traceback\nValueError: bad")
     assert "```text\n[ 1s] progress\nchatter\nTraceback\nValueError: bad\n```" in failed
     assert "(no table)" in suite.step_markdown("T", ["x.py"], "ok", 0.0, "nothing\n")
+    summary = "## Stage 3\n| early | 1 |\n## Results\n### Stage 3\n| final | 1 |\nVerdict: fine\n"
+    text = suite.step_markdown("T", ["x.py"], "ok", 1.0, summary)
+    assert "early" not in text and "#### Stage 3\n| final | 1 |\nVerdict: fine" in text and "## Results" not in text
 
 
 def test_missing_script_is_recorded_not_run() -> None:
