@@ -15,7 +15,8 @@ Design, to fit one 10-minute device call:
 - Methods (`--only` / `--skip` take these names): resident (bf16, uncapped); ours (0 resident, prefetch 1: two
   slots); ours-1slot (prefetch 0: one slot, the lowest-memory profile); fp8 and int8 (resident and ours, each
   scheme's weights); fp8-attention (ours fp8 under each `--attention` backend other than sdpa, the fp8 row being
-  the sdpa one; "sage" and "fp8" = SageAttention / cuDNN's FP8 kernel for self-attention and SDPA for the
+  the sdpa one; fp8-1slot adds the same rows with one slot, and resident fp8 rows under each backend for their
+  ratio; "sage" and "fp8" = SageAttention / cuDNN's FP8 kernel for self-attention and SDPA for the
   cross-attentions, as scail2_lite/attention.py routes them); diffusers-block and diffusers-leaf
   (group offloading with streams); mmgp.
   `--caps` picks the caps of the streamed/offloaded rows (quantized rows skip 24GB).
@@ -75,8 +76,8 @@ CAPS = {"none": None, "24GB": 24e9, "16GB": 16e9}
 CONFIG = DiTConfig()
 CHUNK = 8192  # ffn_chunk / attn_chunk of the shipped profiles
 KEEP_SIZE = "512p"  # outputs are compared at this size (1 GB each on the CPU)
-METHODS = ("resident", "ours", "ours-1slot", "fp8", "int8", "fp8-attention", "diffusers-block", "diffusers-leaf",
-           "mmgp")
+METHODS = ("resident", "ours", "ours-1slot", "fp8", "int8", "fp8-attention", "fp8-1slot", "diffusers-block",
+           "diffusers-leaf", "mmgp")
 MMGP_METHOD = "mmgp profile 2 HighRAM_LowVRAM: pinned, async prefetch"
 DIFFUSERS_BLOCK = "diffusers group offload, block level, streams"
 DIFFUSERS_LEAF = "diffusers group offload, leaf level, streams"
@@ -342,7 +343,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, bool, list[tuple[int, list
         if scheme == "fp8" and selected(args, "fp8-attention"):
             backends += [b for b in dict.fromkeys(args.attention) if b != "sdpa"]
         if backends:
-            runs.append((scheme, selected(args, scheme), [(1, backends)]))
+            one_slot = [(0, backends)] if scheme == "fp8" and selected(args, "fp8-1slot") else []
+            runs.append((scheme, selected(args, scheme), [(1, backends), *one_slot]))
     return runs
 
 
@@ -370,8 +372,8 @@ def main() -> None:
             tmp.rename(Path(out_dir) / "bench_offload.json")
         return row
 
-    def ratio_to(resident: dict, row: dict) -> dict:
-        base = resident.get(row["size"], {})
+    def ratio_to(resident: dict, row: dict, backend: str = "sdpa") -> dict:
+        base = resident.get((row["size"], backend), {})
         if "s_per_forward" in row and "s_per_forward" in base:
             return {"ratio": row["s_per_forward"] / base["s_per_forward"]}
         return {}
@@ -404,8 +406,12 @@ def main() -> None:
             row = measure(model, size, None, args.forwards, keep=size == KEEP_SIZE)
             if "output" in row:
                 references[scheme] = row["output"]
-            resident[size] = record("resident", scheme, row,
-                                    {"peak_allocated_40_blocks": row.get("peak_allocated", 0) + (40 - n) * per_block})
+            resident[size, "sdpa"] = record("resident", scheme, row, {
+                "peak_allocated_40_blocks": row.get("peak_allocated", 0) + (40 - n) * per_block})
+            # the one-slot rows' overhead is measured against resident under the same attention backend
+            for backend in [b for b in streamers[-1][1] if b != "sdpa"] if len(streamers) > 1 else []:
+                row = measure_with(backend, model, size, None, args.forwards, keep=False)
+                resident[size, backend] = record(f"resident, {backend} attention", scheme, row)
         scheme_caps = {name: cap for name, cap in caps.items() if scheme == "bf16" or name != "24GB"}
         for prefetch, backends in streamers:
             with BlockStreamer(model, "cuda", resident_blocks=0, prefetch=prefetch) as streamer:
@@ -414,7 +420,7 @@ def main() -> None:
                         for cap_name, cap in scheme_caps.items():
                             keep = size == KEEP_SIZE and cap_name == next(iter(scheme_caps))
                             row = measure_with(backend, model, size, cap, args.forwards, keep)
-                            extra = {"copies": streamer.copies, **ratio_to(resident, row),
+                            extra = {"copies": streamer.copies, **ratio_to(resident, row, backend),
                                      **vs_reference(row, references.get(scheme), exact=backend == "sdpa")}
                             record(ours_label(prefetch, backend), scheme, row, extra)
         if scheme != "bf16":

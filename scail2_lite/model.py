@@ -6,7 +6,8 @@ float32 from the first block on. Parameters may be stored in any dtype; islands 
 
 Block streaming contract: `SCAIL2Model.blocks` is an `nn.ModuleList` of `SCAIL2Block`; each forward calls every
 block exactly once, in order, as `x = block(x, e0, context, freqs)` and touches no block parameter elsewhere, so a
-forward pre-hook per block may move its weights in and a forward hook may move them out.
+forward pre-hook per block may move its weights in and a forward hook may move them out. Within a block, `ffn` runs
+last and reads only its own weights: the one-slot streamer copies the next block's other weights in meanwhile.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ per forward, in order, and touch block weights nowhere else (the contract writte
 Ordering on CUDA, for a block running in slot s:
   copy of the block into s  --waits for-->  `computed[s]` (the last block that ran in s has been consumed)
   compute of the block      --waits for-->  `copied[s]`   (its weights have arrived)
+With one slot (prefetch 0, the lowest-memory profiles) the copies still overlap compute: a block's tensors are laid
+out with its `ffn` (which runs last and reads only its own weights, model.py's contract) at the end of the slot, so
+the next block's head (attention, norms, modulation) is copied while the FFN runs, and its FFN while its attention
+runs:
+  copy of head j+1  --waits for-->  block j has reached its FFN     compute of block j+1  --waits for-->  head j+1
+  copy of FFN j+1   --waits for-->  block j has finished            FFN of block j+1      --waits for-->  FFN j+1
 On a CPU device the same code runs with synchronous copies (used by the tests).
 """
 
@@ -28,6 +34,7 @@ from .errors import UserError
 from .formats import WeightFiles
 
 ALIGN = 4096  # byte alignment of every tensor in host buffers and slots: any dtype view, page-aligned pinning
+TAIL = "ffn"  # the block submodule that runs last and reads only its own weights (model.py's contract)
 Source = Literal["pinned", "mmap"]
 
 def _aligned(n: int) -> int:
@@ -59,19 +66,27 @@ class _Entry:
         return self.shape.numel() * self.dtype.itemsize
 
 
-def _block_entries(block: nn.Module, prefix: str) -> tuple[list[_Entry], int]:
-    """Every parameter and buffer of `block` (each tensor once) laid out at aligned offsets; returns (entries, bytes)."""
-    entries: list[_Entry] = []
+def _block_entries(block: nn.Module, prefix: str) -> tuple[list[_Entry], int, int]:
+    """Every parameter and buffer of `block` (each tensor once) laid out at aligned offsets, those of its `TAIL`
+    submodule last; returns (entries, bytes, byte offset where the tail starts)."""
+    head: list[tuple[str, torch.Tensor]] = []
+    tail: list[tuple[str, torch.Tensor]] = []
     seen: set[int] = set()
-    offset = 0
     for mod_name, mod in block.named_modules(prefix=prefix):
+        in_tail = (mod_name + ".").startswith(f"{prefix}.{TAIL}.")
         for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
             if t is None or id(t) in seen:
                 continue
             seen.add(id(t))
-            entries.append(_Entry(f"{mod_name}.{name}", t, offset, t.dtype, t.shape))
-            offset += _aligned(_nbytes(t))
-    return entries, offset
+            (tail if in_tail else head).append((f"{mod_name}.{name}", t))
+    entries: list[_Entry] = []
+    offset = tail_at = 0
+    for k, (name, t) in enumerate(head + tail):
+        if k == len(head):
+            tail_at = offset
+        entries.append(_Entry(name, t, offset, t.dtype, t.shape))
+        offset += _aligned(_nbytes(t))
+    return entries, offset, tail_at if tail else offset
 
 
 def resident_tensors(model: nn.Module, streamed: Sequence[nn.Module]) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
@@ -134,10 +149,15 @@ class BlockStreamer:
         self._streamed = streamed
         self._n = len(streamed)
         layouts = [_block_entries(b, f"blocks.{resident_blocks + j}") for j, b in enumerate(streamed)]
-        self._entries = [entries for entries, _ in layouts]
-        self._sizes = [size for _, size in layouts]
+        self._entries = [entries for entries, _, _ in layouts]
+        self._sizes = [size for _, size, _ in layouts]
         self.slot_bytes = max(self._sizes, default=0)
         self.num_slots = min(prefetch + 1, self._n)
+        # One pinned slot for several blocks of one layout: head and tail are copied separately (see the docstring)
+        tails = {tail_at for _, _, tail_at in layouts}
+        self.split = (self.num_slots == 1 and self._n > 1 and source == "pinned" and len(tails) == 1
+                      and len({*self._sizes}) == 1 and 0 < min(tails) < self.slot_bytes)
+        self._tail_at = min(tails, default=0)
 
         self._files: WeightFiles | None = None
         if weights is not None:
@@ -221,10 +241,16 @@ class BlockStreamer:
         self._next_slot = 0
         self._current: int | None = None  # block running now (its tensors point into a slot)
         self._pending: dict[int, Future] = {}  # mmap mode: slot -> worker job that issues its copy
+        self._in_head: int | None = None  # split mode: block whose head is in (or arriving in) the slot
+        self._in_tail: int | None = None  # ... and whose tail
+        self._tail_entered = False  # split mode: the running block has started its tail (its FFN)
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._copied = [torch.cuda.Event() for _ in range(self.num_slots)]
             self._computed = [torch.cuda.Event() for _ in range(self.num_slots)]
+            # split mode: [head, tail] copied / free to overwrite
+            self._part_copied = [torch.cuda.Event(), torch.cuda.Event()]
+            self._part_free = [torch.cuda.Event(), torch.cuda.Event()]
         if self.source == "mmap" and self.cuda:
             self._staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
             self._staging_free = [torch.cuda.Event() for _ in range(2)]
@@ -235,6 +261,9 @@ class BlockStreamer:
                 self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
             if i >= self.resident_blocks:
                 self._hooks.append(block.register_forward_hook(self._make_post_hook(i - self.resident_blocks)))
+                if self.split:
+                    self._hooks.append(getattr(block, TAIL).register_forward_pre_hook(
+                        self._make_tail_hook(i - self.resident_blocks)))
 
     @property
     def host_bytes(self) -> int:
@@ -278,6 +307,26 @@ class BlockStreamer:
             self._pending[slot] = self._worker.submit(self._stage_and_copy, j, slot)
         return slot
 
+    def _issue_part(self, j: int, part: int) -> None:
+        """Split mode: start copying the head (part 0) or tail (part 1) of streamed block j into the slot."""
+        lo, hi = (0, self._tail_at) if part == 0 else (self._tail_at, self._sizes[j])
+        if part == 0:
+            self._in_head = j
+            self.copies += 1
+        else:
+            self._in_tail = j
+        self.bytes_copied += hi - lo
+        if not self.cuda:
+            for e, src, dst in zip(self._entries[j], self._rest[j], self._views[j][0]):
+                if lo <= e.offset < hi:
+                    dst.copy_(src)
+            return
+        start = self._host_starts[j]
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._part_free[part])
+            self._slots[0][lo:hi].copy_(self._host[start + lo : start + hi], non_blocking=True)
+            self._part_copied[part].record(self._copy_stream)
+
     def _read_block(self, j: int, dest: torch.Tensor) -> None:
         """Read streamed block j from the weight files into the flat uint8 buffer `dest` (its slot layout)."""
         for e in self._entries[j]:
@@ -316,14 +365,33 @@ class BlockStreamer:
 
     def _make_post_hook(self, j: int) -> Callable:
         def post_hook(module: nn.Module, args: tuple, output: object) -> None:
-            slot = self._where[j]
             if self.cuda:
-                self._computed[slot].record(torch.cuda.current_stream(self.device))
+                event = self._part_free[1] if self.split else self._computed[self._where[j]]
+                event.record(torch.cuda.current_stream(self.device))
             for e, rest in zip(self._entries[j], self._rest[j]):
                 e.tensor.data = rest
             self._current = None
+            if self.split:
+                self._issue_part((j + 1) % self._n, 1)
 
         return post_hook
+
+    def _make_tail_hook(self, j: int) -> Callable:
+        def tail_hook(module: nn.Module, args: tuple) -> None:
+            """Split mode, block j's FFN is about to run (once per chunk; the first call acts): its head is no
+            longer read, so the next block's head is copied over it; the FFN waits for its own tail."""
+            if self._tail_entered:
+                return
+            self._tail_entered = True
+            if self.cuda:
+                self._part_free[0].record(torch.cuda.current_stream(self.device))
+            self._issue_part((j + 1) % self._n, 0)
+            if self._in_tail != j:
+                self._issue_part(j, 1)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._part_copied[1])
+
+        return tail_hook
 
     def _start_forward(self) -> None:
         """Block 0 is about to run: undo what an interrupted forward (an exception inside a block) left behind."""
@@ -333,12 +401,15 @@ class BlockStreamer:
             self._current = None
             if self.cuda:  # later copies must also wait for the interrupted block's queued kernels
                 stream = torch.cuda.current_stream(self.device)
-                for event in self._computed:
+                for event in (*self._computed, *self._part_free):
                     event.record(stream)
 
     def _enter(self, j: int) -> None:
         """Streamed block j is about to run: make sure its copy is issued and awaited, point its tensors into the
         slot, then issue the copies of the next `prefetch` blocks (wrapping to the next forward's first blocks)."""
+        if self.split:
+            self._enter_split(j)
+            return
         slot = self._where.get(j)
         if slot is None:
             slot = self._issue(j)
@@ -354,6 +425,20 @@ class BlockStreamer:
             b = (j + k) % self._n
             if b not in self._where:
                 self._issue(b)
+
+    def _enter_split(self, j: int) -> None:
+        """Split mode, streamed block j is about to run: its head must have arrived (its tail is awaited by the
+        tail hook, while the head computes)."""
+        if self._in_head != j:
+            self._issue_part(j, 0)
+        if self._in_tail != j:
+            self._issue_part(j, 1)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._part_copied[0])
+        for e, view in zip(self._entries[j], self._views[j][0]):
+            e.tensor.data = view
+        self._current = j
+        self._tail_entered = False
 
     # ---- teardown ---------------------------------------------------------------------------------------------
 
@@ -378,6 +463,7 @@ class BlockStreamer:
         self._views = []
         self._holds = [None] * self.num_slots
         self._where = {}
+        self._in_head = self._in_tail = None
 
     def detach(self) -> None:
         """`suspend()`, then unpin the host buffer and close the weight files; streamed blocks stay in host memory

@@ -22,16 +22,19 @@ def test_defaults_and_plan() -> None:
     args = bo.parse_args([])
     assert args.caps == bo.CAPS and args.sizes == ["512p", "704p"] and args.attention == ["sdpa"]
     assert bo.plan(args) == [("bf16", True, [(1, ["sdpa"]), (0, ["sdpa"])]),
-                             ("fp8", True, [(1, ["sdpa"])]), ("int8", True, [(1, ["sdpa"])])]
+                             ("fp8", True, [(1, ["sdpa"]), (0, ["sdpa"])]), ("int8", True, [(1, ["sdpa"])])]
 
 
 def test_plan_with_attention_and_filters() -> None:
-    args = bo.parse_args(["--attention", "sage,flash,sdpa,sage", "--skip", "int8,ours-1slot", "--caps", "16GB"])
+    args = bo.parse_args(["--attention", "sage,flash,sdpa,sage", "--skip", "int8,ours-1slot,fp8-1slot", "--caps",
+                          "16GB"])
     assert args.caps == {"16GB": 16e9}
     assert bo.plan(args) == [("bf16", True, [(1, ["sdpa"])]), ("fp8", True, [(1, ["sdpa", "sage", "flash"])])]
     only = bo.parse_args(["--only", "fp8-attention", "--attention", "sage"])
     assert bo.plan(only) == [("fp8", False, [(1, ["sage"])])]
     assert bo.plan(bo.parse_args(["--only", "diffusers-block,mmgp"])) == []
+    one_slot = bo.parse_args(["--only", "fp8-1slot,fp8-attention", "--attention", "fp8"])
+    assert bo.plan(one_slot) == [("fp8", False, [(1, ["fp8"]), (0, ["fp8"])])]
 
 
 @pytest.mark.parametrize("argv", [["--skip", "nope"], ["--caps", "8GB"], ["--attention", "fast"],

@@ -83,6 +83,36 @@ def test_weights_run_from_fixed_slots_and_copies_are_counted() -> None:
         h.remove()
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_one_slot_copies_the_next_head_while_the_ffn_runs(chunk: int | None) -> None:
+    """prefetch 0: the next block's head (attention, norms, modulation) is already in the slot when a block's FFN
+    starts (synchronous copies on the CPU show it), its FFN after the block; the output is unchanged."""
+    model = _model()
+    for block in model.blocks:
+        block.ffn_chunk_size = block.attn_chunk_size = chunk  # 7: several FFN calls per block
+    expected = _run(model)
+    heads = [b.self_attn.q.weight.detach().clone() for b in model.blocks]
+    tails = [b.ffn[0].weight.detach().clone() for b in model.blocks]
+    seen: list[bool] = []
+
+    def during_ffn(j: int):
+        def hook(module, args):
+            block = model.blocks[j]
+            seen.append(torch.equal(block.self_attn.q.weight, heads[(j + 1) % LAYERS])
+                        and torch.equal(block.ffn[0].weight, tails[j]))
+        return hook
+
+    with BlockStreamer(model, "cpu", prefetch=0) as streamer:
+        assert streamer.split and streamer.num_slots == 1
+        handles = [b.ffn.register_forward_pre_hook(during_ffn(j)) for j, b in enumerate(model.blocks)]
+        for _ in range(2):
+            assert torch.equal(_run(model), expected)
+        assert seen and all(seen)
+        assert streamer.copies == 1 + 2 * LAYERS  # block 0's head, then one head per FFN
+        for h in handles:
+            h.remove()
+
+
 def test_blocks_that_fit_the_ring_are_copied_once() -> None:
     model = _model()
     with BlockStreamer(model, "cpu", resident_blocks=3, prefetch=1) as streamer:
@@ -101,14 +131,15 @@ def test_detach_removes_every_hook() -> None:
     assert streamer._slots == []
 
 
-def test_forward_interrupted_inside_a_streamed_block_recovers() -> None:
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_forward_interrupted_inside_a_streamed_block_recovers(prefetch: int) -> None:
     model = _model()
     expected = _run(model)
 
-    def boom(module, args):
+    def boom(module, args):  # after the streamer's own FFN hook: with one slot, block 3's head has replaced 2's
         raise RuntimeError("out of memory")
 
-    with BlockStreamer(model, "cpu", resident_blocks=0, prefetch=1):
+    with BlockStreamer(model, "cpu", resident_blocks=0, prefetch=prefetch):
         handle = model.blocks[2].ffn.register_forward_pre_hook(boom)
         with pytest.raises(RuntimeError):
             _run(model)
