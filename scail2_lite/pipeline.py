@@ -26,6 +26,7 @@ from rich.progress import Progress
 
 from . import conditioning as cond
 from . import media
+from .attention import get_backend
 from .config import (
     DEFAULT_FPS,
     DEFAULT_GUIDANCE,
@@ -420,7 +421,8 @@ class Pipeline:
         result_frames = torch.cat(kept, dim=1) if keep_frames else None
         settings = dict(size=f"{w}x{h}", frames=total_frames, segments=len(plan_segments), steps=steps, shift=shift,
                         guidance=guidance, solver=solver, seed=seed, replace=replace,
-                        dit=_dit_quantization(self.dit), text_encoder=self.text_encoder, device=str(self.device))
+                        dit=_dit_quantization(self.dit), text_encoder=self.text_encoder, device=str(self.device),
+                        attention=get_backend())
         if final_plan is not None:
             settings.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
                             plan=final_plan.reason)
