@@ -187,12 +187,14 @@ def test_bad_arguments_are_user_errors(tmp_path) -> None:
         BlockStreamer(_model(), "cpu", resident_blocks=2, source="mmap", weights=path)
 
 
-@pytest.mark.parametrize("source", ["pinned", "mmap"])
-def test_weights_come_from_the_files_and_suspend_resume_keeps_them(tmp_path, source: str) -> None:
+@pytest.mark.parametrize("source,prefetch", [("pinned", 1), ("mmap", 1), ("pinned", 0)])
+def test_weights_come_from_the_files_and_suspend_resume_keeps_them(tmp_path, source: str, prefetch: int) -> None:
     fresh, expected, path = _saved_then_wrecked(tmp_path, "fp8")
-    with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=1, source=source, weights=path) as streamer:
+    with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=prefetch, source=source, weights=path) as streamer:
+        assert streamer.split == (prefetch == 0)
         assert torch.equal(_run(fresh), expected)
         streamer.suspend()
         assert streamer._slots == [] and not any(b._forward_pre_hooks for b in fresh.blocks)
+        assert not any(b.ffn._forward_pre_hooks for b in fresh.blocks)
         streamer.resume()
         assert torch.equal(_run(fresh), expected)
