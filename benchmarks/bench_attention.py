@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -61,6 +60,7 @@ from scail2_lite.attention import BACKENDS, QUANTIZED, QUANTIZED_MIN_KEYS, atten
 from scail2_lite.config import PRESETS, SIZES, DiTConfig  # noqa: E402
 from scail2_lite.model import CLIP_TOKENS, LayerNorm32, RMSNorm, SCAIL2Block  # noqa: E402
 from scail2_lite.planner import tokens  # noqa: E402
+from scail2_lite.profiling import write_json  # noqa: E402
 from scail2_lite.quantize.linear import quantize_rows, quantize_rows_reference, swap_linears  # noqa: E402
 from scail2_lite.quantize.report import compare  # noqa: E402
 from scail2_lite.quantize.schemes import is_quantized_name, kept_dtype  # noqa: E402
@@ -216,9 +216,10 @@ def fp8_checks(config: DiTConfig, device: str, length: int, record: Callable[[di
     record({"check": "kernel run twice", "bit_exact": bool(torch.equal(out, attention_fp8.fp8_attention([q, k, v])))})
     with use_backend("sdpa"):
         reference = attention(q, k, v)
-    record({"check": "kernel vs emulation", **compare(attention_fp8.emulate(q, k, v), out)})
+    emulated = attention_fp8.emulate(q, k, v)
+    record({"check": "kernel vs emulation", **compare(emulated, out)})
     record({"check": "kernel vs sdpa", **compare(reference, out)})
-    record({"check": "emulation vs sdpa", **compare(reference, attention_fp8.emulate(q, k, v))})
+    record({"check": "emulation vs sdpa", **compare(reference, emulated)})
 
 
 def make_chain(config: DiTConfig, n: int, device: str, chunk: int) -> list[SCAIL2Block]:
@@ -458,9 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> None:
         if out_dir:
-            tmp = Path(out_dir) / "bench_attention.json.tmp"
-            tmp.write_text(json.dumps(report, indent=1))
-            tmp.replace(Path(out_dir) / "bench_attention.json")
+            write_json(Path(out_dir) / "bench_attention.json", report)
 
     def recorder(level: str) -> Callable[[dict], None]:
         def record(row: dict) -> None:

@@ -69,8 +69,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthfull import device_synth_tensor  # noqa: E402
 
 from scail2_lite import synth  # noqa: E402
-from scail2_lite.config import DEFAULT_SHIFT, FAST_PRESET, SEGMENT_LEN, SEGMENT_OVERLAP, DiTConfig  # noqa: E402
+from scail2_lite.config import (  # noqa: E402
+    DEFAULT_GUIDANCE,
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+    FAST_PRESET,
+    SEGMENT_LEN,
+    SEGMENT_OVERLAP,
+    DiTConfig,
+)
 from scail2_lite.errors import UserError  # noqa: E402
+from scail2_lite.quantize.report import compare  # noqa: E402
 from scail2_lite.sampling import make_scheduler  # noqa: E402
 from scail2_lite.stepcache import CACHE_MODES, DEFAULT_THRESHOLDS  # noqa: E402
 
@@ -513,10 +522,6 @@ def _forwards(rep: dict) -> tuple[int, int] | None:
     return len(rep["step_seconds"]) * branches, 0
 
 
-def _latents_file(tag: str) -> Path:
-    return (Path(os.environ["OUT"]) if os.environ.get("OUT") else Path.cwd()) / f"latents_{tag}.pt"
-
-
 def load_reference(path: Path) -> dict:
     """A latents file written by stage 6 (weights_only: it came back from another machine)."""
     try:
@@ -537,10 +542,8 @@ def _compare(z: torch.Tensor, ref: dict, seconds: dict) -> dict:
     if r.shape != z.shape:
         out["error"] = f"latent shapes differ: reference {tuple(r.shape)}, this run {tuple(z.shape)}"
         return out
-    a, b = z.double().flatten(), r.double().flatten()
-    out["relative_error"] = float((a - b).norm() / b.norm())
-    out["cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    out["max_abs_diff"] = float((a - b).abs().max())
+    c = compare(r, z)
+    out.update(relative_error=c["rel_error"], cosine=c["cosine"], max_abs_diff=c["max_abs"])
     for part in ("total", "dit"):
         mine, theirs = seconds.get(part), (ref.get("seconds") or {}).get(part)
         out[f"{part}_seconds_ratio"] = theirs / mine if mine and theirs else None
@@ -552,7 +555,7 @@ def stage_long(s: Setup, st: State, dst: Path, src: Path, res: Results, lr: Long
     reference = lr.reference_data
     tag = lr.tag()
     key = f"6_{tag}"
-    path = _latents_file(tag)
+    path = (res.out or Path.cwd()) / f"latents_{tag}.pt"
     cuda = s.device.type == "cuda"
     sampling = {"steps": lr.steps, "guidance": lr.guidance, "solver": lr.solver, "cache": lr.cache,
                 "cache_threshold": lr.cache_threshold}
@@ -651,7 +654,7 @@ def main() -> None:
     long.add_argument("--reference", type=Path, default=None,
                       help="a latents_<tag>.pt from an earlier stage-6 call to compare against")
     args = ap.parse_args()
-    base = FAST_PRESET if args.fast else {"steps": 40, "guidance": 5.0, "solver": "unipc"}
+    base = FAST_PRESET if args.fast else {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "solver": "unipc"}
     if args.cache == "off" and args.cache_threshold is not None:
         ap.error("--cache-threshold needs --cache teacache or magcache")
     try:

@@ -49,11 +49,11 @@ def _cudnn() -> Any:
     return cudnn
 
 
-def check_available(device: torch.device | None = None) -> None:
+def check_available() -> None:
     """Raise a UserError unless this process can run the FP8 kernel (CUDA GPU of compute capability 8.9+, frontend)."""
     if not torch.cuda.is_available():
         raise UserError("attention backend 'fp8' needs a CUDA GPU; use --attention sdpa")
-    if torch.cuda.get_device_capability(device) < (8, 9):
+    if torch.cuda.get_device_capability() < (8, 9):
         raise UserError("attention backend 'fp8' needs an FP8 GPU (Ada, Hopper or newer); use --attention sdpa")
     _cudnn()
 

@@ -299,7 +299,8 @@ class BlockStreamer:
                     dst.copy_(src)
         elif self.source == "pinned":
             start = self._host_starts[j]
-            self._cuda_copy(slot, self._host[start : start + self._sizes[j]], None)
+            self._cuda_copy(self._slots[slot], self._host[start : start + self._sizes[j]], self._computed[slot],
+                            self._copied[slot])
         else:
             previous = self._pending.pop(slot, None)
             if previous is not None:
@@ -316,27 +317,26 @@ class BlockStreamer:
         else:
             self._in_tail = j
         self.bytes_copied += hi - lo
-        if not self.cuda:
-            for e, src, dst in zip(self._entries[j], self._rest[j], self._views[j][0]):
-                if lo <= e.offset < hi:
-                    dst.copy_(src)
-            return
-        start = self._host_starts[j]
-        with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(self._part_free[part])
-            self._slots[0][lo:hi].copy_(self._host[start + lo : start + hi], non_blocking=True)
-            self._part_copied[part].record(self._copy_stream)
+        start = self._host_starts[j]  # the host buffer has the slot's layout: the part is one byte range
+        src, dst = self._host[start + lo : start + hi], self._slots[0][lo:hi]
+        if self.cuda:
+            self._cuda_copy(dst, src, self._part_free[part], self._part_copied[part])
+        else:
+            dst.copy_(src)
 
     def _read_block(self, j: int, dest: torch.Tensor) -> None:
         """Read streamed block j from the weight files into the flat uint8 buffer `dest` (its slot layout)."""
         for e in self._entries[j]:
             self._files.read_into(e.name, dest[e.offset : e.offset + e.nbytes])
 
-    def _cuda_copy(self, slot: int, src: torch.Tensor, done: torch.cuda.Event | None) -> None:
+    def _cuda_copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event, copied: torch.cuda.Event,
+                   done: torch.cuda.Event | None = None) -> None:
+        """Copy host `src` into the start of GPU `dst` on the side stream once `after` has passed (the bytes it
+        overwrites are no longer read); record `copied` (and `done`, the source's release) behind it."""
         with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(self._computed[slot])
-            self._slots[slot][: src.numel()].copy_(src, non_blocking=True)
-            self._copied[slot].record(self._copy_stream)
+            self._copy_stream.wait_event(after)
+            dst[: src.numel()].copy_(src, non_blocking=True)
+            copied.record(self._copy_stream)
             if done is not None:
                 done.record(self._copy_stream)
 
@@ -349,7 +349,8 @@ class BlockStreamer:
         staging = self._staging[k]
         self._staging_free[k].synchronize()  # its previous copy to the GPU has finished
         self._read_block(j, staging)
-        self._cuda_copy(slot, staging[: self._sizes[j]], self._staging_free[k])
+        self._cuda_copy(self._slots[slot], staging[: self._sizes[j]], self._computed[slot], self._copied[slot],
+                        self._staging_free[k])
 
     # ---- hooks ------------------------------------------------------------------------------------------------
 
