@@ -67,6 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synthfull import device_synth_tensor  # noqa: E402
+from _workdir import input_files  # noqa: E402
 
 from scail2_lite import synth  # noqa: E402
 from scail2_lite.config import (  # noqa: E402
@@ -302,9 +303,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     from scail2_lite.profiling import PhaseRecorder, run_report
 
     pipe = _pipeline(s, st, dst, res)
-    d = src / "inputs"
-    inputs = pl.load_inputs(d / "ref.png", d / "ref_mask.png", d / "driving", d / "driving_mask",
-                            size=size, frames=frames)
+    inputs = pl.load_inputs(**input_files(src / "inputs"), size=size, frames=frames)
     h, w = inputs.size
     a, b = cond.segment_plan(inputs.frames, SEGMENT_LEN, SEGMENT_OVERLAP)[0]
     _cap(s, cap)

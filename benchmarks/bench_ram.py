@@ -27,6 +27,9 @@ from pathlib import Path
 GB = 1e9
 FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _workdir import fp8_folder  # noqa: E402
 
 
 def status(pid: int) -> dict[str, int] | None:
@@ -43,14 +46,13 @@ def status(pid: int) -> dict[str, int] | None:
     return out
 
 
-def run_profile(model: Path, inputs: Path, profile: str, out: Path, size: str, steps: int) -> dict:
+def run_profile(model: Path, files: dict[str, Path], profile: str, out: Path, size: str, steps: int) -> dict:
     """One `profile --run` child under a 16 GB cap; peaks of each resident-set part while it ran."""
     report = out / f"ram_{profile}.json"
     cmd = [sys.executable, "-m", "scail2_lite.cli", "profile", str(model), "--run", "--size", size, "--frames", "81",
-           "--steps", str(steps), "--vram", "16", "--profile", profile, "--image", str(inputs / "ref.png"),
-           "--mask-image", str(inputs / "ref_mask.png"), "--pose", str(inputs / "driving"),
-           "--mask-video", str(inputs / "driving_mask"), "--json", str(report),
+           "--steps", str(steps), "--vram", "16", "--profile", profile, "--json", str(report),
            "--plot", str(out / f"ram_{profile}.png")]
+    cmd += [arg for name, path in files.items() for arg in (f"--{name.replace('_', '-')}", str(path))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -81,13 +83,10 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(os.environ.get("OUT") or args.workdir / "ram")
     out.mkdir(parents=True, exist_ok=True)
-    model, inputs = args.workdir / "fp8", args.workdir / "src" / "inputs"
-    if not (model / "manifest.json").is_file():
-        subprocess.run([sys.executable, str(HERE / "bench_pipeline.py"), "--stages", "1,2", "--workdir",
-                        str(args.workdir), "--keep"], check=True)
+    model, files = fp8_folder(args.workdir)
     rows = []
     for profile in args.profiles.split(","):
-        row = run_profile(model, inputs, profile, out, args.size, args.steps)
+        row = run_profile(model, files, profile, out, args.size, args.steps)
         rows.append(row)
         (out / "bench_ram.json").write_text(json.dumps(rows, indent=1, default=str))
         if row["exit"] != 0:

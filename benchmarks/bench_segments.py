@@ -12,16 +12,17 @@ Run on the GPU machine: `python benchmarks/bench_segments.py --profiles resident
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from scail2_lite import pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-HERE = Path(__file__).resolve().parent
+from _workdir import fp8_folder  # noqa: E402
+
+from scail2_lite import pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -30,13 +31,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scail2_bench_pipeline"))
     ap.add_argument("--device", default="cuda", help="cpu runs the same code on a `bench_pipeline.py --tiny` folder")
     args = ap.parse_args()
-    model, inputs = args.workdir / "fp8", args.workdir / "src" / "inputs"
-    if not (model / "manifest.json").is_file():
-        tiny = ["--tiny"] if args.device == "cpu" else []
-        subprocess.run([sys.executable, str(HERE / "bench_pipeline.py"), "--stages", "1,2", "--workdir",
-                        str(args.workdir), "--keep", *tiny], check=True)
-    files = dict(image=inputs / "ref.png", mask_image=inputs / "ref_mask.png", pose=inputs / "driving",
-                 mask_video=inputs / "driving_mask")
+    model, files = fp8_folder(args.workdir, tiny=args.device == "cpu")
     built: list[int] = []
     real = pipeline.BlockStreamer
 
