@@ -38,7 +38,6 @@ sequences are below QUANTIZED_MIN_KEYS), as a proof of the plumbing.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -53,7 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fidelity import sync, table  # noqa: E402
-from bench_offload import failure  # noqa: E402
+from bench_offload import FRAMES, chain_inputs, clean, failure, patch_grid, residual  # noqa: E402
 
 from scail2_lite import attention_fp8, fused  # noqa: E402
 from scail2_lite.attention import BACKENDS, QUANTIZED, QUANTIZED_MIN_KEYS, attention, use_backend  # noqa: E402
@@ -69,7 +68,6 @@ from scail2_lite.synth import synth_tensor  # noqa: E402
 
 MEASURED = tuple(b for b in BACKENDS if b != "auto")  # auto is one of the others, whichever it resolves to
 GPU_BACKENDS = tuple(b for b in MEASURED if b != "math")
-FRAMES = 81
 GPU_SIZES = {size: (height, width, FRAMES) for size, (height, width) in reversed(SIZES.items())}  # 704p first
 TINY_SIZES = {"64x64x5": (64, 64, 5), "128x128x9": (128, 128, 9)}
 GPU_CHUNK, TINY_CHUNK = 8192, 128  # ffn_chunk / attn_chunk (shipped profiles; tiny: several chunks per block)
@@ -85,22 +83,9 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
-def clean(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 def short_failure(e: Exception) -> str:
     """`failure`'s one table-safe line, cut at its first sentence (SDPA's "no kernel" errors run on)."""
     return failure(e).split(". ")[0]
-
-
-def patch_grid(config: DiTConfig, height: int, width: int, frames: int) -> tuple[int, int, int]:
-    """Video patch grid (latent frames, h, w) that `rope_freqs` takes."""
-    _, ph, pw = config.patch_size
-    return (frames - 1) // 4 + 1, height // 8 // ph, width // 8 // pw
 
 
 def median_ms(fn: Callable[[], object], device: str, reps: int) -> float:
@@ -241,20 +226,6 @@ def make_chain(config: DiTConfig, n: int, device: str, chunk: int) -> list[SCAIL
     return blocks
 
 
-def chain_inputs(config: DiTConfig, grid: tuple[int, int, int], device: str) -> tuple:
-    """(e0, context, freqs) shared by every backend: e0 and context random, fixed seed; RoPE of the grid."""
-    g = torch.Generator(device=device).manual_seed(SEED)
-    e0 = torch.randn(1, 6, config.dim, generator=g, device=device) * 0.02
-    context = torch.randn(1, CLIP_TOKENS + config.text_len, config.dim, generator=g, device=device).bfloat16()
-    return e0, context, rope_freqs(config.head_dim, grid, False, device=device)
-
-
-def residual(config: DiTConfig, length: int, device: str) -> torch.Tensor:
-    """The float32 residual stream entering block 0, regenerated from a seed for every chain forward."""
-    g = torch.Generator(device=device).manual_seed(SEED + 1)
-    return torch.randn(1, length, config.dim, generator=g, device=device)
-
-
 @torch.no_grad()
 def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size: str,
                 dims: tuple[int, int, int], backends: list[str], repeats: int,
@@ -267,7 +238,7 @@ def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size:
         row: dict = {"size": size, "tokens": length, "backend": backend, "blocks": []}
         try:
             with use_backend(backend):
-                x = residual(config, length, device)
+                x = residual(length, config, device)
                 for i, block in enumerate(blocks):
                     x = block(x, e0, context, freqs)
                     if backend == "sdpa":
@@ -278,7 +249,7 @@ def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size:
                 clean(device)
                 times, transient = [], 0
                 for _ in range(repeats):
-                    x = residual(config, length, device)
+                    x = residual(length, config, device)
                     if device == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
@@ -312,7 +283,7 @@ def kernel_breakdown(block: SCAIL2Block, config: DiTConfig, device: str, size: s
     the block's time goes besides attention."""
     length = tokens(config, *dims)
     e0, context, freqs = chain_inputs(config, patch_grid(config, *dims), device)
-    x = residual(config, length, device)
+    x = residual(length, config, device)
     with use_backend(backend):
         block(x, e0, context, freqs)
         sync(device)

@@ -67,6 +67,7 @@ from scail2_lite.attention import BACKENDS, use_backend
 from scail2_lite.config import SIZES, DiTConfig
 from scail2_lite.errors import UserError
 from scail2_lite.model import CLIP_TOKENS, SCAIL2Block
+from scail2_lite.planner import tokens
 from scail2_lite.quantize.report import compare
 from scail2_lite.rope import rope_freqs
 from scail2_lite.streamer import BlockStreamer
@@ -74,6 +75,7 @@ from scail2_lite.streamer import BlockStreamer
 GB = 1e9
 CAPS = {"none": None, "24GB": 24e9, "16GB": 16e9}
 CONFIG = DiTConfig()
+FRAMES = 81
 CHUNK = 8192  # ffn_chunk / attn_chunk of the shipped profiles
 KEEP_SIZE = "512p"  # outputs are compared at this size (1 GB each on the CPU)
 METHODS = ("resident", "ours", "ours-1slot", "fp8", "int8", "fp8-attention", "fp8-1slot", "diffusers-block",
@@ -134,26 +136,37 @@ def make_blocks(n: int, scheme: str) -> Blocks:
     return Blocks(blocks)
 
 
-def inputs(size: str, seed: int = 0) -> tuple:
+def patch_grid(config: DiTConfig, height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """Video patch grid (latent frames, h, w) that `rope_freqs` takes."""
+    _, ph, pw = config.patch_size
+    return (frames - 1) // 4 + 1, height // 8 // ph, width // 8 // pw
+
+
+def chain_inputs(config: DiTConfig, grid: tuple[int, int, int], device: str = "cuda") -> tuple:
+    """(e0, context, freqs) every method and backend gets: e0 and context random with seed 0, RoPE of the grid."""
+    g = torch.Generator(device=device).manual_seed(0)
+    e0 = torch.randn(1, 6, config.dim, generator=g, device=device) * 0.02
+    context = torch.randn(1, CLIP_TOKENS + config.text_len, config.dim, generator=g, device=device).bfloat16()
+    return e0, context, rope_freqs(config.head_dim, grid, False, device=device)
+
+
+def inputs(size: str) -> tuple:
+    """(tokens, e0, context, freqs) of the full model at `size` x FRAMES."""
     height, width = SIZES[size]
-    grid = (21, height // 16, width // 16)
-    f, h, w = grid
-    length = h * w + f * h * w + f * (h // 2) * (w // 2)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    e0 = torch.randn(1, 6, CONFIG.dim, device="cuda", generator=g) * 0.02
-    context = torch.randn(1, CLIP_TOKENS + CONFIG.text_len, CONFIG.dim, device="cuda", generator=g).bfloat16()
-    return length, e0, context, rope_freqs(CONFIG.head_dim, grid, False, device="cuda")
+    return tokens(CONFIG, height, width, FRAMES), *chain_inputs(CONFIG, patch_grid(CONFIG, height, width, FRAMES))
 
 
-def residual(length: int) -> torch.Tensor:
-    g = torch.Generator(device="cuda").manual_seed(1)
-    return torch.randn(1, length, CONFIG.dim, device="cuda", generator=g)
+def residual(length: int, config: DiTConfig = CONFIG, device: str = "cuda") -> torch.Tensor:
+    """The float32 residual stream entering block 0, regenerated from seed 1 for every forward."""
+    g = torch.Generator(device=device).manual_seed(1)
+    return torch.randn(1, length, config.dim, generator=g, device=device)
 
 
-def clean() -> None:
+def clean(device: str = "cuda") -> None:
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
