@@ -13,7 +13,8 @@ Design, to fit one 10-minute device call:
 - Each configuration: 1 warm-up forward, then `--forwards` timed forwards (CUDA-synchronised wall time), peak
   allocated/reserved from the allocator statistics reset after the warm-up.
 - Methods (`--only` / `--skip` take these names): resident (bf16, uncapped); ours (0 resident, prefetch 1: two
-  slots); ours-1slot (prefetch 0: one slot, the lowest-memory profile); fp8 and int8 (resident and ours, each
+  slots); ours-1slot (prefetch 0: one slot, profile 8gb); ours-layers (layer by layer, the lowest-memory profile
+  `layers`; fp8-layers: the same with FP8 weights under each --attention backend); fp8 and int8 (resident and ours, each
   scheme's weights); fp8-attention (ours fp8 under each `--attention` backend other than sdpa, the fp8 row being
   the sdpa one; fp8-1slot adds the same rows with one slot, and resident fp8 rows under each backend for their
   ratio; "sage" and "fp8" = SageAttention / cuDNN's FP8 kernel for self-attention and SDPA for the
@@ -78,8 +79,9 @@ CONFIG = DiTConfig()
 FRAMES = 81
 CHUNK = 8192  # ffn_chunk / attn_chunk of the shipped profiles
 KEEP_SIZE = "512p"  # outputs are compared at this size (1 GB each on the CPU)
-METHODS = ("resident", "ours", "ours-1slot", "fp8", "int8", "fp8-attention", "fp8-1slot", "diffusers-block",
-           "diffusers-leaf", "mmgp")
+METHODS = ("resident", "ours", "ours-1slot", "ours-layers", "fp8", "int8", "fp8-attention", "fp8-1slot", "fp8-layers",
+           "diffusers-block", "diffusers-leaf", "mmgp")
+TWO_SLOTS, ONE_SLOT, LAYERS = (1, "block"), (0, "block"), (0, "layer")  # our streamer's modes: (prefetch, unit)
 MMGP_METHOD = "mmgp profile 2 HighRAM_LowVRAM: pinned, async prefetch"
 DIFFUSERS_BLOCK = "diffusers group offload, block level, streams"
 DIFFUSERS_LEAF = "diffusers group offload, leaf level, streams"
@@ -245,8 +247,12 @@ def vs_reference(row: dict, reference: torch.Tensor | None, exact: bool = True) 
     return {"rel_err_vs_sdpa": c["rel_error"], "cosine_vs_sdpa": c["cosine"]}
 
 
-def ours_label(prefetch: int, backend: str = "sdpa") -> str:
-    label = f"ours: 0 resident, prefetch {prefetch}" + (" (one slot)" if prefetch == 0 else "")
+def ours_label(mode: tuple[int, str], backend: str = "sdpa") -> str:
+    prefetch, unit = mode
+    if unit == "layer":
+        label = "ours: 0 resident, layer by layer"
+    else:
+        label = f"ours: 0 resident, prefetch {prefetch}" + (" (one slot)" if prefetch == 0 else "")
     return label if backend == "sdpa" else f"{label}, {backend} attention"
 
 
@@ -343,11 +349,12 @@ def selected(args: argparse.Namespace, method: str) -> bool:
     return method not in args.skip and (not args.only or method in args.only)
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, bool, list[tuple[int, list[str]]]]]:
+def plan(args: argparse.Namespace) -> list[tuple[str, bool, list[tuple[tuple[int, str], list[str]]]]]:
     """What runs on our own blocks: per weight scheme, whether its resident rows run and, per BlockStreamer attached
-    in turn, (prefetch, attention backends measured under it)."""
+    in turn, ((prefetch, unit), attention backends measured under it)."""
     runs = []
-    bf16 = [(prefetch, ["sdpa"]) for prefetch, method in ((1, "ours"), (0, "ours-1slot")) if selected(args, method)]
+    bf16 = [(mode, ["sdpa"]) for mode, method in ((TWO_SLOTS, "ours"), (ONE_SLOT, "ours-1slot"),
+                                                   (LAYERS, "ours-layers")) if selected(args, method)]
     if selected(args, "resident") or bf16:
         runs.append(("bf16", selected(args, "resident"), bf16))
     for scheme in ("fp8", "int8"):
@@ -355,8 +362,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, bool, list[tuple[int, list
         if scheme == "fp8" and selected(args, "fp8-attention"):
             backends += [b for b in dict.fromkeys(args.attention) if b != "sdpa"]
         if backends:
-            one_slot = [(0, backends)] if scheme == "fp8" and selected(args, "fp8-1slot") else []
-            runs.append((scheme, selected(args, scheme), [(1, backends), *one_slot]))
+            light = [(mode, backends) for mode, method in ((ONE_SLOT, "fp8-1slot"), (LAYERS, "fp8-layers"))
+                     if scheme == "fp8" and selected(args, method)]
+            runs.append((scheme, selected(args, scheme), [(TWO_SLOTS, backends), *light]))
     return runs
 
 
@@ -420,15 +428,15 @@ def main() -> None:
                 references[scheme] = row["output"]
             resident[size, "sdpa"] = record("resident", scheme, row, {
                 "peak_allocated_40_blocks": row.get("peak_allocated", 0) + (40 - n) * per_block})
-            # the one-slot rows' overhead is measured against resident under the same attention backend
-            one_slot = dict.fromkeys(b for prefetch, bs in streamers if prefetch == 0 for b in bs if b != "sdpa")
-            for backend in one_slot:
+            # the light rows' overhead is measured against resident under the same attention backend
+            light = dict.fromkeys(b for mode, bs in streamers if mode != TWO_SLOTS for b in bs if b != "sdpa")
+            for backend in light:
                 row = measure_with(backend, model, size, None, args.forwards, keep=False)
                 resident[size, backend] = record(f"resident, {backend} attention", scheme, row)
         scheme_caps = {name: cap for name, cap in caps.items() if scheme == "bf16" or name != "24GB"}
         kept_cap = next(iter(scheme_caps), None)  # outputs are compared under the first cap only
-        for prefetch, backends in streamers:
-            with BlockStreamer(model, "cuda", resident_blocks=0, prefetch=prefetch) as streamer:
+        for mode, backends in streamers:
+            with BlockStreamer(model, "cuda", resident_blocks=0, prefetch=mode[0], unit=mode[1]) as streamer:
                 for backend in backends:
                     for size in sizes:
                         for cap_name, cap in scheme_caps.items():
@@ -436,7 +444,7 @@ def main() -> None:
                             row = measure_with(backend, model, size, cap, args.forwards, keep)
                             extra = {"copies": streamer.copies, **ratio_to(resident, row, backend),
                                      **vs_reference(row, references.get(scheme), exact=backend == "sdpa")}
-                            record(ours_label(prefetch, backend), scheme, row, extra)
+                            record(ours_label(mode, backend), scheme, row, extra)
         if scheme != "bf16":
             references.pop(scheme, None)
         del model
@@ -526,11 +534,11 @@ def print_tables(report: dict, n: int, forwards: int) -> None:
               f"{ratio} | {r['peak_allocated'] / GB:.2f} | {r['peak_reserved'] / GB:.2f} | {'; '.join(note)} |")
 
     peers = [(DIFFUSERS_BLOCK, "bf16"), (DIFFUSERS_LEAF, "bf16"), (MMGP_METHOD, "bf16")]
-    ours = [(ours_label(1), "bf16"), (ours_label(0), "bf16")]
+    ours = [(ours_label(mode), "bf16") for mode in (TWO_SLOTS, ONE_SLOT, LAYERS)]
     print_versus("ours vs peers (issue 7: no slower, lower peak)", [e for o in ours for e in versus(rows, o, peers)])
     for backend in dict.fromkeys(["sdpa", *report["attention"]]):
         print_versus(f"issue 6: FP8 + {backend} attention vs diffusers bf16 (target <= {FP8_TARGET}x at 704p)",
-                     versus(rows, (ours_label(1, backend), "fp8"), peers[:2]), target=FP8_TARGET)
+                     versus(rows, (ours_label(TWO_SLOTS, backend), "fp8"), peers[:2]), target=FP8_TARGET)
     for note in report["notes"]:
         print(f"\nnote: {note}")
 

@@ -340,7 +340,8 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
                   + ("" if chosen.fits else " [red](does not fit)[/red]"), highlight=False)
         out.print(f"DiT {chosen.quantization}: {chosen.resident_blocks} blocks resident, {chosen.streamed_blocks} "
                   f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
-                  f"({p.prefetch} ahead); encoders {p.encoders}; VAE tile {p.vae_tile or 'none'}", highlight=False)
+                  f"({'layer by layer' if p.stream_unit == 'layer' else f'{p.prefetch} ahead'}); "
+                  f"encoders {p.encoders}; VAE tile {p.vae_tile or 'none'}", highlight=False)
         table = Table(title=f"predicted peaks per phase ({chosen.tokens:,} tokens)")
         for col in ("phase", "VRAM allocated", "VRAM reserved", "RAM"):
             table.add_column(col, justify="left" if col == "phase" else "right")

@@ -8,6 +8,9 @@ Block streaming contract: `SCAIL2Model.blocks` is an `nn.ModuleList` of `SCAIL2B
 block exactly once, in order, as `x = block(x, e0, context, freqs)` and touches no block parameter elsewhere, so a
 forward pre-hook per block may move its weights in and a forward hook may move them out. Within a block, `ffn` runs
 last and reads only its own weights: the one-slot streamer copies the next block's other weights in meanwhile.
+`SCAIL2Block.STREAM_UNITS` names the submodules holding the big weights in the order the block runs them: each
+unit's weights are read only from the first call of one of its modules until the next unit's first call (the
+layer streamer's contract), or until the module named beside it returns.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def _normed(
 class SelfAttention(nn.Module):
     """Full self-attention over the packed sequence; q/k RMSNorm over the full dim, then 3-segment RoPE.
 
-    A container without `forward`: the block runs `qkv`, the attention and `o` itself so that each big activation
+    `forward` makes the rotated q, k and v; the block runs the attention and `o` itself so that each big activation
     is freed as soon as the next one exists.
     """
 
@@ -108,13 +111,17 @@ class SelfAttention(nn.Module):
                                                    sin[s : s + chunk])
         return out
 
-    def qkv(
+    def forward(
         self, h: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h (B, L, dim) in compute dtype -> rotated q, k and v, each (B, L, heads, head_dim) in compute dtype."""
+        """h (B, L, dim) in compute dtype -> rotated q, k and v, each (B, L, heads, head_dim) in compute dtype.
+        v is projected chunk by chunk too: an FP8/INT8 Linear then never holds an 8-bit copy of all of h."""
         q = self._rotated(self.q, self.norm_q, h, freqs, chunk)
         k = self._rotated(self.k, self.norm_k, h, freqs, chunk)
-        return q, k, self.v(h).unflatten(-1, (self.num_heads, -1))
+        v = torch.empty_like(k)
+        for s in range(0, h.shape[1], chunk):
+            v[:, s : s + chunk] = self.v(h[:, s : s + chunk]).unflatten(-1, (self.num_heads, -1))
+        return q, k, v
 
 
 class I2VCrossAttention(nn.Module):
@@ -162,10 +169,15 @@ class SCAIL2Block(nn.Module):
     """One DiT block: modulated self-attention, cross-attention, modulated FFN on a float32 residual stream.
 
     Activation memory knobs (None = one shot): `ffn_chunk_size` runs norm2, modulation and the FFN over token
-    chunks; `attn_chunk_size` does the same for the per-token float32 work around the attentions (norm1 and
-    modulation, q/k RMSNorm and RoPE, norm3 and the whole cross-attention). Every chunked op is per token, so
-    chunking changes no number.
+    chunks; `attn_chunk_size` does the same for the per-token work around the attentions (norm1 and modulation,
+    the q/k/v projections with q/k RMSNorm and RoPE, norm3 and the whole cross-attention). Every chunked op is per
+    token, so chunking changes no number.
     """
+
+    # Layer streaming units (module docstring): v is done when `self_attn` returns, right before the attention (the
+    # activation peak)
+    STREAM_UNITS = (("self_attn.q", None), ("self_attn.k", None), ("self_attn.v", "self_attn"), ("self_attn.o", None),
+                    ("cross_attn", None), ("ffn", None))
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -193,7 +205,7 @@ class SCAIL2Block(nn.Module):
         attn_chunk = self.attn_chunk_size or length
 
         # q, k, v are handed over, not held here: a converting backend frees each once it has its copy
-        qkv = list(self.self_attn.qkv(_normed(self.norm1, x, dtype, attn_chunk, m0, m1), freqs, attn_chunk))
+        qkv = list(self.self_attn(_normed(self.norm1, x, dtype, attn_chunk, m0, m1), freqs, attn_chunk))
         y = self_attention(qkv).flatten(2)
         x.addcmul_(self.self_attn.o(y), m2)
         del y

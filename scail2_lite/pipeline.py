@@ -559,7 +559,7 @@ class DitPlacement:
             source = plan.profile.weight_source if self.weight_files else "pinned"
             self.streamer = BlockStreamer(self.model, self.device, resident_blocks=plan.resident_blocks,
                                           prefetch=plan.profile.prefetch, source=source,
-                                          weights=self.weight_files or None)
+                                          weights=self.weight_files or None, unit=plan.profile.stream_unit)
         pages.drop()
 
     def release(self) -> None:

@@ -6,6 +6,7 @@ where their memory goes (`scail2-lite profile`). The model counts what the runti
   clip          CLIP ViT-H/14 visual tower (fp16) + 257-token activations
   vae_encode    VAE weights + activations of one spatial tile (4 frames at a time)
   dit_step      non-block layers + resident blocks + streaming slots + one block's activations at the token count
+                (layer streaming: per stage of the block, its activations + the units held then)
   vae_decode    VAE weights + activations of one tile (one latent frame -> 4 frames at a time)
 Encoders placed "gpu" stay in every later phase; "offload-after-use" and "cpu" leave after their phase. The DiT's
 device weights are counted from the DiT phase on (the pipeline loads it after the encoders); the VAE leaves the
@@ -55,7 +56,8 @@ VAE_TILE_OVERLAP = 0.25  # each tile reaches this fraction of its size past each
 
 # One block's forward (model.SCAIL2Block), bytes per element of (tokens x dim) unless noted:
 RESIDUAL_BYTES = 4  # fp32 residual stream, alive for the whole forward
-QKV_ATTN_BYTES = 8  # q, k, v and the attention output in bf16
+QKV_ATTN_BYTES = 8  # q, k, v and the attention output in bf16 (or h, q, k and v while v is projected)
+OUT_PROJ_BYTES = 4  # the attention output and its projection by o, bf16
 ATTN_CHUNK_BYTES = 16  # fp32 norm/modulation and q/k RMSNorm+RoPE temporaries per token of a chunk
 CROSS_CHUNK_BYTES = 12  # fp32 norm3, bf16 q, two attention outputs, o
 FFN_CHUNK_BYTES = 12  # fp32 norm2 + bf16 input/output per token of a chunk ...
@@ -84,6 +86,7 @@ class Profile:
     quantization: str  # "auto" (the checkpoint's), "bf16", "fp8" or "int8"
     resident_blocks: int | str  # a number, "auto" (the most that fit) or "all"
     prefetch: int
+    stream_unit: str  # "block" (a ring of `prefetch + 1` block slots) or "layer" (streamer.py's layer streaming)
     weight_source: str  # "pinned" or "mmap"
     vae_tile: int  # pixels per tile side, 0 = untiled
     encoders: str  # "gpu", "cpu" or "offload-after-use"
@@ -94,6 +97,7 @@ class Profile:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "quantization": ("auto", *QUANTIZATIONS),
+    "stream_unit": ("block", "layer"),
     "weight_source": ("pinned", "mmap"),
     "encoders": ("gpu", "cpu", "offload-after-use"),
     "attention": BACKENDS,
@@ -125,6 +129,8 @@ def parse_profile(data: dict[str, Any], name: str, where: str) -> Profile:
     resident = data["resident_blocks"]
     if not (resident in ("auto", "all") or (isinstance(resident, int) and not isinstance(resident, bool) and resident >= 0)):
         raise UserError(f"{where}: field 'resident_blocks' must be a number >= 0, \"auto\" or \"all\", got {resident!r}")
+    if data["stream_unit"] == "layer" and data["weight_source"] != "pinned":
+        raise UserError(f"{where}: stream_unit \"layer\" streams from pinned RAM: set weight_source = \"pinned\"")
     return Profile(name=name, **data)
 
 
@@ -169,17 +175,29 @@ def tokens(config: DiTConfig, height: int, width: int, frames: int) -> int:
     return per_frame + latent_frames * per_frame + latent_frames * per_frame // 4
 
 
-def block_bytes(config: DiTConfig, quantization: str) -> int:
-    """Bytes of one DiT block: Linear weights in the quantization (8-bit ones with an fp32 scale per row), biases
-    and norms in bf16, the modulation table in fp32 (quantize/schemes.py's rule)."""
+def _linear_bytes(fan_in: int, fan_out: int, quantization: str) -> int:
+    """A block Linear: weight in the quantization (8-bit ones with an fp32 scale per row), bias in bf16."""
+    if quantization == "bf16":
+        return fan_in * fan_out * 2 + fan_out * MODEL_DTYPE_BYTES
+    return fan_in * fan_out + fan_out * 4 + fan_out * MODEL_DTYPE_BYTES
+
+
+def unit_bytes(config: DiTConfig, quantization: str) -> dict[str, int]:
+    """Bytes of each layer-streaming unit of a block (`SCAIL2Block.STREAM_UNITS`), and under "rest" of what stays
+    outside them: the self-attention's q/k RMSNorms, norm3 (bf16) and the modulation table (fp32)."""
     d, f = config.dim, config.ffn_dim
-    linears = [(d, d)] * 10 + [(d, f), (f, d)]  # self q k v o, cross q k v o k_img v_img, ffn 0 and 2
-    weight_bytes = 2 if quantization == "bf16" else 1
-    total = sum(i * o * weight_bytes + o * MODEL_DTYPE_BYTES for i, o in linears)
-    if quantization != "bf16":
-        total += sum(o * 4 for _, o in linears)
-    total += (5 * d + 2 * d) * MODEL_DTYPE_BYTES  # 5 RMSNorm weights, norm3 weight and bias
-    return total + 6 * d * 4
+    square = _linear_bytes(d, d, quantization)
+    return {
+        "self_attn.q": square, "self_attn.k": square, "self_attn.v": square, "self_attn.o": square,
+        "cross_attn": 6 * square + 3 * d * MODEL_DTYPE_BYTES,
+        "ffn": _linear_bytes(d, f, quantization) + _linear_bytes(f, d, quantization),
+        "rest": 4 * d * MODEL_DTYPE_BYTES + 6 * d * 4,
+    }
+
+
+def block_bytes(config: DiTConfig, quantization: str) -> int:
+    """Bytes of one DiT block (quantize/schemes.py's rule: Linear weights quantized, the rest bf16 or fp32)."""
+    return sum(unit_bytes(config, quantization).values())
 
 
 def nonblock_bytes(config: DiTConfig) -> int:
@@ -197,18 +215,39 @@ def nonblock_bytes(config: DiTConfig) -> int:
     return params * MODEL_DTYPE_BYTES + 2 * c.dim * 4
 
 
-def block_activation_bytes(config: DiTConfig, n_tokens: int, ffn_chunk: int, attn_chunk: int, attention: str) -> int:
-    """Peak transient bytes of one block's forward at `n_tokens` (batch 1: CFG branches run one after the other),
-    including the fp32 residual stream."""
+def block_activation_stages(config: DiTConfig, n_tokens: int, ffn_chunk: int, attn_chunk: int,
+                            attention: str) -> dict[str, int]:
+    """Peak transient bytes of each stage of one block's forward at `n_tokens` (batch 1: CFG branches run one after
+    the other), the fp32 residual stream and the context included: the self-attention (q, k, v and its output),
+    its output projection, the cross-attention and the FFN (both over token chunks)."""
     d, f, n = config.dim, config.ffn_dim, n_tokens
     ca = min(attn_chunk or n, n)
     cf = min(ffn_chunk or n, n)
     # fp8 (and so auto) adds nothing: it drops each bf16 input once its e4m3 copy exists, staying under q, k, v + out
-    self_attn = QKV_ATTN_BYTES * n * d + ATTN_CHUNK_BYTES * ca * d + (SAGE_BYTES * n * d if attention == "sage" else 0)
-    cross = CROSS_CHUNK_BYTES * ca * d
-    ffn = FFN_CHUNK_BYTES * cf * d + FFN_INNER_BYTES * cf * f
+    stages = {
+        # the k projection (h, q, k and a chunk's float32 temporaries), or v's and the attention (q, k, v, out)
+        "self_attn": max(QKV_ATTN_BYTES * n, (QKV_ATTN_BYTES - 2) * n + ATTN_CHUNK_BYTES * ca) * d
+        + (SAGE_BYTES * n * d if attention == "sage" else 0),
+        "self_out": OUT_PROJ_BYTES * n * d,
+        "cross": CROSS_CHUNK_BYTES * ca * d,
+        "ffn": FFN_CHUNK_BYTES * cf * d + FFN_INNER_BYTES * cf * f,
+    }
     context = (257 + config.text_len) * d * MODEL_DTYPE_BYTES * 3  # context, its k/v for text and image
-    return RESIDUAL_BYTES * n * d + max(self_attn, cross, ffn) + context
+    return {name: RESIDUAL_BYTES * n * d + b + context for name, b in stages.items()}
+
+
+def block_activation_bytes(config: DiTConfig, n_tokens: int, ffn_chunk: int, attn_chunk: int, attention: str) -> int:
+    """Peak transient bytes of one block's forward (the largest stage's)."""
+    return max(block_activation_stages(config, n_tokens, ffn_chunk, attn_chunk, attention).values())
+
+
+def layer_stream_held(config: DiTConfig, quantization: str) -> dict[str, int]:
+    """Weights on the device during each stage under layer streaming (streamer.py): v alone at the attention (o
+    is fetched when v returns), o and the fetched cross-attention, the cross-attention and the fetched FFN, the
+    FFN and the next block's q."""
+    u = unit_bytes(config, quantization)
+    return {"self_attn": u["self_attn.v"], "self_out": u["self_attn.o"] + u["cross_attn"],
+            "cross": u["cross_attn"] + u["ffn"], "ffn": u["ffn"] + u["self_attn.q"]}
 
 
 def _vae_activation_bytes(height: int, width: int, tile: int, per_pixel: int) -> int:
@@ -292,11 +331,18 @@ def predict(
     n = tokens(config, height, width, frames)
     blk = block_bytes(config, quantization)
     streamed = config.num_layers - resident_blocks
-    slots = min(profile.prefetch + 1, streamed) * blk
+    stages = block_activation_stages(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
+    if profile.stream_unit == "layer" and streamed:
+        held = layer_stream_held(config, quantization)
+        streaming = streamed * unit_bytes(config, quantization)["rest"]
+        act = max(b + held[stage] for stage, b in stages.items())
+    else:
+        streaming = min(profile.prefetch + 1, streamed) * blk
+        act = max(stages.values())
     umt5, clip = umt5_bytes(text_encoder), CLIP_PARAMS * 2
     vae = VAE_PARAMS * 4
     encoders_after = umt5 + clip if profile.encoders == "gpu" else 0
-    dit_device = nonblock_bytes(config) + resident_blocks * blk + slots
+    dit_device = nonblock_bytes(config) + resident_blocks * blk + streaming
     rest = BASE_RAM + nonblock_bytes(config)
     if not mappable:  # (a disk-mapped profile then streams from pinned RAM too)
         rest, host = rest + config.num_layers * blk, 0
@@ -312,7 +358,6 @@ def predict(
     umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS if on_gpu else UMT5_LINEAR_PARAMS * 2 + umt5
     vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
     vae_dec = _vae_activation_bytes(height, width, profile.vae_tile, VAE_DECODE_BYTES_PER_PIXEL)
-    act = block_activation_bytes(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
     phases = {
         # The encoders run before the first placement: no pinned buffer yet.
         "text_encoder": PhaseMemory((umt5 + ENCODER_ACTIVATIONS) if on_gpu else 0, int(rest + umt5_file)),

@@ -17,6 +17,15 @@ the next block's head (attention, norms, modulation) is copied while the FFN run
 runs:
   copy of head j+1  --waits for-->  block j has reached its FFN     compute of block j+1  --waits for-->  head j+1
   copy of FFN j+1   --waits for-->  block j has finished            FFN of block j+1      --waits for-->  FFN j+1
+
+Layer streaming (unit "layer", the lightest profile) holds less than a slot: the block declares its big-weight
+submodules in the order it runs them (`STREAM_UNITS`: self-attention q, k, v, o, the cross-attention, the FFN),
+the small tensors outside them stay on the device, and each unit gets a buffer from the caching allocator when it
+is fetched and gives it back when the next unit starts. One unit ahead is fetched, except across the activation
+peak: the unit declared done when a module returns (v, when the q/k/v projections return, right before the
+attention) is dropped then, and only then is the next one (o) fetched. So the attention runs beside one 5120x5120
+weight instead of a 0.8 GB slot (diffusers' leaf level holds the current and the next Linear). Each copy waits for
+the compute stream to reach the point where its buffer was allocated, then overlaps the unit before it.
 On a CPU device the same code runs with synchronous copies (used by the tests).
 """
 
@@ -36,6 +45,7 @@ from .formats import WeightFiles
 ALIGN = 4096  # byte alignment of every tensor in host buffers and slots: any dtype view, page-aligned pinning
 TAIL = "ffn"  # the block submodule that runs last and reads only its own weights (model.py's contract)
 Source = Literal["pinned", "mmap"]
+Unit = Literal["block", "layer"]
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
@@ -66,27 +76,55 @@ class _Entry:
         return self.shape.numel() * self.dtype.itemsize
 
 
-def _block_entries(block: nn.Module, prefix: str) -> tuple[list[_Entry], int, int]:
-    """Every parameter and buffer of `block` (each tensor once) laid out at aligned offsets, those of its `TAIL`
-    submodule last; returns (entries, bytes, byte offset where the tail starts)."""
-    head: list[tuple[str, torch.Tensor]] = []
-    tail: list[tuple[str, torch.Tensor]] = []
+@dataclass
+class _Held:
+    """Layer mode: one unit's device copy, as typed views of its tensors (they own the buffer), and the event its
+    copy records."""
+
+    views: list[tuple[int, torch.Tensor]]  # (index into the block's entries, view in the unit's buffer)
+    copied: torch.cuda.Event | None
+    entered: bool = False
+
+
+def _block_entries(block: nn.Module, prefix: str, parts: Sequence[str]) -> tuple[list[_Entry], int, list[int]]:
+    """Every parameter and buffer of `block` (each tensor once) laid out at aligned offsets: first those outside
+    the `parts` submodules, then each part's in the given order (a part is one byte range); returns (entries,
+    bytes, the byte offset where each part starts followed by the block's size)."""
+    groups: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(len(parts) + 1)]
     seen: set[int] = set()
     for mod_name, mod in block.named_modules(prefix=prefix):
-        in_tail = (mod_name + ".").startswith(f"{prefix}.{TAIL}.")
+        group = next((k + 1 for k, part in enumerate(parts) if (mod_name + ".").startswith(f"{prefix}.{part}.")), 0)
         for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
             if t is None or id(t) in seen:
                 continue
             seen.add(id(t))
-            (tail if in_tail else head).append((f"{mod_name}.{name}", t))
+            groups[group].append((f"{mod_name}.{name}", t))
     entries: list[_Entry] = []
-    offset = tail_at = 0
-    for k, (name, t) in enumerate(head + tail):
-        if k == len(head):
-            tail_at = offset
-        entries.append(_Entry(name, t, offset, t.dtype, t.shape))
-        offset += _aligned(_nbytes(t))
-    return entries, offset, tail_at if tail else offset
+    starts: list[int] = []
+    offset = 0
+    for k, group in enumerate(groups):
+        if k:
+            starts.append(offset)
+        for name, t in group:
+            entries.append(_Entry(name, t, offset, t.dtype, t.shape))
+            offset += _aligned(_nbytes(t))
+    return entries, offset, [*starts, offset]
+
+
+def stream_units(block: nn.Module) -> tuple[tuple[str, str | None], ...]:
+    """The block's layer-streaming units, (submodule name, the submodule whose return ends the unit or None), in
+    the order it runs them (`STREAM_UNITS`, model.py's contract); a one-line error for a block without them."""
+    units = getattr(block, "STREAM_UNITS", None)
+    try:
+        if units:
+            for name, done in units:
+                block.get_submodule(name)
+                if done is not None:
+                    block.get_submodule(done)
+            return tuple(units)
+    except AttributeError:
+        pass
+    raise UserError(f"{type(block).__name__} declares no valid STREAM_UNITS: it can only be streamed block by block")
 
 
 def resident_tensors(model: nn.Module, streamed: Sequence[nn.Module]) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
@@ -110,7 +148,8 @@ class BlockStreamer:
     `weights` files (keys = the model's state_dict names) into a ring of two pinned staging buffers by a worker
     thread; process RAM stays at two blocks. With `weights` given, the pinned buffer is also filled straight from
     the files (no second copy of a block in RAM while it fills). `prefetch` = how many blocks ahead are copied
-    (ring of `prefetch + 1` slots, each as large as the largest block).
+    (ring of `prefetch + 1` slots, each as large as the largest block). `unit` "layer" streams the blocks' units
+    instead (module docstring; pinned source only, `prefetch` unused).
 
     Use as a context manager or call `detach()`. `suspend()` gives the GPU back between segments (slots freed,
     resident layers left for the caller to move) while the host side stays ready for `resume()`.
@@ -124,6 +163,7 @@ class BlockStreamer:
         prefetch: int = 1,
         source: Source = "pinned",
         weights: str | Path | Sequence[str | Path] | WeightFiles | None = None,
+        unit: Unit = "block",
     ) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -138,6 +178,10 @@ class BlockStreamer:
             raise UserError(f"weight source must be 'pinned' or 'mmap', got {source!r}")
         if source == "mmap" and weights is None:
             raise UserError("weight source 'mmap' needs the safetensors file(s) holding the blocks")
+        if unit not in ("block", "layer"):
+            raise UserError(f"stream unit must be 'block' or 'layer', got {unit!r}")
+        if unit == "layer" and source != "pinned":
+            raise UserError("layer streaming reads the blocks from pinned RAM: use weight source 'pinned'")
         self.model = model
         self.source = source
         self.resident_blocks = resident_blocks
@@ -148,15 +192,21 @@ class BlockStreamer:
         streamed = list(blocks)[resident_blocks:]
         self._streamed = streamed
         self._n = len(streamed)
-        layouts = [_block_entries(b, f"blocks.{resident_blocks + j}") for j, b in enumerate(streamed)]
+        self.layers = unit == "layer"
+        self._units = stream_units(streamed[0]) if self.layers and streamed else ()
+        if self.layers and any(stream_units(b) != self._units for b in streamed):
+            raise UserError("layer streaming needs the same STREAM_UNITS in every streamed block")
+        parts = [name for name, _ in self._units] if self.layers else [TAIL]
+        layouts = [_block_entries(b, f"blocks.{resident_blocks + j}", parts) for j, b in enumerate(streamed)]
         self._entries = [entries for entries, _, _ in layouts]
         self._sizes = [size for _, size, _ in layouts]
+        self._starts = [starts for _, _, starts in layouts]  # per block: where each part starts, then its size
         self.slot_bytes = max(self._sizes, default=0)
-        self.num_slots = min(prefetch + 1, self._n)
+        self.num_slots = 0 if self.layers else min(prefetch + 1, self._n)
         # One pinned slot for several blocks of one layout: head and tail are copied separately (see the docstring)
-        tails = {tail_at for _, _, tail_at in layouts}
-        self.split = (self.num_slots == 1 and self._n > 1 and source == "pinned" and len(tails) == 1
-                      and len({*self._sizes}) == 1 and 0 < min(tails) < self.slot_bytes)
+        tails = {starts[0] for starts in self._starts}
+        self.split = (not self.layers and self.num_slots == 1 and self._n > 1 and source == "pinned"
+                      and len(tails) == 1 and len({*self._sizes}) == 1 and 0 < min(tails) < self.slot_bytes)
         self._tail_at = min(tails, default=0)
 
         self._files: WeightFiles | None = None
@@ -256,14 +306,19 @@ class BlockStreamer:
             self._staging_free = [torch.cuda.Event() for _ in range(2)]
             self._next_staging = 0
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scail2-stream")
+        if self.layers:
+            self._resume_layers()
         for i, block in enumerate(self.model.blocks):
-            if i == 0 or i >= self.resident_blocks:
+            if i == 0 or (i >= self.resident_blocks and not self.layers):
                 self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
             if i >= self.resident_blocks:
-                self._hooks.append(block.register_forward_hook(self._make_post_hook(i - self.resident_blocks)))
+                j = i - self.resident_blocks
+                if self.layers:
+                    self._hook_units(block, j)
+                else:
+                    self._hooks.append(block.register_forward_hook(self._make_post_hook(j)))
                 if self.split:
-                    self._hooks.append(getattr(block, TAIL).register_forward_pre_hook(
-                        self._make_tail_hook(i - self.resident_blocks)))
+                    self._hooks.append(getattr(block, TAIL).register_forward_pre_hook(self._make_tail_hook(j)))
 
     @property
     def host_bytes(self) -> int:
@@ -271,10 +326,6 @@ class BlockStreamer:
         if self.source == "pinned":
             return 0 if self._host is None else self._host.numel()
         return 2 * self.slot_bytes if self.cuda else 0
-
-    @property
-    def device_slot_bytes(self) -> int:
-        return self.num_slots * self.slot_bytes
 
     # ---- copies -----------------------------------------------------------------------------------------------
 
@@ -359,7 +410,7 @@ class BlockStreamer:
             if i == 0:
                 self._start_forward()
             j = i - self.resident_blocks
-            if j >= 0:
+            if j >= 0 and not self.layers:
                 self._enter(j)
 
         return pre_hook
@@ -396,6 +447,11 @@ class BlockStreamer:
 
     def _start_forward(self) -> None:
         """Block 0 is about to run: undo what an interrupted forward (an exception inside a block) left behind."""
+        if self.layers:  # keep only a prefetched first unit
+            self._release_entered()
+            for key in [k for k in self._held if k != (0, 0)]:
+                self._release_unit(key)
+            return
         if self._current is not None:
             for e, rest in zip(self._entries[self._current], self._rest[self._current]):
                 e.tensor.data = rest
@@ -441,6 +497,113 @@ class BlockStreamer:
         self._current = j
         self._tail_entered = False
 
+    # ---- layer streaming -------------------------------------------------------------------------------------
+
+    def _resume_layers(self) -> None:
+        """Layer mode: the small tensors outside the units (norms, modulation: ~0.2 MB a block) stay on the device;
+        units come and go in buffers of their own."""
+        self._rest_device = []
+        for j, entries in enumerate(self._entries):
+            start, rest = self._host_starts[j], self._starts[j][0]
+            buf = torch.empty(rest, dtype=torch.uint8, device=self.device).copy_(self._host[start : start + rest])
+            self._rest_device.append(buf)
+            for e in entries:
+                if e.offset < rest:
+                    e.tensor.data = _view(buf, e.offset, e.dtype, e.shape)
+        self._held: dict[tuple[int, int], _Held] = {}  # (block, unit) -> its device copy, in issue order
+        self._unit_now: tuple[int, int] | None = None  # the unit running now
+
+    def _hook_units(self, block: nn.Module, j: int) -> None:
+        """A unit is entered by the first call of any of its modules (chunked work calls them many times); a unit
+        declared done when a module returns gets a hook on that module's forward; the block's end releases the last
+        one."""
+        for u, (name, done) in enumerate(self._units):
+            for mod in block.get_submodule(name).modules():
+                self._hooks.append(mod.register_forward_pre_hook(self._make_unit_hook(j, u)))
+            if done is not None:
+                self._hooks.append(block.get_submodule(done).register_forward_hook(self._make_return_hook(j, u)))
+        self._hooks.append(block.register_forward_hook(lambda *_: self._release_entered()))
+
+    def _make_unit_hook(self, j: int, u: int) -> Callable:
+        def unit_hook(module: nn.Module, args: tuple) -> None:
+            if self._unit_now != (j, u):
+                self._enter_unit(j, u)
+
+        return unit_hook
+
+    def _make_return_hook(self, j: int, u: int) -> Callable:
+        def return_hook(module: nn.Module, args: tuple, output: object) -> None:
+            """The unit is done and the block's activation peak comes next: release it, and only then fetch the
+            next unit, so that the peak holds one unit's weights."""
+            self._release_entered()
+            self._issue_next(j, u)
+
+        return return_hook
+
+    def _unit_entries(self, j: int, u: int) -> tuple[list[int], int, int]:
+        """Indices into block j's entries of unit u's tensors, and the unit's byte range in the block layout."""
+        lo, hi = self._starts[j][u], self._starts[j][u + 1]
+        return [k for k, e in enumerate(self._entries[j]) if lo <= e.offset < hi], lo, hi
+
+    def _issue_unit(self, j: int, u: int) -> None:
+        """Allocate a device buffer for unit u of streamed block j and copy the unit into it on the side stream,
+        once the compute stream has reached this point (the allocator may hand out memory that kernels queued
+        before still read)."""
+        indices, lo, hi = self._unit_entries(j, u)
+        buf = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)
+        src = self._host[self._host_starts[j] + lo : self._host_starts[j] + hi]
+        copied = None
+        if self.cuda:
+            allocated, copied = torch.cuda.Event(), torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(self.device))
+            self._cuda_copy(buf, src, allocated, copied)
+        else:
+            buf.copy_(src)
+        entries = self._entries[j]
+        views = [(k, _view(buf, entries[k].offset - lo, entries[k].dtype, entries[k].shape)) for k in indices]
+        self._held[j, u] = _Held(views, copied)
+        self.copies += int(u == 0)
+        self.bytes_copied += hi - lo
+
+    def _issue_next(self, j: int, u: int) -> None:
+        """Fetch the unit after (j, u): the block's next one, or the next block's first (wrapping to the next
+        forward's first block)."""
+        nxt = (j, u + 1) if u + 1 < len(self._units) else ((j + 1) % self._n, 0)
+        if nxt not in self._held:
+            self._issue_unit(*nxt)
+
+    def _enter_unit(self, j: int, u: int) -> None:
+        """Unit u of streamed block j is about to run: release the unit before it, wait for its copy, point its
+        tensors into its buffer, and fetch the next unit (unless the unit ends with a module's return: then that
+        hook does)."""
+        self._release_entered()
+        if (j, u) not in self._held:
+            self._issue_unit(j, u)
+        held = self._held[j, u]
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(held.copied)
+        for k, view in held.views:
+            self._entries[j][k].tensor.data = view
+        held.entered = True
+        self._unit_now = (j, u)
+        if self._units[u][1] is None:
+            self._issue_next(j, u)
+
+    def _release_entered(self) -> None:
+        """Drop the running unit's device copy (its tensors point back at the host buffer). The allocator frees
+        in the compute stream's order, after the kernels that read it."""
+        if self._unit_now is not None:
+            self._release_unit(self._unit_now)
+            self._unit_now = None
+
+    def _release_unit(self, key: tuple[int, int]) -> None:
+        held = self._held.pop(key)
+        if self.cuda and not held.entered:  # its copy may still be writing: free it after the copy
+            torch.cuda.current_stream(self.device).wait_event(held.copied)
+        rest = self._rest[key[0]]
+        for k, _ in held.views:
+            self._entries[key[0]][k].tensor.data = rest[k]
+
     # ---- teardown ---------------------------------------------------------------------------------------------
 
     def suspend(self) -> None:
@@ -457,6 +620,13 @@ class BlockStreamer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._start_forward()
+        if self.layers:
+            for key in list(self._held):
+                self._release_unit(key)
+            for entries, rest in zip(self._entries, self._rest):
+                for e, r in zip(entries, rest):
+                    e.tensor.data = r
+            self._rest_device = []
         if self.source == "mmap" and self.cuda:
             self._worker.shutdown()
             self._staging = []

@@ -21,20 +21,24 @@ from scail2_lite.attention import get_backend  # noqa: E402
 def test_defaults_and_plan() -> None:
     args = bo.parse_args([])
     assert args.caps == bo.CAPS and args.sizes == ["512p", "704p"] and args.attention == ["sdpa"]
-    assert bo.plan(args) == [("bf16", True, [(1, ["sdpa"]), (0, ["sdpa"])]),
-                             ("fp8", True, [(1, ["sdpa"]), (0, ["sdpa"])]), ("int8", True, [(1, ["sdpa"])])]
+    two, one, layers = bo.TWO_SLOTS, bo.ONE_SLOT, bo.LAYERS
+    assert bo.plan(args) == [("bf16", True, [(two, ["sdpa"]), (one, ["sdpa"]), (layers, ["sdpa"])]),
+                             ("fp8", True, [(two, ["sdpa"]), (one, ["sdpa"]), (layers, ["sdpa"])]),
+                             ("int8", True, [(two, ["sdpa"])])]
 
 
 def test_plan_with_attention_and_filters() -> None:
-    args = bo.parse_args(["--attention", "sage,flash,sdpa,sage", "--skip", "int8,ours-1slot,fp8-1slot", "--caps",
-                          "16GB"])
+    two, one, layers = bo.TWO_SLOTS, bo.ONE_SLOT, bo.LAYERS
+    args = bo.parse_args(["--attention", "sage,flash,sdpa,sage", "--skip",
+                          "int8,ours-1slot,fp8-1slot,ours-layers,fp8-layers", "--caps", "16GB"])
     assert args.caps == {"16GB": 16e9}
-    assert bo.plan(args) == [("bf16", True, [(1, ["sdpa"])]), ("fp8", True, [(1, ["sdpa", "sage", "flash"])])]
+    assert bo.plan(args) == [("bf16", True, [(two, ["sdpa"])]), ("fp8", True, [(two, ["sdpa", "sage", "flash"])])]
     only = bo.parse_args(["--only", "fp8-attention", "--attention", "sage"])
-    assert bo.plan(only) == [("fp8", False, [(1, ["sage"])])]
+    assert bo.plan(only) == [("fp8", False, [(two, ["sage"])])]
     assert bo.plan(bo.parse_args(["--only", "diffusers-block,mmgp"])) == []
-    one_slot = bo.parse_args(["--only", "fp8-1slot,fp8-attention", "--attention", "fp8"])
-    assert bo.plan(one_slot) == [("fp8", False, [(1, ["fp8"]), (0, ["fp8"])])]
+    light = bo.parse_args(["--only", "fp8-1slot,fp8-layers,fp8-attention", "--attention", "fp8"])
+    assert bo.plan(light) == [("fp8", False, [(two, ["fp8"]), (one, ["fp8"]), (layers, ["fp8"])])]
+    assert bo.plan(bo.parse_args(["--only", "ours-layers"])) == [("bf16", False, [(layers, ["sdpa"])])]
 
 
 @pytest.mark.parametrize("argv", [["--skip", "nope"], ["--caps", "8GB"], ["--attention", "fast"],
@@ -53,7 +57,7 @@ def _row(method: str, dtype: str, size: str, cap: float | None, s: float | None 
 
 
 def test_versus_ratios_errors_and_matching() -> None:
-    ours, block, leaf = bo.ours_label(1), bo.DIFFUSERS_BLOCK, bo.DIFFUSERS_LEAF
+    ours, block, leaf = bo.ours_label(bo.TWO_SLOTS), bo.DIFFUSERS_BLOCK, bo.DIFFUSERS_LEAF
     rows = [
         _row(ours, "bf16", "512p", 16e9, 1.0, 6e9),
         _row(ours, "bf16", "704p", 16e9, 3.0, 9e9),
@@ -82,9 +86,10 @@ def test_vs_reference() -> None:
 
 
 def test_labels() -> None:
-    assert bo.ours_label(1) == "ours: 0 resident, prefetch 1"
-    assert bo.ours_label(0) == "ours: 0 resident, prefetch 0 (one slot)"
-    assert bo.ours_label(1, "sage") == "ours: 0 resident, prefetch 1, sage attention"
+    assert bo.ours_label(bo.TWO_SLOTS) == "ours: 0 resident, prefetch 1"
+    assert bo.ours_label(bo.ONE_SLOT) == "ours: 0 resident, prefetch 0 (one slot)"
+    assert bo.ours_label(bo.TWO_SLOTS, "sage") == "ours: 0 resident, prefetch 1, sage attention"
+    assert bo.ours_label(bo.LAYERS, "fp8") == "ours: 0 resident, layer by layer, fp8 attention"
 
 
 def test_measure_with_runs_under_the_backend_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,7 +149,7 @@ def test_diffusers_block_level_prefetches_on_the_harness_wrapper(monkeypatch: py
 
 
 def test_printed_tables_are_well_formed(capsys: pytest.CaptureFixture) -> None:
-    ours, sage = bo.ours_label(1), bo.ours_label(1, "sage")
+    ours, sage = bo.ours_label(bo.TWO_SLOTS), bo.ours_label(bo.TWO_SLOTS, "sage")
     rows = [
         {**_row("resident", "bf16", "704p", None, 2.8, 12e9), "ratio": 1.0, "peak_reserved": 13e9,
          "peak_allocated_40_blocks": 40e9},

@@ -98,7 +98,7 @@ def test_guidance_one_runs_one_branch(pipe, folder, monkeypatch):
     assert len(calls) == 6
 
 
-@pytest.mark.parametrize("profile", ["8gb", "16gb", "lowram"])
+@pytest.mark.parametrize("profile", ["8gb", "layers", "16gb", "lowram"])
 def test_profiles_change_no_numbers(folder, pipe, profile):
     _, reference = run(pipe, folder)
     streamed_pipe = Pipeline.from_pretrained(folder, device="cpu", profile=profile)

@@ -12,7 +12,7 @@ from scail2_lite import attention as attn
 from scail2_lite.config import SIZES, DiTConfig
 from scail2_lite.errors import UserError
 from scail2_lite.planner import (
-    PHASES, block_bytes, detect_memory, lighter, list_profiles, load_profile, plan, predict, tokens,
+    PHASES, block_bytes, detect_memory, lighter, list_profiles, load_profile, plan, predict, tokens, unit_bytes,
 )
 
 C14 = DiTConfig.preset("scail2-14b")
@@ -22,6 +22,7 @@ speed_rank = 5
 quantization = "auto"
 resident_blocks = "auto"
 prefetch = 1
+stream_unit = "block"
 weight_source = "pinned"
 vae_tile = 256
 encoders = "offload-after-use"
@@ -59,6 +60,7 @@ def test_shipped_profiles_load_and_share_the_numerics() -> None:
         ("704p", "fp8", 16, 16, "lowram", 0),  # pinned blocks do not fit 16 GB of RAM
         ("512p", "bf16", 16, 16, "lowram", 0),
         ("512p", "fp8", 24, 16, "resident", 40),  # the 8-bit model fits a 24 GB card whole
+        ("704p", "fp8", 7.6, 64, "layers", 0),  # one block slot is too much: layer streaming
     ],
 )
 def test_choices_for_a_table_of_machines(size, weights, vram, ram, expected, resident) -> None:
@@ -129,6 +131,26 @@ def test_bad_profile_files_name_the_file_and_field(tmp_path, edit, message) -> N
     with pytest.raises(UserError, match=message) as info:
         load_profile(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_layer_streaming_needs_pinned_ram(tmp_path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD.replace('stream_unit = "block"', 'stream_unit = "layer"').replace('"pinned"', '"mmap"'))
+    with pytest.raises(UserError, match="pinned"):
+        load_profile(path)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+@pytest.mark.parametrize("size", ["512p", "704p"])
+def test_layer_streaming_holds_one_square_weight_at_the_attention(size: str, weights: str) -> None:
+    """At 512p-704p the attention is the block's peak: layer streaming holds v there (and the small tensors of
+    every block), where one slot holds a whole block."""
+    one_slot, layers = load_profile("8gb"), load_profile("layers")
+    slot = predict(one_slot, C14, *SIZES[size], 81, 0, weights)["dit_step"].vram
+    layer = predict(layers, C14, *SIZES[size], 81, 0, weights)["dit_step"].vram
+    units = unit_bytes(C14, weights)
+    assert slot - layer == block_bytes(C14, weights) - units["self_attn.v"] - C14.num_layers * units["rest"]
+    assert units["self_attn.v"] == pytest.approx(C14.dim**2 * (2 if weights == "bf16" else 1), rel=0.01)
 
 
 def test_custom_profile_file_and_unknown_name(tmp_path) -> None:

@@ -113,6 +113,69 @@ def test_one_slot_copies_the_next_head_while_the_ffn_runs(chunk: int | None) -> 
             h.remove()
 
 
+@pytest.mark.parametrize("scheme", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("resident,chunk", [(0, None), (0, 7), (2, 7), (LAYERS - 1, None)])
+def test_layer_streaming_is_bit_exact(scheme: str, resident: int, chunk: int | None) -> None:
+    model = _model(scheme)
+    for block in model.blocks:
+        block.ffn_chunk_size = block.attn_chunk_size = chunk  # 7: every unit but v and o is called per chunk
+    expected = _run(model)
+    with BlockStreamer(model, "cpu", resident_blocks=resident, unit="layer") as streamer:
+        assert streamer.layers and streamer.num_slots == 0
+        for forward in range(3):
+            assert torch.equal(_run(model), expected)
+            # one copy per streamed block, plus the next forward's first unit fetched at the end
+            assert streamer.copies == (LAYERS - resident) * (forward + 1) + 1
+    assert torch.equal(_run(model), expected)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_layer_streaming_holds_one_unit_at_the_attention(monkeypatch: pytest.MonkeyPatch, chunk: int | None) -> None:
+    """During the self-attention only o (fetched after v returned) is on the device; the small tensors outside the
+    units stay there; the FFN runs beside the next block's q; the units' modules read their own weights."""
+    import scail2_lite.model as model_module
+
+    model = _model()
+    for block in model.blocks:
+        block.ffn_chunk_size = block.attn_chunk_size = chunk
+    expected = _run(model)
+    streamer = BlockStreamer(model, "cpu", unit="layer")
+    host = (streamer._host.data_ptr(), streamer._host.data_ptr() + streamer._host.numel())
+    on_host = lambda t: host[0] <= t.data_ptr() < host[1]  # noqa: E731
+    attention_calls: list[tuple] = []
+    ffn_calls: list[tuple] = []
+    running = [0]
+    real = model_module.self_attention
+
+    def spy(qkv):
+        j = running[0]
+        block = model.blocks[j]
+        attention_calls.append((set(streamer._held), on_host(block.self_attn.v.weight), on_host(block.modulation),
+                                on_host(block.self_attn.norm_q.weight)))
+        return real(qkv)
+
+    def at_ffn(j: int):
+        def hook(module, args):
+            ffn_calls.append((j, set(streamer._held), on_host(model.blocks[j].ffn[0].weight)))
+        return hook
+
+    def at_block(j: int):
+        def hook(module, args):
+            running[0] = j
+        return hook
+
+    monkeypatch.setattr(model_module, "self_attention", spy)
+    handles = [b.register_forward_pre_hook(at_block(j)) for j, b in enumerate(model.blocks)]
+    handles += [b.ffn.register_forward_pre_hook(at_ffn(j)) for j, b in enumerate(model.blocks)]
+    with streamer:
+        assert torch.equal(_run(model), expected)
+    assert attention_calls == [({(j, 3)}, True, False, False) for j in range(LAYERS)]
+    assert {j for j, _, _ in ffn_calls} == set(range(LAYERS))
+    assert all(held == {(j, 5), ((j + 1) % LAYERS, 0)} and not there for j, held, there in ffn_calls)
+    for h in handles:
+        h.remove()
+
+
 def test_blocks_that_fit_the_ring_are_copied_once() -> None:
     model = _model()
     with BlockStreamer(model, "cpu", resident_blocks=3, prefetch=1) as streamer:
@@ -131,20 +194,21 @@ def test_detach_removes_every_hook() -> None:
     assert streamer._slots == []
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_forward_interrupted_inside_a_streamed_block_recovers(prefetch: int) -> None:
+@pytest.mark.parametrize("prefetch,unit", [(0, "block"), (1, "block"), (0, "layer")])
+def test_forward_interrupted_inside_a_streamed_block_recovers(prefetch: int, unit: str) -> None:
     model = _model()
     expected = _run(model)
 
     def boom(module, args):  # after the streamer's own FFN hook: with one slot, block 3's head has replaced 2's
         raise RuntimeError("out of memory")
 
-    with BlockStreamer(model, "cpu", resident_blocks=0, prefetch=prefetch):
+    with BlockStreamer(model, "cpu", resident_blocks=0, prefetch=prefetch, unit=unit) as streamer:
         handle = model.blocks[2].ffn.register_forward_pre_hook(boom)
         with pytest.raises(RuntimeError):
             _run(model)
         handle.remove()
         assert torch.equal(_run(model), expected)
+        assert not streamer.layers or set(streamer._held) == {(0, 0)}
 
 
 def _saved_then_wrecked(tmp_path, scheme: str) -> tuple[SCAIL2Model, torch.Tensor, object]:
@@ -179,6 +243,15 @@ def test_bad_arguments_are_user_errors(tmp_path) -> None:
         BlockStreamer(model, "cpu", prefetch=-1)
     with pytest.raises(UserError, match="mmap"):
         BlockStreamer(model, "cpu", source="mmap")
+    with pytest.raises(UserError, match="stream unit"):
+        BlockStreamer(model, "cpu", unit="leaf")
+    with pytest.raises(UserError, match="pinned"):
+        BlockStreamer(model, "cpu", source="mmap", weights=tmp_path / "x.safetensors", unit="layer")
+    plain = _model()
+    for block in plain.blocks:
+        block.STREAM_UNITS = (("self_attn.nothing", None),)
+    with pytest.raises(UserError, match="STREAM_UNITS"):
+        BlockStreamer(plain, "cpu", unit="layer")
     path = tmp_path / "partial.safetensors"
     save_file({"blocks.1.modulation": torch.zeros(1, 6, 3)}, str(path))
     with pytest.raises(UserError, match="blocks.1.modulation"):
@@ -187,14 +260,18 @@ def test_bad_arguments_are_user_errors(tmp_path) -> None:
         BlockStreamer(_model(), "cpu", resident_blocks=2, source="mmap", weights=path)
 
 
-@pytest.mark.parametrize("source,prefetch", [("pinned", 1), ("mmap", 1), ("pinned", 0)])
-def test_weights_come_from_the_files_and_suspend_resume_keeps_them(tmp_path, source: str, prefetch: int) -> None:
+@pytest.mark.parametrize("source,prefetch,unit", [("pinned", 1, "block"), ("mmap", 1, "block"),
+                                                  ("pinned", 0, "block"), ("pinned", 0, "layer")])
+def test_weights_come_from_the_files_and_suspend_resume_keeps_them(tmp_path, source: str, prefetch: int,
+                                                                    unit: str) -> None:
     fresh, expected, path = _saved_then_wrecked(tmp_path, "fp8")
-    with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=prefetch, source=source, weights=path) as streamer:
-        assert streamer.split == (prefetch == 0)
+    with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=prefetch, source=source, weights=path,
+                       unit=unit) as streamer:
+        assert streamer.split == (prefetch == 0 and unit == "block")
         assert torch.equal(_run(fresh), expected)
         streamer.suspend()
         assert streamer._slots == [] and not any(b._forward_pre_hooks for b in fresh.blocks)
-        assert not any(b.ffn._forward_pre_hooks for b in fresh.blocks)
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in fresh.modules())
+        assert streamer.layers == (unit == "layer") and not streamer.layers or streamer._held == {}
         streamer.resume()
         assert torch.equal(_run(fresh), expected)
