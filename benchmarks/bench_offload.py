@@ -46,7 +46,7 @@ Fairness of the peaks (audit replacing RESULTS.md's "the input regeneration coun
   for the whole forward (`Module.__call__` holds its arguments); the real model frees its block-0 input.
 - Not an asymmetry: the streamer keeps its two slots allocated between forwards (diffusers frees its blocks),
   but at the peak both hold two blocks. Leaf level is lower by design (it holds a Linear and the next one, not
-  two blocks); the one-slot row is our lowest-memory comparison point.
+  two blocks); the layer-by-layer rows are our lowest-memory comparison point (one Linear beside the attention).
 Run: `python benchmarks/bench_offload.py` (prints markdown tables; writes $OUT/bench_offload.json if OUT is set,
 updated after every measurement so a timeout keeps what finished).
 """

@@ -11,7 +11,7 @@ per forward, in order, and touch block weights nowhere else (the contract writte
 Ordering on CUDA, for a block running in slot s:
   copy of the block into s  --waits for-->  `computed[s]` (the last block that ran in s has been consumed)
   compute of the block      --waits for-->  `copied[s]`   (its weights have arrived)
-With one slot (prefetch 0, the lowest-memory profiles) the copies still overlap compute: a block's tensors are laid
+With one slot (prefetch 0, profile `8gb`) the copies still overlap compute: a block's tensors are laid
 out with its `ffn` (which runs last and reads only its own weights, model.py's contract) at the end of the slot, so
 the next block's head (attention, norms, modulation) is copied while the FFN runs, and its FFN while its attention
 runs:
