@@ -34,10 +34,10 @@ STEPS: list[tuple[str, list[str], int]] = [
     # Written to fit ~150 s.
     ("Attention backends: speed and error against SDPA (issue 6, deliverable 5: which backend may be a default)",
      ["benchmarks/bench_attention.py"], 150),
-    # ~125-145 s (106 s in the 2026-11-25 suite with 22 measurements, now 30): measurements of 2 forwards of 3 blocks (~42 s at 0.16 / 0.47 s per bf16 block at 512p / 704p,
-    # fp8/int8 a little less, fp8 attention 0.75x at 704p, leaf level +20-30%), CUDA start and imports (~8 s), block
-    # generation and pinning (~12 s), INT8 autotuning at the chunk shapes (~15-30 s), diffusers and
-    # mmgp set-up (~15 s), input generation, allocator clean-up and output checks (~10 s).
+    # ~150-160 s (measured 149 and 158 s): 30 measurements of 2 forwards of 3 blocks (~55 s at 0.16 / 0.47 s per
+    # bf16 block at 512p / 704p, fp8/int8 a little less, fp8 attention 0.75x at 704p, leaf level +20-30%), CUDA start
+    # and imports (~8 s), block generation and pinning (~12 s), INT8 autotuning at the chunk shapes (~15-30 s),
+    # diffusers and mmgp set-up (~15 s), input generation, allocator clean-up and output checks (~10 s).
     ("Offload at a 16 GB cap, 512p and 704p: ours (two slots, one slot, layer by layer) vs resident vs diffusers "
      "block/leaf vs mmgp; "
      "bf16 vs FP8 vs INT8 per forward; FP8 + fp8 attention (self-attention; SDPA cross) vs diffusers bf16 (issue 6: "
