@@ -236,11 +236,6 @@ def block_activation_stages(config: DiTConfig, n_tokens: int, ffn_chunk: int, at
     return {name: RESIDUAL_BYTES * n * d + b + context for name, b in stages.items()}
 
 
-def block_activation_bytes(config: DiTConfig, n_tokens: int, ffn_chunk: int, attn_chunk: int, attention: str) -> int:
-    """Peak transient bytes of one block's forward (the largest stage's)."""
-    return max(block_activation_stages(config, n_tokens, ffn_chunk, attn_chunk, attention).values())
-
-
 def layer_stream_held(config: DiTConfig, quantization: str) -> dict[str, int]:
     """Weights on the device during each stage under layer streaming (streamer.py): v alone at the attention (o
     is fetched when v returns), o and the fetched cross-attention, the cross-attention and the fetched FFN, the

@@ -89,4 +89,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
     rotation = torch.complex(cos.float(), sin.float()).unsqueeze(1)
     return torch.view_as_real(pairs * rotation).flatten(-2)
-

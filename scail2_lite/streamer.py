@@ -201,6 +201,9 @@ class BlockStreamer:
         self._entries = [entries for entries, _, _ in layouts]
         self._sizes = [size for _, size, _ in layouts]
         self._starts = [starts for _, _, starts in layouts]  # per block: where each part starts, then its size
+        self._unit_indices = [  # layer mode, per block and unit: the indices of the unit's entries
+            [[k for k, e in enumerate(entries) if lo <= e.offset < hi] for lo, hi in zip(starts, starts[1:])]
+            for entries, starts in zip(self._entries, self._starts)] if self.layers else []
         self.slot_bytes = max(self._sizes, default=0)
         self.num_slots = 0 if self.layers else min(prefetch + 1, self._n)
         # One pinned slot for several blocks of one layout: head and tail are copied separately (see the docstring)
@@ -540,16 +543,11 @@ class BlockStreamer:
 
         return return_hook
 
-    def _unit_entries(self, j: int, u: int) -> tuple[list[int], int, int]:
-        """Indices into block j's entries of unit u's tensors, and the unit's byte range in the block layout."""
-        lo, hi = self._starts[j][u], self._starts[j][u + 1]
-        return [k for k, e in enumerate(self._entries[j]) if lo <= e.offset < hi], lo, hi
-
     def _issue_unit(self, j: int, u: int) -> None:
         """Allocate a device buffer for unit u of streamed block j and copy the unit into it on the side stream,
         once the compute stream has reached this point (the allocator may hand out memory that kernels queued
         before still read)."""
-        indices, lo, hi = self._unit_entries(j, u)
+        lo, hi = self._starts[j][u], self._starts[j][u + 1]
         buf = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)
         src = self._host[self._host_starts[j] + lo : self._host_starts[j] + hi]
         copied = None
@@ -560,7 +558,8 @@ class BlockStreamer:
         else:
             buf.copy_(src)
         entries = self._entries[j]
-        views = [(k, _view(buf, entries[k].offset - lo, entries[k].dtype, entries[k].shape)) for k in indices]
+        views = [(k, _view(buf, entries[k].offset - lo, entries[k].dtype, entries[k].shape))
+                 for k in self._unit_indices[j][u]]
         self._held[j, u] = _Held(views, copied)
         self.copies += int(u == 0)
         self.bytes_copied += hi - lo
