@@ -21,7 +21,7 @@ from bench_fidelity import Sizes, dit_inputs, forward, table  # noqa: E402
 from scail2_lite.config import PRESETS  # noqa: E402
 from scail2_lite.formats import wan_shapes  # noqa: E402
 from scail2_lite.model import SCAIL2Model  # noqa: E402
-from scail2_lite.quantize.schemes import dequantize, quantize_weight  # noqa: E402
+from scail2_lite.quantize.schemes import dequantize, quantize_linear  # noqa: E402
 from scail2_lite.quantize.report import compare  # noqa: E402
 from scail2_lite.synth import synth_tensor  # noqa: E402
 
@@ -56,7 +56,8 @@ def main() -> None:
             werr = []
             for n in names:
                 w = model.get_submodule(n).weight
-                approx = dequantize(*quantize_weight(w.data, how), w.dtype)
+                q, scale, smooth = quantize_linear(w.data, how)
+                approx = dequantize(q, scale, w.dtype, smooth)
                 werr.append(float((approx.float() - w.float()).norm() / w.float().norm()))
                 w.data.copy_(approx)
             out, _ = forward(model, inputs, "cuda")

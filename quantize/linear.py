@@ -2,9 +2,10 @@
 
 - "fp8": per-token FP8 activations (fused Triton quantization kernel) x per-channel FP8 weights through
   `torch._scaled_mm` with row-wise scales and the bias in the cuBLASLt epilogue (sm89+: Ada, Hopper, Blackwell).
-- "int8": per-token INT8 activations (same kernel) x per-channel INT8 weights in a Triton GEMM whose epilogue
-  applies both scales and the bias, so the int32 result never goes to memory (Ampere and newer). The device
-  measured that an unfused `torch._int_mm` + PyTorch epilogue is slower than bf16, hence the custom kernel.
+- "int8": per-token INT8 activations (same kernel, which also multiplies each channel by the weight's column
+  smoothing, see schemes.py) x per-channel INT8 weights in a Triton GEMM whose epilogue applies both scales and
+  the bias, so the int32 result never goes to memory (Ampere and newer). The device measured that an unfused
+  `torch._int_mm` + PyTorch epilogue is slower than bf16, hence the custom kernel.
 - "dequant": weight-only, dequantize then matmul in the activation dtype (CPU, older GPUs, anything else).
 
 The buffers are ordinary tensors (no subclasses) so a block streamer can keep them in pinned host memory and
@@ -21,7 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schemes import FP8_DTYPE, FP8_MAX, INT8_MAX, STORAGE_DTYPE, QuantizeError, check_scheme, quantize_weight
+from .schemes import (
+    FP8_DTYPE,
+    FP8_MAX,
+    INT8_MAX,
+    SMOOTHED_SCHEMES,
+    STORAGE_DTYPE,
+    QuantizeError,
+    check_scheme,
+    dequantize,
+    quantize_linear,
+)
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs do not have it.
     import triton
@@ -54,14 +65,17 @@ def _round_half_away(y: torch.Tensor) -> torch.Tensor:
     return torch.sign(y) * torch.floor(y.abs() + 0.5)
 
 
-def quantize_rows_reference(x: torch.Tensor, compute: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_reference(x: torch.Tensor, compute: str, gelu: bool = False,
+                            smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (row) symmetric activation quantization in eager PyTorch: (q (M, K), scale (M, 1) float32), of
-    tanh-GELU(x) (computed in float32) when `gelu`.
+    tanh-GELU(x) (computed in float32) when `gelu`, times the per-channel `smooth` factors when given.
 
     The reference for the fused Triton kernel; too slow on the GPU (several passes over the activations)."""
     x32 = x.to(torch.float32)
     if gelu:
         x32 = F.gelu(x32, approximate="tanh")
+    if smooth is not None:
+        x32 = x32 * smooth
     qmax = FP8_MAX if compute == "fp8" else INT8_MAX
     scale = x32.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
     y = x32 / scale
@@ -73,9 +87,9 @@ def quantize_rows_reference(x: torch.Tensor, compute: str, gelu: bool = False) -
 if triton is not None:
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-                           GELU: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per token: read the row once, (tanh-GELU,) absmax, scale, cast, write (one pass).
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, smooth_ptr, K, stride_x, stride_q, QMAX: tl.constexpr,
+                           IS_INT: tl.constexpr, GELU: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per token: read the row once, (tanh-GELU, smoothing,) absmax, scale, cast, write (one pass).
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
@@ -83,6 +97,8 @@ if triton is not None:
         if GELU:  # 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (exp(2u) + 1)
             u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
             x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        if SMOOTH:
+            x = x * tl.load(smooth_ptr + offs, mask=mask, other=1.0)
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / QMAX
         y = x / scale
         if IS_INT:
@@ -142,19 +158,21 @@ if triton is not None:
         tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def quantize_rows(x: torch.Tensor, compute: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token activation quantization (of tanh-GELU(x) when `gelu`), fused in one Triton kernel on CUDA
-    (reference math elsewhere)."""
+def quantize_rows(x: torch.Tensor, compute: str, gelu: bool = False,
+                  smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token activation quantization (of tanh-GELU(x) when `gelu`, times `smooth` per channel when given),
+    fused in one Triton kernel on CUDA (reference math elsewhere)."""
     if triton is None or not x.is_cuda:
-        return quantize_rows_reference(x, compute, gelu)
+        return quantize_rows_reference(x, compute, gelu, smooth)
     x = x.contiguous()
     m, k = x.shape
     q = torch.empty((m, k), dtype=FP8_DTYPE if compute == "fp8" else torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(k)
-    _quant_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0),
+    _quant_rows_kernel[(m,)](x, q, scale, scale if smooth is None else smooth, k, x.stride(0), q.stride(0),
                              QMAX=FP8_MAX if compute == "fp8" else INT8_MAX, IS_INT=compute == "int8",
-                             GELU=gelu, BLOCK=block, num_warps=16 if block >= 8192 else 8)
+                             GELU=gelu, SMOOTH=smooth is not None, BLOCK=block,
+                             num_warps=16 if block >= 8192 else 8)
     return q, scale
 
 
@@ -206,7 +224,8 @@ def _reference_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
 
 
 class QuantLinear(nn.Module):
-    """Linear layer with an FP8 or INT8 (out, in) weight and float32 per-output-channel scale, as plain buffers.
+    """Linear layer with an FP8 or INT8 (out, in) weight and float32 per-output-channel scale, as plain buffers;
+    INT8 layers also hold their float32 per-input-column `smooth` factors (schemes.py).
 
     `input_gelu` (set by `swap_linears` when it folds the tanh GELU in front of it) applies that GELU to the input
     first; the fp8/int8 paths do it inside the activation quantization, which saves a pass over the FFN's widest
@@ -225,6 +244,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", torch.empty((out_features, in_features), dtype=STORAGE_DTYPE[scheme],
                                                    device=device))
         self.register_buffer("scale", torch.empty((out_features,), dtype=torch.float32, device=device))
+        smoothed = scheme in SMOOTHED_SCHEMES
+        self.register_buffer("smooth", torch.ones((in_features,), dtype=torch.float32, device=device)
+                             if smoothed else None)
         self.register_buffer("bias", torch.empty((out_features,), dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
@@ -233,9 +255,11 @@ class QuantLinear(nn.Module):
         has_bias = linear.bias is not None
         q = cls(linear.in_features, linear.out_features, has_bias, scheme, compute, device=linear.weight.device,
                 bias_dtype=linear.bias.dtype if has_bias else torch.bfloat16)
-        qw, scale = quantize_weight(linear.weight, scheme)
+        qw, scale, smooth = quantize_linear(linear.weight, scheme)
         q.weight.copy_(qw)
         q.scale.copy_(scale)
+        if smooth is not None:
+            q.smooth.copy_(smooth)
         if has_bias:
             q.bias.copy_(linear.bias.detach())
         return q
@@ -249,11 +273,11 @@ class QuantLinear(nn.Module):
         if compute == "dequant":
             if self.input_gelu:
                 x = F.gelu(x, approximate="tanh")
-            w = (self.weight.to(torch.float32) * self.scale[:, None]).to(x.dtype)
+            w = dequantize(self.weight, self.scale, x.dtype, self.smooth)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xq, xs = quantize_rows(x2, compute, self.input_gelu)
+        xq, xs = quantize_rows(x2, compute, self.input_gelu, self.smooth)
         if not x.is_cuda:
             out = _reference_matmul(xq, xs, self.weight, self.scale, self.bias, x.dtype)
         elif compute == "fp8":

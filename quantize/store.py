@@ -4,11 +4,15 @@ Layout of a folder written by `write_quantized`:
     manifest.json              format + version, scheme/dtype/shape/file of every tensor, source fingerprints,
                                model config, tool version, text-encoder scheme, merged LoRAs
     dit-00001.safetensors ...  shards of about `shard_bytes` each: quantized Linear weights (`<layer>.weight`
-                               fp8/int8 + `<layer>.scale` float32 per output channel), everything else bf16
-                               (fp32 for modulation tables)
+                               fp8/int8 + `<layer>.scale` float32 per output channel, and for int8
+                               `<layer>.smooth` float32 per input column), everything else bf16 (fp32 for
+                               modulation tables)
     <copied files>             VAE, CLIP, tokenizer, umT5, under the names the caller chose
 The folder is built under a hidden temporary name and renamed at the end; `manifest.json` is written last, so
 an interrupted run never leaves a folder that `is_quantized_folder` accepts.
+
+Format versions: 2 added the int8 column smoothing. Version 1 folders still load when they hold no int8 layers
+(their fp8 layers are stored the same way); version 1 int8 folders must be quantized again.
 """
 
 from __future__ import annotations
@@ -30,18 +34,19 @@ from safetensors.torch import save_file
 from .schemes import (
     FP8_DTYPE,
     QUANTIZED_SCHEMES,
+    SMOOTHED_SCHEMES,
     QuantizeError,
     check_scheme,
     dequantize,
     is_quantized_name,
     kept_dtype,
-    quantize_weight,
+    quantize_linear,
     quantized_bytes,
     relative_error,
 )
 
 FORMAT_NAME = "scail2-lite-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SHARD_BYTES = 2 * 1024**3
 _FINGERPRINT_CHUNK = 1024**2
@@ -251,6 +256,7 @@ def _write_into(folder: Path, tensors: Iterable[tuple[str, torch.Tensor | PreQua
     for name, item in tensors:
         q: torch.Tensor | None = None
         s: torch.Tensor | None = None
+        smooth: torch.Tensor | None = None
         if name in entries:
             raise QuantizeError(f"tensor {name!r} appears twice in the source")
         if expected is not None:
@@ -259,7 +265,7 @@ def _write_into(folder: Path, tensors: Iterable[tuple[str, torch.Tensor | PreQua
         if isinstance(item, PreQuantized):
             src_bytes = item.qweight.numel() * item.qweight.element_size()
             shape = tuple(item.qweight.shape)
-            if item.scheme == scheme and is_quantized_name(name):
+            if item.scheme == scheme and is_quantized_name(name) and scheme not in SMOOTHED_SCHEMES:
                 q, s, tensor = item.qweight, item.scale.to(torch.float32), None
             else:  # another scheme asked for: go back to floats and requantize (error measured vs that float)
                 tensor = dequantize(item.qweight, item.scale)
@@ -272,22 +278,25 @@ def _write_into(folder: Path, tensors: Iterable[tuple[str, torch.Tensor | PreQua
             raise QuantizeError(f"tensor {name!r} has shape {list(shape)}, expected {list(expected[name])}")
         if quantizing and is_quantized_name(name):
             if q is None:
-                q, s = quantize_weight(tensor, scheme)
-                result.weight_errors[name] = relative_error(tensor, dequantize(q, s))
+                q, s, smooth = quantize_linear(tensor, scheme)
+                result.weight_errors[name] = relative_error(tensor, dequantize(q, s, smooth=smooth))
             layer = name.removesuffix(".weight")
             shards.add(name, q)
-            shards.add(f"{layer}.scale", s)
             entries[name] = {"scheme": scheme, "dtype": _dtype_name(q.dtype), "shape": list(q.shape),
                              "scale": f"{layer}.scale"}
-            entries[f"{layer}.scale"] = {"scheme": "fp32", "dtype": "float32", "shape": list(s.shape)}
+            for key, t in (("scale", s), ("smooth", smooth)):
+                if t is not None:
+                    shards.add(f"{layer}.{key}", t)
+                    entries[name][key] = f"{layer}.{key}"
+                    entries[f"{layer}.{key}"] = {"scheme": "fp32", "dtype": "float32", "shape": list(t.shape)}
         else:
             dtype = torch.bfloat16 if is_quantized_name(name) else kept_dtype(name)
             kept = tensor.to(dtype)
             if is_quantized_name(name):  # --dit bf16: the cast is the only loss, report it like a quantization
                 result.weight_errors[name] = relative_error(tensor, kept)
             elif quantizing and tensor.ndim == 2 and tensor.is_floating_point():
-                qk, sk = quantize_weight(tensor, scheme)
-                result.kept_if_quantized[name] = {"error": relative_error(tensor, dequantize(qk, sk)),
+                qk, sk, smk = quantize_linear(tensor, scheme)
+                result.kept_if_quantized[name] = {"error": relative_error(tensor, dequantize(qk, sk, smooth=smk)),
                                                   "bytes": float(src_bytes)}
             shards.add(name, kept)
             entries[name] = {"scheme": "fp32" if dtype == torch.float32 else "bf16", "dtype": _dtype_name(dtype),
@@ -312,9 +321,13 @@ def read_manifest(folder: str | Path) -> dict:
     if not is_quantized_folder(folder):
         raise QuantizeError(f"{folder} is not a scail2-lite quantized folder (no valid {MANIFEST})")
     manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise QuantizeError(f"{folder}: quantized format version {manifest.get('format_version')} is not supported "
-                            f"by this version (expects {FORMAT_VERSION}); quantize again")
+    version = manifest.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise QuantizeError(f"{folder}: quantized format version {version} is not supported by this version "
+                            f"(expects {FORMAT_VERSION}); quantize again")
+    if version == 1 and "int8" in linear_schemes(manifest).values():
+        raise QuantizeError(f"{folder}: int8 folder from format version 1, without the column smoothing int8 "
+                            "layers now carry; quantize again")
     for fname in manifest["dit"]["files"]:
         if not (folder / fname).is_file():
             raise QuantizeError(f"{folder} is incomplete: {fname} is missing")

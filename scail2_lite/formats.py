@@ -206,6 +206,7 @@ class _Entry:
     shape: tuple[int, ...]
     dtype: str
     load: Callable[[], torch.Tensor]
+    file: Path
 
 
 def _numpy_globals() -> list:
@@ -239,7 +240,7 @@ def _pickle_entries(path: Path) -> Iterator[_Entry]:
     for src, tensor in _load_pickle(path).items():
         for name, shape, i, n in to_wan_names(src, tuple(tensor.shape)):
             load = (lambda t=tensor: t) if n == 1 else (lambda t=tensor, i=i, n=n: t.chunk(n, dim=0)[i])
-            yield _Entry(name, shape, str(tensor.dtype).removeprefix("torch."), load)
+            yield _Entry(name, shape, str(tensor.dtype).removeprefix("torch."), load, path)
 
 
 def _safetensors_entries(path: Path) -> Iterator[_Entry]:
@@ -258,7 +259,7 @@ def _safetensors_entries(path: Path) -> Iterator[_Entry]:
                     t = f.get_tensor(src)
                     return t if n == 1 else t.chunk(n, dim=0)[i].clone()
 
-                yield _Entry(name, part_shape, dtype, load)
+                yield _Entry(name, part_shape, dtype, load, path)
 
 
 def index_files(index: Path) -> list[Path]:
@@ -448,12 +449,30 @@ class WeightFiles:
 
 
 
+# How many bytes `iter_tensors` yields between two hand-backs of the files' pages.
+RELEASE_BYTES = 256 * 2**20
+
+
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(Wan name, tensor) one at a time, read lazily (mmap / safe_open). fp8_scaled files also yield their
-    `*.scale_weight` tensors raw (the `scaled_fp8` marker is dropped) for `quantize` to dequantize."""
+    `*.scale_weight` tensors raw (the `scaled_fp8` marker is dropped) for `quantize` to dequantize.
+
+    Every `RELEASE_BYTES` the pages read so far are handed back (`FilePages`): a mapping stays alive as long as
+    one view of it does (the 65 GB SAT pickle for the whole read, a shard while a tensor of it waits in the
+    quantizer's output buffer), and without this every page read through it stays in the resident set. Tensors
+    are still valid afterwards (a read faults their pages back in), as long as nobody wrote into them."""
+    files: set[Path] = set()
+    since = 0
     for e in _entries(Path(path)):
-        if e.name != FP8_MARKER:
-            yield e.name, e.load()
+        if e.name == FP8_MARKER:
+            continue
+        tensor = e.load()
+        yield e.name, tensor
+        files.add(e.file)
+        since += tensor.numel() * tensor.element_size()
+        if since >= RELEASE_BYTES:
+            FilePages(sorted(files)).drop()
+            since = 0
 
 
 def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -523,7 +542,7 @@ def describe(path: str | Path) -> dict:
     path = Path(path)
     fmt = detect_format(path)
     entries = [e for e in _entries(path) if e.name != FP8_MARKER]
-    scales = [e for e in entries if e.name.endswith((".scale_weight", ".scale_input", ".scale"))]
+    scales = [e for e in entries if e.name.endswith((".scale_weight", ".scale_input", ".scale", ".smooth"))]
     tensors = [e for e in entries if e not in scales]
     shapes = {e.name: e.shape for e in tensors}
     config, config_source = read_config(path, shapes)

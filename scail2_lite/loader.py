@@ -70,7 +70,7 @@ def load_dit(
             state[name] = tensor if mapped else tensor.to(device=device, dtype=cast, copy=True)
     except QuantizeError as e:
         raise UserError(str(e)) from None
-    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith(".scale")}
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith((".scale", ".smooth"))}
     formats.check_keys(shapes, config, path)
     if loras:
         _merge_loras(state, loras, config)
@@ -92,8 +92,8 @@ def _mapped_blocks(folder: Path, manifest: dict) -> Iterator[tuple[str, torch.Te
 
 
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype | None:
-    """8-bit weights and their fp32 scales keep their storage; other floats take the model dtype."""
-    if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn or name.endswith(".scale"):
+    """8-bit weights and their fp32 scales and smoothing keep their storage; other floats take the model dtype."""
+    if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn or name.endswith((".scale", ".smooth")):
         return None
     return dtype
 
@@ -115,18 +115,10 @@ def _keep_fp8_linears(items: Iterable, schemes: dict[str, str]) -> Iterator[tupl
 
 def _merge_loras(state: dict[str, torch.Tensor], loras: Sequence[tuple[str | Path, float]], config: DiTConfig) -> None:
     """Merge LoRA deltas into `state` in place (fp32 math, cast back; 8-bit weights requantized)."""
-    from .lora import load_lora, lora_index, merge_quantized, merge_tensor, summed_delta
+    from .lora import load_lora, lora_index, merge_block
 
     shapes = {k: torch.Size(v) for k, v in formats.wan_shapes(config).items()}
-    index = lora_index([(load_lora(p, shapes), s) for p, s in loras])
-    for target, updates in index.items():
-        weight = state[target]
-        scale_key = target.removesuffix("weight") + "scale"
-        if scale_key in state and weight.dtype in (torch.int8, torch.float8_e4m3fn):
-            delta = summed_delta(updates, weight.shape, weight.device)
-            state[target], state[scale_key] = merge_quantized(weight, state[scale_key], delta)
-        else:
-            state[target] = merge_tensor(target, weight, index)
+    state.update(merge_block(state, lora_index([(load_lora(p, shapes), s) for p, s in loras])))
 
 
 def quantized_text_encoder(path: str | Path) -> str | None:

@@ -25,7 +25,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -392,29 +392,29 @@ _QUANT_SCHEME_OF_DTYPE = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 
 
 def merge_quantized(
-    qweight: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8|fp8 weight, per-row fp32 scale) + fp32 delta -> requantized pair, new per-row scales (same scheme)."""
-    from .quantize.schemes import dequantize, quantize_weight
+    qweight: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor, smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(int8|fp8 weight, per-row fp32 scale, int8's column smoothing) + fp32 delta -> requantized weight with new
+    per-row scales and smoothing (same scheme; smoothing None for fp8)."""
+    from .quantize.schemes import dequantize, quantize_linear
 
     scheme = _QUANT_SCHEME_OF_DTYPE.get(qweight.dtype)
     if scheme is None:
         raise ValueError(f"merge_quantized: {qweight.dtype} is not a quantized storage dtype")
-    return quantize_weight(dequantize(qweight, scale).add_(delta.to(qweight.device)), scheme)
+    return quantize_linear(dequantize(qweight, scale, smooth=smooth).add_(delta.to(qweight.device)), scheme)
 
 
 def merge_block(
     block_state: dict[str, torch.Tensor],
     index: dict[str, list[tuple[LoraUpdate, float]]],
     prefix: str = "",
-    scale_name: Callable[[str], str] = lambda name: name.removesuffix("weight") + "scale",
 ) -> dict[str, torch.Tensor]:
     """A block's tensors with the LoRAs merged, for a streamer that merges as blocks arrive.
 
     `block_state` keys are relative to `prefix` (e.g. prefix "blocks.7.", key "self_attn.q.weight"). Quantized
-    weights (int8/fp8 storage) are dequantized, merged in fp32 and requantized with fresh per-row scales found
-    at `scale_name(key)` (QuantLinear's `<layer>.scale` by default); other tensors are merged in fp32 and cast
-    back. Returns a new dict (inputs untouched).
+    weights (int8/fp8 storage) are dequantized, merged in fp32 and requantized with fresh per-row scales and
+    column smoothing (QuantLinear's `<layer>.scale` and `<layer>.smooth`); other tensors are merged in fp32 and
+    cast back. Returns a new dict (inputs untouched).
     """
     out = dict(block_state)
     for key, t in block_state.items():
@@ -422,9 +422,12 @@ def merge_block(
         if not ups:
             continue
         if t.dtype in _QUANT_SCHEME_OF_DTYPE:
-            out[key], out[scale_name(key)] = merge_quantized(
-                t, block_state[scale_name(key)], summed_delta(ups, t.shape, t.device)
-            )
+            layer = key.removesuffix("weight")
+            q, scale, smooth = merge_quantized(t, block_state[layer + "scale"], summed_delta(ups, t.shape, t.device),
+                                               block_state.get(layer + "smooth"))
+            out[key], out[layer + "scale"] = q, scale
+            if smooth is not None:
+                out[layer + "smooth"] = smooth
         else:
             out[key] = merge_tensor(prefix + key, t, index)
     return out

@@ -19,6 +19,14 @@ def oracle() -> Path:
     return ORACLE
 
 
+def rss_file() -> int:
+    """Bytes of mapped files in this process's resident set (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile")
+
+
 def load_npy(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.load(path))
 

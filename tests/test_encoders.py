@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionModel, PreTrainedTokenizerFast, UMT5EncoderModel
 
-from conftest import load_npy
+from conftest import load_npy, rss_file
 from scail2_lite import encoders as E
 from scail2_lite.errors import UserError
 
@@ -209,13 +209,6 @@ def test_clip_preprocess_rejects_bad_shape():
         E.clip_preprocess(torch.zeros(3, 10, 10))
 
 
-def _rss_file() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no RssFile")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux resident-set accounting")
 def test_file_pages_are_given_back_and_tensors_stay_intact(tmp_path) -> None:
     from scail2_lite.encoders import load_pth
@@ -227,9 +220,9 @@ def test_file_pages_are_given_back_and_tensors_stay_intact(tmp_path) -> None:
     sd = load_pth(path)
     pages = FilePages([path])
     assert pages.ranges
-    before = _rss_file()
+    before = rss_file()
     assert torch.equal(sd["w"], weights["w"])  # reads every page
-    touched = _rss_file()
+    touched = rss_file()
     pages.drop()
-    assert touched - before > 48e6 and touched - _rss_file() > 48e6
+    assert touched - before > 48e6 and touched - rss_file() > 48e6
     assert torch.equal(sd["w"], weights["w"])  # faulted back in from the page cache, unchanged

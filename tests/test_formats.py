@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import rss_file
+
 from scail2_lite import formats, synth
 from scail2_lite.config import PRESETS
 from scail2_lite.errors import UserError
@@ -206,3 +208,26 @@ def test_weight_files_read_and_map_without_copies(tmp_path: Path) -> None:
     last = max(files.index, key=lambda k: files.index[k][1])
     with pytest.raises(UserError, match="truncated"):
         formats.WeightFiles([path]).read_into(last, torch.empty(files.index[last][2], dtype=torch.uint8))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux resident-set accounting")
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_iter_tensors_hands_pages_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """A reader that keeps its file mapped (one safetensors handle per file, the whole mmap'd SAT pickle) would
+    keep every page it read resident; iter_tensors gives them back every RELEASE_BYTES, views staying valid."""
+    tensors = {f"blocks.{i}.ffn.0.weight": torch.randn(2**20) for i in range(24)}  # 24 x 4 MB
+    path = tmp_path / f"dit{suffix}"
+    save_file(tensors, path) if suffix == ".safetensors" else torch.save({"module": tensors}, path)
+
+    def grown(release: int) -> tuple[int, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(formats, "RELEASE_BYTES", release)
+        before, held = rss_file(), {}
+        for name, t in formats.iter_tensors(path):
+            held[name] = t
+            float(t.sum())  # reads every page of it
+        return rss_file() - before, held
+
+    kept, _ = grown(2**60)
+    released, held = grown(8 * 2**20)
+    assert kept > 80e6 and released < 24e6
+    assert held.keys() == tensors.keys() and all(torch.equal(held[k], t) for k, t in tensors.items())

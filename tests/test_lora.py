@@ -27,7 +27,7 @@ from scail2_lite.lora import (
 )
 from scail2_lite.model import SCAIL2Model
 from scail2_lite.quantize.linear import swap_linears
-from scail2_lite.quantize.schemes import dequantize, quantize_weight, relative_error
+from scail2_lite.quantize.schemes import dequantize, quantize_linear, relative_error
 
 FORMATS = ("kohya", "comfy", "peft", "diffusers")
 CFG = replace(DiTConfig.preset("tiny"), clip_dim=32)
@@ -229,7 +229,7 @@ def test_side_path_equals_dense_merge(model, shapes):
     swap_linears(quant, names, compute="dequant")
     for name in names:
         q = quant.get_submodule(name)
-        dense.get_submodule(name).weight.data.copy_(dequantize(q.weight, q.scale))
+        dense.get_submodule(name).weight.data.copy_(dequantize(q.weight, q.scale, smooth=q.smooth))
         dense.get_submodule(name).bias.data.copy_(q.bias.float())
     merge_into_model(dense, loras)
     for i, block in enumerate(quant.blocks):
@@ -248,26 +248,34 @@ def test_requantized_merge_within_quantization_error(model, shapes, scheme):
         state: dict[str, torch.Tensor] = {}
         for k, v in block.state_dict().items():
             if k.endswith(".weight") and k.split(".")[0] in ("self_attn", "cross_attn", "ffn") and v.ndim == 2:
-                state[k], state[k.removesuffix("weight") + "scale"] = quantize_weight(v, scheme)
+                layer = k.removesuffix("weight")
+                state[k], state[layer + "scale"], smooth = quantize_linear(v, scheme)
+                if smooth is not None:
+                    state[layer + "smooth"] = smooth
             else:
                 state[k] = v
         out = merge_block(state, index, prefix)
         assert set(out) == set(state) and out["ffn.0.weight"].dtype == state["ffn.0.weight"].dtype
+        assert ("ffn.0.smooth" in out) == (scheme == "int8")
         for k, v in out.items():
-            sk = k.removesuffix("weight") + "scale"
-            if k.endswith(".scale"):
+            layer = k.removesuffix("weight")
+            if k.endswith((".scale", ".smooth")):
                 continue
             exact = ref.state_dict()[prefix + k]
-            if sk in out:
-                deq = dequantize(v, out[sk])
-                base_deq = dequantize(state[k], state[sk])
+            if layer + "scale" in out:
+                deq = dequantize(v, out[layer + "scale"], smooth=out.get(layer + "smooth"))
+                base_deq = dequantize(state[k], state[layer + "scale"], smooth=state.get(layer + "smooth"))
                 # requantization adds at most one rounding step: half a step (int8) or 2^-4 relative (fp8 e4m3)
                 expected = base_deq + (exact - block.state_dict()[k])
-                step = out[sk][:, None]
-                bound = step * 0.5 if scheme == "int8" else expected.abs() * 2**-4 + step * 2**-9
+                step = out[layer + "scale"][:, None]
+                if scheme == "int8":
+                    bound = step * out[layer + "smooth"][None, :] * 0.5
+                else:
+                    bound = expected.abs() * 2**-4 + step * 2**-9
                 assert ((deq - expected).abs() <= bound * 1.0001 + 1e-7).all(), k
                 merged_q.state_dict()[prefix + k].copy_(deq)
-                direct_q.state_dict()[prefix + k].copy_(dequantize(*quantize_weight(exact, scheme)))
+                q, scale, smooth = quantize_linear(exact, scheme)
+                direct_q.state_dict()[prefix + k].copy_(dequantize(q, scale, smooth=smooth))
             else:
                 torch.testing.assert_close(v, exact, rtol=0, atol=1e-6)
                 merged_q.state_dict()[prefix + k].copy_(v)

@@ -15,7 +15,7 @@ from scail2_lite.cli import app
 from scail2_lite.config import DiTConfig
 from scail2_lite.formats import iter_tensors, wan_shapes
 from scail2_lite.lora import load_lora, make_synthetic_lora, merge_into_state_dict
-from scail2_lite.quantize.schemes import dequantize, is_quantized_name, quantize_weight, relative_error
+from scail2_lite.quantize.schemes import dequantize, is_quantized_name, quantize_linear, relative_error
 from scail2_lite.quantize.store import fingerprint, load_quantized
 from scail2_lite.synth import LORA_DIR, LORA_FILES, synth, tiny_config
 
@@ -70,9 +70,11 @@ def test_quantize_with_lora_matches_merged_quantization(checkpoint: Path, shapes
     targets = {u.target for u in lo.updates}
     for name in targets:
         if is_quantized_name(name):
-            q, s = quantize_weight(merged32[name], "int8")
-            assert torch.equal(state[name], q) and torch.equal(state[name.removesuffix("weight") + "scale"], s)
-            got = dequantize(state[name], state[name.removesuffix("weight") + "scale"])
+            layer = name.removesuffix("weight")
+            q, s, smooth = quantize_linear(merged32[name], "int8")
+            assert torch.equal(state[name], q) and torch.equal(state[layer + "scale"], s)
+            assert torch.equal(state[layer + "smooth"], smooth)
+            got = dequantize(state[name], state[layer + "scale"], smooth=state[layer + "smooth"])
             assert relative_error(merged_bf16[name].float(), got) < 0.02  # int8 error ~1.2%, bf16 rounding ~0.3%
             assert relative_error(source[name], got) > 0.1  # the LoRA really is in there
         else:  # norms, biases, modulation: merged, kept in high precision

@@ -15,6 +15,7 @@ from scail2_lite.quantize.linear import (
     QuantLinear,
     check_compute,
     choose_compute,
+    quantize_rows,
     quantize_rows_reference,
     swap_linears,
 )
@@ -22,8 +23,10 @@ from scail2_lite.quantize.report import FidelityReport, compare
 from scail2_lite.quantize.schemes import (
     FP8_DTYPE,
     QuantizeError,
+    column_smoothing,
     dequantize,
     is_quantized_name,
+    quantize_linear,
     quantize_weight,
     relative_error,
 )
@@ -105,6 +108,57 @@ def test_quantlinear_dequant_matches_linear(scheme: str, bound: float) -> None:
     assert ql(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
+def outlier_columns(out: int, inp: int) -> torch.Tensor:
+    """Heavy-tailed weight whose input columns 3, 17 and 40 are 8x larger (the synthetic checkpoints' outliers)."""
+    w = heavy_tailed(out, inp)
+    w[:, [3, 17, 40]] *= 8.0
+    return w
+
+
+def test_int8_column_smoothing() -> None:
+    """INT8 weights divide their outlier columns by powers of two (exact), which the activations take on instead:
+    lower weight error, lower W8A8 output error; FP8 is left unsmoothed."""
+    w = outlier_columns(FFN, DIM)
+    s = column_smoothing(w)
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s) and (s >= 1).all()
+    assert (s[[3, 17, 40]] >= 2).all() and (s == 1).float().mean() > 0.8  # alpha 0.5 of 8x: 2 or 4
+    assert torch.equal(w / s * s, w)  # a power-of-two column scale loses nothing
+    q, scale, smooth = quantize_linear(w, "int8")
+    assert torch.equal(smooth, s) and quantize_linear(w, "fp8")[2] is None
+    plain = relative_error(w, dequantize(*quantize_weight(w, "int8")))
+    smoothed = relative_error(w, dequantize(q, scale, smooth=smooth))
+    assert smoothed < 0.7 * plain  # 0.48-0.62x over six seeds
+    lin = nn.Linear(DIM, FFN)
+    lin.weight.data.copy_(w)
+    x = torch.randn(64, DIM)
+    ql = QuantLinear.from_linear(lin, "int8", compute="int8")
+    assert torch.equal(ql.smooth, s)
+    unsmoothed = copy.deepcopy(ql)
+    q0, scale0 = quantize_weight(w, "int8")
+    unsmoothed.weight.copy_(q0)
+    unsmoothed.scale.copy_(scale0)
+    unsmoothed.smooth.fill_(1.0)
+    assert relative_error(lin(x), ql(x)) < 0.8 * relative_error(lin(x), unsmoothed(x))  # 0.57-0.69x
+    ql.compute = unsmoothed.compute = "dequant"  # weight-only: the smoothing is folded into the weight
+    assert relative_error(lin(x), ql(x)) < 0.7 * relative_error(lin(x), unsmoothed(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused Triton kernel needs CUDA")
+@pytest.mark.parametrize("compute", ["fp8", "int8"])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_fused_activation_quantization_matches_reference(compute: str, gelu: bool, smoothed: bool) -> None:
+    x = torch.randn(257, 5120, device="cuda", dtype=torch.bfloat16) * 3
+    smooth = column_smoothing(outlier_columns(64, 5120)).cuda() if smoothed else None
+    q, scale = quantize_rows(x, compute, gelu, smooth)
+    q_ref, scale_ref = quantize_rows_reference(x, compute, gelu, smooth)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+    diff = q.float() != q_ref.float()
+    assert diff.float().mean() < 1e-3  # the kernel's tanh GELU lands on the other side of a rounding tie
+    ulp = 1.0 if compute == "int8" else q_ref.float().abs()[diff] * 2**-3 + 2**-9
+    assert ((q.float() - q_ref.float()).abs()[diff] <= ulp).all()
+
+
 def test_activation_quantization_reference() -> None:
     x = torch.randn(6, DIM) * torch.logspace(-2, 2, 6)[:, None]
     x[2] = 0.0
@@ -148,19 +202,24 @@ def test_ffn_gelu_folds_into_the_quantized_linear(compute: str) -> None:
     assert isinstance(exact_gelu[1], nn.GELU)
 
 
-def test_write_load_roundtrip_bit_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_write_load_roundtrip_bit_exact(tmp_path: Path, scheme: str) -> None:
     sd = fake_dit()
     seen: list[int] = []
-    res = write_quantized(iter(sd.items()), tmp_path / "q", "fp8", config={"dim": DIM}, shard_bytes=20_000,
+    res = write_quantized(iter(sd.items()), tmp_path / "q", scheme, config={"dim": DIM}, shard_bytes=20_000,
                           expected_shapes=shapes(sd), progress=seen.append)
     assert sum(seen) == sum(t.numel() * t.element_size() for t in sd.values())
     manifest, loaded = load_quantized(tmp_path / "q")
     assert len(manifest["dit"]["files"]) > 1  # shards were flushed on the way
     for name, t in sd.items():
         if is_quantized_name(name):
-            q, s = quantize_weight(t, "fp8")
+            q, s, smooth = quantize_linear(t, scheme)
             layer = name.removesuffix(".weight")
             assert torch.equal(bits(loaded[name]), bits(q)) and torch.equal(loaded[f"{layer}.scale"], s)
+            assert (f"{layer}.smooth" in loaded) == (smooth is not None)
+            if smooth is not None:
+                assert torch.equal(loaded[f"{layer}.smooth"], smooth)
+                assert manifest["dit"]["tensors"][name]["smooth"] == f"{layer}.smooth"
             assert res.weight_errors[name] < 0.035
         else:
             want = t.to(torch.float32 if name.endswith("modulation") else torch.bfloat16)
@@ -205,6 +264,19 @@ def test_swap_linears_loads_folder_exactly(tmp_path: Path) -> None:
     assert torch.equal(meta["ffn"][0](x), QuantLinear.from_linear(live, "int8")(x))
     with pytest.raises(QuantizeError):
         swap_linears(meta, {"ffn.1": "fp8"})
+
+
+def test_format_version_1(tmp_path: Path) -> None:
+    """Version 1 predates int8 smoothing: its fp8 folders load unchanged, its int8 folders are refused."""
+    sd = fake_dit()
+    for scheme in ("fp8", "int8"):
+        write_quantized(iter(sd.items()), tmp_path / scheme, scheme, config={})
+        path = tmp_path / scheme / "manifest.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 1}))
+    manifest, loaded = load_quantized(tmp_path / "fp8")
+    assert manifest["format_version"] == 1 and loaded["blocks.0.ffn.0.weight"].dtype == FP8_DTYPE
+    with pytest.raises(QuantizeError, match="int8 folder from format version 1"):
+        load_quantized(tmp_path / "int8")
 
 
 def test_interrupted_write_leaves_nothing(tmp_path: Path) -> None:
