@@ -7,6 +7,7 @@
 - `device_synth_tensor`: `synth.synth_tensor` with its generator on the device. Same distribution, not the same
   values: used for tensors that never go through a file (the 5.7 B-parameter umT5 is built on the GPU in seconds
   instead of minutes on the CPU).
+- `device_dit`: the bf16 DiT built from such tensors, for benchmarks that need no file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from scail2_lite.config import DiTConfig
 from scail2_lite.formats import wan_shapes
+from scail2_lite.model import SCAIL2Model
 from scail2_lite.synth import SHARD_STEM, synth_tensor, write_safetensors
 
 _META = {"format": "pt", "synthetic": "scail2-lite"}  # what synth.write_dit puts in every shard
@@ -94,3 +96,12 @@ def device_synth_tensor(name: str, shape: tuple[int, ...], seed: int, namespace:
                         device: torch.device | str) -> torch.Tensor:
     """`synth_tensor` drawn by a generator on `device` (same recipe; on CUDA not the CPU files' values)."""
     return synth_tensor(name, shape, seed, namespace, device=device)
+
+
+def device_dit(config: DiTConfig, seed: int, device: torch.device | str) -> SCAIL2Model:
+    """The bf16 DiT of `config` with `device_synth_tensor` weights, built on the meta device and assigned (no copy)."""
+    with torch.device("meta"):
+        model = SCAIL2Model(config)
+    state = {k: device_synth_tensor(k, s, seed, "dit", device).to(torch.bfloat16) for k, s in wan_shapes(config).items()}
+    model.load_state_dict(state, assign=True)
+    return model.eval()

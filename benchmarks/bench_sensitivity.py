@@ -9,40 +9,26 @@ Run: `PYTHONPATH=$PWD python benchmarks/bench_sensitivity.py` (needs CUDA). Prin
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fidelity import Sizes, dit_inputs, forward, table  # noqa: E402
+from _synthfull import device_dit  # noqa: E402
+from bench_fidelity import Sizes, dit_inputs, forward, log, table  # noqa: E402
 
 from scail2_lite.config import PRESETS  # noqa: E402
-from scail2_lite.formats import wan_shapes  # noqa: E402
-from scail2_lite.model import SCAIL2Model  # noqa: E402
 from scail2_lite.quantize.schemes import dequantize, quantize_linear  # noqa: E402
 from scail2_lite.quantize.report import compare  # noqa: E402
-from scail2_lite.synth import synth_tensor  # noqa: E402
 
 KINDS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
          "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img", "cross_attn.o", "ffn.0", "ffn.2")
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
-
 
 @torch.no_grad()
 def main() -> None:
     config = PRESETS["scail2-14b"]
-    with torch.device("meta"):
-        model = SCAIL2Model(config)
-    state = {k: synth_tensor(k, s, 0, "dit", device="cuda").to(torch.bfloat16) for k, s in wan_shapes(config).items()}
-    model.load_state_dict(state, assign=True)
-    model.eval()
-    del state
+    model = device_dit(config, 0, "cuda")
     log(f"synthetic 14B DiT on the GPU ({torch.cuda.memory_allocated() / 1e9:.1f} GB)")
     sz = Sizes(False, "cuda", 33, 512, 896, 64, 0, 0, None, ())
     inputs = dit_inputs(sz, "cuda")

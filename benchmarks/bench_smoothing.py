@@ -11,7 +11,6 @@ Run: `PYTHONPATH=$PWD python benchmarks/bench_smoothing.py` (needs CUDA). Prints
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,35 +18,24 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fidelity import Sizes, dit_inputs, forward, set_compute, table  # noqa: E402
+from _synthfull import device_dit  # noqa: E402
+from bench_fidelity import Sizes, dit_inputs, forward, log, set_compute, table  # noqa: E402
 
 from scail2_lite.config import PRESETS  # noqa: E402
 from scail2_lite.formats import wan_shapes  # noqa: E402
-from scail2_lite.model import SCAIL2Model  # noqa: E402
 from scail2_lite.quantize.linear import QuantLinear, swap_linears  # noqa: E402
 from scail2_lite.quantize.report import compare  # noqa: E402
 from scail2_lite.quantize.schemes import SMOOTH_ALPHA, column_smoothing, is_quantized_name, quantize_weight  # noqa: E402
-from scail2_lite.synth import synth_tensor  # noqa: E402
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
 @torch.no_grad()
 def main() -> None:
     config = PRESETS["scail2-14b"]
-    with torch.device("meta"):
-        model = SCAIL2Model(config)
-    state = {k: synth_tensor(k, s, 0, "dit", device="cuda").to(torch.bfloat16) for k, s in wan_shapes(config).items()}
-    model.load_state_dict(state, assign=True)
-    model.eval()
-    names = [n.removesuffix(".weight") for n in state if is_quantized_name(n)]
-    weights = {n: state[f"{n}.weight"] for n in names}  # the bf16 weights outlive the swap
-    del state
+    model = device_dit(config, 0, "cuda")
+    names = [n.removesuffix(".weight") for n in wan_shapes(config) if is_quantized_name(n)]
+    weights = {n: model.get_submodule(n).weight.data for n in names}  # the bf16 weights outlive the swap
     inputs = dit_inputs(Sizes(False, "cuda", 33, 512, 896, 64, 0, 0, None, ()), "cuda")
     ref, secs = forward(model, inputs, "cuda", repeat=2)
     log(f"bf16 reference forward {secs:.2f} s")
