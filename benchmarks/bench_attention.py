@@ -173,9 +173,10 @@ def fused_checks(config: DiTConfig, device: str, length: int) -> list[dict]:
     fused.rms_norm_rope(y, rms.weight, rms.eps, cos, sin, out)
     rows.append(row("q/k RMSNorm + RoPE", reference, out))
     h = randn(length, config.ffn_dim, scale=2).bfloat16()  # the FFN's inner activation, before the GELU
-    for compute in ("fp8", "int8"):
-        (q, q_scale), (ref, ref_scale) = (quantize_rows(h, compute, gelu=True),
-                                          quantize_rows_reference(h, compute, gelu=True))
+    for compute in ("fp8", "int8"):  # int8 in its weights' layout (column factors, here ones, and the rotation)
+        factors = torch.ones(config.ffn_dim, device=device) if compute == "int8" else None
+        (q, q_scale), (ref, ref_scale) = (quantize_rows(h, compute, gelu=True, factors=factors),
+                                          quantize_rows_reference(h, compute, gelu=True, factors=factors))
         rows.append(row(f"tanh-GELU + {compute} activation quantization", ref.float() * ref_scale,
                         q.float() * q_scale))
     return rows

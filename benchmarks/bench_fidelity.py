@@ -217,14 +217,13 @@ def forward(model, inputs: dict, device: str, repeat: int = 1) -> tuple[torch.Te
 
 def fake_quantize(model, names: tuple[str, ...], scheme: str) -> dict[str, float]:
     """Replace these layers' weights by quantize -> dequantize (per output channel, convs flattened) in place."""
-    from scail2_lite.quantize.schemes import dequantize, quantize_linear, relative_error
+    from scail2_lite.quantize.schemes import quantize_dequantize, relative_error
 
     errors = {}
     for name in names:
         w = model.get_submodule(name).weight
         flat = w.detach().reshape(w.shape[0], -1)
-        q, s, smooth = quantize_linear(flat, scheme)
-        approx = dequantize(q, s, w.dtype, smooth)
+        approx = quantize_dequantize(flat, scheme).to(w.dtype)
         errors[name] = relative_error(flat, approx)
         w.data.copy_(approx.view_as(w))
     return errors

@@ -1,8 +1,9 @@
-"""INT8 column smoothing: forward error against the smoothing exponent alpha (issue 5; one GPU call, ~2 min).
+"""INT8 column factors: forward error against the smoothing exponent alpha (issue 5; one GPU call, ~2 min).
 
 The full 14B synthetic geometry (weights drawn on the GPU, 512x896 x 33 frames, t=700) in bf16 is the
-reference. The block Linears are then quantized to INT8 with `column_smoothing(w, alpha)` for each alpha
-(alpha 0 = no smoothing) and run through the real QuantLinear paths: "int8" (per-token INT8 activations, Triton
+reference. The block Linears are then quantized to INT8 (stored layout: column factors
+`column_factors(w, alpha)`, then the 64-column rotation) for each alpha (alpha 0 = signs only, no smoothing) and
+run through the real QuantLinear paths: "int8" (per-token INT8 activations, Triton
 GEMM) and "dequant" (weight-only). FP8 W8A8 is the row to compare with. This is the measurement behind
 `schemes.SMOOTH_ALPHA`.
 Run: `PYTHONPATH=$PWD python benchmarks/bench_smoothing.py` (needs CUDA). Prints a markdown table.
@@ -25,7 +26,7 @@ from scail2_lite.config import PRESETS  # noqa: E402
 from scail2_lite.formats import wan_shapes  # noqa: E402
 from scail2_lite.quantize.linear import QuantLinear, swap_linears  # noqa: E402
 from scail2_lite.quantize.report import compare  # noqa: E402
-from scail2_lite.quantize.schemes import SMOOTH_ALPHA, column_smoothing, is_quantized_name, quantize_weight  # noqa: E402
+from scail2_lite.quantize.schemes import SMOOTH_ALPHA, column_factors, is_quantized_name, quantize_weight  # noqa: E402
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -52,9 +53,9 @@ def main() -> None:
     for alpha in ALPHAS:
         for n in names:
             lin, w = model.get_submodule(n), weights[n]
-            smooth = column_smoothing(w, alpha)
-            lin.weight, lin.scale = quantize_weight(w, "int8", smooth)
-            lin.smooth = smooth
+            factors = column_factors(w, alpha)
+            lin.weight, lin.scale = quantize_weight(w, "int8", factors)
+            lin.smooth = factors
         label = f"{alpha}" + (" (default)" if alpha == SMOOTH_ALPHA else "")
         for compute in ("int8", "dequant"):
             measure("int8", label, compute)

@@ -2,10 +2,11 @@
 
 - "fp8": per-token FP8 activations (fused Triton quantization kernel) x per-channel FP8 weights through
   `torch._scaled_mm` with row-wise scales and the bias in the cuBLASLt epilogue (sm89+: Ada, Hopper, Blackwell).
-- "int8": per-token INT8 activations (same kernel, which also multiplies each channel by the weight's column
-  smoothing, see schemes.py) x per-channel INT8 weights in a Triton GEMM whose epilogue applies both scales and
-  the bias, so the int32 result never goes to memory (Ampere and newer). The device measured that an unfused
-  `torch._int_mm` + PyTorch epilogue is slower than bf16, hence the custom kernel.
+- "int8": per-token INT8 activations (a tiled Triton kernel that also multiplies each channel by the weight's
+  column factor and rotates every 64 channels by the Hadamard matrix on the tensor cores: the inverse of the
+  weight's stored layout, see schemes.py) x per-channel INT8 weights in a Triton GEMM whose epilogue applies both
+  scales and the bias, so the int32 result never goes to memory (Ampere and newer). The device measured that an
+  unfused `torch._int_mm` + PyTorch epilogue is slower than bf16, hence the custom kernel.
 - "dequant": weight-only, dequantize then matmul in the activation dtype (CPU, older GPUs, anything else).
 
 The buffers are ordinary tensors (no subclasses) so a block streamer can keep them in pinned host memory and
@@ -26,12 +27,15 @@ from .schemes import (
     FP8_DTYPE,
     FP8_MAX,
     INT8_MAX,
+    ROTATION_BLOCK,
     SMOOTHED_SCHEMES,
     STORAGE_DTYPE,
     QuantizeError,
     check_scheme,
     dequantize,
+    hadamard,
     quantize_linear,
+    rotate_columns,
 )
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs do not have it.
@@ -66,16 +70,18 @@ def _round_half_away(y: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows_reference(x: torch.Tensor, compute: str, gelu: bool = False,
-                            smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (row) symmetric activation quantization in eager PyTorch: (q (M, K), scale (M, 1) float32), of
-    tanh-GELU(x) (computed in float32) when `gelu`, times the per-channel `smooth` factors when given.
+    tanh-GELU(x) (computed in float32) when `gelu`. With the INT8 weight's column `factors`, the activations take
+    that layout's inverse path first: times the factors, rounded to bf16 (as the kernel's bf16 tensor-core product
+    does; exact for bf16 activations, the factors being powers of two), rotated per 64 channels.
 
     The reference for the fused Triton kernel; too slow on the GPU (several passes over the activations)."""
     x32 = x.to(torch.float32)
     if gelu:
         x32 = F.gelu(x32, approximate="tanh")
-    if smooth is not None:
-        x32 = x32 * smooth
+    if factors is not None:
+        x32 = rotate_columns((x32 * factors).to(torch.bfloat16).to(torch.float32))
     qmax = FP8_MAX if compute == "fp8" else INT8_MAX
     scale = x32.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
     y = x32 / scale
@@ -87,25 +93,69 @@ def quantize_rows_reference(x: torch.Tensor, compute: str, gelu: bool = False,
 if triton is not None:
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, smooth_ptr, K, stride_x, stride_q, QMAX: tl.constexpr,
-                           IS_INT: tl.constexpr, GELU: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per token: read the row once, (tanh-GELU, smoothing,) absmax, scale, cast, write (one pass).
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, IS_INT: tl.constexpr,
+                           GELU: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per token: read the row once, (tanh-GELU,) absmax, scale, cast, write (one pass).
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        if GELU:  # 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (exp(2u) + 1)
-            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-            x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
-        if SMOOTH:
-            x = x * tl.load(smooth_ptr + offs, mask=mask, other=1.0)
+        if GELU:
+            x = _tanh_gelu(x)
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / QMAX
-        y = x / scale
+        _store_quantized(q_ptr + row * stride_q + offs, x / scale, mask, IS_INT, QMAX)
+        tl.store(s_ptr + row, scale)
+
+    @triton.jit
+    def _tanh_gelu(x):
+        # 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (exp(2u) + 1)
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+    @triton.jit
+    def _store_quantized(ptrs, y, mask, IS_INT: tl.constexpr, QMAX: tl.constexpr):
         if IS_INT:
             y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        tl.store(q_ptr + row * stride_q + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + row, scale)
+        tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotated_tile(x_ptr, factors_ptr, h, rows, k0, M, stride_x, GELU: tl.constexpr, RB: tl.constexpr):
+        # (BM, RB) activations at column k0 -> (tanh-GELU,) times the column factors, rounded to bf16, times the
+        # Hadamard matrix on the tensor cores; fp32 result, and the rows' mask.
+        cols = k0 + tl.arange(0, RB)
+        mask = rows[:, None] < M
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            x = _tanh_gelu(x)
+        x = x * tl.load(factors_ptr + cols)[None, :]
+        return tl.dot(x.to(tl.bfloat16), h), mask
+
+    @triton.autotune(  # tokens per program; the columns go RB (one rotation block) at a time
+        configs=[triton.Config({"BM": bm}, num_warps=w, num_stages=st)
+                 for bm, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for st in (2, 3)],
+        key=["K", "GELU"],
+    )
+    @triton.jit
+    def _quant_rows_rotated_kernel(x_ptr, q_ptr, s_ptr, factors_ptr, h_ptr, M, K, stride_x, stride_q,
+                                   QMAX: tl.constexpr, IS_INT: tl.constexpr, GELU: tl.constexpr, BM: tl.constexpr,
+                                   RB: tl.constexpr):
+        # BM tokens per program, K in RB-column blocks, twice: the first pass finds each row's absmax of the
+        # rotated values, the second recomputes them (a (BM, RB) x (RB, RB) product is cheap) and writes.
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        hr = tl.arange(0, RB)
+        h = tl.load(h_ptr + hr[:, None] * RB + hr[None, :])
+        amax = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in tl.range(0, K, RB):
+            y, _ = _rotated_tile(x_ptr, factors_ptr, h, rows, k0, M, stride_x, GELU, RB)
+            amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+        scale = tl.maximum(amax, 1e-12) / QMAX
+        for k0 in tl.range(0, K, RB):
+            y, mask = _rotated_tile(x_ptr, factors_ptr, h, rows, k0, M, stride_x, GELU, RB)
+            cols = k0 + tl.arange(0, RB)
+            _store_quantized(q_ptr + rows[:, None] * stride_q + cols[None, :], y / scale[:, None], mask, IS_INT,
+                             QMAX)
+        tl.store(s_ptr + rows, scale, mask=rows < M)
 
     @triton.autotune(
         configs=[
@@ -159,21 +209,38 @@ if triton is not None:
 
 
 def quantize_rows(x: torch.Tensor, compute: str, gelu: bool = False,
-                  smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token activation quantization (of tanh-GELU(x) when `gelu`, times `smooth` per channel when given),
-    fused in one Triton kernel on CUDA (reference math elsewhere)."""
+                  factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token activation quantization (of tanh-GELU(x) when `gelu`; in the INT8 weight's layout when its column
+    `factors` are given: times them, then rotated per 64 channels), one Triton kernel on CUDA (reference math
+    elsewhere)."""
     if triton is None or not x.is_cuda:
-        return quantize_rows_reference(x, compute, gelu, smooth)
+        return quantize_rows_reference(x, compute, gelu, factors)
     x = x.contiguous()
     m, k = x.shape
     q = torch.empty((m, k), dtype=FP8_DTYPE if compute == "fp8" else torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(k)
-    _quant_rows_kernel[(m,)](x, q, scale, scale if smooth is None else smooth, k, x.stride(0), q.stride(0),
-                             QMAX=FP8_MAX if compute == "fp8" else INT8_MAX, IS_INT=compute == "int8",
-                             GELU=gelu, SMOOTH=smooth is not None, BLOCK=block,
-                             num_warps=16 if block >= 8192 else 8)
+    qmax = FP8_MAX if compute == "fp8" else INT8_MAX
+    if factors is None:
+        block = triton.next_power_of_2(k)
+        _quant_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), QMAX=qmax, IS_INT=compute == "int8",
+                                 GELU=gelu, BLOCK=block, num_warps=16 if block >= 8192 else 8)
+        return q, scale
+    if k % ROTATION_BLOCK:
+        raise QuantizeError(f"int8 needs the input width to be a multiple of {ROTATION_BLOCK}, got {k}")
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
+    _quant_rows_rotated_kernel[grid](x, q, scale, factors, _hadamard_bf16(x.device), m, k, x.stride(0), q.stride(0),
+                                     QMAX=qmax, IS_INT=compute == "int8", GELU=gelu, RB=ROTATION_BLOCK)
     return q, scale
+
+
+_HADAMARD: dict[torch.device, torch.Tensor] = {}
+
+
+def _hadamard_bf16(device: torch.device) -> torch.Tensor:
+    """The rotation matrix the kernel reads, made once per device (its +-1/8 entries are exact in bf16)."""
+    if device not in _HADAMARD:
+        _HADAMARD[device] = hadamard(ROTATION_BLOCK, torch.bfloat16, device).contiguous()
+    return _HADAMARD[device]
 
 
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -225,7 +292,8 @@ def _reference_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
 
 class QuantLinear(nn.Module):
     """Linear layer with an FP8 or INT8 (out, in) weight and float32 per-output-channel scale, as plain buffers;
-    INT8 layers also hold their float32 per-input-column `smooth` factors (schemes.py).
+    INT8 layers also hold their float32 per-input-column `smooth` factors, and their weight is stored rotated
+    (schemes.py), so their input is rotated too.
 
     `input_gelu` (set by `swap_linears` when it folds the tanh GELU in front of it) applies that GELU to the input
     first; the fp8/int8 paths do it inside the activation quantization, which saves a pass over the FFN's widest
@@ -236,6 +304,8 @@ class QuantLinear(nn.Module):
                  bias_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         check_scheme(scheme, ("fp8", "int8"))
+        if scheme == "int8" and in_features % ROTATION_BLOCK:
+            raise QuantizeError(f"int8 needs in_features to be a multiple of {ROTATION_BLOCK}, got {in_features}")
         if compute is not None:
             check_compute(compute, scheme)
         self.in_features, self.out_features = in_features, out_features

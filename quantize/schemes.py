@@ -3,14 +3,21 @@
 Per-output-channel symmetric scales: one float32 scale per row of a Linear weight (out, in), so an FP8 or INT8
 matmul can apply it in the epilogue (`scale_b` of `torch._scaled_mm`, or a column scale after `torch._int_mm`).
 
-INT8 weights are also smoothed per input column (SmoothQuant's migration, from the weights' side): a row's INT8
-grid is set by its largest entry, so a few input columns several times larger than the rest coarsen every row.
-Column j is divided by a power of two s_j >= 1 before quantizing and the activation's channel j is multiplied by
-s_j before its per-token quantization (exact in floating point). s_j = 2^round(alpha log2(colmax_j / median)),
-alpha = 0.5 splits the range between weights and activations. On the full-size synthetic DiT (1% of columns 8x)
-it cut the INT8 forward error from 8.1% to 5.7%; alpha 0.25 and 0.75 did worse with INT8 activations (RESULTS.md).
-FP8's error is relative to each value (a float grid), so a power-of-two column scale leaves it unchanged: FP8
-weights are not smoothed.
+INT8 weights are stored in a rotated basis (QuaRot's incoherence processing). A row's INT8 grid is set by its
+largest entry, so heavy tails and a few input columns several times larger than the rest coarsen every row.
+Two exact, invertible steps on the input columns fix most of that:
+1. column factors c_j = +-2^k: the power of two is SmoothQuant's migration, from the weights' side
+   (2^round(alpha log2(colmax_j / median)), alpha = 0.5, moves part of an outlier column's range into the
+   activations; with the rotation, 0.25 and 0.5 trade places between weight draws, see RESULTS.md); the sign is
+   a fixed random one, so no structured row lines up with the rotation below.
+2. a Hadamard rotation of every 64 consecutive input columns (orthonormal, symmetric, its own inverse): each
+   rotated entry mixes 64 weights, so rows look Gaussian whatever the tails, and an outlier column is spread
+   over its group.
+The stored weight is q = round(H(W / c) / scale), and the activation takes the inverse path: x -> H(x c) before
+its per-token quantization (fused into that kernel). On the full-size synthetic DiT this cut the INT8 weight
+error from 2.7% (factors alone) to 0.9%, below FP8's 2.5%, and the W8A8 forward error from 5.7% to under 2%
+(RESULTS.md). FP8's error is relative to each value (a float grid), so neither step would change it: FP8 weights
+are stored plain.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 
 SCHEMES: tuple[str, ...] = ("fp8", "int8", "bf16")
 QUANTIZED_SCHEMES: tuple[str, ...] = ("fp8", "int8")
@@ -27,8 +35,9 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 INT8_MAX = 127.0  # symmetric: -128 is never produced, so negation is exact
 
 STORAGE_DTYPE: dict[str, torch.dtype] = {"fp8": FP8_DTYPE, "int8": torch.int8}
-SMOOTHED_SCHEMES: tuple[str, ...] = ("int8",)
+SMOOTHED_SCHEMES: tuple[str, ...] = ("int8",)  # stored with column factors and the Hadamard rotation
 SMOOTH_ALPHA = 0.5
+ROTATION_BLOCK = 64  # divides every block Linear's fan-in (5120, 13824); 1/8 entries are exact in bf16
 
 # Every Linear weight inside the transformer blocks: 97% of the 14B parameters, all of the matmul time.
 _QUANTIZED_LINEAR = re.compile(
@@ -57,26 +66,51 @@ def kept_dtype(name: str) -> torch.dtype:
     return torch.float32 if name.endswith("modulation") else torch.bfloat16
 
 
-def column_smoothing(w: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
-    """Per-input-column float32 factors s (powers of two, >= 1) that bring the (out, in) weight's outlier columns
-    toward the median column's range when the columns are divided by them."""
+def column_factors(w: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
+    """Per-input-column float32 factors c = sign * 2^k (k >= 0) of an (out, in) INT8 weight: 2^k brings outlier
+    columns toward the median column's range when the columns are divided by c; the sign is the rotation's
+    random sign, a fixed function of `in` (so quantizing twice writes the same bytes)."""
     colmax = w.detach().to(torch.float32).abs().amax(dim=0)
     median = colmax.median()
-    if median <= 0:
-        return torch.ones_like(colmax)
-    return torch.exp2((torch.log2((colmax / median).clamp_min(1.0)) * alpha).round_())
+    power = (torch.exp2((torch.log2((colmax / median).clamp_min(1.0)) * alpha).round_()) if median > 0
+             else torch.ones_like(colmax))
+    gen = torch.Generator().manual_seed(w.shape[1])
+    signs = torch.randint(0, 2, (w.shape[1],), generator=gen).to(torch.float32).mul_(2.0).sub_(1.0)
+    return power * signs.to(power.device)
+
+
+def hadamard(n: int = ROTATION_BLOCK, dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> torch.Tensor:
+    """The orthonormal n x n Sylvester Hadamard matrix (n a power of two): symmetric and its own inverse."""
+    h = torch.ones((1, 1), dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / h.shape[0] ** 0.5).to(dtype=dtype, device=device)
+
+
+def rotate_columns(w: torch.Tensor) -> torch.Tensor:
+    """(..., in) with each group of ROTATION_BLOCK consecutive columns multiplied by the Hadamard matrix, in
+    `w`'s dtype; its own inverse. Used on INT8 weights (W / c) and on their activations (x c)."""
+    n = w.shape[-1]
+    if n % ROTATION_BLOCK:
+        raise QuantizeError(f"int8 needs the input width to be a multiple of {ROTATION_BLOCK}, got {n}")
+    groups = w.reshape(*w.shape[:-1], n // ROTATION_BLOCK, ROTATION_BLOCK)
+    return (groups @ hadamard(ROTATION_BLOCK, w.dtype, w.device)).reshape(w.shape)
 
 
 def quantize_weight(w: torch.Tensor, scheme: str,
-                    smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) weight -> (qweight in the scheme's storage dtype, float32 scale (out,)) with
-    w ~ q * scale[:, None] * smooth[None, :] (smooth: column factors, or None for none)."""
+                    factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight -> (qweight in the scheme's storage dtype, float32 scale (out,)). FP8:
+    w ~ q * scale[:, None]. INT8: w ~ H(q * scale[:, None]) * factors[None, :] (rotated, see the module
+    docstring; `factors` None means all ones)."""
     check_scheme(scheme, QUANTIZED_SCHEMES)
     if w.ndim != 2:
         raise QuantizeError(f"expected a 2-D Linear weight, got shape {tuple(w.shape)}")
     w32 = w.detach().to(torch.float32)
-    if smooth is not None:
-        w32 = w32 / smooth.to(w32.device)
+    if factors is not None:
+        w32 = w32 / factors.to(w32.device)
+    if scheme == "int8":
+        w32 = rotate_columns(w32)
     amax = w32.abs().amax(dim=1)
     qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
     # An all-zero row gets scale 1 so dequantization returns exact zeros instead of 0 * inf.
@@ -90,16 +124,28 @@ def quantize_weight(w: torch.Tensor, scheme: str,
 
 
 def quantize_linear(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A block Linear's weight as the runtime stores it: (qweight, scale, smooth), smooth None unless the scheme
-    is smoothed (INT8)."""
-    smooth = column_smoothing(w) if scheme in SMOOTHED_SCHEMES else None
-    return (*quantize_weight(w, scheme, smooth), smooth)
+    """A block Linear's weight as the runtime stores it: (qweight, scale, smooth), smooth (the column factors)
+    None unless the scheme has them (INT8)."""
+    factors = column_factors(w) if scheme in SMOOTHED_SCHEMES else None
+    return (*quantize_weight(w, scheme, factors), factors)
+
+
+def quantize_dequantize(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """An (out, in) weight through `scheme` and back (float32): what quantizing a layer would cost, for layers kept
+    in higher precision. INT8's rotation works on whole 64-column blocks, so a narrower fan-in is padded with zero
+    columns here (no stored layer is padded: block Linears are 5120 or 13824 wide)."""
+    pad = (-w.shape[1]) % ROTATION_BLOCK if scheme in SMOOTHED_SCHEMES else 0
+    q, scale, factors = quantize_linear(F.pad(w.detach().to(torch.float32), (0, pad)), scheme)
+    return dequantize(q, scale, smooth=factors)[:, :w.shape[1]]
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
                smooth: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of `quantize_weight` (per-row scale, per-column smoothing), computed in fp32 then cast."""
+    """Inverse of `quantize_weight` (per-row scale; for INT8 the rotation and the column factors `smooth`),
+    computed in fp32 then cast."""
     w = q.to(torch.float32) * scale.to(torch.float32)[:, None]
+    if q.dtype == torch.int8:
+        w = rotate_columns(w)
     if smooth is not None:
         w = w * smooth.to(device=w.device, dtype=torch.float32)
     return w.to(dtype)

@@ -5,14 +5,16 @@ Layout of a folder written by `write_quantized`:
                                model config, tool version, text-encoder scheme, merged LoRAs
     dit-00001.safetensors ...  shards of about `shard_bytes` each: quantized Linear weights (`<layer>.weight`
                                fp8/int8 + `<layer>.scale` float32 per output channel, and for int8
-                               `<layer>.smooth` float32 per input column), everything else bf16 (fp32 for
+                               `<layer>.smooth` float32 per input column; int8 weights are stored rotated,
+                               see schemes.py), everything else bf16 (fp32 for
                                modulation tables)
     <copied files>             VAE, CLIP, tokenizer, umT5, under the names the caller chose
 The folder is built under a hidden temporary name and renamed at the end; `manifest.json` is written last, so
 an interrupted run never leaves a folder that `is_quantized_folder` accepts.
 
-Format versions: 2 added the int8 column smoothing. Version 1 folders still load when they hold no int8 layers
-(their fp8 layers are stored the same way); version 1 int8 folders must be quantized again.
+Format versions: 2 added the int8 column smoothing, 3 the int8 rotation (and signed column factors). Folders of
+versions 1 and 2 still load when they hold no int8 layers (their fp8 layers are stored the same way); their int8
+layers must be quantized again.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from .schemes import (
     dequantize,
     is_quantized_name,
     kept_dtype,
+    quantize_dequantize,
     quantize_linear,
     quantized_bytes,
     relative_error,
 )
 
 FORMAT_NAME = "scail2-lite-quantized"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 SHARD_BYTES = 2 * 1024**3
 _FINGERPRINT_CHUNK = 1024**2
@@ -295,8 +298,7 @@ def _write_into(folder: Path, tensors: Iterable[tuple[str, torch.Tensor | PreQua
             if is_quantized_name(name):  # --dit bf16: the cast is the only loss, report it like a quantization
                 result.weight_errors[name] = relative_error(tensor, kept)
             elif quantizing and tensor.ndim == 2 and tensor.is_floating_point():
-                qk, sk, smk = quantize_linear(tensor, scheme)
-                result.kept_if_quantized[name] = {"error": relative_error(tensor, dequantize(qk, sk, smooth=smk)),
+                result.kept_if_quantized[name] = {"error": relative_error(tensor, quantize_dequantize(tensor, scheme)),
                                                   "bytes": float(src_bytes)}
             shards.add(name, kept)
             entries[name] = {"scheme": "fp32" if dtype == torch.float32 else "bf16", "dtype": _dtype_name(dtype),
@@ -322,12 +324,12 @@ def read_manifest(folder: str | Path) -> dict:
         raise QuantizeError(f"{folder} is not a scail2-lite quantized folder (no valid {MANIFEST})")
     manifest = json.loads((folder / MANIFEST).read_text())
     version = manifest.get("format_version")
-    if version not in (1, FORMAT_VERSION):
+    if version not in (1, 2, FORMAT_VERSION):
         raise QuantizeError(f"{folder}: quantized format version {version} is not supported by this version "
                             f"(expects {FORMAT_VERSION}); quantize again")
-    if version == 1 and "int8" in linear_schemes(manifest).values():
-        raise QuantizeError(f"{folder}: int8 folder from format version 1, without the column smoothing int8 "
-                            "layers now carry; quantize again")
+    if version < FORMAT_VERSION and "int8" in linear_schemes(manifest).values():
+        raise QuantizeError(f"{folder}: int8 folder from format version {version}, before int8 weights were stored "
+                            "rotated; quantize again")
     for fname in manifest["dit"]["files"]:
         if not (folder / fname).is_file():
             raise QuantizeError(f"{folder} is incomplete: {fname} is missing")

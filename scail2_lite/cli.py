@@ -96,7 +96,8 @@ def synth(
 def quantize(
     src: Path = typer.Argument(..., help="SCAIL-2 folder or DiT checkpoint (SAT .pt, Wan/ComfyUI safetensors, index)"),
     out: Path = typer.Option(..., "-o", "--out", help="quantized folder to write (self-contained)"),
-    dit: str = typer.Option("fp8", "--dit", help="DiT block Linears: fp8, int8 or bf16"),
+    dit: str = typer.Option("fp8", "--dit", help="DiT block Linears: fp8 (fastest on RTX 40xx/50xx), int8 (closest "
+                            "to bf16, fast on RTX 30xx too) or bf16"),
     text_encoder: str = typer.Option("nf4", "--text-encoder", help="umT5 at load time: bf16, int8 or nf4"),
     compute: str = typer.Option("auto", "--compute", help="matmul path: auto, fp8, int8 or dequant"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),

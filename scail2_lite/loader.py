@@ -92,7 +92,8 @@ def _mapped_blocks(folder: Path, manifest: dict) -> Iterator[tuple[str, torch.Te
 
 
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype | None:
-    """8-bit weights and their fp32 scales and smoothing keep their storage; other floats take the model dtype."""
+    """8-bit weights and their fp32 scales and column factors keep their storage; other floats take the model
+    dtype."""
     if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn or name.endswith((".scale", ".smooth")):
         return None
     return dtype

@@ -394,8 +394,8 @@ _QUANT_SCHEME_OF_DTYPE = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 def merge_quantized(
     qweight: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor, smooth: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(int8|fp8 weight, per-row fp32 scale, int8's column smoothing) + fp32 delta -> requantized weight with new
-    per-row scales and smoothing (same scheme; smoothing None for fp8)."""
+    """(int8|fp8 weight, per-row fp32 scale, int8's column factors) + fp32 delta -> requantized weight with new
+    per-row scales and column factors (same scheme and stored layout, int8 rotated; factors None for fp8)."""
     from .quantize.schemes import dequantize, quantize_linear
 
     scheme = _QUANT_SCHEME_OF_DTYPE.get(qweight.dtype)
@@ -413,7 +413,7 @@ def merge_block(
 
     `block_state` keys are relative to `prefix` (e.g. prefix "blocks.7.", key "self_attn.q.weight"). Quantized
     weights (int8/fp8 storage) are dequantized, merged in fp32 and requantized with fresh per-row scales and
-    column smoothing (QuantLinear's `<layer>.scale` and `<layer>.smooth`); other tensors are merged in fp32 and
+    column factors (QuantLinear's `<layer>.scale` and `<layer>.smooth`); other tensors are merged in fp32 and
     cast back. Returns a new dict (inputs untouched).
     """
     out = dict(block_state)

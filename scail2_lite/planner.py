@@ -177,7 +177,7 @@ def tokens(config: DiTConfig, height: int, width: int, frames: int) -> int:
 
 def _linear_bytes(fan_in: int, fan_out: int, quantization: str) -> int:
     """A block Linear: weight in the quantization (8-bit ones with an fp32 scale per row, int8 also an fp32
-    smoothing factor per column), bias in bf16."""
+    factor per column), bias in bf16."""
     if quantization == "bf16":
         return fan_in * fan_out * 2 + fan_out * MODEL_DTYPE_BYTES
     smooth = fan_in * 4 if quantization == "int8" else 0
