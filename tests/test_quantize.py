@@ -136,7 +136,7 @@ def test_int8_column_factors_and_rotation() -> None:
     step = w.abs().amax(dim=1, keepdim=True) / 127
     plain = relative_error(w, (w / step).round() * step)
     stored = relative_error(w, dequantize(q, scale, smooth=smooth))
-    assert stored < 0.45 * plain  # 0.29-0.32x over six seeds
+    assert stored < 0.45 * plain  # 0.24-0.31x over six seeds
     assert stored < relative_error(w, dequantize(*quantize_weight(w, "fp8")))  # 0.0042 vs 0.017
     lin = nn.Linear(DIM, FFN)
     lin.weight.data.copy_(w)
