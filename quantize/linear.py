@@ -31,6 +31,7 @@ from .schemes import (
     SMOOTHED_SCHEMES,
     STORAGE_DTYPE,
     QuantizeError,
+    check_rotation_width,
     check_scheme,
     dequantize,
     hadamard,
@@ -225,22 +226,13 @@ def quantize_rows(x: torch.Tensor, compute: str, gelu: bool = False,
         _quant_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), QMAX=qmax, IS_INT=compute == "int8",
                                  GELU=gelu, BLOCK=block, num_warps=16 if block >= 8192 else 8)
         return q, scale
-    if k % ROTATION_BLOCK:
-        raise QuantizeError(f"int8 needs the input width to be a multiple of {ROTATION_BLOCK}, got {k}")
+    check_rotation_width(k)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
-    _quant_rows_rotated_kernel[grid](x, q, scale, factors, _hadamard_bf16(x.device), m, k, x.stride(0), q.stride(0),
-                                     QMAX=qmax, IS_INT=compute == "int8", GELU=gelu, RB=ROTATION_BLOCK)
+    # the +-1/8 entries of the Hadamard matrix are exact in bf16
+    _quant_rows_rotated_kernel[grid](x, q, scale, factors, hadamard(ROTATION_BLOCK, torch.bfloat16, x.device), m,
+                                     k, x.stride(0), q.stride(0), QMAX=qmax, IS_INT=compute == "int8", GELU=gelu,
+                                     RB=ROTATION_BLOCK)
     return q, scale
-
-
-_HADAMARD: dict[torch.device, torch.Tensor] = {}
-
-
-def _hadamard_bf16(device: torch.device) -> torch.Tensor:
-    """The rotation matrix the kernel reads, made once per device (its +-1/8 entries are exact in bf16)."""
-    if device not in _HADAMARD:
-        _HADAMARD[device] = hadamard(ROTATION_BLOCK, torch.bfloat16, device).contiguous()
-    return _HADAMARD[device]
 
 
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -304,8 +296,8 @@ class QuantLinear(nn.Module):
                  bias_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         check_scheme(scheme, ("fp8", "int8"))
-        if scheme == "int8" and in_features % ROTATION_BLOCK:
-            raise QuantizeError(f"int8 needs in_features to be a multiple of {ROTATION_BLOCK}, got {in_features}")
+        if scheme in SMOOTHED_SCHEMES:
+            check_rotation_width(in_features)
         if compute is not None:
             check_compute(compute, scheme)
         self.in_features, self.out_features = in_features, out_features

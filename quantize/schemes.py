@@ -22,6 +22,7 @@ are stored plain.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -81,19 +82,30 @@ def column_factors(w: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor
 
 def hadamard(n: int = ROTATION_BLOCK, dtype: torch.dtype = torch.float32,
              device: torch.device | str | None = None) -> torch.Tensor:
-    """The orthonormal n x n Sylvester Hadamard matrix (n a power of two): symmetric and its own inverse."""
+    """The orthonormal n x n Sylvester Hadamard matrix (n a power of two): symmetric and its own inverse. Made
+    once per (n, dtype, device) and shared (read-only): the weight-only path rotates on every forward."""
+    return _hadamard(n, dtype, torch.device(device if device is not None else "cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     h = torch.ones((1, 1), dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / h.shape[0] ** 0.5).to(dtype=dtype, device=device)
+    return (h / h.shape[0] ** 0.5).to(dtype=dtype, device=device).contiguous()
+
+
+def check_rotation_width(n: int) -> None:
+    """INT8's rotation works on whole ROTATION_BLOCK-column groups."""
+    if n % ROTATION_BLOCK:
+        raise QuantizeError(f"int8 needs the input width to be a multiple of {ROTATION_BLOCK}, got {n}")
 
 
 def rotate_columns(w: torch.Tensor) -> torch.Tensor:
     """(..., in) with each group of ROTATION_BLOCK consecutive columns multiplied by the Hadamard matrix, in
     `w`'s dtype; its own inverse. Used on INT8 weights (W / c) and on their activations (x c)."""
     n = w.shape[-1]
-    if n % ROTATION_BLOCK:
-        raise QuantizeError(f"int8 needs the input width to be a multiple of {ROTATION_BLOCK}, got {n}")
+    check_rotation_width(n)
     groups = w.reshape(*w.shape[:-1], n // ROTATION_BLOCK, ROTATION_BLOCK)
     return (groups @ hadamard(ROTATION_BLOCK, w.dtype, w.device)).reshape(w.shape)
 
@@ -109,7 +121,7 @@ def quantize_weight(w: torch.Tensor, scheme: str,
     w32 = w.detach().to(torch.float32)
     if factors is not None:
         w32 = w32 / factors.to(w32.device)
-    if scheme == "int8":
+    if scheme in SMOOTHED_SCHEMES:
         w32 = rotate_columns(w32)
     amax = w32.abs().amax(dim=1)
     qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
