@@ -71,7 +71,7 @@ def column_factors(w: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor
     """Per-input-column float32 factors c = sign * 2^k (k >= 0) of an (out, in) INT8 weight: 2^k brings outlier
     columns toward the median column's range when the columns are divided by c; the sign is the rotation's
     random sign, a fixed function of `in` (so quantizing twice writes the same bytes)."""
-    colmax = w.detach().to(torch.float32).abs().amax(dim=0)
+    colmax = w.detach().abs().amax(dim=0).to(torch.float32)  # exact in any float dtype, no float32 copy
     median = colmax.median()
     power = (torch.exp2((torch.log2((colmax / median).clamp_min(1.0)) * alpha).round_()) if median > 0
              else torch.ones_like(colmax))

@@ -20,7 +20,7 @@ from .quantize.linear import check_compute
 from .quantize.report import FidelityReport, compare
 from .quantize.schemes import QuantizeError, check_scheme, dequantize
 from .quantize.store import PreQuantized, fingerprint, is_quantized_folder, write_quantized
-from .quantize.text_encoder import quantize_text_encoder, text_encoder_backend
+from .quantize.text_encoder import quantize_block, text_encoder_backend
 from .vae import VAE_FILE
 
 COMPONENTS = (VAE_FILE, CLIP_FILE, UMT5_DIR)
@@ -195,6 +195,5 @@ def _text_encoder_check(folder: Path, scheme: str, log: Callable[[str], None]) -
     tokenizer, model = load_text_encoder(folder, device=device)
     reference = torch.cat(encode_text(tokenizer, model, prompts))
     del model
-    quant = load_text_encoder(folder, device=device,
-                              quantize=lambda m, move: quantize_text_encoder(m, scheme, device, move))[1]
+    quant = load_text_encoder(folder, device=device, quantize=lambda block: quantize_block(block, scheme))[1]
     return text_encoder_backend(scheme, device), compare(reference, torch.cat(encode_text(tokenizer, quant, prompts)))

@@ -49,13 +49,16 @@ def load_pth(path: str | Path) -> dict[str, Tensor]:
     return sd
 
 
-def move_in_pieces(model: nn.Module, device: str | torch.device, after_each: Callable[[], None]) -> nn.Module:
-    """`model.to(device)` one ModuleList entry at a time (umT5: its 24 blocks), then the rest, calling
-    `after_each` after every piece, so the CPU side can let go of what has moved before the next piece is read."""
-    for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
-        for block in blocks:
-            block.to(device)
-            after_each()
+def move_in_pieces(model: UMT5EncoderModel, device: str | torch.device, after_each: Callable[[], None],
+                   prepare: Callable[[nn.Module], None] | None = None) -> UMT5EncoderModel:
+    """`model.to(device)` one encoder block at a time, then the rest. `prepare` (the quantizer) runs on each block
+    once it is on `device`, so no more than one block is ever there in full precision; `after_each` runs after
+    every piece, so the CPU side can let go of what has moved before the next piece is read."""
+    for block in model.encoder.block:
+        block.to(device)
+        if prepare is not None:
+            prepare(block)
+        after_each()
     model.to(device)
     after_each()
     return model
@@ -176,13 +179,14 @@ def load_text_encoder(
     folder: str | Path,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
-    quantize: Callable[[UMT5EncoderModel, Callable[[nn.Module], nn.Module]], nn.Module] | None = None,
+    quantize: Callable[[nn.Module], None] | None = None,
 ) -> tuple[object, nn.Module]:
     """(tokenizer, encoder) from a `umt5-xxl/` folder: Wan weights file + tokenizer files, no hub access.
 
-    `quantize` is the hook for 4-bit weights (`scail2_lite.quantize.text_encoder`): it receives the bf16 model on
-    CPU, before it moves to `device`, so the full-precision copy never reaches the GPU, and the function that
-    moves it (block by block, giving the file's pages back as it goes: `FilePages`).
+    `quantize` is the hook for 4- and 8-bit weights (`scail2_lite.quantize.text_encoder.quantize_block`): it
+    quantizes one encoder block in place once that block is on `device` in bf16, so the full-precision encoder
+    never reaches the GPU whole. The model moves block by block, giving the file's pages back as it goes
+    (`FilePages`).
     """
     folder = Path(folder)
     weights = folder / UMT5_FILE
@@ -195,17 +199,12 @@ def load_text_encoder(
     model: nn.Module = build_umt5(load_pth(weights))
     pages = FilePages([weights])
 
-    def move(m: nn.Module) -> nn.Module:
-        return move_in_pieces(m, device, pages.drop) if torch.device(device).type != "cpu" else m.to(device)
-
     # The 256k x 4096 token embedding (2.1 GB) stays in RAM: a lookup of a few hundred rows costs nothing on the
     # CPU, and `encode_text` hands the encoder embeddings instead of ids. It is set aside while the rest moves.
     embedding = model.get_input_embeddings()
     model.set_input_embeddings(nn.Embedding(1, 1))  # placeholder while the rest moves
-    if quantize is not None:
-        model = quantize(model, move)
-    else:
-        model = move(model.to(dtype=dtype))
+    after_each = pages.drop if torch.device(device).type != "cpu" else lambda: None
+    model = move_in_pieces(model.to(dtype=torch.bfloat16 if quantize else dtype), device, after_each, quantize)
     model.set_input_embeddings(embedding.to(dtype=next(model.encoder.final_layer_norm.parameters()).dtype))
     return tokenizer, model
 

@@ -233,10 +233,10 @@ class Pipeline:
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """umT5 on the prompts; the encoder leaves memory before returning (11 GB in bf16)."""
-        from .quantize.text_encoder import quantize_text_encoder
+        from .quantize.text_encoder import quantize_block
 
         scheme = self.text_encoder
-        quant = None if scheme == "bf16" else (lambda m, move: quantize_text_encoder(m, scheme, self.device, move))
+        quant = None if scheme == "bf16" else (lambda block: quantize_block(block, scheme))
         tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant)
         try:
             out = [t.to("cpu", torch.float32) for t in encode_text(tokenizer, model, prompts)]

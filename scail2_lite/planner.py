@@ -38,7 +38,8 @@ QUANTIZATIONS: tuple[str, ...] = ("bf16", "fp8", "int8")
 
 # Encoders (SPEC section 4): umT5-XXL encoder = 1.05 B embedding + 4.63 B linear parameters; CLIP ViT-H/14 visual.
 # The token embedding stays in RAM (encoders.load_text_encoder); T5's FFN output projections `wo` stay bf16 in
-# the 4-bit and int8 encoders (quantize.text_encoder: T5 casts activations to wo's dtype).
+# the bitsandbytes 4-bit encoder (quantize.text_encoder: T5 casts activations to wo's dtype), quanto's int8
+# quantizes them too.
 UMT5_EMBED_PARAMS = 256_384 * 4096
 UMT5_LAYERS = 24
 UMT5_LINEAR_PARAMS = UMT5_LAYERS * (4 * 4096 * 4096 + 3 * 4096 * 10240)
@@ -47,7 +48,9 @@ NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 value
 CLIP_PARAMS = 632_000_000
 # Calibrated on the H100 runs of benchmarks/bench_pipeline.py (RESULTS.md, 2026-11-24): umT5 NF4 peaked at
 # 4.19-4.44 GB, CLIP at 1.33-1.37 GB, tiled (256 px) VAE encode at 1.84-1.90 GB and decode at 2.08-2.13 GB.
-ENCODER_ACTIVATIONS = 0.3 * GB
+# Loading the full umT5 file and encoding two 512-token prompts on the H200 (2026-12-04) peaked 0.52 GB above
+# the loaded weights in bf16, NF4 and int8 alike (9.82, 4.44 and 5.19 GB).
+ENCODER_ACTIVATIONS = 0.5 * GB
 CLIP_ACTIVATIONS = 0.1 * GB
 VAE_PARAMS = 126_900_000  # Wan2.1 VAE, run in fp32
 VAE_DECODE_BYTES_PER_PIXEL = 11_000  # fp32, 96 channels x 4 frames at full resolution, ~7 tensors alive
@@ -261,8 +264,9 @@ TEXT_ENCODERS: tuple[str, ...] = ("4bit", "int8", "bf16")
 def umt5_bytes(text_encoder: str) -> int:
     if text_encoder == "bf16":
         return UMT5_LINEAR_PARAMS * 2
-    per_param = NF4_BYTES_PER_PARAM if text_encoder == "4bit" else 1 + 4 / 4096  # int8 + per-row scale
-    return int(UMT5_WO_PARAMS * 2 + (UMT5_LINEAR_PARAMS - UMT5_WO_PARAMS) * per_param)
+    if text_encoder == "4bit":
+        return int(UMT5_WO_PARAMS * 2 + (UMT5_LINEAR_PARAMS - UMT5_WO_PARAMS) * NF4_BYTES_PER_PARAM)
+    return int(UMT5_LINEAR_PARAMS * (1 + 4 / 4096))  # int8 + per-row scale
 
 
 # ---- plans ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import re
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ import torch
 from .config import DEFAULT_NEGATIVE_PROMPT, PRESETS, DiTConfig
 from .errors import UserError
 from .formats import COMFY_PREFIX, SAT_FILE, wan_shapes
+
+if TYPE_CHECKING:
+    from transformers import UMT5Config
 
 SCALES = ("tiny", "full")
 DIT_FORMATS = ("sat", "wan", "comfy")
@@ -251,25 +254,35 @@ def write_dit(folder: Path, config: DiTConfig, fmt: str, seed: int, dtype: torch
 
 
 def _synth_from_module(build: Callable[[], torch.nn.Module], to_original: Callable[[dict], dict], seed: int,
-                       namespace: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                       namespace: str, dtype: torch.dtype,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Shapes from the transformers/diffusers module built on the meta device, names from the inverse converter,
     values from `synth_tensor` (so no random init is ever materialised)."""
     with torch.device("meta"):
         module = build()
     shapes = {k: tuple(v.shape) for k, v in to_original(module.state_dict()).items()}
-    return {k: synth_tensor(k, s, seed, namespace).to(dtype) for k, s in shapes.items()}
+    return {k: synth_tensor(k, s, seed, namespace, device).to(dtype) for k, s in shapes.items()}
+
+
+def umt5_tensors(config: UMT5Config, seed: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A Wan-named bf16 umT5 state dict of any geometry: the file `write_encoders` writes, and the encoders that
+    tests and benchmarks build without a file (drawn on a GPU: the same recipe, not the same values)."""
+    from transformers import UMT5EncoderModel
+
+    from .encoders import umt5_hf_to_wan
+
+    return _synth_from_module(lambda: UMT5EncoderModel(config), umt5_hf_to_wan, seed, "umt5", torch.bfloat16, device)
 
 
 def write_encoders(folder: Path, scale: str, seed: int) -> None:
     """umT5 (bf16), CLIP visual tower + head + log_scale (fp16) and the Wan VAE (fp32), as the real files store them."""
     from diffusers import AutoencoderKLWan
-    from transformers import CLIPVisionModel, UMT5EncoderModel
+    from transformers import CLIPVisionModel
 
-    from .encoders import clip_config, clip_hf_to_openclip, umt5_config, umt5_hf_to_wan
+    from .encoders import clip_config, clip_hf_to_openclip, umt5_config
     from .vae import vae_config, vae_diffusers_to_wan
 
-    umt5 = _synth_from_module(lambda: UMT5EncoderModel(umt5_config(scale)), umt5_hf_to_wan, seed, "umt5",
-                              torch.bfloat16)
+    umt5 = umt5_tensors(umt5_config(scale), seed)
     _torch_save(umt5, folder / UMT5_FILE)
     del umt5
     cfg = clip_config(scale)
