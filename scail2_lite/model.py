@@ -347,7 +347,8 @@ class SCAIL2Model(nn.Module):
         pose = self.patch_embedding_pose(pose) + self.patch_embedding_mask(driving_masks.to(dtype))
         grid = (video.shape[2] - 1, video.shape[3], video.shape[4])
         tokens = torch.cat([video.flatten(2), pose.flatten(2)], dim=2).transpose(1, 2)
-        tokens = tokens.to(torch.float32, memory_format=torch.contiguous_format)
+        # .to() returns a float32 model's transposed view as it is: the fused kernels need unit feature stride
+        tokens = tokens.to(torch.float32).contiguous()
         e, e0 = self.embed_time(t)
         return Embedded(tokens, e, e0, self._rope(grid, replace_flag, tokens.device), grid)
 

@@ -169,6 +169,17 @@ def test_chunking_is_exact(oracle: Path) -> None:
     assert torch.equal(whole, chunked)
 
 
+def test_embedded_tokens_are_contiguous_in_both_dtypes(oracle: Path) -> None:
+    """The CUDA fused kernels read tokens with unit feature stride; a float32 model once got a transposed view."""
+    inputs = fixture_inputs(oracle / "dit")
+    cond = [inputs[n] for n in ("pose_latents", "driving_masks", "ref_latents", "ref_masks", "t")]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = fixture_model(oracle / "dit").to(dtype)
+        with torch.no_grad():
+            tokens = model.embed(inputs["x"], *cond, False).x
+        assert tokens.dtype == torch.float32 and tokens.is_contiguous(), dtype
+
+
 def test_batch_equals_single_calls(oracle: Path) -> None:
     model = fixture_model(oracle / "dit_attn")
     one = fixture_inputs(oracle / "dit_attn")
