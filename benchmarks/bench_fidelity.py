@@ -300,7 +300,8 @@ def quantized_forward(folder: Path, scheme: str, ref: torch.Tensor, inputs: dict
 
 
 def umt5_stage(sz: Sizes, res: Results) -> list:
-    """bf16 umT5 vs NF4 and INT8 from quantize_text_encoder; returns markdown rows."""
+    """bf16 umT5 vs NF4 and INT8 from quantize_text_encoder (rotated and plain) and vs 1% weight noise; returns
+    markdown rows."""
     from scail2_lite.encoders import TEXT_LEN, build_umt5, umt5_config
     from scail2_lite.quantize.text_encoder import quantize_text_encoder, text_encoder_backend
     from scail2_lite.synth import umt5_tensors
