@@ -92,6 +92,12 @@ class Results:
             tmp.replace(self.path)
 
 
+def with_noise(w: torch.Tensor, eps: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """w * (1 + eps n), n ~ N(0, 1) per element, in w's dtype: a per-weight error of eps whatever the format."""
+    noise = torch.randn(w.shape, generator=gen, device=w.device)
+    return (w.float() * noise.mul_(eps).add_(1.0)).to(w.dtype)
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -356,8 +362,7 @@ def umt5_stage(sz: Sizes, res: Results) -> list:
                     for block in model.encoder.block:
                         for m in block.modules():
                             if isinstance(m, torch.nn.Linear):
-                                noise = torch.randn(m.weight.shape, generator=gen, device=device)
-                                m.weight.copy_(m.weight.float() * noise.mul_(0.01).add_(1.0))
+                                m.weight.copy_(with_noise(m.weight, 0.01, gen))
             else:
                 model = quantize_text_encoder(model, scheme, device, rotate=rotate)
                 rotated = any(hasattr(m, "input_factors") for m in model.modules())

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synthfull import device_dit  # noqa: E402
-from bench_fidelity import Sizes, dit_inputs, forward, log, table  # noqa: E402
+from bench_fidelity import Sizes, dit_inputs, forward, log, table, with_noise  # noqa: E402
 
 from scail2_lite.config import PRESETS  # noqa: E402
 from scail2_lite.quantize.schemes import dequantize, quantize_linear  # noqa: E402
@@ -32,7 +32,7 @@ NOISE = {"noise 1.0%": 0.010, "noise 1.5%": 0.015, "noise 2.5%": 0.025}  # 2.5%:
 def perturbed(w: torch.Tensor, how: str) -> torch.Tensor:
     """`w` through a scheme's quantize -> dequantize, or times 1 + eps n for the noise rows."""
     if how in NOISE:
-        return (w.float() * torch.randn(w.shape, device=w.device).mul_(NOISE[how]).add_(1.0)).to(w.dtype)
+        return with_noise(w, NOISE[how])
     q, scale, smooth = quantize_linear(w, how)
     return dequantize(q, scale, w.dtype, smooth)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..encoders import move_in_pieces
-from .schemes import ROTATION_BLOCK, QuantizeError, column_factors, rotate_columns
+from .schemes import ROTATION_BLOCK, QuantizeError, column_factors, rotate_columns, rotated_layout
 
 TEXT_ENCODER_SCHEMES: tuple[str, ...] = ("bf16", "int8", "nf4")
 
@@ -57,7 +57,7 @@ def quantize_block(block: nn.Module, scheme: str, rotate: bool = True) -> None:
         linear = block.get_submodule(name)
         if rotate and linear.in_features % ROTATION_BLOCK == 0:
             factors[name] = column_factors(linear.weight)
-            linear.weight.data = _rotated(linear.weight.data, factors[name])
+            linear.weight.data = rotated_layout(linear.weight.data, factors[name])
     if nf4:
         for name in names:  # one at a time, so each bf16 weight is freed as its NF4 copy is made
             parent, _, child = name.rpartition(".")
@@ -72,15 +72,6 @@ def quantize_block(block: nn.Module, scheme: str, rotate: bool = True) -> None:
         module = block.get_submodule(name)
         module.register_buffer("input_factors", f.to(torch.bfloat16), persistent=False)
         module.register_forward_pre_hook(_rotate_input)
-
-
-def _rotated(w: torch.Tensor, factors: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    """H(w / factors) in w's dtype, computed in float32 `rows` rows at a time: under 100 MB of temporaries
-    instead of two float32 copies of a whole 4096 x 10240 weight."""
-    out = torch.empty_like(w)
-    for src, dst in zip(w.split(rows), out.split(rows)):
-        dst.copy_(rotate_columns(src.float() / factors))
-    return out
 
 
 def _rotate_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
