@@ -55,10 +55,10 @@ from bench_fidelity import sync, table  # noqa: E402
 from bench_offload import FRAMES, chain_inputs, clean, failure, patch_grid, residual  # noqa: E402
 
 from scail2_lite import attention_fp8, fused  # noqa: E402
-from scail2_lite.attention import BACKENDS, QUANTIZED, QUANTIZED_MIN_KEYS, attention, use_backend  # noqa: E402
+from scail2_lite.attention import BACKENDS, QUANTIZED, QUANTIZED_MIN_KEYS, attention, resolve  # noqa: E402
+from scail2_lite.blocks import CLIP_TOKENS, Kernels, LayerNorm32, RMSNorm, SCAIL2Block  # noqa: E402
 from scail2_lite.config import PRESETS, SIZES, DiTConfig  # noqa: E402
-from scail2_lite.model import CLIP_TOKENS, LayerNorm32, RMSNorm, SCAIL2Block  # noqa: E402
-from scail2_lite.planner import tokens  # noqa: E402
+from scail2_lite.offload.planner import tokens  # noqa: E402
 from scail2_lite.profiling import write_json  # noqa: E402
 from scail2_lite.quantize.linear import quantize_rows, quantize_rows_reference, swap_linears  # noqa: E402
 from scail2_lite.quantize.report import compare  # noqa: E402
@@ -121,15 +121,15 @@ def kernel_level(config: DiTConfig, device: str, size: str, length: int, backend
                 continue
             row: dict = {"size": size, "tokens": length, "attention": kind, "kv_tokens": kv_len, "backend": backend}
             try:
-                with use_backend(backend):
-                    k_run = k.clone()  # sageattn subtracts k's mean from k in place (smooth_k)
-                    out = attention(q, k_run, v)
-                    if backend == "sdpa":
-                        reference = out
-                    if reference is not None:
-                        row.update(compare(reference, out))
-                    del out
-                    row["ms"] = median_ms(lambda: attention(q, k_run, v), device, reps)
+                name = resolve(backend)
+                k_run = k.clone()  # sageattn subtracts k's mean from k in place (smooth_k)
+                out = attention(q, k_run, v, name)
+                if backend == "sdpa":
+                    reference = out
+                if reference is not None:
+                    row.update(compare(reference, out))
+                del out
+                row["ms"] = median_ms(lambda: attention(q, k_run, v, name), device, reps)
                 row["tflops"] = 4 * length * kv_len * head_dim * heads / row["ms"] / 1e9
             except Exception as e:  # noqa: BLE001 - reported in the table, the other backends still run
                 row["error"] = short_failure(e)
@@ -200,15 +200,14 @@ def fp8_checks(config: DiTConfig, device: str, length: int, record: Callable[[di
     out = attention_fp8.fp8_attention([q, k, v])
     # Profiles must not change numbers: the same inputs give the same bits on every call
     record({"check": "kernel run twice", "bit_exact": bool(torch.equal(out, attention_fp8.fp8_attention([q, k, v])))})
-    with use_backend("sdpa"):
-        reference = attention(q, k, v)
+    reference = attention(q, k, v)
     emulated = attention_fp8.emulate(q, k, v)
     record({"check": "kernel vs emulation", **compare(emulated, out)})
     record({"check": "kernel vs sdpa", **compare(reference, out)})
     record({"check": "emulation vs sdpa", **compare(reference, emulated)})
 
 
-def make_chain(config: DiTConfig, n: int, device: str, chunk: int) -> list[SCAIL2Block]:
+def make_chain(config: DiTConfig, n: int, device: str) -> list[SCAIL2Block]:
     """n blocks with synth_tensor's weights (drawn on `device`, stored in the loader's dtypes), Linears in FP8."""
     blocks = []
     for i in range(n):
@@ -221,7 +220,6 @@ def make_chain(config: DiTConfig, n: int, device: str, chunk: int) -> list[SCAIL
         del state
         swap_linears(block, {name: "fp8" for name, m in block.named_modules()
                              if isinstance(m, nn.Linear) and is_quantized_name(f"{prefix}{name}.weight")})
-        block.ffn_chunk_size = block.attn_chunk_size = chunk
         blocks.append(block.eval())
     clean(device)
     return blocks
@@ -229,7 +227,7 @@ def make_chain(config: DiTConfig, n: int, device: str, chunk: int) -> list[SCAIL
 
 @torch.no_grad()
 def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size: str,
-                dims: tuple[int, int, int], backends: list[str], repeats: int,
+                dims: tuple[int, int, int], backends: list[str], chunk: int, repeats: int,
                 record: Callable[[dict], None]) -> None:
     """Per backend: residual after each block vs the sdpa chain's, then timed chain forwards."""
     length = tokens(config, *dims)
@@ -238,31 +236,31 @@ def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size:
     for backend in backends:
         row: dict = {"size": size, "tokens": length, "backend": backend, "blocks": []}
         try:
-            with use_backend(backend):
+            kernels = Kernels(resolve(backend), chunk, chunk)
+            x = residual(length, config, device)
+            for i, block in enumerate(blocks):
+                x = block(x, e0, context, freqs, kernels)
+                if backend == "sdpa":
+                    references.append(x.clone())
+                if references:
+                    row["blocks"].append(compare(references[i], x))
+            del x
+            clean(device)
+            times, transient = [], 0
+            for _ in range(repeats):
                 x = residual(length, config, device)
-                for i, block in enumerate(blocks):
-                    x = block(x, e0, context, freqs)
-                    if backend == "sdpa":
-                        references.append(x.clone())
-                    if references:
-                        row["blocks"].append(compare(references[i], x))
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                for block in blocks:
+                    sync(device)
+                    start = time.perf_counter()
+                    x = block(x, e0, context, freqs, kernels)
+                    sync(device)
+                    times.append((time.perf_counter() - start) * 1000)
+                if device == "cuda":
+                    transient = max(transient, torch.cuda.max_memory_allocated() - base)
                 del x
-                clean(device)
-                times, transient = [], 0
-                for _ in range(repeats):
-                    x = residual(length, config, device)
-                    if device == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
-                    for block in blocks:
-                        sync(device)
-                        start = time.perf_counter()
-                        x = block(x, e0, context, freqs)
-                        sync(device)
-                        times.append((time.perf_counter() - start) * 1000)
-                    if device == "cuda":
-                        transient = max(transient, torch.cuda.max_memory_allocated() - base)
-                    del x
             row["ms_per_block"] = statistics.mean(times)
             row["x40_s"] = row["ms_per_block"] * 40 / 1000
             if device == "cuda":
@@ -279,20 +277,20 @@ def block_level(blocks: list[SCAIL2Block], config: DiTConfig, device: str, size:
 
 @torch.no_grad()
 def kernel_breakdown(block: SCAIL2Block, config: DiTConfig, device: str, size: str, dims: tuple[int, int, int],
-                     backend: str, top: int) -> dict:
+                     backend: str, chunk: int, top: int) -> dict:
     """GPU kernel time of one block forward under `backend` (torch.profiler), the `top` kernels by total time: where
     the block's time goes besides attention."""
     length = tokens(config, *dims)
     e0, context, freqs = chain_inputs(config, patch_grid(config, *dims), device)
     x = residual(length, config, device)
-    with use_backend(backend):
-        block(x, e0, context, freqs)
+    kernels = Kernels(resolve(backend), chunk, chunk)
+    block(x, e0, context, freqs, kernels)
+    sync(device)
+    cuda = device == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        block(x, e0, context, freqs, kernels)
         sync(device)
-        cuda = device == "cuda"
-        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
-        with torch.profiler.profile(activities=[activity]) as prof:
-            block(x, e0, context, freqs)
-            sync(device)
     # GPU: kernels and their device time; CPU (the --tiny proof run): operators and their self time
     events = [(e.key, e.count, e.device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()
               if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
@@ -476,16 +474,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(flush=True)
         print(kernel_table(report["kernel"]) + "\n", flush=True)
     chunk = TINY_CHUNK if args.tiny else GPU_CHUNK
-    blocks = make_chain(config, args.blocks, device, chunk)
+    blocks = make_chain(config, args.blocks, device)
     log(f"{args.blocks} blocks built (FP8 Linears)")
     for size in sizes:
-        block_level(blocks, config, device, size, all_sizes[size], backends, args.repeats, recorder("block"))
+        block_level(blocks, config, device, size, all_sizes[size], backends, chunk, args.repeats, recorder("block"))
     if args.breakdown:
         report["breakdown"] = []
         for backend in backends:
             try:
                 report["breakdown"].append(kernel_breakdown(blocks[0], config, device, sizes[0], all_sizes[sizes[0]],
-                                                            backend, args.breakdown))
+                                                            backend, chunk, args.breakdown))
             except Exception as e:  # noqa: BLE001 - reported, the other backends still run
                 report["breakdown"].append({"size": sizes[0], "backend": backend, "error": short_failure(e)})
             save()

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from scail2_lite.model import SCAIL2Model
+from scail2_lite.model import Conditions, SCAIL2Model
 from scail2_lite.sampling import cfg, make_scheduler
 from scail2_lite.stepcache import TEACACHE_WAN21_I2V_480P, StepCache
 from scail2_lite.synth import dit_tensors, tiny_config
@@ -38,32 +38,28 @@ def sample(model: SCAIL2Model, cache: StepCache | None, steps: int, guidance: fl
     def r(*s: int) -> torch.Tensor:
         return torch.randn(*s, generator=g)
 
-    cond = (r(1, 16, T, H // 2, W // 2), r(1, 28, T, H // 2, W // 2), r(1, 16, 1, H, W), r(1, 28, 1 + T, H, W))
+    cond = Conditions(r(1, 16, T, H // 2, W // 2), r(1, 28, T, H // 2, W // 2), r(1, 16, 1, H, W),
+                      r(1, 28, 1 + T, H, W))
     clip = r(1, 257, c.clip_dim)
     contexts = {"cond": model.embed_context(r(1, 7, c.text_dim), clip),
                 "uncond": model.embed_context(r(1, 7, c.text_dim), clip)}
     x = r(1, 16, T, H, W)
     sampler = make_scheduler(solver, steps, shift, generator=torch.Generator().manual_seed(seed + 1))
-    handle = cache.attach(model) if cache is not None else None
     if cache is not None:
         cache.begin(steps)
-    try:
-        for t in sampler.timesteps:
-            out = {}
-            for name, ctx in contexts.items():
-                if name == "uncond" and guidance == 1:
-                    continue
-                tt = torch.full((1,), float(t))
-                if cache is not None:
-                    with cache.branch(name):
-                        out[name] = model.forward_with_context(x, *cond, tt, ctx, False)
-                else:
-                    out[name] = model.forward_with_context(x, *cond, tt, ctx, False)
-            v = cfg(out["cond"], out["uncond"], guidance) if "uncond" in out else out["cond"]
-            x = sampler.step(v, t, x)
-    finally:
-        if handle is not None:
-            handle.detach()
+    for t in sampler.timesteps:
+        out = {}
+        for name, ctx in contexts.items():
+            if name == "uncond" and guidance == 1:
+                continue
+            tt = torch.full((1,), float(t))
+            if cache is not None:
+                with cache.branch(name):
+                    out[name] = model.forward_with_context(x, tt, ctx, cond, cache=cache)
+            else:
+                out[name] = model.forward_with_context(x, tt, ctx, cond)
+        v = cfg(out["cond"], out["uncond"], guidance) if "uncond" in out else out["cond"]
+        x = sampler.step(v, t, x)
     return x
 
 

@@ -200,10 +200,14 @@ def dit_inputs(sz: Sizes, device: str) -> dict:
     def mask(*shape: int) -> torch.Tensor:
         return (torch.rand(*shape, generator=g) > 0.5).float().to(device)
 
-    return dict(x=randn(1, 16, lat_t, h, w), pose_latents=randn(1, 16, lat_t, h // 2, w // 2),
-                driving_masks=mask(1, c.mask_dim, lat_t, h // 2, w // 2), ref_latents=randn(1, 16, 1, h, w),
-                ref_masks=mask(1, c.mask_dim, 1 + lat_t, h, w), t=torch.tensor([700.0], device=device),
-                context=randn(1, sz.text_tokens, c.text_dim), clip_fea=randn(1, 257, c.clip_dim), replace_flag=False)
+    from scail2_lite.model import Conditions
+
+    x = randn(1, 16, lat_t, h, w)
+    cond = Conditions(pose_latents=randn(1, 16, lat_t, h // 2, w // 2),
+                      driving_masks=mask(1, c.mask_dim, lat_t, h // 2, w // 2), ref_latents=randn(1, 16, 1, h, w),
+                      ref_masks=mask(1, c.mask_dim, 1 + lat_t, h, w))
+    return dict(x=x, t=torch.tensor([700.0], device=device), context=randn(1, sz.text_tokens, c.text_dim),
+                clip_fea=randn(1, 257, c.clip_dim), cond=cond)
 
 
 def token_count(sz: Sizes) -> int:

@@ -64,14 +64,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from scail2_lite.attention import BACKENDS, use_backend
+from scail2_lite.attention import BACKENDS, resolve
+from scail2_lite.blocks import Kernels
 from scail2_lite.config import SIZES, DiTConfig
 from scail2_lite.errors import UserError
-from scail2_lite.model import CLIP_TOKENS, SCAIL2Block
-from scail2_lite.planner import tokens
+from scail2_lite.blocks import CLIP_TOKENS, SCAIL2Block
+from scail2_lite.offload.planner import tokens
 from scail2_lite.quantize.report import compare
 from scail2_lite.rope import rope_freqs
-from scail2_lite.streamer import BlockStreamer
+from scail2_lite.offload.streamer import BlockStreamer
 
 GB = 1e9
 CAPS = {"none": None, "24GB": 24e9, "16GB": 16e9}
@@ -100,9 +101,10 @@ class Blocks(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Identity()
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, freqs: tuple) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, freqs: tuple,
+                kernels: Kernels) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, e0, context, freqs)
+            x = block(x, e0, context, freqs, kernels)
         return self.head(x)
 
 
@@ -125,7 +127,6 @@ def make_blocks(n: int, scheme: str) -> Blocks:
                     p.fill_(1)
                 else:
                     p.zero_()
-            block.ffn_chunk_size = block.attn_chunk_size = CHUNK
         if scheme != "bf16":
             from scail2_lite.quantize.linear import swap_linears
             from scail2_lite.quantize.schemes import is_quantized_name
@@ -172,7 +173,8 @@ def clean(device: str = "cuda") -> None:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool = False) -> dict:
+def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool = False,
+            kernels: Kernels = Kernels("sdpa", CHUNK, CHUNK)) -> dict:
     """Time `forwards` forwards after one warm-up, under an optional VRAM cap; returns a result row.
 
     Every method goes through here unchanged: only the model's hooks differ. Each forward's input and output are
@@ -185,7 +187,7 @@ def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep:
     try:
         length, e0, context, freqs = inputs(size)
         row["tokens"] = length
-        model(residual(length), e0, context, freqs)
+        model(residual(length), e0, context, freqs, kernels)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -193,7 +195,7 @@ def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep:
             x = residual(length)
             torch.cuda.synchronize()
             start = time.perf_counter()
-            out = model(x, e0, context, freqs)
+            out = model(x, e0, context, freqs, kernels)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             if keep and i == forwards - 1:
@@ -209,10 +211,11 @@ def measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep:
     return row
 
 
-def safe_measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool = False) -> dict:
+def safe_measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool = False,
+                 kernels: Kernels = Kernels("sdpa", CHUNK, CHUNK)) -> dict:
     """`measure`, with any failure of a third-party offloader's hooks or kernels turned into an error row."""
     try:
-        return measure(model, size, cap, forwards, keep)
+        return measure(model, size, cap, forwards, keep, kernels)
     except Exception as e:
         return {"size": size, "cap": cap, "error": failure(e)}
 
@@ -220,13 +223,13 @@ def safe_measure(model: nn.Module, size: str, cap: float | None, forwards: int, 
 def measure_with(backend: str, model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool) -> dict:
     """`measure` under attention `backend`; a backend that cannot run (package missing, kernel error) gives an
     error row and the rest of the run goes on."""
-    if backend == "sdpa":  # the process default: our own rows, where a failure should stop the run
+    if backend == "sdpa":  # our own rows, where a failure should stop the run
         return measure(model, size, cap, forwards, keep)
     try:
-        with use_backend(backend):
-            return safe_measure(model, size, cap, forwards, keep)
-    except UserError as e:  # raised on entering: e.g. sageattention not installed
+        kernels = Kernels(resolve(backend), CHUNK, CHUNK)
+    except UserError as e:  # e.g. sageattention not installed
         return {"size": size, "cap": cap, "error": f"attention {backend} unavailable: {failure(e)}"}
+    return safe_measure(model, size, cap, forwards, keep, kernels)
 
 
 def failure(e: Exception) -> str:

@@ -260,25 +260,20 @@ class _StopAfterLatents(Exception):
 
 
 def _pipeline(s: Setup, st: State, dst: Path, res: Results):
-    """The Pipeline, loaded once; its prompt encoding is memoised so umT5 runs (and is measured) once."""
+    """The Pipeline, loaded once. Its prompt cache lives in the work folder and starts empty, so umT5 runs (and is
+    measured) by the first run only."""
     if st.pipe is not None:
         return st.pipe
     from scail2_lite.pipeline import Pipeline
+    from scail2_lite.settings import MemorySettings
 
+    os.environ["XDG_CACHE_HOME"] = str(dst.parent / "cache")
+    shutil.rmtree(dst.parent / "cache" / "scail2-lite" / "prompts", ignore_errors=True)
     t = time.perf_counter()
-    pipe = Pipeline.from_pretrained(dst, device=s.device, text_encoder="nf4")
+    pipe = Pipeline.from_pretrained(dst, MemorySettings(device=str(s.device), text_encoder="nf4"))
     seconds = time.perf_counter() - t
     log(f"FP8 DiT loaded to RAM in {seconds:.1f} s")
     res.data["load_seconds"] = round(seconds, 2)
-    encode, cache = pipe.encode_prompts, {}
-
-    def encode_once(prompts: list[str]) -> list[torch.Tensor]:
-        key = tuple(prompts)
-        if key not in cache:
-            cache[key] = encode(prompts)
-        return cache[key]
-
-    pipe.encode_prompts = encode_once
     st.pipe = pipe
     return pipe
 
@@ -299,28 +294,20 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     `sampling` overrides the pipeline keywords steps/guidance/solver (default: the module's) and adds cache ones;
     `after_steps` gets segment 0's final latents (CPU) before the VAE decode."""
     from scail2_lite import conditioning as cond
-    from scail2_lite import pipeline as pl
+    from scail2_lite.inputs import InputFiles, load_inputs
     from scail2_lite.profiling import PhaseRecorder, run_report
+    from scail2_lite.settings import GenerationSettings, MemorySettings
 
-    pipe = _pipeline(s, st, dst, res)
-    inputs = pl.load_inputs(**input_files(src / "inputs"), size=size, frames=frames)
+    pipe = _pipeline(s, st, dst, res).with_memory(MemorySettings(
+        text_encoder="nf4", profile=profile, vram_budget=int(vram_budget) if vram_budget else None))
+    inputs = load_inputs(InputFiles(**input_files(src / "inputs")), size=size, frames=frames)
     h, w = inputs.size
     a, b = cond.segment_plan(inputs.frames, SEGMENT_LEN, SEGMENT_OVERLAP)[0]
     _cap(s, cap)
-    pipe.profile, pipe.vram_budget = profile, int(vram_budget) if vram_budget else None
     plan = pipe.make_plan(h, w, b - a)
     log(f"{key}: {w}x{h}x{inputs.frames}, profile {plan.profile.name if plan else 'none'} "
         f"({plan.resident_blocks if plan else '-'} resident), cap {gb(cap)} GB, decode {decode}")
     recorder = PhaseRecorder(s.device, interval=0.1)
-    fallbacks: list[str] = []
-    original_fallback = pl.DitPlacement.fallback
-
-    def watched(placement) -> bool:  # out-of-memory retries change the profile: the report must say so
-        before = placement.plan.profile.name if placement.plan else None
-        ok = original_fallback(placement)
-        fallbacks.append(f"{before} -> {placement.plan.profile.name if ok else 'none left'}")
-        log(f"{key}: CUDA out of memory, fallback {fallbacks[-1]}")
-        return ok
 
     cached = st.encoded_by is not None
     sampling = {"steps": STEPS, "guidance": GUIDANCE, "solver": SOLVER, **(sampling or {})}
@@ -334,7 +321,8 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
 
     def report(status: str) -> dict:
         rep = run_report(recorder.to_json(), plan, settings, step_seconds(), sys.argv)
-        rep["status"], rep["fallbacks"] = status, fallbacks
+        # Out-of-memory re-plans change the profile: the pipeline notes each in the recorder, the report says so.
+        rep["status"], rep["fallbacks"] = status, [what for _, what in recorder.events]
         rep["measured"].pop("timeline")  # the PNG holds it; keeps the JSON small
         return rep
 
@@ -347,16 +335,14 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
         if not decode:
             raise _StopAfterLatents
 
-    pl.DitPlacement.fallback = watched
     t = time.perf_counter()
     result = None
     try:
-        result = pipe(inputs, prompt=PROMPT, seed=s.seed, recorder=recorder, on_latents=on_latents, keep_frames=False,
-                      **sampling)
+        result = pipe(inputs, PROMPT, settings=GenerationSettings(seed=s.seed, **sampling), recorder=recorder,
+                      on_latents=on_latents, keep_frames=False)
     except _StopAfterLatents:
         pass
     finally:
-        pl.DitPlacement.fallback = original_fallback
         _cap(s, None)
     wall = time.perf_counter() - t
     if not cached:
@@ -379,7 +365,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     res.put(key, rep)
     st.seconds[key] = {name: p["seconds"] for name, p in phases.items()}
     log(f"{key}: done in {wall:.1f} s, s/step {rep['seconds_per_step']}, peak allocated {gb(rep['peak_allocated'])} "
-        f"GB, reserved {gb(rep['peak_reserved'])} GB, fallbacks {fallbacks or 'none'}")
+        f"GB, reserved {gb(rep['peak_reserved'])} GB, fallbacks {rep['fallbacks'] or 'none'}")
     return rep
 
 
@@ -514,7 +500,7 @@ def _forwards(rep: dict) -> tuple[int, int] | None:
     """(computed, skipped) DiT forwards: the StepCache stats the pipeline wrote into its settings; with the cache
     off every branch of every step ran."""
     settings = rep.get("pipeline_settings") or {}
-    if "cache" in settings:
+    if settings.get("cache", "off") != "off":
         m = re.search(r"skipped (\d+)/(\d+)", settings["cache"])
         return None if m is None else (int(m[2]) - int(m[1]), int(m[1]))
     branches = 1 if rep["settings"]["guidance"] == 1 else 2

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _workdir import fp8_folder  # noqa: E402
 
-from scail2_lite import pipeline  # noqa: E402
+from scail2_lite import GenerationSettings, InputFiles, Pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -32,26 +32,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu runs the same code on a `bench_pipeline.py --tiny` folder")
     args = ap.parse_args()
     model, files = fp8_folder(args.workdir, tiny=args.device == "cpu")
-    built: list[int] = []
-    real = pipeline.BlockStreamer
-
-    def counting(*a, **kw):
-        built.append(1)
-        return real(*a, **kw)
-
-    pipeline.BlockStreamer = counting
+    settings = GenerationSettings(size=(256, 256), frames=17, steps=2, seed=1, segment_len=9, segment_overlap=5)
     rows, reference = [], None
     for profile in args.profiles.split(","):
-        built.clear()
         latents: list[torch.Tensor] = []
         t = time.perf_counter()
-        pipe = pipeline.Pipeline.from_pretrained(model, device=args.device, profile=profile)
-        result = pipe(**files, size=(256, 256), frames=17, steps=2, seed=1, segment_len=9, segment_overlap=5,
-                      keep_frames=False, on_latents=lambda k, z: latents.append(z))
+        pipe = Pipeline.from_pretrained(model, device=args.device, profile=profile)
+        result = pipe(InputFiles(**files), settings=settings, keep_frames=False,
+                      on_latents=lambda k, z: latents.append(z))
         seconds = time.perf_counter() - t
         reference = reference or latents
         same = len(latents) == len(reference) and all(torch.equal(a, b) for a, b in zip(latents, reference))
-        rows.append(f"| {profile} | {result.settings.get('resident_blocks', '-')} | {len(latents)} | {len(built)} "
+        rows.append(f"| {profile} | {result.settings.get('resident_blocks', '-')} | {len(latents)} | {result.settings.get('streamers_built', 0)} "
                     f"| {'yes' if same else 'NO'} | {seconds:.0f} |")
         del pipe
         if torch.cuda.is_available():

@@ -24,14 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from scail2_lite.encoders import UMT5_FILE, _umt5, encode_text, load_text_encoder, umt5_config
-from scail2_lite.planner import ENCODER_ACTIVATIONS, umt5_bytes
+from scail2_lite.offload.planner import ENCODER_ACTIVATIONS, umt5_bytes
 from scail2_lite.quantize.text_encoder import quantize_block, text_encoder_backend
 from scail2_lite.synth import umt5_tensors, write_tokenizer
 
 GB = 1e9
 PROMPTS = ["a woman dancing in a sunlit studio", "a man walks towards the camera, waving"]
 VARIANTS = (("bf16", True), ("nf4", True), ("nf4", False), ("int8", True), ("int8", False))
-PLANNER_NAME = {"nf4": "4bit"}
 
 
 def write_umt5(folder: Path, device: str, tiny: bool) -> int:
@@ -74,7 +73,7 @@ def main() -> None:
             phase_peak = torch.cuda.max_memory_allocated() / GB if gpu else float("nan")
             ref = out if ref is None else ref
             cosine = float(F.cosine_similarity(ref, out, dim=-1).mean())
-            planned = ((umt5_bytes(PLANNER_NAME.get(scheme, scheme)) + ENCODER_ACTIVATIONS) / GB if gpu
+            planned = ((umt5_bytes(scheme) + ENCODER_ACTIVATIONS) / GB if gpu
                        else float("nan"))  # the planner models the full-size encoder on a GPU
             backend = text_encoder_backend(scheme, device)
             label = backend + (" rotated" if scheme != "bf16" and rotate else "")

@@ -1,7 +1,7 @@
 """Activation memory and time of one 14B SCAIL-2 block (bf16, CUDA) at the real token counts, with and without chunking.
 
 Question: how much VRAM does one block need beyond its weights and the residual stream, and what do
-`ffn_chunk_size` / `attn_chunk_size` buy? The planner's memory model takes these figures.
+`Kernels.ffn_chunk` / `attn_chunk` buy? The planner's memory model takes these figures.
 Run: `python benchmarks/dit_block.py` (one GPU, ~1 minute). Prints a markdown table.
 """
 
@@ -12,7 +12,7 @@ import time
 import torch
 
 from scail2_lite.config import SIZES, DiTConfig
-from scail2_lite.model import CLIP_TOKENS, SCAIL2Block
+from scail2_lite.blocks import CLIP_TOKENS, Kernels, SCAIL2Block
 from scail2_lite.rope import rope_freqs
 
 GIB = 1024**3
@@ -33,17 +33,16 @@ def measure(block: SCAIL2Block, grid: tuple[int, int, int], batch: int, chunk: i
     e0 = torch.randn(batch, 6, config.dim, device=device)
     context = torch.randn(batch, CLIP_TOKENS + config.text_len, config.dim, device=device, dtype=torch.bfloat16)
     freqs = rope_freqs(config.head_dim, grid, False, device=device)
-    block.ffn_chunk_size = chunk
-    block.attn_chunk_size = chunk
+    kernels = Kernels("sdpa", chunk or 0, chunk or 0)
     with torch.no_grad():
-        block(x, e0, context, freqs)  # warm-up (kernels, allocator)
+        block(x, e0, context, freqs, kernels)  # warm-up (kernels, allocator)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         start = time.perf_counter()
         runs = 3
         for _ in range(runs):
-            block(x, e0, context, freqs)
+            block(x, e0, context, freqs, kernels)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - start) / runs * 1000
     peak = (torch.cuda.max_memory_allocated() - base) / GIB

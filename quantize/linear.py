@@ -17,6 +17,8 @@ tests compare against the dequant path.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Mapping
 
 import torch
@@ -49,7 +51,6 @@ COMPUTES: tuple[str, ...] = ("fp8", "int8", "dequant")
 # FP8 matmul with fast accumulation: Hopper's cheaper accumulator, measured by benchmarks/bench_linear.py.
 FP8_FAST_ACCUM = True
 # Whether `torch._scaled_mm` accepts a bias with row-wise scales (cuBLASLt epilogue); learnt on first use.
-_SCALED_MM_BIAS = True
 
 
 def choose_compute(device: torch.device | str, scheme: str) -> str:
@@ -248,6 +249,20 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
     return out
 
 
+@functools.cache
+def _scaled_mm_takes_bias(device: torch.device) -> bool:
+    """Whether this torch build has cuBLASLt's bias epilogue with row-wise FP8 scales (else the bias is added
+    after the product). A property of the machine, probed once per device on a 16x16 product."""
+    x = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
+    ones = torch.ones(16, 1, device=device)
+    try:
+        torch._scaled_mm(x, x.t(), scale_a=ones, scale_b=ones.view(1, -1),
+                         bias=torch.zeros(16, device=device, dtype=torch.bfloat16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None, fast_accum: bool = FP8_FAST_ACCUM) -> torch.Tensor:
     """(M, K) fp8 x (N, K) fp8 with row-wise scales and bias in the cuBLASLt epilogue -> (M, N) bf16 (CUDA)."""
@@ -256,17 +271,10 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scal
     if pad:
         xq = torch.cat([xq, xq.new_zeros((pad, xq.shape[1]))])
         x_scale = torch.cat([x_scale, x_scale.new_ones((pad, 1))])
-    global _SCALED_MM_BIAS
-    fused_bias = bias is not None and _SCALED_MM_BIAS
-    try:
-        out = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
-                               bias=bias.to(torch.bfloat16) if fused_bias else None,
-                               out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
-    except RuntimeError:
-        if not fused_bias:
-            raise
-        _SCALED_MM_BIAS = False  # this torch build has no bias epilogue with row-wise scales: add it after
-        return fp8_matmul(xq[:m], x_scale[:m], wq, w_scale, bias, fast_accum)
+    fused_bias = bias is not None and _scaled_mm_takes_bias(xq.device)
+    out = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
+                           bias=bias.to(torch.bfloat16) if fused_bias else None,
+                           out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
     if bias is not None and not fused_bias:
         out = out + bias.to(torch.bfloat16)
     return out[:m] if pad else out

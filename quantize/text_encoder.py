@@ -22,10 +22,11 @@ quantizing 5.7B parameters takes seconds on a GPU, small next to reading the 11 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from ..encoders import move_in_pieces
 from .schemes import ROTATION_BLOCK, QuantizeError, column_factors, rotate_columns, rotated_layout
 
 TEXT_ENCODER_SCHEMES: tuple[str, ...] = ("bf16", "int8", "nf4")
@@ -104,3 +105,18 @@ def _to_nf4(linear: nn.Linear) -> nn.Module:
     if linear.bias is not None:
         new.bias = nn.Parameter(linear.bias.data.to(torch.bfloat16), requires_grad=False)
     return new.to(linear.weight.device)  # bitsandbytes quantizes a Params4bit when it moves to a CUDA device
+
+
+def move_in_pieces(model: nn.Module, device: str | torch.device, after_each: Callable[[], None],
+                   prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """`model.to(device)` one encoder block at a time, then the rest. `prepare` (the quantizer) runs on each block
+    once it is on `device`, so no more than one block is ever there in full precision; `after_each` runs after
+    every piece, so the CPU side can let go of what has moved before the next piece is read."""
+    for block in model.encoder.block:
+        block.to(device)
+        if prepare is not None:
+            prepare(block)
+        after_each()
+    model.to(device)
+    after_each()
+    return model

@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-__all__ = ["load_dit", "Pipeline", "SCAIL2Model", "DiTConfig", "UserError"]
+# Public name -> the module that owns it. Imported lazily: `import scail2_lite` stays cheap for the CLI's --help
+# and for quantize/ users.
+_EXPORTS = {
+    "load_dit": "loader",
+    "describe_model": "loader",
+    "Pipeline": "pipeline",
+    "InputFiles": "inputs",
+    "load_inputs": "inputs",
+    "GenerationSettings": "settings",
+    "MemorySettings": "settings",
+    "SCAIL2Model": "model",
+    "Conditions": "model",
+    "Kernels": "blocks",
+    "DiTConfig": "config",
+    "UserError": "errors",
+}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # Lazy: `import scail2_lite` stays cheap for the CLI's --help and for quantize/ users.
-    if name == "load_dit":
-        from .loader import load_dit
-
-        return load_dit
-    if name == "Pipeline":
-        from .pipeline import Pipeline
-
-        return Pipeline
-    if name == "SCAIL2Model":
-        from .model import SCAIL2Model
-
-        return SCAIL2Model
-    if name == "DiTConfig":
-        from .config import DiTConfig
-
-        return DiTConfig
-    if name == "UserError":
-        from .errors import UserError
-
-        return UserError
-    raise AttributeError(name)
+    if name not in _EXPORTS:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,7 +1,7 @@
 """Attention behind one function, so backends can be swapped without touching the model.
 
-The backend is process-global (`set_backend`, or `use_backend` for a scope) because profiles and `--attention`
-choose it once per run while the model keeps calling `attention(q, k, v)`. Backends:
+The backend is a per-run choice (the profile's, or `--attention`) that travels with the model's `Kernels` into every
+call; nothing here remembers it. Backends:
   auto       fp8 where it can run (a CUDA GPU with FP8, the optional package, a kernel for the GPU), else sdpa.
              Resolved once per process from the machine alone, so every profile of a run computes the same numbers.
   sdpa       PyTorch scaled_dot_product_attention, PyTorch picks flash / cuDNN / memory-efficient per GPU
@@ -17,8 +17,8 @@ choose it once per run while the model keeps calling `attention(q, k, v)`. Backe
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,22 +37,18 @@ BACKENDS: tuple[str, ...] = ("auto", "sdpa", *_FORCED, "sage", "fp8")
 QUANTIZED = ("sage", "fp8")  # 8-bit backends: self-attention only
 
 QUANTIZED_MIN_KEYS = 4096  # shorter key sequences (the cross-attentions) go to SDPA under a quantized backend
-_backend = "sdpa"
-_sage: Callable | None = None
 
 
+@functools.cache
 def _load_sage() -> Callable:
     """Import sageattention on first use, so the package stays optional."""
-    global _sage
-    if _sage is None:
-        try:
-            from sageattention import sageattn
-        except ImportError:
-            raise UserError(
-                "attention backend 'sage' needs the sageattention package: pip install 'scail2-lite[sage]'"
-            ) from None
-        _sage = sageattn
-    return _sage
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        raise UserError(
+            "attention backend 'sage' needs the sageattention package: pip install 'scail2-lite[sage]'"
+        ) from None
+    return sageattn
 
 
 def resolve(name: str) -> str:
@@ -68,48 +64,27 @@ def resolve(name: str) -> str:
     return name
 
 
-def set_backend(name: str) -> None:
-    """Make `name` (resolved) the backend every later `attention` call uses."""
-    global _backend
-    _backend = resolve(name)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Full (unmasked) attention with a resolved backend. q, k, v: (B, L, heads, head_dim) -> same shape."""
+    return self_attention([q, k, v], backend)
 
 
-def get_backend() -> str:
-    return _backend
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Use `name` inside the block, then restore the previous backend."""
-    previous = _backend
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full (unmasked) attention. q, k, v: (B, L, heads, head_dim) -> (B, L, heads, head_dim)."""
-    return self_attention([q, k, v])
-
-
-def self_attention(qkv: list[torch.Tensor]) -> torch.Tensor:
+def self_attention(qkv: list[torch.Tensor], backend: str = "sdpa") -> torch.Tensor:
     """`attention(*qkv)` that takes q, k and v over (the list is emptied), so that a backend which converts them
     can free each one as soon as its copy exists: the fp8 backend then needs no more memory than SDPA."""
-    quantized = _backend in QUANTIZED and qkv[1].shape[1] >= QUANTIZED_MIN_KEYS
-    if _backend in QUANTIZED and not qkv[0].is_cuda:
-        raise UserError(f"attention backend '{_backend}' needs a CUDA GPU; use --attention sdpa")
-    if quantized and _backend == "fp8":
+    quantized = backend in QUANTIZED and qkv[1].shape[1] >= QUANTIZED_MIN_KEYS
+    if backend in QUANTIZED and not qkv[0].is_cuda:
+        raise UserError(f"attention backend '{backend}' needs a CUDA GPU; use --attention sdpa")
+    if quantized and backend == "fp8":
         return attention_fp8.fp8_attention(qkv)
     q, k, v = qkv
     qkv.clear()
     if quantized:
         return _load_sage()(q, k, v, tensor_layout="NHD", is_causal=False)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _backend == "sdpa" or _backend in QUANTIZED:
+    if backend == "sdpa" or backend in QUANTIZED:
         out = F.scaled_dot_product_attention(qt, kt, vt)
     else:
-        with sdpa_kernel([_FORCED[_backend]]):
+        with sdpa_kernel([_FORCED[backend]]):
             out = F.scaled_dot_product_attention(qt, kt, vt)
     return out.transpose(1, 2)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import SEGMENT_LEN, SEGMENT_OVERLAP
 from .errors import UserError
 
 # A channel is "on" when its 8-bit value is above 225 (upstream: `(225 - 127.5) / 127.5` on the [-1, 1] scale).
@@ -144,7 +145,7 @@ def check_mask(mask: torch.Tensor, kind: str, replace: bool) -> list[str]:
     return warnings
 
 
-def segment_plan(total_frames: int, segment_len: int = 81, overlap: int = 5) -> list[tuple[int, int]]:
+def segment_plan(total_frames: int, segment_len: int = SEGMENT_LEN, overlap: int = SEGMENT_OVERLAP) -> list[tuple[int, int]]:
     """Frame ranges [start, end) of the segments a video of `total_frames` is generated in.
 
     Each segment is cut to 4k+1 frames. One segment when the video fits; otherwise segments of `segment_len`

@@ -73,7 +73,10 @@ DEFAULT_GUIDANCE = 5.0
 DEFAULT_FPS = 16
 SEGMENT_LEN = 81
 SEGMENT_OVERLAP = 5
-DEFAULT_NEGATIVE_PROMPT = (
+# SCAIL-2's released sampler (sample_video.py) uses an empty negative prompt, not Wan's long Chinese one.
+DEFAULT_NEGATIVE_PROMPT = ""
+# Wan2.1's own default negative prompt (the synthetic tokenizer's corpus covers it, for users who pass it).
+WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"

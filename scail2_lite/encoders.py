@@ -21,6 +21,9 @@ from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5C
 
 from .errors import UserError
 from .formats import FilePages
+from .formats.assign import assign_state_dict
+from .formats.pickles import load_pth
+from .quantize.text_encoder import move_in_pieces
 
 UMT5_DIR = "umt5-xxl"  # the umT5 folder of a SCAIL-2 download: weights + tokenizer files
 UMT5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -31,51 +34,6 @@ TINY_VOCAB = 4096
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_SIZE = 224
-
-# ---------------------------------------------------------------------------------------------- shared helpers
-
-
-def load_pth(path: str | Path) -> dict[str, Tensor]:
-    """Memory-map a `.pth` state dict (weights_only): 11 GB of umT5 is paged in lazily, never copied."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint file not found: {path}")
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt/pickled-code files
-        raise UserError(f"cannot read {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise UserError(f"{path} is not a plain state dict of tensors")
-    return sd
-
-
-def move_in_pieces(model: UMT5EncoderModel, device: str | torch.device, after_each: Callable[[], None],
-                   prepare: Callable[[nn.Module], None] | None = None) -> UMT5EncoderModel:
-    """`model.to(device)` one encoder block at a time, then the rest. `prepare` (the quantizer) runs on each block
-    once it is on `device`, so no more than one block is ever there in full precision; `after_each` runs after
-    every piece, so the CPU side can let go of what has moved before the next piece is read."""
-    for block in model.encoder.block:
-        block.to(device)
-        if prepare is not None:
-            prepare(block)
-        after_each()
-    model.to(device)
-    after_each()
-    return model
-
-
-def assign_state_dict(model: nn.Module, sd: Mapping[str, Tensor], what: str) -> None:
-    """Strict load into a meta-device model with `assign=True`, so the (mmapped) tensors are used in place."""
-    expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or extra:
-        raise UserError(f"{what}: state dict does not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, tensor in sd.items():
-        want = expected[name]
-        if tuple(want.shape) != tuple(tensor.shape):
-            raise UserError(f"{what}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want.shape)}")
-    model.load_state_dict(dict(sd), strict=True, assign=True)
-
 
 # ---------------------------------------------------------------------------------------------- umT5
 

@@ -6,6 +6,8 @@ fp8_scaled file gets `QuantLinear` layers swapped in where the weights are 8-bit
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -122,10 +124,46 @@ def _merge_loras(state: dict[str, torch.Tensor], loras: Sequence[tuple[str | Pat
     state.update(merge_block(state, lora_index([(load_lora(p, shapes), s) for p, s in loras])))
 
 
-def quantized_text_encoder(path: str | Path) -> str | None:
-    """The umT5 scheme a quantized folder was made with (None for other checkpoints)."""
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a checkpoint is, read once without loading tensors: the single source for the planner (in `generate`
+    and in `profile` alike), the pipeline and the reports.
+
+    `dit_scheme`: what the DiT's block Linears hold once loaded (bf16, fp8, int8); `text_encoder`: umT5's scheme
+    (a quantized folder's recorded one, else bf16); `shard_files`: our quantized folder's DiT shards, the only
+    files whose blocks can be mapped from disk as they are (none for other formats, or with LoRAs merged, which
+    live in RAM); `mappable` whether the blocks are read from them (a plan for a geometry without files may
+    assume our quantized folder)."""
+
+    path: Path
+    format: str
+    config: DiTConfig
+    dit_scheme: str
+    text_encoder: str
+    shard_files: tuple[Path, ...] = ()
+    mappable: bool = False
+    source: str = ""  # where the figures came from, for printouts
+
+    def without_mapping(self) -> "ModelDescription":
+        """The same model with its blocks held in RAM (LoRAs merged: the shards lack them)."""
+        return dataclasses.replace(self, shard_files=(), mappable=False)
+
+
+def describe_model(path: str | Path) -> ModelDescription:
+    """Describe a SCAIL-2 folder or DiT checkpoint (reads headers and the manifest only)."""
     path = Path(path)
-    if formats.detect_format(path) != "quantized":
-        return None
-    te = read_manifest(formats.find_dit(path)).get("text_encoder") or {}
-    return te.get("scheme")
+    fmt = formats.detect_format(path)
+    if fmt == "quantized":
+        folder = formats.find_dit(path)
+        try:
+            manifest = read_manifest(folder)
+        except QuantizeError as e:
+            raise UserError(str(e)) from None
+        te = (manifest.get("text_encoder") or {}).get("scheme", "bf16")
+        scheme = manifest["dit"]["scheme"]
+        return ModelDescription(path, fmt, DiTConfig.from_dict(manifest["config"]), scheme, te,
+                                tuple(folder / f for f in manifest["dit"]["files"]), True,
+                                f"{path} (quantized, DiT {scheme}, umT5 {te})")
+    config, where = formats.read_config(path, formats.read_shapes(path))
+    scheme = "fp8" if fmt == "comfy-fp8_scaled" else "bf16"  # load_dit keeps fp8_scaled block Linears in FP8
+    return ModelDescription(path, fmt, config, scheme, "bf16", source=f"{path} ({fmt}, config from {where})")

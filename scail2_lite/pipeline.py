@@ -2,9 +2,9 @@
 
 One code path for the Python API and the CLI:
 
-    pipe = Pipeline.from_pretrained("SCAIL-2/")          # or a quantized folder
-    result = pipe(image="ref.png", mask_image="ref_mask.png", pose="driving.mp4", mask_video="mask.mp4",
-                  prompt="a person dancing", output="out.mp4")
+    pipe = Pipeline.from_pretrained("SCAIL-2/")          # or a quantized folder; MemorySettings(...) optional
+    files = InputFiles("ref.png", "ref_mask.png", "driving.mp4", "mask.mp4")
+    result = pipe(files, "a person dancing", settings=GenerationSettings(size="704p"), output="out.mp4")
 
 Memory order, so that a 16 GB card never holds two big things at once: umT5 runs and is released, then CLIP,
 then the VAE encodes the conditions (and stays, it is small), then the DiT runs every step of a segment, then the
@@ -14,61 +14,39 @@ it bounds activation memory and makes the numbers independent of the memory prof
 
 from __future__ import annotations
 
-import gc
+import dataclasses
+import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from rich.progress import Progress
 
 from . import conditioning as cond
 from . import media
-from .attention import get_backend
-from .config import (
-    DEFAULT_FPS,
-    DEFAULT_GUIDANCE,
-    DEFAULT_SHIFT,
-    DEFAULT_STEPS,
-    SEGMENT_LEN,
-    SEGMENT_OVERLAP,
-)
+from .cache import PromptCache, file_identity
+from .config import DEFAULT_NEGATIVE_PROMPT
 from .encoders import CLIP_FILE, UMT5_DIR, encode_image, encode_text, load_clip, load_text_encoder
 from .errors import UserError
-from .formats import FilePages
+from .inputs import InputFiles, Inputs, load_inputs
+from .loader import ModelDescription, describe_model
+from .model import LATENT_CHANNELS, Conditions
+from .offload.placement import DitPlacement, out_of_memory, release_cached_memory
+from .offload.planner import Plan
 from .profiling import PhaseRecorder
+from .progress import PhaseProgress
 from .sampling import cfg, make_scheduler
-from .streamer import BlockStreamer, resident_tensors
+from .settings import GenerationSettings, MemorySettings
+from .stepcache import StepCache
 from .vae import VAE_FILE, WanVAE, load_vae
 
-if TYPE_CHECKING:
-    from .planner import Plan
-    from .stepcache import StepCache
-
-# SCAIL-2's released sampler (sample_video.py) uses an empty negative prompt, not Wan's long Chinese one.
-DEFAULT_NEGATIVE_PROMPT = ""
-
-
-@dataclass
-class Inputs:
-    """Everything a generation needs from the user's files, resized and validated (tensors in [-1, 1])."""
-
-    image: torch.Tensor  # (3, H, W) reference, at output size
-    ref_mask: torch.Tensor  # (3, H, W)
-    pose: torch.Tensor  # (3, T, H/2, W/2) driving video at half size
-    mask_video: torch.Tensor  # (3, T, H/2, W/2)
-    fps: float
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.image.shape[-2:])  # type: ignore[return-value]
-
-    @property
-    def frames(self) -> int:
-        return self.pose.shape[1]
+# Streaming blocks through fixed slots while activations come and go fragments the caching allocator: growable
+# segments keep reserved memory near allocated. Read when CUDA first allocates, so it is set on import, for the
+# Python API and the CLI alike (a value the user exported wins).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 @dataclass
@@ -118,131 +96,69 @@ class ModelFolder:
         self.vae, self.clip, self.umt5  # noqa: B018 (each property raises if its file is missing)
 
 
-def load_inputs(
-    image: str | Path,
-    mask_image: str | Path,
-    pose: str | Path,
-    mask_video: str | Path,
-    *,
-    size: str | tuple[int, int] = "512p",
-    frames: int | None = None,
-    replace: bool = False,
-) -> Inputs:
-    """Read and resize the user's files. Rules (SPEC section 4): aspect-preserving resize then center crop;
-    reference bicubic at output size, its mask nearest (colours stay pure); driving video and its mask area-
-    resized to half the output size. A preset size (512p/704p) follows the driving video's orientation."""
-    ref = media.read_image(image)
-    ref_mask = media.read_image(mask_image)
-    if ref.shape != ref_mask.shape:
-        raise UserError(
-            f"the reference mask is {ref_mask.shape[2]}x{ref_mask.shape[1]} but the image is "
-            f"{ref.shape[2]}x{ref.shape[1]}: they must have the same size"
-        )
-    drive_hw = media.video_size(pose)
-    h, w = media.output_size(size, drive_hw)
-    half = (h // 2, w // 2)
-    driving, fps = media.read_video(pose, size=half, mode="area", max_frames=frames)
-    masks, _ = media.read_video(mask_video, size=half, mode="nearest", max_frames=frames)
-    if driving.shape[1] != masks.shape[1]:
-        raise UserError(
-            f"the driving video has {driving.shape[1]} frames but the mask video has {masks.shape[1]}: "
-            "they must have the same frame count"
-        )
-    if driving.shape[1] < 5:
-        raise UserError(f"the driving video needs at least 5 frames, got {driving.shape[1]}")
-    ref = media.resize_crop(ref, (h, w), "bicubic")
-    ref_mask = media.resize_crop(ref_mask, (h, w), "nearest")
-    warnings = cond.check_mask(ref_mask, "reference", replace) + cond.check_mask(masks, "driving", replace)
-    return Inputs(ref, ref_mask, driving, masks, fps or DEFAULT_FPS, warnings)
-
-
 class Pipeline:
     """SCAIL-2 generation. Build with `from_pretrained`; call with the user's inputs."""
 
-    def __init__(
-        self,
-        folder: ModelFolder,
-        dit: torch.nn.Module,
-        device: torch.device,
-        *,
-        text_encoder: str = "bf16",
-        profile: str | None = None,
-        vram_budget: int | None = None,
-        attention: str | None = None,
-        vae_tile: int | None = None,
-        weight_files: Sequence[Path] = (),
-    ) -> None:
+    def __init__(self, folder: ModelFolder, dit: torch.nn.Module, model: ModelDescription, memory: MemorySettings,
+                 device: torch.device) -> None:
         self.folder = folder
         self.dit = dit
+        self.model = model  # what the checkpoint is (after LoRAs: not mappable); text_encoder = the scheme used
+        self.memory = memory
         self.device = device
-        self.text_encoder = text_encoder
-        self.profile = profile
-        self.vram_budget = vram_budget
-        self.attention = attention
-        self.vae_tile = vae_tile
-        self.weight_files = list(weight_files)  # quantized shards the streamer may read blocks from
         self._vae: WanVAE | None = None
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.bfloat16,
-        text_encoder: str | None = None,
-        profile: str | None = None,
-        vram_budget: int | None = None,
-        attention: str | None = None,
-        vae_tile: int | None = None,
-        loras: Sequence[tuple[str | Path, float]] = (),
-    ) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, memory: MemorySettings | None = None, *,
+                        loras: Sequence[tuple[str | Path, float]] = (), dtype: torch.dtype = torch.bfloat16,
+                        **memory_fields: object) -> "Pipeline":
         """Load a SCAIL-2 folder (official layout, or a `scail2-lite quantize` output).
 
         The DiT is loaded to CPU RAM; each call places it (all on the GPU, or streamed block by block) with the
-        memory plan that fits the size asked for: `profile` forces one of `profiles/`, `vram_budget` (bytes) caps
-        the VRAM the plan may use. The encoders are loaded when needed and released after use. `text_encoder`
-        ("bf16", "int8", "nf4") defaults to what a quantized folder recorded, else bf16.
+        memory plan that fits the size asked for. `memory` (or its fields as keywords: `device="cpu"`,
+        `profile="16gb"`, ...) says where and how; the encoders are loaded when needed and released after use.
         """
-        from .loader import load_dit, quantized_text_encoder
-        from .quantize.text_encoder import text_encoder_backend
+        from .loader import load_dit
 
+        memory = (memory or MemorySettings()).with_changes(**memory_fields) if memory_fields else (
+            memory or MemorySettings())
         folder = ModelFolder(Path(path))
         folder.check()
-        device = parse_device(device)
-        te = text_encoder or quantized_text_encoder(folder.root) or "bf16"
-        text_encoder_backend(te, device)  # validates the scheme name before minutes of loading
-        if profile is not None:
-            from .planner import load_profile
-
-            load_profile(profile)
-        if attention is not None:
-            from .attention import resolve
-
-            resolve(attention)
+        device = parse_device(memory.device)
+        model = describe_model(folder.root)
+        model = dataclasses.replace(model, text_encoder=memory.text_encoder or model.text_encoder)
         # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
         # them from the files, a resident placement copies them to the GPU): RAM holds only the non-block layers.
         # Not with LoRAs: they are merged into the RAM copy, the shards hold the weights without them.
-        files = [] if loras else _weight_files(folder.root)
+        if loras:
+            model = model.without_mapping()
         dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras,
-                       map_blocks=device.type == "cuda" and bool(files))
-        return cls(folder, dit, device, text_encoder=te, profile=profile, vram_budget=vram_budget,
-                   attention=attention, vae_tile=vae_tile, weight_files=files)
+                       map_blocks=device.type == "cuda" and model.mappable)
+        return cls(folder, dit, model, memory, device)
 
     # ---- phases ------------------------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
-        """umT5 on the prompts; the encoder leaves memory before returning (11 GB in bf16)."""
+        """umT5 on the prompts (or their embeddings from the prompt cache); the encoder leaves memory before
+        returning (11 GB in bf16)."""
         from .quantize.text_encoder import quantize_block
 
-        scheme = self.text_encoder
+        scheme = self.model.text_encoder
+        cache = None
+        if self.memory.prompt_cache:
+            files = sorted(p for p in self.folder.umt5.iterdir() if p.is_file())
+            cache = PromptCache(file_identity(files), scheme)
+            if (hit := cache.get(prompts)) is not None:
+                return hit
         quant = None if scheme == "bf16" else (lambda block: quantize_block(block, scheme))
         tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant)
         try:
             out = [t.to("cpu", torch.float32) for t in encode_text(tokenizer, model, prompts)]
         finally:
             del model
-            _release()
+            release_cached_memory()
+        if cache is not None:
+            cache.put(prompts, out)
         return out
 
     def encode_clip(self, image: torch.Tensor) -> torch.Tensor:
@@ -253,7 +169,7 @@ class Pipeline:
             return encode_image(model, image[None]).to("cpu", torch.float32)
         finally:
             del model
-            _release()
+            release_cached_memory()
 
     def vae(self, tile: int | None) -> WanVAE:
         """The VAE on the device with the tiling asked for (loaded once, kept in RAM between uses)."""
@@ -266,197 +182,176 @@ class Pipeline:
         """Send the VAE back to RAM so the DiT steps have the GPU to themselves."""
         if self._vae is not None:
             self._vae.to("cpu")
-            _release()
+            release_cached_memory()
 
-    def make_plan(self, height: int, width: int, frames: int) -> "Plan | None":
+    def with_memory(self, memory: MemorySettings) -> "Pipeline":
+        """The same loaded model under other memory settings (profile, budget, attention, VAE tiles): runs that
+        compare plans need not load the DiT again. The device and the DiT's placement on disk stay."""
+        model = dataclasses.replace(self.model, text_encoder=memory.text_encoder or self.model.text_encoder)
+        return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
+                        self.device)
+
+    def make_plan(self, height: int, width: int, frames: int) -> Plan | None:
         """The memory plan for one segment of this size on this machine. On CPU there is nothing to plan unless a
         profile is forced (the streamer then runs with synchronous copies: how the tests check profiles)."""
-        if self.device.type != "cuda" and self.profile is None:
+        if self.device.type != "cuda" and self.memory.profile is None:
             return None
-        from .planner import detect_memory, plan
+        from .offload.planner import detect_memory, plan
 
         free, _, ram = detect_memory()
-        quant = _dit_quantization(self.dit)
-        te = {"bf16": "bf16", "int8": "int8", "nf4": "4bit"}[self.text_encoder]
-        return plan(self.dit.config, height, width, frames, free, ram, profile=self.profile,
-                    vram_budget=self.vram_budget, weights=quant, text_encoder=te,
-                    mappable=bool(self.weight_files))
+        m = self.model
+        return plan(m.config, height, width, frames, free, ram, profile=self.memory.profile,
+                    vram_budget=self.memory.vram_budget, weights=m.dit_scheme, text_encoder=m.text_encoder,
+                    mappable=m.mappable)
 
     # ---- generation --------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
         self,
-        image: str | Path | Inputs,
-        mask_image: str | Path | None = None,
-        pose: str | Path | None = None,
-        mask_video: str | Path | None = None,
-        *,
+        inputs: InputFiles | Inputs,
         prompt: str = "",
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        replace: bool = False,
-        size: str | tuple[int, int] = "512p",
-        frames: int | None = None,
-        steps: int = DEFAULT_STEPS,
-        shift: float = DEFAULT_SHIFT,
-        guidance: float = DEFAULT_GUIDANCE,
-        solver: str = "unipc",
-        seed: int = 0,
-        segment_len: int = SEGMENT_LEN,
-        segment_overlap: int = SEGMENT_OVERLAP,
+        settings: GenerationSettings | None = None,
+        *,
         output: str | Path | None = None,
-        fps: float | None = None,
         keep_frames: bool = True,
         progress: Progress | None = None,
-        cache: str = "off",
-        cache_threshold: float | None = None,
-        recorder=None,
+        recorder: PhaseRecorder | None = None,
         on_latents: Callable[[int, torch.Tensor], None] | None = None,
+        **setting_fields: object,
     ) -> Result:
-        """Generate a video. Inputs are file paths (or an `Inputs` from `load_inputs`). With `output`, frames
-        stream into an H.264 mp4 written atomically (no partial file on error or Ctrl-C). `guidance` 1 runs one
-        DiT forward per step (no unconditional branch), as the few-step distilled LoRAs want.
+        """Generate a video from `inputs` (the four files, or `Inputs` already read). `settings` (or its fields as
+        keywords: `steps=8`, `size="704p"`, ...) say what to make. With `output`, frames stream into an H.264 mp4
+        written atomically (no partial file on error or Ctrl-C).
 
-        `cache` ("teacache", "magcache", "off") skips DiT forwards whose input barely changed (stepcache.py;
-        `cache_threshold` overrides its default). `recorder` (a `profiling.PhaseRecorder`) times the phases;
-        `on_latents(segment, latents)` sees each segment's final latents (tests compare profiles with it).
-        """
-        from .stepcache import StepCache
-
+        `progress` shows the phases; `recorder` (a `profiling.PhaseRecorder`) times them; `on_latents(segment,
+        latents)` sees each segment's final latents (tests compare profiles with it)."""
+        settings = settings or GenerationSettings()
+        if setting_fields:
+            settings = settings.with_changes(**setting_fields)
+        s = settings
         timer = recorder if recorder is not None else PhaseRecorder(self.device)
-        if steps < 1:
-            raise UserError(f"--steps must be at least 1, got {steps}")
-        make_scheduler(solver, steps, shift)  # validates the solver name and shift before any heavy work
-        step_cache = StepCache(cache, cache_threshold, store_device="cpu")
-        with timer("inputs"):
-            if isinstance(image, Inputs):
-                inputs = image
-            else:
-                if mask_image is None or pose is None or mask_video is None:
-                    raise UserError("image, mask_image, pose and mask_video are all required")
-                inputs = load_inputs(image, mask_image, pose, mask_video, size=size, frames=frames, replace=replace)
-        plan_segments = cond.segment_plan(inputs.frames, segment_len, segment_overlap)
-        total_frames = plan_segments[-1][1] - (len(plan_segments) - 1) * segment_overlap
+        make_scheduler(s.solver, s.steps, s.shift)  # the shift must suit the solver: checked before heavy work
+        step_cache = StepCache(s.cache, s.cache_threshold, store_device="cpu")
+        tasks = PhaseProgress(progress)
+        with timer("inputs"), tasks.phase("reading the inputs"):
+            if not isinstance(inputs, Inputs):
+                inputs = load_inputs(inputs, size=s.size, frames=s.frames, replace=s.replace)
+        segments = cond.segment_plan(inputs.frames, s.segment_len, s.segment_overlap)
+        total_frames = segments[-1][1]  # segments overlap within the driving video: its frames 0 .. end - 1
         h, w = inputs.size
-        fps = fps or inputs.fps
-        mem_plan = self.make_plan(h, w, plan_segments[0][1] - plan_segments[0][0])
-        vae_tile = self.vae_tile if self.vae_tile is not None else (mem_plan.profile.vae_tile if mem_plan else None)
-        tasks = _Tasks(progress)
+        fps = s.fps or inputs.fps
+        mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0])
+        vae_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
+            mem_plan.profile.vae_tile if mem_plan else None)
 
-        with timer("text encoder"):
-            tasks.phase("umT5 text encoder")
-            use_cfg = guidance != 1.0
-            contexts = self.encode_prompts([prompt, negative_prompt] if use_cfg else [prompt])
-        with timer("clip"):
-            tasks.phase("CLIP image encoder")
+        with timer("text encoder"), tasks.phase("umT5 text encoder"):
+            contexts = self.encode_prompts([prompt, negative_prompt] if s.uses_cfg else [prompt])
+        with timer("clip"), tasks.phase("CLIP image encoder"):
             clip_fea = self.encode_clip(inputs.image)
-        with timer("vae encode"):
-            tasks.phase("VAE encode (reference)")
-            ref_image = cond.composite_on_black(inputs.image, inputs.ref_mask) if replace else inputs.image
+        with timer("vae encode"), tasks.phase("VAE encode"):
+            ref_image = cond.composite_on_black(inputs.image, inputs.ref_mask) if s.replace else inputs.image
             vae = self.vae(vae_tile)
             ref_latents = _encode(vae, ref_image[:, None], self.device)
-            pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device) for a, b in plan_segments]
+            pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device) for a, b in segments]
             self.park_vae()
         dit_dtype = self.dit.dtype
         kept: list[torch.Tensor] = []
         step_seconds: list[float] = []
         with ExitStack() as stack:
             writer = stack.enter_context(media.VideoWriter(output, fps, (h, w))) if output is not None else None
-            with timer("dit placement"):
-                tasks.phase("placing the DiT")
-                placement = stack.enter_context(DitPlacement(self.dit, self.device, mem_plan, self.attention,
-                                                             self.weight_files))
-            handle = step_cache.attach(self.dit)
-            if handle is not None:
-                stack.callback(handle.detach)
+            with timer("dit placement"), tasks.phase("placing the DiT"):
+                placement = stack.enter_context(DitPlacement(
+                    self.dit, self.device, mem_plan, self.memory.attention,
+                    self.model.shard_files if self.model.mappable else (), on_fallback=timer.note))
             ctx = [self.dit.embed_context(c[None].to(self.device, dit_dtype), clip_fea.to(self.device, dit_dtype))
                    for c in contexts]
             history_pixels: torch.Tensor | None = None
-            steps_task = tasks.add("denoising", total=steps * len(plan_segments))
-            for k, (start, end) in enumerate(plan_segments):
+            steps_task = tasks.add("denoising", total=s.steps * len(segments))
+            for k, (start, end) in enumerate(segments):
                 hist_lat = None
                 if history_pixels is not None:
                     with timer("vae encode"):
                         hist_lat = _encode(self.vae(vae_tile), history_pixels, self.device)
                         self.park_vae()
-                seg = _segment_conditions(inputs, start, end, ref_latents, pose_latents[k], hist_lat)
-                seg = {name: v.to(self.device, dit_dtype) if torch.is_tensor(v) else v for name, v in seg.items()}
-                generator = torch.Generator().manual_seed(seed + k)
-                latents = torch.randn(seg["shape"], generator=generator, dtype=torch.float32)
-                sampler = make_scheduler(solver, steps, shift, generator=generator)
-                step_cache.begin(steps)
+                conditions = _segment_conditions(inputs, start, end, ref_latents, pose_latents[k], hist_lat,
+                                                 s.replace).to(self.device, dit_dtype)
+                generator = torch.Generator().manual_seed(s.seed + k)
+                shape = (1, LATENT_CHANNELS, cond.latent_frames(end - start), *ref_latents.shape[-2:])
+                latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+                sampler = make_scheduler(s.solver, s.steps, s.shift, generator=generator)
+                step_cache.begin(s.steps)
                 if k > 0:
-                    with timer("dit placement"):
+                    with timer("dit placement"), tasks.phase("placing the DiT"):
                         placement.apply()
                 for t in sampler.timesteps:
                     t0 = time.perf_counter()
                     with timer("dit steps"):
                         if hist_lat is not None:
                             latents[:, :, : hist_lat.shape[2]] = hist_lat
-                        v = self._velocity_with_fallback(placement, step_cache, latents, t, seg, ctx, replace,
-                                                         guidance, dit_dtype)
+                        v = self._velocity_with_fallback(placement, step_cache, latents, t, conditions, ctx,
+                                                         s.guidance, dit_dtype)
                         latents = sampler.step(v, t, latents)
                     step_seconds.append(time.perf_counter() - t0)
-                    tasks.advance(steps_task)
+                    tasks.advance(steps_task, step_seconds=sum(step_seconds))
                 if hist_lat is not None:
                     latents[:, :, : hist_lat.shape[2]] = hist_lat
                 if on_latents is not None:
                     on_latents(k, latents.clone())
                 with timer("dit placement"):
                     placement.release()
-                with timer("vae decode"):
-                    tasks.phase(f"VAE decode (segment {k + 1}/{len(plan_segments)})")
-                    drop = segment_overlap if k > 0 else 0
+                drop = s.segment_overlap if k > 0 else 0
+                with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
+                                                      total=end - start - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
                     for group in _decode(self.vae(vae_tile), latents, drop, self.device):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
                             kept.append(group)
-                        tail = torch.cat([tail, group], dim=1)[:, -segment_overlap:]
+                        tail = torch.cat([tail, group], dim=1)[:, -s.segment_overlap:]
+                        tasks.advance(decode_task, group.shape[1])
                     self.park_vae()
-                    history_pixels = tail if k + 1 < len(plan_segments) else None
-            final_plan = placement.plan
-            fallbacks = placement.fallbacks
-        result_frames = torch.cat(kept, dim=1) if keep_frames else None
-        settings = dict(size=f"{w}x{h}", frames=total_frames, segments=len(plan_segments), steps=steps, shift=shift,
-                        guidance=guidance, solver=solver, seed=seed, replace=replace,
-                        dit=_dit_quantization(self.dit), text_encoder=self.text_encoder, device=str(self.device),
-                        attention=get_backend())
+                    history_pixels = tail if k + 1 < len(segments) else None
+            final_plan, fallbacks, attention = placement.plan, placement.fallbacks, placement.kernels.attention
+            streamers_built = placement.streamers_built
+        run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
+                   text_encoder=self.model.text_encoder, device=str(self.device), attention=attention)
         if final_plan is not None:
-            settings.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
-                            plan=final_plan.reason)
+            run.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
+                       plan=final_plan.reason, streamers_built=streamers_built)
         if fallbacks:
-            settings["out_of_memory_fallbacks"] = "; ".join(fallbacks)
-        if cache != "off":
-            settings["cache"] = f"{cache}: {step_cache.stats}"
-        return Result(result_frames, total_frames, fps, (h, w), timer.seconds, step_seconds, timer.peaks,
-                      settings, inputs.warnings, Path(output) if output is not None else None)
+            run["out_of_memory_fallbacks"] = "; ".join(fallbacks)
+        if s.cache != "off":
+            run["cache"] = f"{s.cache}: {step_cache.stats}"
+        recorded = {k: v for k, v in dataclasses.asdict(s).items() if k not in run}
+        return Result(torch.cat(kept, dim=1) if keep_frames else None, total_frames, fps, (h, w), timer.seconds,
+                      step_seconds, timer.peaks, {**recorded, **run}, inputs.warnings,
+                      Path(output) if output is not None else None)
 
-    def _velocity_with_fallback(self, placement: "DitPlacement", *args) -> torch.Tensor:
+    def _velocity_with_fallback(self, placement: DitPlacement, *args) -> torch.Tensor:
         """One step's velocity; on CUDA out-of-memory the DiT is re-placed under a lighter plan and the same step
         runs again (finished steps and segments are kept: the sampler has not moved)."""
         while True:
             try:
-                return self._velocity(*args)
+                return self._velocity(placement, *args)
             except torch.cuda.OutOfMemoryError:
-                _release()
+                release_cached_memory()
                 if not placement.fallback():
-                    raise _out_of_memory() from None
+                    raise out_of_memory() from None
 
-    def _velocity(self, cache: "StepCache", latents: torch.Tensor, t: torch.Tensor, seg: dict,
-                  ctx: list[torch.Tensor], replace: bool, guidance: float, dtype: torch.dtype) -> torch.Tensor:
-        """One DiT evaluation per CFG branch (batch 1 each), combined on CPU in fp32. `seg` holds the segment's
-        conditions already on the device in the DiT's dtype."""
-        dev = self.device
-        x = latents.to(dev, dtype)
-        tt = torch.full((1,), float(t), device=dev)
-        args = [seg[k] for k in ("pose", "driving_masks", "ref", "ref_masks")]
-        hist = seg["history_mask"]
+    def _velocity(self, placement: DitPlacement, cache: StepCache, latents: torch.Tensor, t: torch.Tensor,
+                  conditions: Conditions, ctx: list[torch.Tensor], guidance: float, dtype: torch.dtype) -> torch.Tensor:
+        """One DiT evaluation per CFG branch (batch 1 each), combined on CPU in fp32. `conditions` are already on
+        the device in the DiT's dtype."""
+        x = latents.to(self.device, dtype)
+        tt = torch.full((1,), float(t), device=self.device)
+        kernels = placement.kernels
         outs = []
         for name, c in zip(("cond", "uncond"), ctx):
             with cache.branch(name):
-                outs.append(self.dit.forward_with_context(x, *args, tt, c, replace, history_mask=hist).float().cpu())
+                outs.append(self.dit.forward_with_context(x, tt, c, conditions, kernels, cache).float().cpu())
         return cfg(outs[0], outs[1], guidance) if len(outs) == 2 else outs[0]
 
 
@@ -476,153 +371,22 @@ def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, device: torch.device)
         seen += n
 
 
-def _dit_quantization(model: torch.nn.Module) -> str:
-    """"fp8", "int8" or "bf16": what the DiT's block Linears hold (the planner sizes blocks by it)."""
-    from .quantize.linear import QuantLinear
-
-    for module in model.blocks[0].modules():
-        if isinstance(module, QuantLinear):
-            return module.scheme
-    return "bf16"
-
-
-def _weight_files(root: Path) -> list[Path]:
-    """The quantized folder's DiT shards (block weights the streamer can map from disk); none for other formats,
-    whose tensors need converting on the way in."""
-    from .quantize.store import is_quantized_folder, read_manifest
-
-    if not is_quantized_folder(root):
-        return []
-    return [root / f for f in read_manifest(root)["dit"]["files"]]
-
-
-class DitPlacement:
-    """Where the DiT runs during one generation: wholly on the device, or streamed block by block as a planner
-    `Plan` says. `fallback()` re-places it under the next lighter plan after a CUDA out-of-memory error. Only data
-    moves (same weights, same kernels, batch 1), so the numbers do not depend on the plan."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, plan: "Plan | None" = None,
-                 attention: str | None = None, weight_files: Sequence[Path] = ()) -> None:
-        self.model, self.device, self.plan = model, device, plan
-        self.attention = attention
-        self.weight_files = list(weight_files)
-        self.streamer = None
-        self.placed = False
-        self.fallbacks: list[str] = []
-        self._saved: list[tuple[torch.nn.Module, str, bool, torch.Tensor]] = []
-
-    def __enter__(self) -> "DitPlacement":
-        self.apply()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def apply(self) -> None:
-        """Put the DiT where the plan says (no-op when it is there already); a plan that runs out of CUDA memory
-        while placing falls back to the next lighter one."""
-        while not self.placed:
-            try:
-                self._place()
-                self.placed = True
-            except torch.cuda.OutOfMemoryError:
-                self.close()
-                if not self._lighter():
-                    raise _out_of_memory() from None
-
-    def _place(self) -> None:
-        from .attention import set_backend
-        from .planner import configure_blocks
-
-        if self.plan is not None:
-            configure_blocks(self.model, self.plan)
-        if self.attention is not None:
-            set_backend(self.attention)
-        plan = self.plan
-        resident = len(self.model.blocks) if plan is None else plan.resident_blocks
-        # What moves to the device is remembered, so `release` re-points it instead of copying it back (mapped
-        # blocks stay mapped, and RAM gains no second copy of the model).
-        self._saved = resident_tensors(self.model, self.model.blocks[resident:])
-        # Resident blocks move one at a time and the mapped shards' pages are given back after each, so RAM never
-        # holds their file pages beside the pinned buffer.
-        pages = FilePages(self.weight_files)
-        if self.streamer is not None:  # a later segment under the same plan: the host side is still in place
-            self.streamer.resume()
-            pages.drop()
-            return
-        for block in self.model.blocks[:resident]:
-            block.to(self.device)
-            pages.drop()
-        if plan is None or plan.streamed_blocks == 0:
-            self.model.to(self.device)
-        else:
-            source = plan.profile.weight_source if self.weight_files else "pinned"
-            self.streamer = BlockStreamer(self.model, self.device, resident_blocks=plan.resident_blocks,
-                                          prefetch=plan.profile.prefetch, source=source,
-                                          weights=self.weight_files or None, unit=plan.profile.stream_unit)
-        pages.drop()
-
-    def release(self) -> None:
-        """Give the GPU back (the VAE decodes a 704p segment in about as much memory as the DiT steps take). A
-        streamer is only suspended: the next segment under the same plan reuses its pinned buffer."""
-        self.placed = False
-        if self.streamer is not None:
-            self.streamer.suspend()
-        for owner, name, is_param, tensor in self._saved:
-            if is_param:
-                owner._parameters[name].data = tensor
-            else:
-                owner._buffers[name] = tensor
-        self._saved = []
-        _release()
-
-    def close(self) -> None:
-        """Release, and unpin the streamer's host buffer for good."""
-        self.release()
-        if self.streamer is not None:
-            self.streamer.detach()
-            self.streamer = None
-
-    def fallback(self) -> bool:
-        """Re-place the DiT under the next lighter plan; False when there is none."""
-        self.close()
-        if not self._lighter():
-            return False
-        self.apply()
-        return True
-
-    def _lighter(self) -> bool:
-        from .planner import lighter
-
-        new = lighter(self.plan) if self.plan is not None else None
-        if new is None:
-            return False
-        self.fallbacks.append(f"{self.plan.profile.name} -> {new.profile.name}")
-        self.plan = new
-        return True
-
-
 def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch.Tensor, pose_latents: torch.Tensor,
-                        hist_latents: torch.Tensor | None) -> dict:
-    """Batch-1 DiT inputs of one segment (CPU, fp32)."""
+                        hist_latents: torch.Tensor | None, replace: bool) -> Conditions:
+    """Batch-1 DiT conditions of one segment (CPU, fp32)."""
     tl = cond.latent_frames(end - start)
     h, w = ref_latents.shape[-2:]
     hist = None
     if hist_latents is not None:
         hist = cond.history_mask(tl, h, w, history_latents=hist_latents.shape[2])[None]
-    return {
-        "shape": (1, 16, tl, h, w),
-        "pose": pose_latents,
-        "driving_masks": cond.driving_mask_channels(inputs.mask_video[:, start:end])[None],
-        "ref": ref_latents,
-        "ref_masks": cond.reference_mask_channels(inputs.ref_mask, tl)[None],
-        "history_mask": hist,
-    }
-
-
-def _out_of_memory() -> UserError:
-    return UserError("CUDA ran out of memory and no lighter memory profile is left; try a smaller --size, fewer "
-                     "--frames per segment, or FP8 weights (scail2-lite quantize)")
+    return Conditions(
+        pose_latents=pose_latents,
+        driving_masks=cond.driving_mask_channels(inputs.mask_video[:, start:end])[None],
+        ref_latents=ref_latents,
+        ref_masks=cond.reference_mask_channels(inputs.ref_mask, tl)[None],
+        replace=replace,
+        history_mask=hist,
+    )
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
@@ -638,30 +402,3 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class _Tasks:
-    """Thin adapter over an optional rich Progress: one spinner line per phase, one bar for the steps."""
-
-    def __init__(self, progress: Progress | None) -> None:
-        self.progress = progress
-        self._phase = None
-
-    def phase(self, description: str) -> None:
-        if self.progress is None:
-            return
-        if self._phase is None:
-            self._phase = self.progress.add_task(description, total=None)
-        else:
-            self.progress.update(self._phase, description=description)
-
-    def add(self, description: str, total: int):
-        return self.progress.add_task(description, total=total) if self.progress is not None else None
-
-    def advance(self, task) -> None:
-        if self.progress is not None:
-            self.progress.advance(task)

@@ -23,9 +23,9 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from .config import DiTConfig
 from .errors import UserError
-from .planner import GB, RESERVED_FACTOR, VRAM_SAFETY, Plan, list_profiles, plan, resolve
+from .loader import ModelDescription
+from .offload.planner import GB, RESERVED_FACTOR, VRAM_SAFETY, Plan, list_profiles, plan, resolve
 
 # Pipeline phase name (pipeline.py's `with recorder(...)`) -> the planner's phase it is predicted by. "inputs"
 # (reading files) and "dit placement" (moving weights) have no prediction of their own.
@@ -117,6 +117,7 @@ class PhaseRecorder:
         self.peaks: dict[str, int] = {}
         self.stats: dict[str, PhaseStats] = {}
         self.intervals: list[tuple[str, float, float]] = []
+        self.events: list[tuple[float, str]] = []  # (seconds since start, what happened): e.g. OOM re-plans
         self.samples: list[Sample] = []
         self._nvml, self.nvml_note = _nvml_handle(device.index) if self.cuda else (None, "NVML: no CUDA device")
         self._t0 = time.perf_counter()
@@ -190,6 +191,10 @@ class PhaseRecorder:
         self.seconds[name] = s.seconds
         self.intervals.append((name, start - self._t0, end - self._t0))
 
+    def note(self, what: str) -> None:
+        """Record an event at this moment (shown in the JSON beside the phases)."""
+        self.events.append((time.perf_counter() - self._t0, what))
+
     # ---- output ------------------------------------------------------------------------------------------------
 
     def to_json(self) -> dict:
@@ -203,6 +208,7 @@ class PhaseRecorder:
             "nvml": self.nvml_note,
             "phases": {name: dict(vars(s)) for name, s in self.stats.items()},
             "intervals": [list(i) for i in self.intervals],
+            "events": [list(e) for e in self.events],
             "timeline": {field: [getattr(s, field) for s in samples] for field in Sample._fields},
         }
 
@@ -312,67 +318,22 @@ def plan_to_json(p: Plan) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class Target:
-    """What is being planned: a DiT config and the precision of its weights (from a model folder or chosen)."""
-
-    config: DiTConfig
-    weights: str  # planner quantization of the DiT: bf16, fp8, int8
-    text_encoder: str  # planner umT5 precision: 4bit, int8 or bf16
-    source: str  # where the figures came from, for the printout
-    notes: tuple[str, ...] = ()
-
-    @property
-    def mappable(self) -> bool:
-        """Blocks can stream from the mapped file only out of our quantized folder (8-bit weights)."""
-        return self.weights != "bf16"
-
-
-def model_target(path: str | Path) -> Target:
-    """Config and precisions of a SCAIL-2 folder or checkpoint, read without loading tensors.
-
-    The umT5 precision follows the pipeline: a quantized folder's recorded scheme, else bf16."""
-    from . import formats
-    from .quantize.schemes import QuantizeError
-    from .quantize.store import read_manifest
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"model {path} does not exist")
-    fmt = formats.detect_format(path)
-    notes: list[str] = []
-    if fmt == "quantized":
-        try:
-            manifest = read_manifest(formats.find_dit(path))
-        except QuantizeError as e:
-            raise UserError(str(e)) from None
-        config = DiTConfig.from_dict(manifest["config"])
-        weights = manifest["dit"]["scheme"]
-        scheme = (manifest.get("text_encoder") or {}).get("scheme", "bf16")
-        text_encoder = {"nf4": "4bit", "int8": "int8"}.get(scheme, "bf16")
-        return Target(config, weights, text_encoder, f"{path} (quantized, DiT {weights}, umT5 {scheme})", tuple(notes))
-    shapes = formats.read_shapes(path)
-    config, where = formats.read_config(path, shapes)
-    weights = "fp8" if fmt == "comfy-fp8_scaled" else "bf16"
-    return Target(config, weights, "bf16", f"{path} ({fmt}, config from {where})")
-
-
-def fits_on(target: Target, height: int, width: int, frames: int, ram_bytes: int,
+def fits_on(target: ModelDescription, height: int, width: int, frames: int, ram_bytes: int,
             cards_gb: tuple[int, ...] = CARDS_GB) -> dict[int, Plan | None]:
     """Card size (GB = 1e9 bytes of VRAM the run may use) -> the plan `plan` picks there, None if nothing fits."""
     out: dict[int, Plan | None] = {}
     for card in cards_gb:
         try:
             out[card] = plan(target.config, height, width, frames, int(card * GB), ram_bytes,
-                             weights=target.weights, text_encoder=target.text_encoder, mappable=target.mappable)
+                             weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable)
         except UserError:
             out[card] = None
     return out
 
 
-def all_profiles(target: Target, height: int, width: int, frames: int, vram_bytes: int, ram_bytes: int) -> list[Plan]:
+def all_profiles(target: ModelDescription, height: int, width: int, frames: int, vram_bytes: int, ram_bytes: int) -> list[Plan]:
     """Every shipped profile resolved for one card (fastest first), fitting or not."""
-    return [resolve(p, target.config, height, width, frames, vram_bytes, ram_bytes, target.weights, "",
+    return [resolve(p, target.config, height, width, frames, vram_bytes, ram_bytes, target.dit_scheme, "",
                     target.text_encoder, target.mappable) for p in list_profiles()]
 
 
@@ -408,15 +369,6 @@ def compare(measured: dict, p: Plan) -> list[dict]:
             "error_ram": _error(pred.ram, m["peak_rss"]),
         })
     return rows
-
-
-def synthetic_target(scale: str) -> Target:
-    """The geometry of the synthetic checkpoints (`full` = the 14B model), planned with a bf16 DiT and 4-bit umT5
-    unless the caller overrides them."""
-    from .synth import dit_config
-
-    config = dit_config(scale)
-    return Target(config, "bf16", "4bit", f"synthetic {scale} ({config.num_layers} blocks, dim {config.dim})")
 
 
 def run_report(measured: dict, predicted: Plan | None, settings: dict, step_seconds: list[float],

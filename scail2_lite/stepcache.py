@@ -42,16 +42,14 @@ with fresh pageable copies and the residual computed on the CPU, each computed s
 Pipeline use (one cache per run, model calls made once per branch per step):
 
     cache = StepCache("teacache")
-    handle = cache.attach(model)
     for segment in segments:
         cache.begin(num_steps)
         for t in sampler.timesteps:
             with cache.branch("cond"):
-                v_cond = model.forward_with_context(...)
+                v_cond = model.forward_with_context(..., cache=cache)
             with cache.branch("uncond"):  # only when guidance != 1
-                v_uncond = model.forward_with_context(...)
+                v_uncond = model.forward_with_context(..., cache=cache)
     print(cache.stats)
-    handle.detach()
 """
 
 from __future__ import annotations
@@ -59,12 +57,14 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
-from torch import nn
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .model import Embedded
 
 CACHE_MODES = ("off", "teacache", "magcache")
 # TeaCache's rescale polynomial for Wan2.1-I2V-14B 480P with retention steps (e0 probe), highest power first.
@@ -112,19 +112,6 @@ class _Branch:
     run: int = 0  # magcache: skips in a row
 
 
-class CacheHandle:
-    """Returned by `StepCache.attach`; `detach()` puts the model's own `run_blocks` back."""
-
-    def __init__(self, model: nn.Module, had_own: bool, own: Callable | None) -> None:
-        self._model, self._had_own, self._own = model, had_own, own
-
-    def detach(self) -> None:
-        if self._had_own:
-            self._model.run_blocks = self._own
-        else:
-            del self._model.run_blocks
-
-
 class StepCache:
     """TeaCache- or MagCache-style skipping of whole block stacks, keyed per CFG branch (see module doc)."""
 
@@ -157,20 +144,6 @@ class StepCache:
 
     # ---- caller API -----------------------------------------------------------------------------------------
 
-    def attach(self, model: nn.Module) -> CacheHandle | None:
-        """Wrap this model instance's `run_blocks` (the class is untouched). Mode "off" wraps nothing (None)."""
-        if self.mode == "off":
-            return None
-        had_own = "run_blocks" in vars(model)
-        own = model.run_blocks
-        handle = CacheHandle(model, had_own, vars(model).get("run_blocks"))
-
-        def run_blocks(emb, context: torch.Tensor) -> torch.Tensor:
-            return self._run(own, emb, context)
-
-        model.run_blocks = run_blocks
-        return handle
-
     def begin(self, num_steps: int) -> None:
         """Start a sampling loop of `num_steps` steps (each segment): forget every branch's state."""
         if num_steps < 1:
@@ -197,7 +170,11 @@ class StepCache:
             return TEACACHE_WARMUP_STEPS
         return math.ceil(MAGCACHE_WARMUP_RATIO * self._num_steps)
 
-    def _run(self, run_blocks: Callable, emb, context: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, emb: "Embedded", run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The block stack's output for `emb`: `run()` (the model's own block loop), or the input plus the branch's
+        cached residual when the cache decides the step can be skipped. Mode "off" always runs."""
+        if self.mode == "off":
+            return run()
         if self._num_steps is None or self._current is None:
             raise RuntimeError("StepCache: call cache.begin(num_steps) per sampling loop and run the model inside "
                                "`with cache.branch(name):`")
@@ -217,7 +194,7 @@ class StepCache:
             return emb.x.add_(b.residual.to(emb.x.device, non_blocking=True))
         self.stats.computed[name] = self.stats.computed.get(name, 0) + 1
         self._x_in = self._stash(emb.x, self._x_in)
-        out = run_blocks(emb, context)
+        out = run()
         # The subtraction and the norms run where the blocks ran (the input comes back and becomes the residual).
         residual = self._x_in.to(out.device, non_blocking=True).neg_().add_(out)
         norms = residual.norm(dim=-1) if self.mode == "magcache" else None

@@ -17,7 +17,8 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from torch import Tensor
 
-from .encoders import assign_state_dict, load_pth
+from .formats.assign import assign_state_dict
+from .formats.pickles import load_pth
 from .errors import UserError
 
 VAE_FILE = "Wan2.1_VAE.pth"

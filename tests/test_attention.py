@@ -10,7 +10,7 @@ from scail2_lite import attention as attn
 from scail2_lite import attention_fp8
 from scail2_lite.errors import UserError
 from scail2_lite.config import PRESETS
-from scail2_lite.planner import block_activation_stages, load_profile
+from scail2_lite.offload.planner import block_activation_stages, load_profile
 
 
 def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -71,9 +71,8 @@ def test_auto_resolves_to_sdpa_without_a_usable_fp8_kernel(monkeypatch: pytest.M
 def test_fp8_on_cpu_tensors_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention_fp8, "check_available", lambda: None)  # as on a GPU machine
     q, k, v = inputs(3, length=attn.QUANTIZED_MIN_KEYS // 8)
-    with attn.use_backend("fp8"), pytest.raises(UserError, match="needs a CUDA GPU"):
-        attn.attention(q, k, v)
-    assert attn.get_backend() == "sdpa"
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        attn.attention(q, k, v, attn.resolve("fp8"))
 
 
 def test_self_attention_takes_its_inputs_over() -> None:

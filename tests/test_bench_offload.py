@@ -14,8 +14,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_offload as bo  # noqa: E402
+from scail2_lite.blocks import Kernels  # noqa: E402
 
-from scail2_lite.attention import get_backend  # noqa: E402
 
 
 def test_defaults_and_plan() -> None:
@@ -92,12 +92,13 @@ def test_labels() -> None:
     assert bo.ours_label(bo.LAYERS, "fp8") == "ours: 0 resident, layer by layer, fp8 attention"
 
 
-def test_measure_with_runs_under_the_backend_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_measure_with_runs_under_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
 
-    def fake_measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool) -> dict:
-        seen.append(get_backend())
-        if get_backend() == "flash":
+    def fake_measure(model: nn.Module, size: str, cap: float | None, forwards: int, keep: bool,
+                     kernels: Kernels = Kernels()) -> dict:
+        seen.append(kernels.attention)
+        if kernels.attention == "flash":
             raise RuntimeError("no flash kernel for this input")
         return {"size": size, "cap": cap, "s_per_forward": 1.0}
 
@@ -105,7 +106,7 @@ def test_measure_with_runs_under_the_backend_and_restores_it(monkeypatch: pytest
     assert bo.measure_with("sdpa", None, "512p", 16e9, 1, False)["s_per_forward"] == 1.0
     row = bo.measure_with("flash", None, "512p", 16e9, 1, False)  # a kernel failure: a row, the run goes on
     assert row["error"] == "RuntimeError: no flash kernel for this input"
-    assert seen == ["sdpa", "flash"] and get_backend() == "sdpa"
+    assert seen == ["sdpa", "flash"]
 
 
 def test_missing_backend_gives_an_error_row(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from scail2_lite.cli import app
-from scail2_lite.convert import quantize_checkpoint
+from scail2_lite.quantize_checkpoint import quantize_checkpoint
 from scail2_lite.errors import UserError
 from scail2_lite.loader import load_dit
 from scail2_lite.synth import synth

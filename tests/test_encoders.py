@@ -211,7 +211,7 @@ def test_clip_preprocess_rejects_bad_shape():
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux resident-set accounting")
 def test_file_pages_are_given_back_and_tensors_stay_intact(tmp_path) -> None:
-    from scail2_lite.encoders import load_pth
+    from scail2_lite.formats.pickles import load_pth
     from scail2_lite.formats import FilePages
 
     weights = {"w": torch.randn(64, 1024, 1024 // 4)}  # 64 MB

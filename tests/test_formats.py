@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import rss_file
+from conftest import rss_file, run_model
 
 from scail2_lite import formats, synth
 from scail2_lite.config import PRESETS
@@ -55,7 +55,7 @@ def _inputs(config) -> dict:
         x=r(1, 16, t_, h, w), pose_latents=r(1, 16, t_, h // 2, w // 2),
         driving_masks=(r(1, 28, t_, h // 2, w // 2) > 0).float(), ref_latents=r(1, 16, 1, h, w),
         ref_masks=(r(1, 28, 1 + t_, h, w) > 0).float(), t=torch.tensor([700.0]), context=r(1, 7, config.text_dim),
-        clip_fea=r(1, 257, config.clip_dim), replace_flag=False,
+        clip_fea=r(1, 257, config.clip_dim),
     )
 
 
@@ -67,7 +67,7 @@ def test_sat_and_wan_files_give_the_same_forward(tmp_path: Path) -> None:
     for path in (tmp_path / "sat", wan):
         model = load_dit(path, dtype=torch.float32)
         with torch.no_grad():
-            outs.append(model(**_inputs(CFG)))
+            outs.append(run_model(model, _inputs(CFG)))
     assert outs[0].abs().max() > 0
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
@@ -220,7 +220,7 @@ def test_iter_tensors_hands_pages_back(tmp_path: Path, monkeypatch: pytest.Monke
     save_file(tensors, path) if suffix == ".safetensors" else torch.save({"module": tensors}, path)
 
     def grown(release: int) -> tuple[int, dict[str, torch.Tensor]]:
-        monkeypatch.setattr(formats, "RELEASE_BYTES", release)
+        monkeypatch.setattr(formats.read, "RELEASE_BYTES", release)
         before, held = rss_file(), {}
         for name, t in formats.iter_tensors(path):
             held[name] = t

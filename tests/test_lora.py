@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import run_model
 from safetensors.torch import save_file
 
 from scail2_lite.config import DiTConfig
@@ -54,13 +55,13 @@ def _inputs(seed: int = 1) -> dict:
     return dict(
         x=r(1, 16, T, H, W), pose_latents=r(1, 16, T, H // 2, W // 2), driving_masks=r(1, 28, T, H // 2, W // 2),
         ref_latents=r(1, 16, 1, H, W), ref_masks=r(1, 28, 1 + T, H, W), t=torch.tensor([500.0]),
-        context=r(1, 7, CFG.text_dim), clip_fea=r(1, 257, CFG.clip_dim), replace_flag=False,
+        context=r(1, 7, CFG.text_dim), clip_fea=r(1, 257, CFG.clip_dim),
     )  # fmt: skip
 
 
 @torch.no_grad()
 def _forward(m: SCAIL2Model) -> torch.Tensor:
-    return m(**_inputs())
+    return run_model(m, _inputs())
 
 
 def _predicted(base: dict[str, torch.Tensor], raw: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_npy
+from conftest import conditions, load_npy, run_model
 
 from scail2_lite.config import DiTConfig
-from scail2_lite.model import I2VCrossAttention, SCAIL2Block, SCAIL2Model
+from scail2_lite.blocks import I2VCrossAttention, Kernels, SCAIL2Block
+from scail2_lite.model import SCAIL2Model
 from scail2_lite.rope import apply_rope, rope_freqs, rope_tables
 
 TOL = 1e-4
@@ -61,7 +62,7 @@ def test_dit_parity(oracle: Path, folder: str) -> None:
     inputs = fixture_inputs(oracle / folder)
     for replace in (False, True, False):
         with torch.no_grad():
-            out = model(**inputs, replace_flag=replace)
+            out = run_model(model, inputs, replace)
         expected = load_npy(oracle / folder / ("out_replace.npy" if replace else "out_anim.npy"))
         assert out.dtype == torch.float32 and out.shape == (1, *expected.shape)
         assert (out[0] - expected).abs().max().item() <= TOL, f"replace_flag={replace}"
@@ -107,7 +108,7 @@ def test_i2v_cross_attention(oracle: Path) -> None:
     module = I2VCrossAttention(meta["dim"], meta["heads"], eps=1e-6, img_len=meta["imgLen"])
     module.load_state_dict(load_fixture_weights(folder), strict=True)
     with torch.no_grad():
-        out = module(load_npy(folder / "x.npy"), module.kv(load_npy(folder / "context.npy")))
+        out = module(load_npy(folder / "x.npy"), module.kv(load_npy(folder / "context.npy")), "sdpa")
     assert (out - load_npy(folder / "out.npy")).abs().max().item() <= 1e-5
 
 
@@ -137,7 +138,7 @@ def test_blocks_called_once_in_order_with_swapped_linear(oracle: Path) -> None:
     model = fixture_model(oracle / "dit_attn")
     inputs = fixture_inputs(oracle / "dit_attn")
     with torch.no_grad():
-        reference = model(**inputs, replace_flag=False)
+        reference = run_model(model, inputs, False)
     calls: list[int] = []
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda _m, _a, i=i: calls.append(i))
@@ -152,7 +153,7 @@ def test_blocks_called_once_in_order_with_swapped_linear(oracle: Path) -> None:
 
     model.blocks[1].self_attn.v = Doubling(model.blocks[1].self_attn.v)
     with torch.no_grad():
-        swapped = model(**inputs, replace_flag=False)
+        swapped = run_model(model, inputs, False)
     assert calls == list(range(len(model.blocks)))
     assert not torch.allclose(swapped, reference)
 
@@ -161,22 +162,19 @@ def test_chunking_is_exact(oracle: Path) -> None:
     model = fixture_model(oracle / "dit_attn")
     inputs = fixture_inputs(oracle / "dit_attn")
     with torch.no_grad():
-        whole = model(**inputs, replace_flag=True)
-        for block in model.blocks:
-            block.ffn_chunk_size = 37  # does not divide the 56 tokens: exercises the ragged last chunk
-            block.attn_chunk_size = 29
-        chunked = model(**inputs, replace_flag=True)
+        whole = run_model(model, inputs, True)
+        # 37 does not divide the 56 tokens: exercises the ragged last chunk
+        chunked = run_model(model, inputs, True, Kernels(attn_chunk=29, ffn_chunk=37))
     assert torch.equal(whole, chunked)
 
 
 def test_embedded_tokens_are_contiguous_in_both_dtypes(oracle: Path) -> None:
     """The CUDA fused kernels read tokens with unit feature stride; a float32 model once got a transposed view."""
     inputs = fixture_inputs(oracle / "dit")
-    cond = [inputs[n] for n in ("pose_latents", "driving_masks", "ref_latents", "ref_masks", "t")]
     for dtype in (torch.float32, torch.bfloat16):
         model = fixture_model(oracle / "dit").to(dtype)
         with torch.no_grad():
-            tokens = model.embed(inputs["x"], *cond, False).x
+            tokens = model.embed(inputs["x"], inputs["t"], conditions(inputs)).x
         assert tokens.dtype == torch.float32 and tokens.is_contiguous(), dtype
 
 
@@ -185,8 +183,8 @@ def test_batch_equals_single_calls(oracle: Path) -> None:
     one = fixture_inputs(oracle / "dit_attn")
     two = {k: torch.cat([v, v.flip(-1) if k != "t" else v * 0.5]) for k, v in one.items()}
     with torch.no_grad():
-        batched = model(**two, replace_flag=False)
-        singles = [model(**{k: v[i : i + 1] for k, v in two.items()}, replace_flag=False) for i in range(2)]
+        batched = run_model(model, two)
+        singles = [run_model(model, {k: v[i : i + 1] for k, v in two.items()}) for i in range(2)]
     assert torch.allclose(batched, torch.cat(singles), atol=1e-5, rtol=0)
 
 
@@ -197,9 +195,9 @@ def test_history_mask_changes_output_through_its_channels_only(oracle: Path) -> 
     history = zeros.clone()
     history[:, :, 0] = 1.0
     with torch.no_grad():
-        plain = model(**inputs, replace_flag=False)
-        with_zeros = model(**inputs, replace_flag=False, history_mask=zeros)
-        with_history = model(**inputs, replace_flag=False, history_mask=history)
+        plain = run_model(model, inputs, False)
+        with_zeros = run_model(model, inputs, False, history_mask=zeros)
+        with_history = run_model(model, inputs, False, history_mask=history)
     assert torch.equal(plain, with_zeros)
     assert with_history.shape == plain.shape
     assert (with_history - plain).abs().max().item() > 1e-3
@@ -211,15 +209,15 @@ def test_context_padding_is_internal(oracle: Path) -> None:
     inputs = fixture_inputs(oracle / "dit")
     padded = dict(inputs, context=torch.nn.functional.pad(inputs["context"], (0, 0, 0, 20)))
     with torch.no_grad():
-        assert torch.equal(model(**inputs, replace_flag=False), model(**padded, replace_flag=False))
+        assert torch.equal(run_model(model, inputs, False), run_model(model, padded))
 
 
 def test_bf16_model_runs_close_to_fp32(oracle: Path) -> None:
     model = fixture_model(oracle / "dit_attn")
     inputs = fixture_inputs(oracle / "dit_attn")
     with torch.no_grad():
-        ref = model(**inputs, replace_flag=False)
-        out = model.to(torch.bfloat16)(**inputs, replace_flag=False)
+        ref = run_model(model, inputs, False)
+        out = run_model(model.to(torch.bfloat16), inputs)
     assert model.blocks[0].modulation.dtype == torch.bfloat16
     assert out.dtype == torch.float32
     assert (out - ref).abs().max().item() < 0.02 * ref.abs().max().item()  # measured 0.43%
@@ -231,6 +229,6 @@ def test_bad_shapes_raise_user_error(oracle: Path) -> None:
     model = fixture_model(oracle / "dit")
     inputs = fixture_inputs(oracle / "dit")
     with pytest.raises(UserError, match="pose_latents"):
-        model(**dict(inputs, pose_latents=inputs["pose_latents"][..., :2]), replace_flag=False)
+        run_model(model, dict(inputs, pose_latents=inputs["pose_latents"][..., :2]))
     with pytest.raises(UserError, match="text context"):
-        model(**dict(inputs, context=torch.zeros(1, 600, 48)), replace_flag=False)
+        run_model(model, dict(inputs, context=torch.zeros(1, 600, 48)))

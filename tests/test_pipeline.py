@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from scail2_lite import media
 from scail2_lite.cli import app
 from scail2_lite.errors import UserError
+from scail2_lite.inputs import InputFiles
 from scail2_lite.pipeline import Pipeline
+from scail2_lite.settings import GenerationSettings
 from scail2_lite.synth import synth
 
 SIZE = (128, 128)
@@ -35,11 +37,16 @@ def inputs(folder: Path) -> dict:
                 mask_video=d / "driving_mask.mp4")
 
 
-def run(pipe: Pipeline, folder: Path, **kw):
+def files(folder: Path) -> InputFiles:
+    return InputFiles(**inputs(folder))
+
+
+def run(pipe: Pipeline, folder: Path, output: Path | None = None, **settings):
+    """Generate on the synthetic inputs with `settings` changed from a small default; the segments' latents."""
     latents: list[torch.Tensor] = []
-    args = dict(size=SIZE, steps=2, seed=3, prompt="a person dancing")
-    args.update(kw)
-    result = pipe(**inputs(folder), on_latents=lambda k, z: latents.append(z), **args)
+    base = GenerationSettings(size=SIZE, steps=2, seed=3)
+    result = pipe(files(folder), "a person dancing", settings=base, output=output,
+                  on_latents=lambda k, z: latents.append(z), **settings)
     return result, latents
 
 
@@ -211,7 +218,7 @@ def test_quantized_folder_runs_and_streams_from_disk(folder, tmp_path):
 def test_step_cache_skips_forwards_and_off_changes_nothing(pipe, folder):
     _, reference = run(pipe, folder, steps=8)
     off, same = run(pipe, folder, steps=8, cache="off")
-    assert torch.equal(reference[0], same[0]) and "cache" not in off.settings
+    assert torch.equal(reference[0], same[0]) and off.settings["cache"] == "off"
     cached, approx = run(pipe, folder, steps=8, cache="magcache", cache_threshold=10.0)
     assert "skipped" in cached.settings["cache"]
     assert not torch.equal(reference[0], approx[0])
@@ -220,7 +227,7 @@ def test_step_cache_skips_forwards_and_off_changes_nothing(pipe, folder):
 
 
 def test_quantized_blocks_map_and_stream_once_across_segments(folder, tmp_path, monkeypatch):
-    from scail2_lite import pipeline as pipeline_module
+    from scail2_lite.offload import placement as placement_module
     from scail2_lite.loader import load_dit
 
     q = tmp_path / "q"
@@ -231,14 +238,15 @@ def test_quantized_blocks_map_and_stream_once_across_segments(folder, tmp_path, 
     with pytest.raises(UserError, match="map_blocks"):
         load_dit(folder, map_blocks=True)
     built = []
-    real = pipeline_module.BlockStreamer
-    monkeypatch.setattr(pipeline_module, "BlockStreamer", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    real = placement_module.BlockStreamer
+    monkeypatch.setattr(placement_module, "BlockStreamer", lambda *a, **kw: built.append(1) or real(*a, **kw))
     segments = dict(segment_len=9, segment_overlap=5)
     _, reference = run(Pipeline.from_pretrained(q, device="cpu"), folder, **segments)
     for profile in ("16gb", "lowram"):  # pinned buffer filled from the shards / blocks read from them per use
         built.clear()
         result, z = run(Pipeline.from_pretrained(q, device="cpu", profile=profile), folder, **segments)
         assert result.settings["segments"] == 3 and len(built) == 1  # suspended between segments, not rebuilt
+        assert result.settings["streamers_built"] == 1
         assert all(torch.equal(a, b) for a, b in zip(reference, z))
 
 
@@ -252,7 +260,7 @@ def test_loras_merged_at_load_are_not_streamed_past(folder, tmp_path):
     _, plain = run(Pipeline.from_pretrained(q, device="cpu"), folder)
     _, merged = run(Pipeline.from_pretrained(q, device="cpu", loras=lora), folder)
     pipe = Pipeline.from_pretrained(q, device="cpu", profile="lowram", loras=lora)
-    assert pipe.weight_files == []
+    assert not pipe.model.mappable
     result, streamed = run(pipe, folder)
     assert result.settings["profile"] == "lowram"
     assert torch.equal(streamed[0], merged[0]) and not torch.equal(merged[0], plain[0])

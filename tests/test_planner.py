@@ -11,7 +11,7 @@ import torch
 from scail2_lite import attention as attn
 from scail2_lite.config import SIZES, DiTConfig
 from scail2_lite.errors import UserError
-from scail2_lite.planner import (
+from scail2_lite.offload.planner import (
     PHASES, block_bytes, detect_memory, lighter, list_profiles, load_profile, plan, predict, tokens, unit_bytes,
 )
 
@@ -19,13 +19,11 @@ C14 = DiTConfig.preset("scail2-14b")
 GB = 10**9
 GOOD = """description = "test"
 speed_rank = 5
-quantization = "auto"
 resident_blocks = "auto"
 prefetch = 1
 stream_unit = "block"
 weight_source = "pinned"
 vae_tile = 256
-encoders = "offload-after-use"
 ffn_chunk = 8192
 attn_chunk = 8192
 attention = "sdpa"
@@ -44,7 +42,7 @@ def test_shipped_profiles_load_and_share_the_numerics() -> None:
     assert {p.name for p in profiles} >= {"resident", "24gb", "16gb", "12gb", "8gb", "lowram"}
     assert [p.speed_rank for p in profiles] == sorted(p.speed_rank for p in profiles)
     # Profiles may only move data: everything that changes numbers is the same in all of them.
-    numerics = {(p.quantization, p.ffn_chunk, p.attn_chunk, p.attention, p.vae_tile) for p in profiles}
+    numerics = {(p.ffn_chunk, p.attn_chunk, p.attention, p.vae_tile) for p in profiles}
     assert len(numerics) == 1
 
 
@@ -166,16 +164,14 @@ def test_detect_memory_reports_ram() -> None:
     assert 0 <= free <= total and ram > 0
 
 
-def test_attention_backends_switch_globally() -> None:
+def test_attention_backend_is_an_argument() -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 16, 2, 8, generator=g) for _ in range(3))
     ref = attn.attention(q, k, v)
-    with attn.use_backend("math"):
-        assert attn.get_backend() == "math"
-        torch.testing.assert_close(attn.attention(q, k, v), ref)
-    assert attn.get_backend() == "sdpa"
+    torch.testing.assert_close(attn.attention(q, k, v, attn.resolve("math")), ref)
+    assert not hasattr(attn, "set_backend")  # no process-wide state: the caller's Kernels carry the backend
     with pytest.raises(UserError, match="unknown attention backend"):
-        attn.set_backend("xformers")
+        attn.resolve("xformers")
 
 
 def test_sage_backend_missing_or_cpu_is_a_user_error() -> None:
@@ -183,11 +179,10 @@ def test_sage_backend_missing_or_cpu_is_a_user_error() -> None:
         import sageattention  # noqa: F401
     except ImportError:
         with pytest.raises(UserError, match="pip install"):
-            attn.set_backend("sage")
+            attn.resolve("sage")
     else:
-        with attn.use_backend("sage"), pytest.raises(UserError, match="CUDA"):
-            attn.attention(*(torch.randn(1, 4, 1, 64) for _ in range(3)))
-    assert attn.get_backend() == "sdpa"
+        with pytest.raises(UserError, match="CUDA"):
+            attn.attention(*(torch.randn(1, 4, 1, 64) for _ in range(3)), attn.resolve("sage"))
 
 
 def test_tiny_model_plans_too() -> None:

@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 from scail2_lite import profiling
 from scail2_lite.cli import app
 from scail2_lite.config import SIZES
-from scail2_lite.planner import PHASES, list_profiles, plan
-from scail2_lite.synth import synth, tiny_config
+from scail2_lite.offload.planner import PHASES, list_profiles, plan
+from scail2_lite.loader import describe_model
+from scail2_lite.synth import dit_config, synth, tiny_config
 
 runner = CliRunner()
-C14 = profiling.synthetic_target("full").config
+C14 = dit_config("full")
 
 
 def plan_json(tmp_path: Path, *args: str) -> dict:
@@ -80,8 +81,8 @@ def test_nothing_fitting_is_an_answer_not_a_crash(tmp_path: Path) -> None:
 
 def test_plan_mode_reads_a_model_folder(tmp_path: Path) -> None:
     folder = synth(tmp_path / "m", scale="tiny")
-    target = profiling.model_target(folder)
-    assert target.config == tiny_config() and (target.weights, target.text_encoder) == ("bf16", "bf16")
+    target = describe_model(folder)
+    assert target.config == tiny_config() and (target.dit_scheme, target.text_encoder) == ("bf16", "bf16")
     out = tmp_path / "p.json"
     result = runner.invoke(app, ["profile", str(folder), "--width", "128", "--height", "128", "--frames", "5",
                                  "--vram", "24", "--ram", "32", "--json", str(out)])

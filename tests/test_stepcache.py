@@ -7,9 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from scail2_lite.blocks import Kernels
 from scail2_lite.config import DiTConfig
 from scail2_lite.errors import UserError
-from scail2_lite.model import SCAIL2Model
+from scail2_lite.model import Conditions, SCAIL2Model
 from scail2_lite.sampling import cfg, make_scheduler
 from scail2_lite.stepcache import StepCache
 
@@ -34,8 +35,8 @@ def conditioning(model: SCAIL2Model) -> dict:
     clip = r(1, 257, CFG.clip_dim)
     with torch.no_grad():
         ctx = {n: model.embed_context(r(1, 5, CFG.text_dim), clip) for n in ("cond", "uncond")}
-    return dict(x=r(1, 16, T, H, W), cond=(r(1, 16, T, H // 2, W // 2), r(1, 28, T, H // 2, W // 2),
-                                           r(1, 16, 1, H, W), r(1, 28, 1 + T, H, W)), ctx=ctx)
+    return dict(x=r(1, 16, T, H, W), cond=Conditions(r(1, 16, T, H // 2, W // 2), r(1, 28, T, H // 2, W // 2),
+                                                     r(1, 16, 1, H, W), r(1, 28, 1 + T, H, W)), ctx=ctx)
 
 
 @torch.no_grad()
@@ -50,10 +51,10 @@ def run(model: SCAIL2Model, c: dict, cache: StepCache | None, branches: tuple[st
         for name in branches:
             tt = torch.full((1,), float(t))
             if cache is None:
-                out[name] = model.forward_with_context(x, *c["cond"], tt, c["ctx"][name], False)
+                out[name] = model.forward_with_context(x, tt, c["ctx"][name], c["cond"])
             else:
                 with cache.branch(name):
-                    out[name] = model.forward_with_context(x, *c["cond"], tt, c["ctx"][name], False)
+                    out[name] = model.forward_with_context(x, tt, c["ctx"][name], c["cond"], cache=cache)
         v = cfg(out["cond"], out["uncond"], 5.0) if len(out) == 2 else out["cond"]
         x = sampler.step(v, t, x)
     return x
@@ -64,21 +65,16 @@ def reference(model: SCAIL2Model, conditioning: dict) -> torch.Tensor:
     return run(model, conditioning, None)
 
 
-def test_off_wraps_nothing(model, conditioning, reference):
+def test_off_runs_every_forward(model, conditioning, reference):
     cache = StepCache("off")
-    assert cache.attach(model) is None
-    assert "run_blocks" not in vars(model)
-    assert torch.equal(run(model, conditioning, None), reference)
+    assert torch.equal(run(model, conditioning, cache), reference)
+    assert cache.stats.total == 0
 
 
 @pytest.mark.parametrize("mode", ["teacache", "magcache"])
 def test_threshold_zero_is_exact(model, conditioning, reference, mode):
     cache = StepCache(mode, threshold=0.0)
-    handle = cache.attach(model)
-    try:
-        out = run(model, conditioning, cache)
-    finally:
-        handle.detach()
+    out = run(model, conditioning, cache)
     assert torch.equal(out, reference)
     assert cache.stats.total_skipped == 0 and cache.stats.total == 2 * STEPS
 
@@ -86,14 +82,12 @@ def test_threshold_zero_is_exact(model, conditioning, reference, mode):
 @pytest.mark.parametrize("mode,kwargs", [("teacache", dict(coefficients=(1.0, 0.0))), ("magcache", {})])
 def test_large_threshold_skips_and_counts(model, conditioning, reference, mode, kwargs):
     cache = StepCache(mode, threshold=100.0, warmup=2, **kwargs)
-    handle = cache.attach(model)
     calls = []
     block0 = model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
     try:
         out = run(model, conditioning, cache)
     finally:
         block0.remove()
-        handle.detach()
     stats = cache.stats
     assert stats.total == 2 * STEPS
     assert stats.total_skipped > 0
@@ -111,21 +105,17 @@ def test_skip_reuses_residual_exactly(model, conditioning):
     """A skipped call returns its own embedded input plus the residual of the branch's last computed call."""
     c = conditioning
     cache = StepCache("teacache", threshold=100.0, warmup=1, coefficients=(1.0, 0.0))
-    handle = cache.attach(model)
-    try:
-        cache.begin(3)
-        with torch.no_grad():
-            outs = []
-            for t in (900.0, 800.0):
-                with cache.branch("cond"):
-                    emb = model.embed(c["x"], *c["cond"], torch.tensor([t]), False)
-                    x_in = emb.x.clone()
-                    outs.append((x_in, model.run_blocks(emb, c["ctx"]["cond"])))
-        (x0, y0), (x1, y1) = outs
-        assert cache.stats.skipped == {"cond": 1}
-        torch.testing.assert_close(y1, x1 + (y0 - x0), rtol=0, atol=1e-6)
-    finally:
-        handle.detach()
+    cache.begin(3)
+    with torch.no_grad():
+        outs = []
+        for t in (900.0, 800.0):
+            with cache.branch("cond"):
+                emb = model.embed(c["x"], torch.tensor([t]), c["cond"])
+                x_in = emb.x.clone()
+                outs.append((x_in, cache.run_blocks(emb, lambda: model.run_blocks(emb, c["ctx"]["cond"], Kernels()))))
+    (x0, y0), (x1, y1) = outs
+    assert cache.stats.skipped == {"cond": 1}
+    torch.testing.assert_close(y1, x1 + (y0 - x0), rtol=0, atol=1e-6)
 
 
 def test_branches_are_independent(model, conditioning):
@@ -133,45 +123,30 @@ def test_branches_are_independent(model, conditioning):
     results = []
     for branches in (("cond",), ("cond", "uncond")):
         cache = StepCache("magcache", threshold=0.5, warmup=2)
-        handle = cache.attach(model)
-        try:
-            cond_outs = []
-            original = model.run_blocks
-
-            def spy(emb, context, _orig=original, _outs=cond_outs):
-                out = _orig(emb, context)
-                if cache._current == "cond":
-                    _outs.append(out.clone())
-                return out
-
-            model.run_blocks = spy
-            sampler = make_scheduler("euler", STEPS, 5.0)
-            x = conditioning["x"].clone()
-            cache.begin(STEPS)
-            with torch.no_grad():
-                for t in sampler.timesteps:
-                    tt = torch.full((1,), float(t))
-                    for name in branches:
-                        with cache.branch(name):
-                            ctx = conditioning["ctx"][name]
-                            v = model.forward_with_context(x, *conditioning["cond"], tt, ctx, False)
-                        if name == "cond":
-                            v_cond = v
-                    x = sampler.step(v_cond, t, x)  # the trajectory follows cond only: same in both runs
-            results.append((cond_outs, cache.stats.skipped.get("cond", 0)))
-        finally:
-            model.run_blocks = original
-            handle.detach()
+        cond_outs = []
+        sampler = make_scheduler("euler", STEPS, 5.0)
+        x = conditioning["x"].clone()
+        cache.begin(STEPS)
+        with torch.no_grad():
+            for t in sampler.timesteps:
+                tt = torch.full((1,), float(t))
+                for name in branches:
+                    with cache.branch(name):
+                        ctx = conditioning["ctx"][name]
+                        v = model.forward_with_context(x, tt, ctx, conditioning["cond"], cache=cache)
+                    if name == "cond":
+                        v_cond = v
+                        cond_outs.append(v.clone())
+                x = sampler.step(v_cond, t, x)  # the trajectory follows cond only: same in both runs
+        results.append((cond_outs, cache.stats.skipped.get("cond", 0)))
     (a, skipped_a), (b, skipped_b) = results
     assert skipped_a == skipped_b > 0
     assert len(a) == len(b) == STEPS and all(torch.equal(p, q) for p, q in zip(a, b))
 
 
-def test_detach_restores_model(model, conditioning, reference):
+def test_a_cached_run_leaves_the_model_as_it_was(model, conditioning, reference):
     cache = StepCache("teacache", threshold=100.0, warmup=1, coefficients=(1.0, 0.0))
-    handle = cache.attach(model)
-    assert "run_blocks" in vars(model)
-    handle.detach()
+    assert not torch.equal(run(model, conditioning, cache), reference)
     assert "run_blocks" not in vars(model)
     assert torch.equal(run(model, conditioning, None), reference)
 
@@ -182,15 +157,11 @@ def test_misuse_is_refused(model, conditioning):
     with pytest.raises(UserError, match=">= 0"):
         StepCache("teacache", threshold=-1.0)
     cache = StepCache("teacache")
-    handle = cache.attach(model)
-    try:
-        with pytest.raises(RuntimeError, match="cache.branch"):
-            run(model, conditioning, None)  # model called outside any branch / before begin
-        cache.begin(1)
-        with pytest.raises(RuntimeError, match="more than 1"):
-            with torch.no_grad(), cache.branch("cond"):
-                for t in (900.0, 800.0):
-                    model.forward_with_context(conditioning["x"], *conditioning["cond"], torch.tensor([t]),
-                                               conditioning["ctx"]["cond"], False)
-    finally:
-        handle.detach()
+    c = conditioning
+    with pytest.raises(RuntimeError, match="cache.branch"), torch.no_grad():  # outside any branch, before begin
+        model.forward_with_context(c["x"], torch.tensor([900.0]), c["ctx"]["cond"], c["cond"], cache=cache)
+    cache.begin(1)
+    with pytest.raises(RuntimeError, match="more than 1"):
+        with torch.no_grad(), cache.branch("cond"):
+            for t in (900.0, 800.0):
+                model.forward_with_context(c["x"], torch.tensor([t]), c["ctx"]["cond"], c["cond"], cache=cache)

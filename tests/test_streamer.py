@@ -11,10 +11,11 @@ from safetensors.torch import save_file
 
 from scail2_lite.config import DiTConfig
 from scail2_lite.errors import UserError
-from scail2_lite.model import SCAIL2Model
+from scail2_lite.blocks import Kernels
+from scail2_lite.model import Conditions, SCAIL2Model
 from scail2_lite.quantize.linear import swap_linears
 from scail2_lite.quantize.schemes import is_quantized_name
-from scail2_lite.streamer import BlockStreamer
+from scail2_lite.offload.streamer import BlockStreamer
 
 LAYERS = 5
 
@@ -35,15 +36,14 @@ def _model(scheme: str = "bf16") -> SCAIL2Model:
 def _inputs(config: DiTConfig) -> tuple:
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return (
-        r(1, 16, 2, 8, 8), r(1, 16, 2, 4, 4), r(1, 28, 2, 4, 4), r(1, 16, 1, 8, 8), r(1, 28, 3, 8, 8),
-        torch.tensor([700.0]), r(1, 5, config.text_dim), r(1, 257, config.clip_dim), False,
-    )
+    x = r(1, 16, 2, 8, 8)
+    cond = Conditions(r(1, 16, 2, 4, 4), r(1, 28, 2, 4, 4), r(1, 16, 1, 8, 8), r(1, 28, 3, 8, 8))
+    return x, torch.tensor([700.0]), r(1, 5, config.text_dim), r(1, 257, config.clip_dim), cond
 
 
 @torch.no_grad()
-def _run(model: SCAIL2Model) -> torch.Tensor:
-    return model(*_inputs(model.config))
+def _run(model: SCAIL2Model, kernels: Kernels = Kernels()) -> torch.Tensor:
+    return model(*_inputs(model.config), kernels)
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "fp8", "int8"])
@@ -88,9 +88,8 @@ def test_one_slot_copies_the_next_head_while_the_ffn_runs(chunk: int | None) -> 
     """prefetch 0: the next block's head (attention, norms, modulation) is already in the slot when a block's FFN
     starts (synchronous copies on the CPU show it), its FFN after the block; the output is unchanged."""
     model = _model()
-    for block in model.blocks:
-        block.ffn_chunk_size = block.attn_chunk_size = chunk  # 7: several FFN calls per block
-    expected = _run(model)
+    kernels = Kernels(attn_chunk=chunk or 0, ffn_chunk=chunk or 0)
+    expected = _run(model, kernels)
     heads = [b.self_attn.q.weight.detach().clone() for b in model.blocks]
     tails = [b.ffn[0].weight.detach().clone() for b in model.blocks]
     seen: list[bool] = []
@@ -106,7 +105,7 @@ def test_one_slot_copies_the_next_head_while_the_ffn_runs(chunk: int | None) -> 
         assert streamer.split and streamer.num_slots == 1
         handles = [b.ffn.register_forward_pre_hook(during_ffn(j)) for j, b in enumerate(model.blocks)]
         for _ in range(2):
-            assert torch.equal(_run(model), expected)
+            assert torch.equal(_run(model, kernels), expected)
         assert seen and all(seen)
         assert streamer.copies == 1 + 2 * LAYERS  # block 0's head, then one head per FFN
         for h in handles:
@@ -117,42 +116,40 @@ def test_one_slot_copies_the_next_head_while_the_ffn_runs(chunk: int | None) -> 
 @pytest.mark.parametrize("resident,chunk", [(0, None), (0, 7), (2, 7), (LAYERS - 1, None)])
 def test_layer_streaming_is_bit_exact(scheme: str, resident: int, chunk: int | None) -> None:
     model = _model(scheme)
-    for block in model.blocks:
-        block.ffn_chunk_size = block.attn_chunk_size = chunk  # 7: every unit but v and o is called per chunk
-    expected = _run(model)
+    kernels = Kernels(attn_chunk=chunk or 0, ffn_chunk=chunk or 0)
+    expected = _run(model, kernels)
     with BlockStreamer(model, "cpu", resident_blocks=resident, unit="layer") as streamer:
         assert streamer.layers and streamer.num_slots == 0
         for forward in range(3):
-            assert torch.equal(_run(model), expected)
+            assert torch.equal(_run(model, kernels), expected)
             # one copy per streamed block, plus the next forward's first unit fetched at the end
             assert streamer.copies == (LAYERS - resident) * (forward + 1) + 1
-    assert torch.equal(_run(model), expected)
+    assert torch.equal(_run(model, kernels), expected)
 
 
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_layer_streaming_holds_one_unit_at_the_attention(monkeypatch: pytest.MonkeyPatch, chunk: int | None) -> None:
     """During the self-attention only o (fetched after v returned) is on the device; the small tensors outside the
     units stay there; the FFN runs beside the next block's q; the units' modules read their own weights."""
-    import scail2_lite.model as model_module
+    import scail2_lite.blocks as blocks_module
 
     model = _model()
-    for block in model.blocks:
-        block.ffn_chunk_size = block.attn_chunk_size = chunk
-    expected = _run(model)
+    kernels = Kernels(attn_chunk=chunk or 0, ffn_chunk=chunk or 0)
+    expected = _run(model, kernels)
     streamer = BlockStreamer(model, "cpu", unit="layer")
     host = (streamer._host.data_ptr(), streamer._host.data_ptr() + streamer._host.numel())
     on_host = lambda t: host[0] <= t.data_ptr() < host[1]  # noqa: E731
     attention_calls: list[tuple] = []
     ffn_calls: list[tuple] = []
     running = [0]
-    real = model_module.self_attention
+    real = blocks_module.self_attention
 
-    def spy(qkv):
+    def spy(qkv, backend):
         j = running[0]
         block = model.blocks[j]
         attention_calls.append((set(streamer._held), on_host(block.self_attn.v.weight), on_host(block.modulation),
                                 on_host(block.self_attn.norm_q.weight)))
-        return real(qkv)
+        return real(qkv, backend)
 
     def at_ffn(j: int):
         def hook(module, args):
@@ -164,11 +161,11 @@ def test_layer_streaming_holds_one_unit_at_the_attention(monkeypatch: pytest.Mon
             running[0] = j
         return hook
 
-    monkeypatch.setattr(model_module, "self_attention", spy)
+    monkeypatch.setattr(blocks_module, "self_attention", spy)
     handles = [b.register_forward_pre_hook(at_block(j)) for j, b in enumerate(model.blocks)]
     handles += [b.ffn.register_forward_pre_hook(at_ffn(j)) for j, b in enumerate(model.blocks)]
     with streamer:
-        assert torch.equal(_run(model), expected)
+        assert torch.equal(_run(model, kernels), expected)
     assert attention_calls == [({(j, 3)}, True, False, False) for j in range(LAYERS)]
     assert {j for j, _, _ in ffn_calls} == set(range(LAYERS))
     assert all(held == {(j, 5), ((j + 1) % LAYERS, 0)} and not there for j, held, there in ffn_calls)

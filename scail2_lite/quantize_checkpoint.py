@@ -163,6 +163,7 @@ def _dit_check(src: Path, out: Path, config, compute: str | None, loras: Sequenc
                log: Callable[[str], None]) -> dict | None:
     """One DiT forward on random conditioning: the quantized folder vs the bf16 source (same LoRAs merged)."""
     from .loader import load_dit
+    from .model import Conditions
 
     params = sum(torch.Size(s).numel() for s in formats.wan_shapes(config).values())
     device = _check_device(params * 3, log, "DiT forward")
@@ -174,11 +175,13 @@ def _dit_check(src: Path, out: Path, config, compute: str | None, loras: Sequenc
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device)
 
-    inputs = (rand(1, 16, t_lat, h, w), rand(1, 16, t_lat, h // 2, w // 2), rand(1, 28, t_lat, h // 2, w // 2),
-              rand(1, 16, 1, h, w), rand(1, 28, 1 + t_lat, h, w), torch.tensor([700.0], device=device),
-              rand(1, 16, config.text_dim), rand(1, 257, config.clip_dim))
-    reference = load_dit(src, dtype=torch.bfloat16, device=device, loras=loras)(*inputs, replace_flag=False)
-    quantized = load_dit(out, device=device, compute=compute)(*inputs, replace_flag=False)
+    x = rand(1, 16, t_lat, h, w)
+    cond = Conditions(rand(1, 16, t_lat, h // 2, w // 2), rand(1, 28, t_lat, h // 2, w // 2), rand(1, 16, 1, h, w),
+                      rand(1, 28, 1 + t_lat, h, w))
+    inputs = (x, torch.tensor([700.0], device=device), rand(1, 16, config.text_dim), rand(1, 257, config.clip_dim),
+              cond)
+    reference = load_dit(src, dtype=torch.bfloat16, device=device, loras=loras)(*inputs)
+    quantized = load_dit(out, device=device, compute=compute)(*inputs)
     return compare(reference, quantized)
 
 

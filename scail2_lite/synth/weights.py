@@ -1,4 +1,4 @@
-"""Synthetic SCAIL-2 checkpoints in the real Hugging Face layout, plus a matching input set.
+"""Synthetic SCAIL-2 checkpoints in the real Hugging Face layout, the weights and their files.
 
 Weights are deterministic from a seed (each tensor has its own generator, seeded from the seed and its name)
 and look trained for quantization purposes: Student-t (4 degrees of freedom) values scaled like a trained init
@@ -20,15 +20,15 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 
-from .config import DEFAULT_NEGATIVE_PROMPT, PRESETS, DiTConfig
-from .errors import UserError
-from .formats import COMFY_PREFIX, SAT_FILE, wan_shapes
+from ..config import WAN_NEGATIVE_PROMPT, PRESETS, DiTConfig
+from ..errors import UserError
+from ..formats import COMFY_PREFIX, SAT_FILE, wan_shapes
 
 if TYPE_CHECKING:
     from transformers import UMT5Config
+
 
 SCALES = ("tiny", "full")
 DIT_FORMATS = ("sat", "wan", "comfy")
@@ -153,7 +153,7 @@ def wan_to_sat(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.
 # ---------------------------------------------------------------- writers
 
 
-def _atomic(path: Path) -> Path:
+def temporary_path(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.tmp")
 
@@ -172,7 +172,7 @@ def write_safetensors(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = _atomic(path)
+    tmp = temporary_path(path)
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for (name, shape, dtype), t in zip(specs, tensors, strict=True):
@@ -183,7 +183,7 @@ def write_safetensors(
 
 
 def _torch_save(obj: object, path: Path) -> None:
-    tmp = _atomic(path)
+    tmp = temporary_path(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -244,7 +244,7 @@ def write_dit(folder: Path, config: DiTConfig, fmt: str, seed: int, dtype: torch
             weight_map[specs[i][0]] = shard
             total += math.prod(specs[i][1]) * dtype.itemsize
     index = folder / f"{SHARD_STEM}.safetensors.index.json"
-    tmp = _atomic(index)
+    tmp = temporary_path(index)
     tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     os.replace(tmp, index)
     return index
@@ -269,7 +269,7 @@ def umt5_tensors(config: UMT5Config, seed: int, device: torch.device | str = "cp
     tests and benchmarks build without a file (drawn on a GPU: the same recipe, not the same values)."""
     from transformers import UMT5EncoderModel
 
-    from .encoders import umt5_hf_to_wan
+    from ..encoders import umt5_hf_to_wan
 
     return _synth_from_module(lambda: UMT5EncoderModel(config), umt5_hf_to_wan, seed, "umt5", torch.bfloat16, device)
 
@@ -279,8 +279,8 @@ def write_encoders(folder: Path, scale: str, seed: int) -> None:
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionModel
 
-    from .encoders import clip_config, clip_hf_to_openclip, umt5_config
-    from .vae import vae_config, vae_diffusers_to_wan
+    from ..encoders import clip_config, clip_hf_to_openclip, umt5_config
+    from ..vae import vae_config, vae_diffusers_to_wan
 
     umt5 = umt5_tensors(umt5_config(scale), seed)
     _torch_save(umt5, folder / UMT5_FILE)
@@ -315,7 +315,7 @@ _CORPUS = [
     "An old man practices tai chi in a quiet park in the early morning.",
     "A figure skater glides across the ice and lifts one leg behind her.",
     "Character animation, full body, front view, plain background, 16 frames per second.",
-    DEFAULT_NEGATIVE_PROMPT,
+    WAN_NEGATIVE_PROMPT,
     "bright colors, overexposed, static, blurred details, subtitles, worst quality, low quality, jpeg artifacts",
     "ugly, deformed, extra fingers, poorly drawn hands, poorly drawn face, fused fingers, messy background",
 ]
@@ -342,76 +342,6 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
-# ---------------------------------------------------------------- inputs
-
-BLUE, RED = (0, 0, 255), (255, 0, 0)
-
-
-def _figure(draw, cx: float, cy: float, s: float, phase: float, fill: tuple[int, int, int] | None) -> None:
-    """A stick figure with thick limbs; `fill` paints it one colour (masks), else it gets skin/shirt/trouser colours."""
-    skin, shirt, legs = (fill,) * 3 if fill else ((236, 188, 150), (220, 120, 40), (50, 60, 120))
-    w = max(2, int(s * 0.09))
-    hip, neck = (cx, cy + 0.15 * s), (cx, cy - 0.25 * s)
-    draw.line([neck, hip], fill=shirt, width=int(w * 2.2))
-    for side in (-1, 1):
-        arm = math.pi / 2 + side * (0.9 + 0.6 * math.sin(phase + side))
-        elbow = (neck[0] + side * 0.2 * s * abs(math.sin(arm)), neck[1] + 0.2 * s * math.cos(arm))
-        draw.line([neck, elbow, (elbow[0] + side * 0.12 * s, elbow[1] - 0.15 * s * math.sin(phase))], fill=shirt, width=w)
-        leg = 0.35 * math.sin(phase + (side > 0) * math.pi)
-        foot = (hip[0] + 0.4 * s * math.sin(leg) + side * 0.05 * s, hip[1] + 0.4 * s * math.cos(leg))
-        draw.line([hip, foot], fill=legs, width=int(w * 1.3))
-    r = 0.11 * s
-    draw.ellipse([cx - r, neck[1] - 2.1 * r, cx + r, neck[1] - 0.1 * r], fill=skin)
-
-
-def _scene(h: int, w: int, phase: float, mask_bg: tuple[int, int, int] | None) -> np.ndarray:
-    """Two figures; with `mask_bg` set, a colour-coded mask (identity 1 blue, 2 red) on that background."""
-    from PIL import Image, ImageDraw
-
-    if mask_bg is None:
-        grad = np.linspace(0, 1, h)[:, None, None]
-        base = (np.array([70, 110, 150]) * (1 - grad) + np.array([200, 190, 170]) * grad).repeat(w, 1)
-        img = Image.fromarray(base.astype(np.uint8))
-    else:
-        img = Image.new("RGB", (w, h), mask_bg)
-    draw = ImageDraw.Draw(img)
-    s = 0.8 * h
-    for k, (color, x) in enumerate(((BLUE, 0.3), (RED, 0.7))):
-        cx = w * x + 0.05 * w * math.sin(phase + k)
-        _figure(draw, cx, h * 0.5, s, phase + k * 1.3, color if mask_bg is not None else None)
-    return np.array(img)
-
-
-def _write_mp4(path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: int) -> None:
-    """uint8 (H, W, 3) frames -> H.264 mp4 through media's atomic writer, one frame in RAM at a time."""
-    from .media import VideoWriter
-
-    with VideoWriter(path, fps, size) as writer:
-        for rgb in frames:
-            writer.write(torch.from_numpy(rgb).float().div_(127.5).sub_(1.0).permute(2, 0, 1).unsqueeze(1))
-
-
-def write_inputs(folder: Path, scale: str, fps: int = 16, as_frames: bool = False) -> None:
-    """ref.png, ref_mask.png (animation mode: on white), driving.mp4, driving_mask.mp4 (on black); with
-    `as_frames` the two videos are folders of numbered PNGs instead (`driving/`, `driving_mask/`: no PyAV)."""
-    from PIL import Image
-
-    (h, w), n = ((128, 128), 17) if scale == "tiny" else ((512, 896), 81)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, arr in (("ref.png", _scene(h, w, 0.0, None)), ("ref_mask.png", _scene(h, w, 0.0, (255, 255, 255)))):
-        tmp = _atomic(folder / name)
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, folder / name)
-    phases = [2 * math.pi * i / n for i in range(n)]
-    for name, bg in (("driving", None), ("driving_mask", (0, 0, 0))):
-        frames = (_scene(h, w, p, bg) for p in phases)
-        if not as_frames:
-            _write_mp4(folder / f"{name}.mp4", frames, (h, w), fps)
-            continue
-        (folder / name).mkdir(exist_ok=True)
-        for i, arr in enumerate(frames):
-            Image.fromarray(arr).save(folder / name / f"{i:04d}.png", format="PNG")
-
 
 # ---------------------------------------------------------------- LoRAs
 
@@ -425,71 +355,15 @@ def write_loras(folder: Path, config: DiTConfig, seed: int, rank: int = 4) -> di
     full deltas (`diff`, `diff_b`, `diff_m`). Same seed, same low-rank deltas in every format."""
     from safetensors.torch import save_file
 
-    from .lora import make_synthetic_lora
+    from ..lora import make_synthetic_lora
 
     shapes = wan_shapes(config)
     paths = {}
     for fmt, name in LORA_FILES.items():
         state = make_synthetic_lora(shapes, fmt, rank=rank, seed=seed, include_diffs=fmt == "kohya")
-        tmp = _atomic(folder / name)
+        tmp = temporary_path(folder / name)
         save_file(state, str(tmp), metadata={"format": "pt", "synthetic": "scail2-lite"})
         os.replace(tmp, folder / name)
         paths[fmt] = folder / name
     return paths
 
-
-# ---------------------------------------------------------------- everything
-
-
-def synth(out: str | Path, scale: str = "tiny", fmt: str = "sat", seed: int = 0,
-          progress: Progress | None = None) -> Path:
-    """Write a complete synthetic SCAIL-2 folder (HF layout) plus `inputs/`; returns the folder."""
-    out = Path(out)
-    config = dit_config(scale)
-    if fmt not in DIT_FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(DIT_FORMATS)}")
-    if scale == "full" and fmt == "sat":
-        raise UserError("--scale full --format sat would need the 65 GB fp32 pickle in RAM; use --format wan "
-                        "(bf16 shards, streamed) or comfy (fp16, streamed)")
-    out.mkdir(parents=True, exist_ok=True)
-    step = progress or (lambda _: None)
-    step("DiT")
-    full = scale == "full"
-    write_dit(out, config, fmt, seed, dtype=torch.bfloat16 if full and fmt == "wan" else None,
-              shard_bytes=FULL_SHARD_BYTES if full else None, progress=progress)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    step("encoders and VAE")
-    write_encoders(out, scale, seed)
-    step("tokenizer")
-    from .encoders import umt5_config
-
-    write_tokenizer(out / "umt5-xxl", min(1000, umt5_config(scale).vocab_size))
-    step("inputs")
-    write_inputs(out / "inputs", scale)
-    step("LoRAs")
-    write_loras(out / LORA_DIR, config, seed)
-    return out
-
-
-def cached_demo_folder(progress: Progress | None = None) -> Path:
-    """The tiny demo checkpoint + inputs under the user cache dir: made once (atomically), then reused."""
-    import shutil
-
-    from . import __version__
-
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scail2-lite"
-    folder = root / f"demo-tiny-{__version__}"
-    if (folder / "inputs" / "driving_mask.mp4").is_file():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        synth(tmp, scale="tiny", fmt="sat", seed=0, progress=progress)
-        tmp.rename(folder)
-    except OSError:
-        if not (folder / "inputs" / "driving_mask.mp4").is_file():  # not a concurrent run that finished first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

@@ -39,8 +39,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
-from .formats import WeightFiles
+from ..errors import UserError
+from ..formats import WeightFiles
 
 ALIGN = 4096  # byte alignment of every tensor in host buffers and slots: any dtype view, page-aligned pinning
 TAIL = "ffn"  # the block submodule that runs last and reads only its own weights (model.py's contract)

@@ -1,4 +1,4 @@
-"""Memory planning: profile files, a per-phase model of peak VRAM and RAM, the choice of a plan, the OOM fallback.
+"""Memory planning: a per-phase model of peak VRAM and RAM, the choice of a plan, the OOM fallback.
 
 Why a model rather than trial and error: a failed attempt at 704p costs minutes, and users must see before a run
 where their memory goes (`scail2-lite profile`). The model counts what the runtime holds in each phase:
@@ -8,7 +8,7 @@ where their memory goes (`scail2-lite profile`). The model counts what the runti
   dit_step      non-block layers + resident blocks + streaming slots + one block's activations at the token count
                 (layer streaming: per stage of the block, its activations + the units held then)
   vae_decode    VAE weights + activations of one tile (one latent frame -> 4 frames at a time)
-Encoders placed "gpu" stay in every later phase; "offload-after-use" and "cpu" leave after their phase. The DiT's
+The encoders leave the GPU after their phase. The DiT's
 device weights are counted from the DiT phase on (the pipeline loads it after the encoders); the VAE leaves the
 GPU during DiT steps. Activation coefficients are per-element byte counts of `model.SCAIL2Block`'s forward; the
 VAE's are per output pixel. They are estimates until `scail2-lite profile --run` measures them (issue 7).
@@ -17,20 +17,12 @@ VAE's are per output pixel. They are estimates until `scail2-lite profile --run`
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
-from .attention import BACKENDS
-from .config import DiTConfig
-from .errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+from ..config import DiTConfig
+from ..errors import UserError
+from .profiles import Profile, StreamUnit, WeightSource, list_profiles, load_profile
 
 GB = 1e9
 PHASES: tuple[str, ...] = ("text_encoder", "clip", "vae_encode", "dit_step", "vae_decode")
@@ -76,91 +68,6 @@ BASE_RAM = 3.0 * GB  # Python, torch, CUDA libraries
 # summary's conversion): 704p x 81 measured +3.0 GB over the DiT steps for 0.88 GB of frames.
 DECODED_COPIES = 3
 LIGHTER_FACTOR = 0.8  # a step that ran out of memory is retried under a plan predicted 20% lighter
-
-
-@dataclass(frozen=True)
-class Profile:
-    """A memory profile (one TOML file in `profiles/`). `speed_rank`: lower runs faster; plans try profiles in
-    that order and `lighter` walks it towards the lighter ones."""
-
-    name: str
-    description: str
-    speed_rank: int
-    quantization: str  # "auto" (the checkpoint's), "bf16", "fp8" or "int8"
-    resident_blocks: int | str  # a number, "auto" (the most that fit) or "all"
-    prefetch: int
-    stream_unit: str  # "block" (a ring of `prefetch + 1` block slots) or "layer" (streamer.py's layer streaming)
-    weight_source: str  # "pinned" or "mmap"
-    vae_tile: int  # pixels per tile side, 0 = untiled
-    encoders: str  # "gpu", "cpu" or "offload-after-use"
-    ffn_chunk: int  # tokens per FFN chunk, 0 = one shot
-    attn_chunk: int  # tokens per chunk of the per-token work around attention, 0 = one shot
-    attention: str
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "quantization": ("auto", *QUANTIZATIONS),
-    "stream_unit": ("block", "layer"),
-    "weight_source": ("pinned", "mmap"),
-    "encoders": ("gpu", "cpu", "offload-after-use"),
-    "attention": BACKENDS,
-}
-_INTS: dict[str, tuple[int, int]] = {
-    "speed_rank": (0, 1000), "prefetch": (0, 8), "vae_tile": (0, 4096), "ffn_chunk": (0, 1 << 20),
-    "attn_chunk": (0, 1 << 20),
-}
-
-
-def parse_profile(data: dict[str, Any], name: str, where: str) -> Profile:
-    """Validate a profile's fields; every problem is a one-line UserError naming `where` and the field."""
-    fields = [f.name for f in dataclasses.fields(Profile) if f.name != "name"]
-    for key in data:
-        if key not in fields:
-            raise UserError(f"{where}: unknown field {key!r} (fields: {', '.join(fields)})")
-    for key in fields:
-        if key not in data:
-            raise UserError(f"{where}: missing field {key!r}")
-    if not isinstance(data["description"], str):
-        raise UserError(f"{where}: field 'description' must be a string")
-    for key, choices in _CHOICES.items():
-        if data[key] not in choices:
-            raise UserError(f"{where}: field {key!r} must be one of {', '.join(choices)}, got {data[key]!r}")
-    for key, (lo, hi) in _INTS.items():
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise UserError(f"{where}: field {key!r} must be an integer in {lo}..{hi}, got {value!r}")
-    resident = data["resident_blocks"]
-    if not (resident in ("auto", "all") or (isinstance(resident, int) and not isinstance(resident, bool) and resident >= 0)):
-        raise UserError(f"{where}: field 'resident_blocks' must be a number >= 0, \"auto\" or \"all\", got {resident!r}")
-    if data["stream_unit"] == "layer" and data["weight_source"] != "pinned":
-        raise UserError(f"{where}: stream_unit \"layer\" streams from pinned RAM: set weight_source = \"pinned\"")
-    return Profile(name=name, **data)
-
-
-def load_profile(name_or_path: str | Path) -> Profile:
-    """A shipped profile by name (`16gb`) or a TOML file by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise UserError(f"{path}: profile file not found")
-        text, where, name = path.read_text(), str(path), path.stem
-    else:
-        resource = resources.files("scail2_lite.profiles") / f"{name_or_path}.toml"
-        if not resource.is_file():
-            names = ", ".join(p.name for p in list_profiles())
-            raise UserError(f"unknown profile {str(name_or_path)!r}; choose one of {names} or give a .toml path")
-        text, where, name = resource.read_text(), f"profiles/{name_or_path}.toml", str(name_or_path)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{where}: not valid TOML ({e})") from None
-    return parse_profile(data, name, where)
-
-
-def list_profiles() -> list[Profile]:
-    """The shipped profiles, fastest first."""
-    files = sorted(f.name for f in resources.files("scail2_lite.profiles").iterdir() if f.name.endswith(".toml"))
-    return sorted((load_profile(f[: -len(".toml")]) for f in files), key=lambda p: (p.speed_rank, p.name))
 
 
 # ---- sizes ----------------------------------------------------------------------------------------------------
@@ -258,13 +165,13 @@ def _vae_activation_bytes(height: int, width: int, tile: int, per_pixel: int) ->
     return height * width * per_pixel
 
 
-TEXT_ENCODERS: tuple[str, ...] = ("4bit", "int8", "bf16")
+TEXT_ENCODERS: tuple[str, ...] = ("nf4", "int8", "bf16")  # quantize.text_encoder's scheme names
 
 
 def umt5_bytes(text_encoder: str) -> int:
     if text_encoder == "bf16":
         return UMT5_LINEAR_PARAMS * 2
-    if text_encoder == "4bit":
+    if text_encoder == "nf4":
         return int(UMT5_WO_PARAMS * 2 + (UMT5_LINEAR_PARAMS - UMT5_WO_PARAMS) * NF4_BYTES_PER_PARAM)
     return int(UMT5_LINEAR_PARAMS * (1 + 4 / 4096))  # int8 + per-row scale
 
@@ -321,7 +228,7 @@ class Plan:
 
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
-    text_encoder: str = "4bit", mappable: bool = True,
+    text_encoder: str = "nf4", mappable: bool = True,
 ) -> dict[str, PhaseMemory]:
     """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks.
 
@@ -333,7 +240,7 @@ def predict(
     blk = block_bytes(config, quantization)
     streamed = config.num_layers - resident_blocks
     stages = block_activation_stages(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
-    if profile.stream_unit == "layer" and streamed:
+    if profile.stream_unit is StreamUnit.LAYER and streamed:
         held = layer_stream_held(config, quantization)
         streaming = streamed * unit_bytes(config, quantization)["rest"]
         act = max(b + held[stage] for stage, b in stages.items())
@@ -342,47 +249,39 @@ def predict(
         act = max(stages.values())
     umt5, clip = umt5_bytes(text_encoder), CLIP_PARAMS * 2
     vae = VAE_PARAMS * 4
-    encoders_after = umt5 + clip if profile.encoders == "gpu" else 0
     dit_device = nonblock_bytes(config) + resident_blocks * blk + streaming
     rest = BASE_RAM + nonblock_bytes(config)
     if not mappable:  # (a disk-mapped profile then streams from pinned RAM too)
         rest, host = rest + config.num_layers * blk, 0
-    elif profile.weight_source == "pinned":
+    elif profile.weight_source is WeightSource.PINNED:
         host = streamed * blk
     else:
         host = 2 * blk if streamed else 0
-    on_gpu = profile.encoders != "cpu"
     frames_ram = DECODED_COPIES * 3 * frames * height * width * 4  # decoded video in fp32 before writing
     ram = rest + host
-    # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (formats.FilePages);
-    # on the CPU the whole file is paged in beside the quantized copy.
-    umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS if on_gpu else UMT5_LINEAR_PARAMS * 2 + umt5
+    # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (formats.FilePages).
+    umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS
     vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
     vae_dec = _vae_activation_bytes(height, width, profile.vae_tile, VAE_DECODE_BYTES_PER_PIXEL)
     phases = {
         # The encoders run before the first placement: no pinned buffer yet.
-        "text_encoder": PhaseMemory((umt5 + ENCODER_ACTIVATIONS) if on_gpu else 0, int(rest + umt5_file)),
-        "clip": PhaseMemory(((umt5 if profile.encoders == "gpu" else 0) + clip + CLIP_ACTIVATIONS) if on_gpu else 0,
-                            int(rest + clip + (umt5 if profile.encoders == "cpu" else 0))),
+        "text_encoder": PhaseMemory(umt5 + ENCODER_ACTIVATIONS, int(rest + umt5_file)),
+        "clip": PhaseMemory(clip + CLIP_ACTIVATIONS, int(rest + clip)),
         # The pipeline encodes before placing the DiT and releases the DiT before decoding: the VAE runs alone.
         # First segment: before the first placement (a later segment's encode holds the host buffer, as its steps do).
-        "vae_encode": PhaseMemory(encoders_after + vae + vae_enc, int(rest)),
-        "dit_step": PhaseMemory(encoders_after + dit_device + act, int(ram)),
-        "vae_decode": PhaseMemory(encoders_after + vae + vae_dec, int(ram + frames_ram)),
+        "vae_encode": PhaseMemory(vae + vae_enc, int(rest)),
+        "dit_step": PhaseMemory(dit_device + act, int(ram)),
+        "vae_decode": PhaseMemory(vae + vae_dec, int(ram + frames_ram)),
     }
     return {k: PhaseMemory(int(v.vram), int(v.ram)) for k, v in phases.items()}
 
 
-def _effective_quantization(profile: Profile, weights: str) -> str:
-    return weights if profile.quantization == "auto" else profile.quantization
-
-
 def resolve(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, vram_budget: int, ram_available: int,
-    weights: str = "bf16", reason: str = "", text_encoder: str = "4bit", mappable: bool = True,
+    weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True,
 ) -> Plan:
     """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget."""
-    quant = _effective_quantization(profile, weights)
+    quant = weights
     n = tokens(config, height, width, frames)
 
     def make(resident: int, why: str) -> Plan:
@@ -415,13 +314,12 @@ def plan(
     profile: str | Path | Profile | None = None,
     vram_budget: int | None = None,
     weights: str = "bf16",
-    text_encoder: str = "4bit",
+    text_encoder: str = "nf4",
     mappable: bool = True,
 ) -> Plan:
     """The fastest profile that fits `vram_bytes` of free VRAM (capped by `vram_budget`) and `ram_bytes` of RAM.
 
-    `weights` / `text_encoder`: the quantization of the loaded DiT (profiles with quantization "auto" use it) and
-    of umT5. `mappable`: whether the DiT's blocks can be memory-mapped from disk (our quantized folder); if not,
+    `weights` / `text_encoder`: the quantization of the loaded DiT and of umT5. `mappable`: whether the DiT's blocks can be memory-mapped from disk (our quantized folder); if not,
     profiles that stream from the mapped file are left out. With `profile` given the plan uses it even if it
     does not fit (`plan.fits` says so)."""
     if weights not in QUANTIZATIONS:
@@ -433,7 +331,7 @@ def plan(
         chosen = profile if isinstance(profile, Profile) else load_profile(profile)
         return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
                        text_encoder, mappable)
-    candidates = [p for p in list_profiles() if mappable or p.weight_source != "mmap"]
+    candidates = [p for p in list_profiles() if mappable or p.weight_source is not WeightSource.MMAP]
     for p in candidates:
         result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable)
         if result.fits:
@@ -458,8 +356,6 @@ def lighter(current: Plan) -> Plan | None:
     nothing lighter exists. Same DiT quantization: a retry changes no numbers."""
     budget = int(current.peak_vram_reserved * LIGHTER_FACTOR)
     for p in list_profiles():
-        if p.quantization not in ("auto", current.quantization):
-            continue
         candidate = resolve(p, current.config, current.height, current.width, current.frames, budget,
                             current.ram_available, current.quantization,
                             f"fallback after out of memory under {current.profile.name}", current.text_encoder,
@@ -486,14 +382,3 @@ def detect_memory() -> tuple[int, int, int]:
             if line.startswith("MemAvailable:"):
                 ram = int(line.split()[1]) * 1024
     return int(free), int(total), int(ram)
-
-
-def configure_blocks(model: Any, plan_: Plan) -> None:
-    """Apply a plan's activation knobs to a SCAIL2Model's blocks and select its attention backend (no numbers
-    change: chunking is per token)."""
-    from .attention import set_backend
-
-    for block in model.blocks:
-        block.ffn_chunk_size = plan_.profile.ffn_chunk or None
-        block.attn_chunk_size = plan_.profile.attn_chunk or None
-    set_backend(plan_.profile.attention)
