@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from .errors import UserError
+from .prepare.command import prepare_command
 from .quantize.schemes import QuantizeError
 
 app = typer.Typer(
@@ -48,6 +49,9 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+app.command("prepare")(user_errors(prepare_command))
 
 
 @app.command()
@@ -211,10 +215,14 @@ def _summary(result, preview: Optional[Path]) -> None:
 @user_errors
 def generate(
     model: Path = typer.Argument(..., help="SCAIL-2 folder (official download or `scail2-lite quantize` output)"),
-    image: Path = typer.Option(..., "--image", help="reference image of the character"),
-    mask_image: Path = typer.Option(..., "--mask-image", help="colour-coded reference mask, same size as the image"),
-    pose: Path = typer.Option(..., "--pose", help="driving video (mp4/webm/mov/gif or a folder of frames)"),
-    mask_video: Path = typer.Option(..., "--mask-video", help="colour-coded driving mask video, same frame count"),
+    image: Optional[Path] = typer.Option(None, "--image", help="reference image of the character"),
+    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help="colour-coded reference mask, same size as "
+                                              "the image"),
+    pose: Optional[Path] = typer.Option(None, "--pose", help="driving video (mp4/webm/mov/gif or a folder of frames)"),
+    mask_video: Optional[Path] = typer.Option(None, "--mask-video", help="colour-coded driving mask video, same frame "
+                                              "count"),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder made by `scail2-lite prepare`: its four "
+                                          "files and mode (a file flag given replaces its entry)"),
     prompt: str = typer.Option("", "--prompt", help="what the video shows"),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="unconditional branch of CFG"),
     replace: bool = typer.Option(False, "--replace", help="replace the character in the driving video"),
@@ -252,6 +260,12 @@ def generate(
     preview: bool = typer.Option(False, "--preview", help="also write a side-by-side reference | driving | result"),
 ) -> None:
     """Animate the reference character with the driving video (or replace the character in it)."""
+    from .prepare.folder import generate_files
+
+    image, mask_image, pose, mask_video, replace, notes = generate_files(inputs, image, mask_image, pose,
+                                                                         mask_video, replace)
+    for note in notes:
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
     if (width is None) != (height is None):
         raise UserError("give both --width and --height, or neither")
     if vram_budget is not None and vram_budget <= 0:
