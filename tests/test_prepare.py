@@ -382,9 +382,9 @@ def test_segmenter_choice_says_what_to_install(tmp_path, monkeypatch):
     import scail2_lite.prepare.mediapipe_pose as mpp
     from scail2_lite.prepare.segmenter import open_segmenter
 
-    monkeypatch.setattr(mpp, "mediapipe_available", lambda: False)
+    monkeypatch.setattr(mpp, "mediapipe_problem", lambda: "mediapipe is not installed")
     settings = PrepareSettings(out=tmp_path / "o", image=tmp_path / "a.png", video=tmp_path / "v.mp4")
-    with pytest.raises(UserError, match=r"scail2-lite\[prepare\].*facebook/sam3"):
+    with pytest.raises(UserError, match=r"not installed\): pip install 'scail2-lite\[prepare\]'.*facebook/sam3"):
         open_segmenter(settings)
     with pytest.raises(UserError, match="needs SAM3"):
         open_segmenter(PrepareSettings(out=tmp_path / "o", image=tmp_path / "a.png", video=tmp_path / "v.mp4",

@@ -2,8 +2,8 @@
 
 Frames are decoded one at a time (a long video never sits in memory). The driving video is copied byte for
 byte when it is used whole, so `generate` reads exactly the frames that were segmented; a trimmed one is
-re-encoded. Masks are PNG files: lossless RGB, so reading them back gives exactly the colours written, and
-any image editor can touch them up.
+re-encoded. Masks are PNG files (indexed colour, lossless), so reading them back gives exactly the colours
+written, and any image editor can touch them up.
 """
 
 from __future__ import annotations

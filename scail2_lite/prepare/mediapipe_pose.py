@@ -1,10 +1,11 @@
 """People masks from mediapipe's pose models (the `prepare` extra), offline, a few milliseconds a frame on a CPU.
 
 mediapipe 0.10.21 is the last release whose wheel carries the pose models (detector and `pose_landmark_full`,
-Apache-2.0). Its Tasks `PoseLandmarker` finds several people and returns one segmentation mask each, but it
-loads a `.task` bundle that the wheel does not carry: the bundle is rebuilt here from the two bundled model
-files, with the input normalisation each model expects written into its metadata by mediapipe's own
-metadata writer, and cached. (Complexity 0 and 2 models would be downloaded at run time: not used.)
+Apache-2.0). Its Tasks `PoseLandmarker` returns a segmentation mask per person, but it loads a `.task` bundle
+that the wheel does not carry: the bundle is rebuilt here from the two bundled model files, with the input
+normalisation each model expects written into its metadata by mediapipe's own metadata writer, and cached.
+(Complexity 0 and 2 models would be downloaded at run time: not used.) One person is followed through a video
+by the VIDEO-mode landmarker; several are searched for one at a time in every frame (`find_people`).
 """
 
 from __future__ import annotations
@@ -50,10 +51,17 @@ def _package_dir() -> Path | None:
     return Path(mediapipe.__file__).parent
 
 
-def mediapipe_available() -> bool:
-    """mediapipe importable and carrying the pose models (0.10.30+ and 1.x ship none)."""
+def mediapipe_problem() -> str | None:
+    """Why mediapipe cannot be used here (not installed, or a release without the pose models: 0.10.30+ and
+    1.x ship none), or None when it can."""
     root = _package_dir()
-    return root is not None and all((root / src).is_file() for _, src, _, _ in _MODELS)
+    if root is None:
+        return "mediapipe is not installed"
+    if not all((root / src).is_file() for _, src, _, _ in _MODELS):
+        import mediapipe
+
+        return f"mediapipe {mediapipe.__version__} carries no pose models (0.10.21 is the last that does)"
+    return None
 
 
 def _bundle_path() -> Path:

@@ -56,9 +56,10 @@ def open_segmenter(settings: PrepareSettings) -> Segmenter:
         from .sam3 import Sam3Segmenter
 
         return Sam3Segmenter.load(Path(settings.sam3), settings.prompt_object)
-    from .mediapipe_pose import MediapipeSegmenter, mediapipe_available
+    from .mediapipe_pose import MediapipeSegmenter, mediapipe_problem
 
-    if not mediapipe_available():
+    problem = mediapipe_problem()
+    if problem is not None:
         alternatives = "" if settings.segmenter is SegmenterName.MEDIAPIPE else f", or {SAM3_HINT}"
-        raise UserError(f"no segmenter is installed: {MEDIAPIPE_HINT}{alternatives}")
+        raise UserError(f"no segmenter is usable ({problem}): {MEDIAPIPE_HINT}{alternatives}")
     return MediapipeSegmenter.load()
