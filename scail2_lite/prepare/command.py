@@ -100,6 +100,6 @@ def prepare_command(
     for ident in record["identities"]:
         console.print(f"person {ident['number']}: [bold]{ident['colour']}[/bold] (driving person "
                       f"{ident['driving_person']} from the left)", highlight=False)
-    console.print(f"wrote {result.folder}: {record['frames']} frames at {record['fps']:g} fps; check "
+    console.print(f"wrote {result.folder}: {result.frames} frames at {result.fps:g} fps; check "
                   f"{result.folder / record['files']['preview']}", highlight=False)
     console.print(f"next: scail2-lite generate MODEL --inputs {result.folder} --prompt \"...\"", highlight=False)
