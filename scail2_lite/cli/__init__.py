@@ -59,4 +59,4 @@ def main() -> None:
 
 
 
-from . import checkpoints, generate, profile  # noqa: E402,F401 (each module registers its commands on `app`)
+from . import checkpoints, generate, prepare, profile  # noqa: E402,F401 (each module registers its commands on `app`)

@@ -91,10 +91,14 @@ def _summary(result, preview: Optional[Path]) -> None:
 @user_errors
 def generate(
     model: Path = typer.Argument(..., help="SCAIL-2 folder (official download or `scail2-lite quantize` output)"),
-    image: Path = typer.Option(..., "--image", help="reference image of the character"),
-    mask_image: Path = typer.Option(..., "--mask-image", help="colour-coded reference mask, same size as the image"),
-    pose: Path = typer.Option(..., "--pose", help="driving video (mp4/webm/mov/gif or a folder of frames)"),
-    mask_video: Path = typer.Option(..., "--mask-video", help="colour-coded driving mask video, same frame count"),
+    image: Optional[Path] = typer.Option(None, "--image", help="reference image of the character"),
+    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help="colour-coded reference mask, same size as "
+                                              "the image"),
+    pose: Optional[Path] = typer.Option(None, "--pose", help="driving video (mp4/webm/mov/gif or a folder of frames)"),
+    mask_video: Optional[Path] = typer.Option(None, "--mask-video", help="colour-coded driving mask video, same frame "
+                                              "count"),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder made by `scail2-lite prepare`: its four "
+                                          "files and mode (a file flag given replaces its entry)"),
     prompt: str = typer.Option("", "--prompt", help="what the video shows"),
     negative_prompt: str = typer.Option(DEFAULT_NEGATIVE_PROMPT, "--negative-prompt",
                                         help="unconditional branch of CFG"),
@@ -136,6 +140,11 @@ def generate(
     preview: bool = typer.Option(False, "--preview", help="also write a side-by-side reference | driving | result"),
 ) -> None:
     """Animate the reference character with the driving video (or replace the character in it)."""
+    from ..prepare.folder import generate_files
+
+    files, replace, notes = generate_files(inputs, image, mask_image, pose, mask_video, replace)
+    for note in notes:
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
     if (width is None) != (height is None):
         raise UserError("give both --width and --height, or neither")
     settings = GenerationSettings.build(
@@ -145,8 +154,8 @@ def generate(
     memory = MemorySettings(device=device, profile=profile, attention=attention, text_encoder=text_encoder,
                             vae_tile=vae_tile, vram_budget=None if vram_budget is None else _gb(vram_budget),
                             prompt_cache=prompt_cache)
-    _run_generation(model, InputFiles(image, mask_image, pose, mask_video), prompt, negative_prompt, settings, memory,
-                    lora_args(lora), output, save_frames, preview)
+    _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora), output, save_frames,
+                    preview)
 
 
 def _gb(value: float) -> int:
