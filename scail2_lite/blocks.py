@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,20 @@ from .rope import apply_rope
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224px: 1 class token + 16x16 patches
 
 
+class TokenSplit(Protocol):
+    """The packed sequence split across processes (`distributed.Ulysses`): the blocks run on this process's share
+    of the tokens and only self-attention sees them all. The model calls it and knows nothing of ranks."""
+
+    def scatter(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This process's share of `t` along its token axis `dim`."""
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The shares of every process, (B, share, C) -> (B, L, C)."""
+
+    def self_attention(self, qkv: list[torch.Tensor], backend: str) -> torch.Tensor:
+        """`attention.self_attention` for q, k, v holding this process's tokens."""
+
+
 @dataclass(frozen=True)
 class Kernels:
     """How the blocks compute, chosen per run (the memory plan's, or the user's) and passed into every forward.
@@ -27,11 +42,19 @@ class Kernels:
     `attention`: a resolved backend name (`attention.resolve`). `attn_chunk` / `ffn_chunk` (0 = one shot): tokens per
     chunk of the per-token work around the attentions (norm1 and modulation, q/k/v with RMSNorm and RoPE, norm3 and
     the cross-attention) and of norm2 + modulation + FFN. Every chunked op is per token: chunking changes no number.
+    `split`: the token split across processes (None: this process holds every token).
     """
 
     attention: str = "sdpa"
     attn_chunk: int = 0
     ffn_chunk: int = 0
+    split: TokenSplit | None = None
+
+    def self_attention(self, qkv: list[torch.Tensor]) -> torch.Tensor:
+        """Self-attention of the block's q, k, v (taken over), through the token split when there is one."""
+        if self.split is None:
+            return self_attention(qkv, self.attention)
+        return self.split.self_attention(qkv, self.attention)
 
 
 def linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +227,7 @@ class SCAIL2Block(nn.Module):
 
         # q, k, v are handed over, not held here: a converting backend frees each once it has its copy
         qkv = list(self.self_attn(_normed(self.norm1, x, dtype, attn_chunk, m0, m1), freqs, attn_chunk))
-        y = self_attention(qkv, kernels.attention).flatten(2)
+        y = kernels.self_attention(qkv).flatten(2)
         x.addcmul_(self.self_attn.o(y), m2)
         del y
 

@@ -79,7 +79,7 @@ class Conditions:
 class Embedded:
     """Everything the block loop and the head need, computed once per forward by `SCAIL2Model.embed`."""
 
-    x: torch.Tensor  # (B, L, dim) float32 residual stream, L = ref + video + pose tokens
+    x: torch.Tensor | None  # (B, L, dim) float32 residual stream, L = ref + video + pose tokens (run_blocks takes it)
     e: torch.Tensor  # (B, dim) float32 time embedding (for the head)
     e0: torch.Tensor  # (B, 6, dim) float32 time projection (for the blocks)
     freqs: tuple[torch.Tensor, torch.Tensor]  # RoPE cos, sin: (L, head_dim/2) float32
@@ -179,11 +179,19 @@ class SCAIL2Model(nn.Module):
     # ---- blocks and head --------------------------------------------------------------------------------------
 
     def run_blocks(self, emb: Embedded, context: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        """The block loop; each block called once, in order, as `block(x, e0, context, freqs, kernels)`."""
-        x = emb.x
+        """The block loop; each block called once, in order, as `block(x, e0, context, freqs, kernels)`.
+
+        With a token split (`kernels.split`) the blocks run on this process's share of the tokens and the shares
+        are gathered after the last block; the full input stream is dropped from `emb` meanwhile, so that only the
+        share stays alive through the blocks."""
+        split = kernels.split
+        x, freqs = emb.x, emb.freqs
+        if split is not None:
+            x, freqs = split.scatter(x, 1), (split.scatter(freqs[0], 0), split.scatter(freqs[1], 0))
+            emb.x = None
         for block in self.blocks:
-            x = block(x, emb.e0, context, emb.freqs, kernels)
-        return x
+            x = block(x, emb.e0, context, freqs, kernels)
+        return x if split is None else split.gather(x)
 
     def unembed(self, x: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Head on the video tokens only (ref skipped, pose dropped), unpatchified to (B, out_dim, T, H, W) float32."""

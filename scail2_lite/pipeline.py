@@ -29,6 +29,7 @@ from . import conditioning as cond
 from . import media
 from .cache import PromptCache, file_identity
 from .config import DEFAULT_NEGATIVE_PROMPT
+from .distributed import Ranks, Split
 from .encoders import CLIP_FILE, UMT5_DIR, encode_image, encode_text, load_clip, load_text_encoder
 from .errors import UserError
 from .inputs import InputFiles, Inputs, load_inputs
@@ -100,12 +101,13 @@ class Pipeline:
     """SCAIL-2 generation. Build with `from_pretrained`; call with the user's inputs."""
 
     def __init__(self, folder: ModelFolder, dit: torch.nn.Module, model: ModelDescription, memory: MemorySettings,
-                 device: torch.device) -> None:
+                 device: torch.device, ranks: Ranks | None = None) -> None:
         self.folder = folder
         self.dit = dit
         self.model = model  # what the checkpoint is (after LoRAs: not mappable); text_encoder = the scheme used
         self.memory = memory
         self.device = device
+        self.ranks = ranks or Ranks(device=device)  # the processes making this video (distributed.py)
         self._vae: WanVAE | None = None
 
     @classmethod
@@ -124,7 +126,8 @@ class Pipeline:
             memory or MemorySettings())
         folder = ModelFolder(Path(path))
         folder.check()
-        device = parse_device(memory.device)
+        ranks = Ranks.join(memory.parallel, parse_device(memory.device))
+        device = ranks.device
         model = describe_model(folder.root)
         model = dataclasses.replace(model, text_encoder=memory.text_encoder or model.text_encoder)
         # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
@@ -134,7 +137,7 @@ class Pipeline:
             model = model.without_mapping()
         dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras,
                        map_blocks=device.type == "cuda" and model.mappable)
-        return cls(folder, dit, model, memory, device)
+        return cls(folder, dit, model, memory, device, ranks)
 
     # ---- phases ------------------------------------------------------------------------------------------------
 
@@ -189,20 +192,21 @@ class Pipeline:
         compare plans need not load the DiT again. The device and the DiT's placement on disk stay."""
         model = dataclasses.replace(self.model, text_encoder=memory.text_encoder or self.model.text_encoder)
         return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
-                        self.device)
+                        self.device, self.ranks)
 
-    def make_plan(self, height: int, width: int, frames: int) -> Plan | None:
-        """The memory plan for one segment of this size on this machine. On CPU there is nothing to plan unless a
-        profile is forced (the streamer then runs with synchronous copies: how the tests check profiles)."""
+    def make_plan(self, height: int, width: int, frames: int, split: Split = Split()) -> Plan | None:
+        """The memory plan of this rank for one segment of this size on this machine: its share of the tokens
+        (`split.sequence`) and of the host's RAM (ranks on one host share it). On CPU there is nothing to plan
+        unless a profile is forced (the streamer then runs with synchronous copies: how the tests check profiles)."""
         if self.device.type != "cuda" and self.memory.profile is None:
             return None
         from .offload.planner import detect_memory, plan
 
         free, _, ram = detect_memory()
         m = self.model
-        return plan(m.config, height, width, frames, free, ram, profile=self.memory.profile,
+        return plan(m.config, height, width, frames, free, ram // self.ranks.local_world, profile=self.memory.profile,
                     vram_budget=self.memory.vram_budget, weights=m.dit_scheme, text_encoder=m.text_encoder,
-                    mappable=m.mappable)
+                    mappable=m.mappable, sequence_split=split.sequence)
 
     # ---- generation --------------------------------------------------------------------------------------------
 
@@ -226,11 +230,17 @@ class Pipeline:
         written atomically (no partial file on error or Ctrl-C).
 
         `progress` shows the phases; `recorder` (a `profiling.PhaseRecorder`) times them; `on_latents(segment,
-        latents)` sees each segment's final latents (tests compare profiles with it)."""
+        latents)` sees each segment's final latents (tests compare profiles with it).
+
+        Under several ranks (distributed.py) every rank calls this alike; rank 0 alone writes `output` and shows
+        `progress`."""
         settings = settings or GenerationSettings()
         if setting_fields:
             settings = settings.with_changes(**setting_fields)
         s = settings
+        split = self.ranks.split(self.memory.parallel, s.uses_cfg, self.model.config.num_heads)
+        if not split.is_main:
+            output, progress = None, None
         timer = recorder if recorder is not None else PhaseRecorder(self.device)
         make_scheduler(s.solver, s.steps, s.shift)  # the shift must suit the solver: checked before heavy work
         step_cache = StepCache(s.cache, s.cache_threshold, store_device="cpu")
@@ -242,7 +252,7 @@ class Pipeline:
         total_frames = segments[-1][1]  # segments overlap within the driving video: its frames 0 .. end - 1
         h, w = inputs.size
         fps = s.fps or inputs.fps
-        mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0])
+        mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0], split)
         vae_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
             mem_plan.profile.vae_tile if mem_plan else None)
 
@@ -291,7 +301,7 @@ class Pipeline:
                         if hist_lat is not None:
                             latents[:, :, : hist_lat.shape[2]] = hist_lat
                         v = self._velocity_with_fallback(placement, step_cache, latents, t, conditions, ctx,
-                                                         s.guidance, dit_dtype)
+                                                         s.guidance, dit_dtype, split)
                         latents = sampler.step(v, t, latents)
                     step_seconds.append(time.perf_counter() - t0)
                     tasks.advance(steps_task, step_seconds=sum(step_seconds))
@@ -317,7 +327,8 @@ class Pipeline:
             final_plan, fallbacks, attention = placement.plan, placement.fallbacks, placement.kernels.attention
             streamers_built = placement.streamers_built
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
-                   text_encoder=self.model.text_encoder, device=str(self.device), attention=attention)
+                   text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
+                   parallel=split.describe())
         if final_plan is not None:
             run.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
                        plan=final_plan.reason, streamers_built=streamers_built)
@@ -342,16 +353,18 @@ class Pipeline:
                     raise out_of_memory() from None
 
     def _velocity(self, placement: DitPlacement, cache: StepCache, latents: torch.Tensor, t: torch.Tensor,
-                  conditions: Conditions, ctx: list[torch.Tensor], guidance: float, dtype: torch.dtype) -> torch.Tensor:
-        """One DiT evaluation per CFG branch (batch 1 each), combined on CPU in fp32. `conditions` are already on
-        the device in the DiT's dtype."""
+                  conditions: Conditions, ctx: list[torch.Tensor], guidance: float, dtype: torch.dtype,
+                  split: Split) -> torch.Tensor:
+        """One DiT evaluation per CFG branch (batch 1 each; under a CFG split, this rank's branch, the other's
+        output exchanged), combined on CPU in fp32. `conditions` are already on the device in the DiT's dtype."""
         x = latents.to(self.device, dtype)
         tt = torch.full((1,), float(t), device=self.device)
-        kernels = placement.kernels
+        kernels = dataclasses.replace(placement.kernels, split=split.tokens)
         outs = []
-        for name, c in zip(("cond", "uncond"), ctx):
-            with cache.branch(name):
-                outs.append(self.dit.forward_with_context(x, tt, c, conditions, kernels, cache).float().cpu())
+        for i in split.branches(len(ctx)):
+            with cache.branch(("cond", "uncond")[i]):
+                outs.append(self.dit.forward_with_context(x, tt, ctx[i], conditions, kernels, cache).float())
+        outs = [o.cpu() for o in split.exchange(outs)]
         return cfg(outs[0], outs[1], guidance) if len(outs) == 2 else outs[0]
 
 

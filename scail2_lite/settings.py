@@ -25,6 +25,8 @@ from .errors import UserError
 Solver = Literal["unipc", "dpm++", "euler", "lcm"]
 CacheMode = Literal["off", "teacache", "magcache"]
 TextEncoderScheme = Literal["bf16", "int8", "nf4"]
+ParallelMode = Literal["auto", "cfg", "ulysses", "off"]  # distributed.py says what each does
+PARALLEL_MODES: tuple[str, ...] = ("auto", "cfg", "ulysses", "off")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
@@ -99,7 +101,8 @@ class MemorySettings:
     """Where and how a run computes. None = decided per run: `device` cuda when available; `profile` the fastest
     that fits (see `scail2-lite profile`); `vram_budget` (bytes) the free VRAM; `attention` the profile's;
     `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's.
-    `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py)."""
+    `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py).
+    `parallel`: how several processes (torchrun) split a run: auto, cfg, ulysses or off (distributed.py)."""
 
     device: str | None = None
     profile: str | None = None
@@ -108,6 +111,7 @@ class MemorySettings:
     text_encoder: TextEncoderScheme | None = None
     vae_tile: int | None = None
     prompt_cache: bool = True
+    parallel: ParallelMode = "auto"
 
     def __post_init__(self) -> None:
         from .attention import resolve
@@ -124,6 +128,7 @@ class MemorySettings:
             load_profile(self.profile)
         if self.attention is not None:
             resolve(self.attention)
+        _choice(self.parallel, PARALLEL_MODES, "--parallel")
 
     def with_changes(self, **changes: Any) -> "MemorySettings":
         """A copy with some fields changed (validated again)."""

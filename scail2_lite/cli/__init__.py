@@ -31,20 +31,36 @@ for _noisy in _NOISY:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn UserError (and Ctrl-C) into one red line and a non-zero exit instead of a traceback."""
+    """Turn UserError (and Ctrl-C) into one red line and a non-zero exit instead of a traceback. Under several
+    ranks (torchrun) the first rank to fail says why, whatever the error, and the others stay quiet."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .. import distributed
+
         try:
             return fn(*args, **kwargs)
         except (UserError, QuantizeError) as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            _say(distributed.claim_failure(), f"[red]error:[/red] {e}")
             raise typer.Exit(UserError.exit_code) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]")
+            _say(distributed.is_main_process(), "[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None
+        except Exception as e:
+            if not distributed.in_group():
+                raise
+            _say(distributed.claim_failure(), f"[red]error:[/red] {distributed.failure_prefix()}"
+                 f"{type(e).__name__}: {e}".replace("\n", " "))
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _say(shown: bool, line: str) -> None:
+    """One line on stderr, also from a rank whose console is otherwise quiet."""
+    if shown:
+        console.quiet = False
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def lora_args(loras: list[str]) -> list[tuple[str, float]]:

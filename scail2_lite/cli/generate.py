@@ -39,13 +39,15 @@ def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.progress import TimeRemainingColumn
 
-    from .. import media
+    from .. import distributed, media
     from ..pipeline import Pipeline
 
     if output.suffix.lower() != ".mp4":
         raise UserError(f"-o {output}: the output must be an .mp4 file")
     if not output.parent.is_dir():
         raise UserError(f"-o {output}: folder {output.parent} does not exist")
+    main = distributed.is_main_process()
+    console.quiet = not main  # under torchrun rank 0 speaks for all (errors excepted: cli.user_errors)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _SecondsPerIt(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -53,7 +55,9 @@ def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt
         pipe = Pipeline.from_pretrained(model, memory, loras=loras)
         bar.update(loading, description="DiT loaded", total=1, completed=1)
         result = pipe(files, prompt, negative_prompt, settings, output=output, progress=bar,
-                      keep_frames=save_frames is not None or preview)
+                      keep_frames=main and (save_frames is not None or preview))
+    if not main:
+        return
     if save_frames is not None:
         media.save_frames(save_frames, result.frames)
     if preview:  # the inputs are read again at the output size, next to the result
@@ -133,6 +137,9 @@ def generate(
     cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", help="higher skips more "
                                                     "\\[default: teacache 0.20, magcache 0.12]"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)"),
+    parallel: str = typer.Option("auto", "--parallel", help="under `torchrun --nproc-per-node N`: cfg (the two CFG "
+                                 "branches side by side), ulysses (the tokens split, N dividing 40), auto (cfg when "
+                                 "guidance > 1 and N even, with ulysses inside each half; else ulysses) or off"),
     prompt_cache: bool = typer.Option(True, "--prompt-cache/--no-prompt-cache", help="reuse the prompt embeddings "
                                       "of an earlier run with the same text encoder (kept in the user cache folder)"),
     output: Path = typer.Option(Path("scail2.mp4"), "-o", "--output", help="mp4 to write"),
@@ -140,8 +147,10 @@ def generate(
     preview: bool = typer.Option(False, "--preview", help="also write a side-by-side reference | driving | result"),
 ) -> None:
     """Animate the reference character with the driving video (or replace the character in it)."""
+    from ..distributed import is_main_process
     from ..prepare.folder import generate_files
 
+    console.quiet = not is_main_process()
     files, replace, notes = generate_files(inputs, image, mask_image, pose, mask_video, replace)
     for note in notes:
         console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
@@ -153,7 +162,7 @@ def generate(
         cache_threshold=cache_threshold, replace=replace)
     memory = MemorySettings(device=device, profile=profile, attention=attention, text_encoder=text_encoder,
                             vae_tile=vae_tile, vram_budget=None if vram_budget is None else _gb(vram_budget),
-                            prompt_cache=prompt_cache)
+                            prompt_cache=prompt_cache, parallel=parallel)
     _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora), output, save_frames,
                     preview)
 

@@ -59,6 +59,9 @@ FFN_CHUNK_BYTES = 12  # fp32 norm2 + bf16 input/output per token of a chunk ...
 FFN_INNER_BYTES = 4  # ... plus bf16 (tokens x ffn_dim) twice (Linear output, GELU output)
 # int8 q and k plus v's fp16 copy, in part: bench_attention measured +1.47 GB at 704p and +0.74 GB at 512p.
 SAGE_BYTES = 3
+# Ulysses (distributed.py): a rank's q, k, v and attention output are exchanged one at a time, each through a send
+# and a receive buffer of its share: two bf16 activations of the share beside the self-attention's.
+ALL_TO_ALL_BYTES = 4
 MODEL_DTYPE_BYTES = 2
 
 RESERVED_FACTOR = 1.10  # caching allocator: reserved / allocated at the peak
@@ -203,6 +206,7 @@ class Plan:
     ram_available: int
     reason: str
     mappable: bool = True  # blocks read from the quantized shards (not held in RAM between uses)
+    sequence_split: int = 1  # ranks sharing the tokens (Ulysses): this plan is one rank's
 
     @property
     def streamed_blocks(self) -> int:
@@ -228,18 +232,23 @@ class Plan:
 
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
-    text_encoder: str = "nf4", mappable: bool = True,
+    text_encoder: str = "nf4", mappable: bool = True, sequence_split: int = 1,
 ) -> dict[str, PhaseMemory]:
     """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks.
 
     RAM (resident set, file pages included): the non-block layers; the blocks only when they cannot be read from
     a quantized folder's shards (`mappable` False: the whole DiT stays in RAM, the pinned buffer replacing the
     streamed blocks' copies); else the pinned buffer of the streamed blocks (or the two-block staging ring of
-    disk-mapped profiles) once the DiT is placed."""
-    n = tokens(config, height, width, frames)
+    disk-mapped profiles) once the DiT is placed.
+
+    Under a sequence split of N ranks (Ulysses) each rank's blocks hold 1/N of the tokens (its self-attention: all
+    tokens with 1/N of the heads, the same bytes) plus the all-to-all buffers; weights are the same on every rank."""
+    n = -(-tokens(config, height, width, frames) // sequence_split)
     blk = block_bytes(config, quantization)
     streamed = config.num_layers - resident_blocks
     stages = block_activation_stages(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
+    if sequence_split > 1:
+        stages["self_attn"] += ALL_TO_ALL_BYTES * n * config.dim
     if profile.stream_unit is StreamUnit.LAYER and streamed:
         held = layer_stream_held(config, quantization)
         streaming = streamed * unit_bytes(config, quantization)["rest"]
@@ -279,15 +288,17 @@ def predict(
 def resolve(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, vram_budget: int, ram_available: int,
     weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True,
+    sequence_split: int = 1,
 ) -> Plan:
     """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget."""
     quant = weights
     n = tokens(config, height, width, frames)
 
     def make(resident: int, why: str) -> Plan:
-        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable)
+        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable,
+                         sequence_split)
         return Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases, int(vram_budget),
-                    int(ram_available), why, mappable)
+                    int(ram_available), why, mappable, sequence_split)
 
     if profile.resident_blocks == "all":
         return make(config.num_layers, reason)
@@ -316,11 +327,13 @@ def plan(
     weights: str = "bf16",
     text_encoder: str = "nf4",
     mappable: bool = True,
+    sequence_split: int = 1,
 ) -> Plan:
     """The fastest profile that fits `vram_bytes` of free VRAM (capped by `vram_budget`) and `ram_bytes` of RAM.
 
     `weights` / `text_encoder`: the quantization of the loaded DiT and of umT5. `mappable`: whether the DiT's blocks can be memory-mapped from disk (our quantized folder); if not,
-    profiles that stream from the mapped file are left out. With `profile` given the plan uses it even if it
+    profiles that stream from the mapped file are left out. `sequence_split`: ranks sharing the tokens (the plan
+    is one rank's; the caller divides the host's RAM among its ranks). With `profile` given the plan uses it even if it
     does not fit (`plan.fits` says so)."""
     if weights not in QUANTIZATIONS:
         raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
@@ -330,16 +343,18 @@ def plan(
     if profile is not None:
         chosen = profile if isinstance(profile, Profile) else load_profile(profile)
         return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
-                       text_encoder, mappable)
+                       text_encoder, mappable, sequence_split)
     candidates = [p for p in list_profiles() if mappable or p.weight_source is not WeightSource.MMAP]
     for p in candidates:
-        result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable)
+        result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable,
+                         sequence_split)
         if result.fits:
             faster = [c.name for c in candidates if c.speed_rank < p.speed_rank]
             why = "fastest profile" if not faster else f"fastest that fits ({', '.join(faster)} need more memory)"
             return dataclasses.replace(result, reason=why)
     lightest = min(
-        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable)
+        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable,
+                         sequence_split)
          for p in candidates),
         key=lambda r: (r.peak_vram_reserved > budget, r.peak_ram > ram_bytes, r.peak_vram_reserved),
     )
@@ -359,7 +374,7 @@ def lighter(current: Plan) -> Plan | None:
         candidate = resolve(p, current.config, current.height, current.width, current.frames, budget,
                             current.ram_available, current.quantization,
                             f"fallback after out of memory under {current.profile.name}", current.text_encoder,
-                            current.mappable)
+                            current.mappable, current.sequence_split)
         if candidate.fits:
             return candidate
     return None
