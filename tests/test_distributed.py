@@ -1,6 +1,7 @@
 """Several processes make one video (distributed.py) with gloo on CPU: the latents are those of one process, bit for
 bit (every op outside self-attention is per token, self-attention per head, the CFG exchange copies values), for the
-CFG split, Ulysses over 2 and 4 ranks and both combined, in animation and replacement, with streaming on.
+CFG split, Ulysses and both combined, in animation and replacement (two segments: history carried), with streaming
+on; the DiT forward with Ulysses over 2 and 4 ranks (uneven shares, token chunks, a block streamer) likewise.
 
 The workers are forked (no second import of torch) and each scenario runs inside one process group."""
 
@@ -17,8 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
+from scail2_lite.blocks import Kernels
 from scail2_lite.distributed import Ranks, shares
 from scail2_lite.errors import UserError
 from scail2_lite.inputs import InputFiles
@@ -26,9 +27,12 @@ from scail2_lite.config import DiTConfig
 from scail2_lite.offload.planner import block_bytes, nonblock_bytes, plan
 from scail2_lite.pipeline import Pipeline
 from scail2_lite.settings import MemorySettings
-from scail2_lite.synth import synth
+from scail2_lite.model import SCAIL2Model
+from scail2_lite.offload.streamer import BlockStreamer
+from scail2_lite.synth import synth, tiny_config
 
-from test_golden import GOLDEN, SETTINGS
+from conftest import run_model
+from test_golden import SETTINGS
 
 
 def _port() -> int:
@@ -42,22 +46,56 @@ def _files(folder: Path) -> InputFiles:
     return InputFiles(inputs / "ref.png", inputs / "ref_mask.png", inputs / "driving.mp4", inputs / "driving_mask.mp4")
 
 
+# Small enough for 2 shared cores (the VAE dominates): two segments of 5 frames (history carried), 2 steps, CFG.
+SMALL = SETTINGS.with_changes(size=(64, 64), frames=9, segment_len=5, segment_overlap=1)
+
+
+def _generate(pipe: Pipeline, folder: Path, name: str, guidance: float, output: Path | None = None):
+    latents: list[torch.Tensor] = []
+    result = pipe(_files(folder), "a person dancing", "", SMALL.with_changes(
+        replace=name.startswith("replace"), guidance=guidance), output=output, on_latents=lambda k, z: latents.append(z))
+    return latents, result
+
+
 def _worker(rank: int, world: int, port: int, folder: Path, out: Path, runs: list[tuple[str, str, str | None, float]]):
     """Each run: (name, parallel mode, profile, guidance); writes `out/name.rank.pt` (latents per segment)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        _model_forward(rank, world, out)
         for name, mode, profile, guidance in runs:
             pipe = Pipeline.from_pretrained(folder, MemorySettings(device="cpu", profile=profile, prompt_cache=False,
                                                                    parallel=mode))
-            latents: list[torch.Tensor] = []
-            result = pipe(_files(folder), "a person dancing", "", SETTINGS.with_changes(
-                replace=name.startswith("replace"), guidance=guidance), output=out / f"{name}.{rank}.mp4",
-                on_latents=lambda k, z: latents.append(z))
+            latents, result = _generate(pipe, folder, name, guidance, out / f"{name}.{rank}.mp4")
             torch.save({"latents": latents, "parallel": result.settings["parallel"],
                         "output": str(result.output)}, out / f"{name}.{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _model_inputs() -> tuple[SCAIL2Model, dict[str, torch.Tensor]]:
+    """The tiny DiT and inputs whose 285 tokens split unevenly over 2 and 4 ranks."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = SCAIL2Model(config).eval()
+    t, h, w = 3, 12, 20
+    return model, {
+        "x": torch.randn(1, 16, t, h, w), "t": torch.tensor([700.0]), "context": torch.randn(1, 7, config.text_dim),
+        "clip_fea": torch.randn(1, 257, config.clip_dim), "pose_latents": torch.randn(1, 16, t, h // 2, w // 2),
+        "driving_masks": torch.rand(1, config.mask_dim, t, h // 2, w // 2),
+        "ref_latents": torch.randn(1, 16, 1, h, w), "ref_masks": torch.rand(1, config.mask_dim, 1 + t, h, w),
+    }
+
+
+def _model_forward(rank: int, world: int, out: Path) -> None:
+    """The DiT forward with this rank's Ulysses share, animation and replacement, with a block streamer."""
+    model, inputs = _model_inputs()
+    ranks = Ranks(rank, world)
+    split = ranks.split("ulysses", True, model.config.num_heads)
+    with BlockStreamer(model, "cpu", resident_blocks=1, prefetch=0):
+        got = [run_model(model, inputs, replace, Kernels(attn_chunk=40, ffn_chunk=30, split=split.tokens))
+               for replace in (False, True)]
+    torch.save(got, out / f"model.{rank}.pt")
 
 
 def _spawn(world: int, folder: Path, out: Path, runs: list) -> None:
@@ -69,39 +107,38 @@ def folder(tmp_path_factory) -> Path:
     return synth(tmp_path_factory.mktemp("dist") / "scail2", scale="tiny", fmt="sat", seed=0)
 
 
-def _check(out: Path, name: str, world: int, parallel: str, golden_mode: str | None) -> list[torch.Tensor]:
-    """Every rank holds the same latents; only rank 0 wrote the video; those latents are returned."""
+@pytest.fixture(scope="module")
+def alone(folder) -> dict[tuple[str, float], list[torch.Tensor]]:
+    """Latents of this process alone, the references: (mode, guidance) -> latents per segment."""
+    pipe = Pipeline.from_pretrained(folder, device="cpu", prompt_cache=False, parallel="off")
+    return {(name, g): _generate(pipe, folder, name, g)[0] for name, g in (("animate", 5.0), ("replace", 5.0))}
+
+
+def _check(out: Path, name: str, world: int, parallel: str, expected: list[torch.Tensor]) -> None:
+    """Every rank holds the latents of one process, bit for bit; only rank 0 wrote the video."""
     runs = [torch.load(out / f"{name}.{r}.pt") for r in range(world)]
     assert runs[0]["parallel"] == parallel
-    for r in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(runs[0]["latents"], r["latents"]))
+    for r in runs:
+        assert len(r["latents"]) == len(expected) == 2
+        assert all(torch.equal(a, b) for a, b in zip(r["latents"], expected)), name
     assert (out / f"{name}.0.mp4").is_file() and runs[0]["output"] == str(out / f"{name}.0.mp4")
     assert not any((out / f"{name}.{r}.mp4").exists() for r in range(1, world)) and runs[1]["output"] == "None"
-    if golden_mode is not None:
-        golden = load_file(GOLDEN)
-        for k, z in enumerate(runs[0]["latents"]):
-            assert torch.equal(z, golden[f"{golden_mode}.{k}"]), f"{name} segment {k}"
-    return runs[0]["latents"]
+    model, inputs = _model_inputs()
+    for replace in (False, True):
+        expected_model = run_model(model, inputs, replace)
+        for r in range(world):
+            assert torch.equal(torch.load(out / f"model.{r}.pt")[replace], expected_model), (r, replace)
 
 
-def test_two_ranks_cfg_and_ulysses_equal_one_process(folder, tmp_path):
-    _spawn(2, folder, tmp_path, [("animate_cfg", "cfg", "8gb", 5.0), ("replace_ulysses", "ulysses", "layers", 5.0),
-                                 ("animate_auto_nocfg", "auto", None, 1.0)])
-    _check(tmp_path, "animate_cfg", 2, "cfg 2 over 2 ranks", "animate")
-    _check(tmp_path, "replace_ulysses", 2, "ulysses 2 over 2 ranks", "replace")
-    # guidance 1: auto runs Ulysses (nothing to split by CFG); the reference is this process alone
-    got = _check(tmp_path, "animate_auto_nocfg", 2, "ulysses 2 over 2 ranks", None)
-    alone: list[torch.Tensor] = []
-    pipe = Pipeline.from_pretrained(folder, device="cpu", prompt_cache=False)
-    pipe(_files(folder), "a person dancing", "", SETTINGS.with_changes(guidance=1.0),
-         on_latents=lambda k, z: alone.append(z))
-    assert all(torch.equal(a, b) for a, b in zip(got, alone))
+def test_two_ranks_cfg_and_ulysses_equal_one_process(folder, alone, tmp_path):
+    _spawn(2, folder, tmp_path, [("animate_cfg", "cfg", "8gb", 5.0), ("replace_ulysses", "ulysses", "layers", 5.0)])
+    _check(tmp_path, "animate_cfg", 2, "cfg 2 over 2 ranks", alone["animate", 5.0])
+    _check(tmp_path, "replace_ulysses", 2, "ulysses 2 over 2 ranks", alone["replace", 5.0])
 
 
-def test_four_ranks_cfg_times_ulysses_and_ulysses_equal_one_process(folder, tmp_path):
-    _spawn(4, folder, tmp_path, [("replace_auto", "auto", "16gb", 5.0), ("animate_ulysses", "ulysses", "lowram", 5.0)])
-    _check(tmp_path, "replace_auto", 4, "cfg 2 x ulysses 2 over 4 ranks", "replace")
-    _check(tmp_path, "animate_ulysses", 4, "ulysses 4 over 4 ranks", "animate")
+def test_four_ranks_cfg_times_ulysses_equal_one_process(folder, alone, tmp_path):
+    _spawn(4, folder, tmp_path, [("replace_auto", "auto", "lowram", 5.0)])
+    _check(tmp_path, "replace_auto", 4, "cfg 2 x ulysses 2 over 4 ranks", alone["replace", 5.0])
 
 
 def test_shares_are_even_and_cover_the_sequence():
@@ -154,7 +191,8 @@ def test_torchrun_cli_one_writer_and_one_error_line(folder, tmp_path):
     ok = _torchrun(folder, tmp_path / "out.mp4", "--parallel", "cfg", "--guidance", "3")
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (tmp_path / "out.mp4").is_file() and ok.stderr.count("scail2-lite generate") == 1
-    assert "cfg 2 over 2 ranks" in ok.stderr
+    assert "cfg 2 over 2 ranks" in " ".join(ok.stderr.split())
     bad = _torchrun(folder, tmp_path / "bad.mp4", "--parallel", "cfg", "--guidance", "1")
     assert bad.returncode != 0 and not (tmp_path / "bad.mp4").exists()
-    assert bad.stderr.count("error: --parallel cfg splits the two CFG branches") == 1, bad.stderr[-3000:]
+    ours = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "--parallel cfg splits the two CFG branches" in ours[0], bad.stderr[-3000:]
