@@ -168,22 +168,9 @@ class Ranks:
     def split(self, mode: str, uses_cfg: bool, heads: int) -> Split:
         """The split `mode` asks for, checked against this run (one clear line when it cannot be done)."""
         n = self.world
-        if n == 1 or mode == "off":
-            if mode in ("cfg", "ulysses"):
-                raise UserError(f"--parallel {mode} needs several processes: launch with `torchrun "
-                                f"--nproc-per-node N $(which scail2-lite) generate ...`")
+        cfg, sequence = layout(mode, n, uses_cfg, heads)
+        if cfg * sequence == 1:
             return Split()
-        if mode == "cfg" and not uses_cfg:
-            raise UserError("--parallel cfg splits the two CFG branches, but this run has --guidance 1 (one branch): "
-                            "use --parallel ulysses or auto")
-        if mode == "cfg" and n % 2:
-            raise UserError(f"--parallel cfg needs an even number of ranks, got {n}")
-        cfg = 2 if mode == "cfg" or (mode == "auto" and uses_cfg and n % 2 == 0) else 1
-        sequence = n // cfg
-        if heads % sequence:
-            valid = ", ".join(str(d * cfg) for d in range(2, heads + 1) if heads % d == 0 and d * cfg <= 16)
-            raise UserError(f"Ulysses splits the {heads} attention heads over {sequence} ranks, which does not divide "
-                            f"them: launch {valid} processes for this split")
         branch, index = divmod(self.rank, sequence)
         # new_group is collective: every rank creates every subgroup, in the same order.
         cfg_group = None
@@ -204,6 +191,28 @@ class Ranks:
         if ranks not in self._groups:
             self._groups[ranks] = dist.new_group(list(ranks))
         return self._groups[ranks]
+
+
+def layout(mode: str, world: int, uses_cfg: bool, heads: int) -> tuple[int, int]:
+    """(CFG groups, ranks per sequence) of `mode` over `world` ranks, checked (one clear line when impossible)."""
+    n = world
+    if n == 1 or mode == "off":
+        if mode in ("cfg", "ulysses"):
+            raise UserError(f"--parallel {mode} needs several processes: launch with `torchrun "
+                            f"--nproc-per-node N $(which scail2-lite) generate ...`")
+        return 1, 1
+    if mode == "cfg" and not uses_cfg:
+        raise UserError("--parallel cfg splits the two CFG branches, but this run has --guidance 1 (one branch): "
+                        "use --parallel ulysses or auto")
+    if mode == "cfg" and n % 2:
+        raise UserError(f"--parallel cfg needs an even number of ranks, got {n}")
+    cfg = 2 if mode == "cfg" or (mode == "auto" and uses_cfg and n % 2 == 0) else 1
+    sequence = n // cfg
+    if heads % sequence:
+        valid = ", ".join(str(d * cfg) for d in range(2, heads + 1) if heads % d == 0 and d * cfg <= 16)
+        raise UserError(f"Ulysses splits the {heads} attention heads over {sequence} ranks, which does not divide "
+                        f"them: launch {valid} processes for this split")
+    return cfg, sequence
 
 
 def shares(length: int, parts: int) -> list[int]:

@@ -319,22 +319,25 @@ def plan_to_json(p: Plan) -> dict:
 
 
 def fits_on(target: ModelDescription, height: int, width: int, frames: int, ram_bytes: int,
-            cards_gb: tuple[int, ...] = CARDS_GB) -> dict[int, Plan | None]:
-    """Card size (GB = 1e9 bytes of VRAM the run may use) -> the plan `plan` picks there, None if nothing fits."""
+            cards_gb: tuple[int, ...] = CARDS_GB, sequence_split: int = 1) -> dict[int, Plan | None]:
+    """Card size (GB = 1e9 bytes of VRAM the run may use) -> the plan `plan` picks there, None if nothing fits
+    (one rank's plan under a sequence split)."""
     out: dict[int, Plan | None] = {}
     for card in cards_gb:
         try:
             out[card] = plan(target.config, height, width, frames, int(card * GB), ram_bytes,
-                             weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable)
+                             weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable,
+                             sequence_split=sequence_split)
         except UserError:
             out[card] = None
     return out
 
 
-def all_profiles(target: ModelDescription, height: int, width: int, frames: int, vram_bytes: int, ram_bytes: int) -> list[Plan]:
+def all_profiles(target: ModelDescription, height: int, width: int, frames: int, vram_bytes: int, ram_bytes: int,
+                 sequence_split: int = 1) -> list[Plan]:
     """Every shipped profile resolved for one card (fastest first), fitting or not."""
     return [resolve(p, target.config, height, width, frames, vram_bytes, ram_bytes, target.dit_scheme, "",
-                    target.text_encoder, target.mappable) for p in list_profiles()]
+                    target.text_encoder, target.mappable, sequence_split) for p in list_profiles()]
 
 
 # ---- measured vs predicted -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Console
 
+from ..config import DEFAULT_GUIDANCE
 from ..errors import UserError
 from . import app, console, user_errors
 
@@ -132,6 +133,10 @@ def profile(
                                           "\\[default: the model's]"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="plan with umT5 in nf4, int8 or bf16 "
                                                "\\[default: the model's]"),
+    gpus: int = typer.Option(1, "--gpus", help="plan one rank of a run over N GPUs of this size (torchrun): its "
+                             "share of the tokens under Ulysses, every weight, 1/N of --ram"),
+    parallel: str = typer.Option("auto", "--parallel", help="the split of --gpus: auto, cfg or ulysses (as generate)"),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", help="with --gpus: 1 = no CFG branch to split"),
     run: bool = typer.Option(False, "--run", help="run the pipeline and measure each phase against the plan"),
     steps: int = typer.Option(2, "--steps", help="denoising steps of --run"),
     image: Optional[Path] = typer.Option(None, "--image", help="reference image \\[default: MODEL/inputs/ref.png]"),
@@ -148,6 +153,7 @@ def profile(
     from .. import profiling
     from ..config import SIZES
     from ..loader import describe_model
+    from ..distributed import layout
     from ..offload.planner import GB, detect_memory, plan
 
     if (model is None) == (synthetic is None):
@@ -159,6 +165,10 @@ def profile(
     for flag, value in (("--vram", vram), ("--ram", ram)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number of GB, got {value:g}")
+    if gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {gpus}")
+    if run and gpus > 1:
+        raise UserError("--run measures this process alone; --gpus only plans (run generate under torchrun)")
     if run:
         if synthetic == "full":
             raise UserError("--run needs weights: write them with `scail2-lite synth --scale full --format wan -o DIR`"
@@ -190,30 +200,39 @@ def profile(
     if vram is None and not free:
         raise UserError("no CUDA GPU here: pass --vram GB (e.g. 8, 12, 16, 24) to plan for a card")
     vram_bytes = int(vram * GB) if vram is not None else free
-    ram_bytes = int(ram * GB) if ram is not None else ram_free
+    host_ram = int(ram * GB) if ram is not None else ram_free
+    ram_bytes = host_ram // gpus  # ranks on one host share its RAM
+    cfg, sequence = layout(parallel if gpus > 1 else "off", gpus, guidance != 1.0, target.config.num_heads)
     chosen, no_fit = None, None
     try:
         chosen = plan(target.config, h, w, n_frames, vram_bytes, ram_bytes, profile=profile_name,
-                      weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable)
+                      weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable,
+                      sequence_split=sequence)
     except UserError as e:
         if str(e).startswith("no profile fits"):
             no_fit = str(e)
         else:
             raise
-    cards = profiling.fits_on(target, h, w, n_frames, ram_bytes)
-    table_plans = profiling.all_profiles(target, h, w, n_frames, vram_bytes, ram_bytes)
+    cards = profiling.fits_on(target, h, w, n_frames, ram_bytes, sequence_split=sequence)
+    table_plans = profiling.all_profiles(target, h, w, n_frames, vram_bytes, ram_bytes, sequence)
     out = Console()
     out.print(f"model: {target.source}; DiT {target.dit_scheme}, umT5 {target.text_encoder}", highlight=False,
               markup=False)
     out.print(f"run: {w}x{h}, {n_frames} frames per segment; card: {vram_bytes / GB:g} GB VRAM"
               f" ({'given' if vram is not None else 'free now'}), {ram_bytes / GB:.1f} GB RAM"
               f" ({'given' if ram is not None else 'available now'})", highlight=False)
+    if gpus > 1:
+        split = " x ".join((["CFG branches over 2"] if cfg == 2 else [])
+                           + ([f"tokens over {sequence} (Ulysses)"] if sequence > 1 else []))
+        out.print(f"per rank of {gpus} GPUs: {split}; each GPU holds every weight and "
+                  f"{'1/' + str(sequence) if sequence > 1 else 'all'} of one branch's activations, "
+                  f"and {ram_bytes / GB:.1f} GB of the host's RAM", highlight=False)
     _print_plan(out, chosen, no_fit, cards, table_plans, vram_bytes, ram_bytes)
     if json_path is not None:
         profiling.write_json(json_path, {
             "version": profiling.REPORT_VERSION, "model": target.source, "weights": target.dit_scheme,
             "text_encoder": target.text_encoder, "height": h, "width": w, "frames": n_frames,
-            "vram": vram_bytes, "ram": ram_bytes, "plan": profiling.plan_to_json(chosen) if chosen else None,
+            "vram": vram_bytes, "ram": ram_bytes, "gpus": gpus, "cfg_split": cfg, "sequence_split": sequence, "plan": profiling.plan_to_json(chosen) if chosen else None,
             "no_fit": no_fit, "fits_on": {str(gb): p.profile.name if p else None for gb, p in cards.items()},
             "profiles": [profiling.plan_to_json(p) for p in table_plans],
         })
