@@ -38,8 +38,8 @@ _FORCED: dict[str, SDPBackend] = {
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", *_FORCED, "sage", "fp8", "int8")
 QUANTIZED = ("sage", "fp8", "int8")  # 8-bit backends: self-attention only
 # `auto` per GPU architecture (compute capability): candidates in order, the first whose kernel builds and runs here
-# wins, anything else (or none usable) is sdpa. cuDNN has FP8 attention on Hopper and B200 only (RESULTS.md has its
-# H100 figures); the order on Hopper follows bench_attention's int8 row there. B200 follows Hopper.
+# wins, anything else (or none usable) is sdpa. cuDNN has FP8 attention on Hopper and B200 only; on the H100 it is
+# faster than ours (bench_attention, RESULTS.md 2026-12-06), so it leads there. B200 follows Hopper.
 AUTO_BY_ARCH: dict[tuple[int, int], tuple[str, ...]] = {
     (8, 0): ("int8",),  # A100
     (8, 6): ("int8",),  # RTX 30xx, A40

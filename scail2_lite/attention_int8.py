@@ -69,16 +69,16 @@ class KernelConfig:
     num_stages: int
 
 
-# Per compute capability (major * 10 + minor). None is timed yet (no device run succeeded, RESULTS.md 2026-12-06):
-# they come from the ahead-of-time builds (`aot_table`): no spills anywhere, and on the ~100 KB shared-memory cards
-# (sm86/89/120) 2 stages, 32-41 KB per CTA, so two CTAs fit an SM. sm90 uses two warpgroups (8 warps) for its
-# 128-row tiles, the layout Triton's wgmma needs; `bench_attention.py --int8-sweep` times the alternatives.
-# Architectures missing here fall back to DEFAULT_CONFIG.
+# Per compute capability (major * 10 + minor). sm90's is the fastest of `bench_attention.py --int8-sweep`'s configs on
+# the H100 (RESULTS.md, 2026-12-06): two warpgroups (8 warps), the layout Triton's wgmma needs, and 128-key tiles.
+# The others are untimed (no such GPU here): they come from the ahead-of-time builds (`aot_table`): no spills, and on
+# the ~100 KB shared-memory cards (sm86/89/120) 2 stages, 32-41 KB per CTA, so two CTAs fit an SM; sm100 follows
+# Hopper's first guess. Architectures missing here fall back to DEFAULT_CONFIG.
 CONFIGS: dict[int, KernelConfig] = {
     80: KernelConfig(128, 64, 4, 3),
     86: KernelConfig(128, 64, 4, 2),
     89: KernelConfig(128, 64, 4, 2),
-    90: KernelConfig(128, 64, 8, 3),
+    90: KernelConfig(128, 128, 8, 3),
     100: KernelConfig(128, 64, 8, 3),
     120: KernelConfig(128, 64, 4, 2),
 }
@@ -240,11 +240,13 @@ if triton is not None:
             y = y - tl.load(mean_ptr + bh * D + cols)[None, :]
         y = tl.where(inside, y, 0.0)
         amax = tl.maximum(tl.max(tl.max(tl.abs(y), axis=1), axis=0), 1e-30)
-        y = y * (127.0 / amax)
+        # div_rn: Triton's `/` on float32 is the GPU's approximate division, which mis-rounds 127 / amax now and then
+        # (the reference's, and the interpreter's, is IEEE): q8 differed from the reference in 6e-5 of its values
+        y = y * tl.div_rn(127.0, amax)
         q = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
         dst = out_ptr + bh.to(tl.int64) * LP * D + rows[:, None] * D + cols[None, :]
         tl.store(dst, q)
-        tl.store(scale_ptr + bh * (LP // BLOCK) + blk, (amax / 127.0) * multiplier)
+        tl.store(scale_ptr + bh * (LP // BLOCK) + blk, tl.div_rn(amax, 127.0) * multiplier)
 
     @triton.jit
     def _quantize_v_kernel(x_ptr, mean_ptr, inv_ptr, out_ptr, L, LP, H, stride_b, stride_l, stride_h,
