@@ -114,7 +114,7 @@ def unswizzle(stored: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
 def _block_scales(exponents: torch.Tensor) -> torch.Tensor:
     """E8M0 exponents (uint8) -> float32 scales, 0 for the zero-block code 0 (as ComfyUI decodes them)."""
     e = exponents.to(torch.int32)
-    return torch.where(e == 0, torch.zeros((), dtype=torch.float32), torch.exp2((e - E8M0_BIAS).to(torch.float32)))
+    return torch.where(e == 0, 0.0, torch.exp2((e - E8M0_BIAS).to(torch.float32)))
 
 
 def _mxfp8_parts(q: torch.Tensor, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,13 +132,16 @@ def dequantize_mxfp8(q: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     return (values * scales[..., None]).reshape(q.shape)
 
 
-def mxfp8_to_rowwise(q: torch.Tensor, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(fp8 weight, per-row float32 scale, relative error vs the mxfp8 weight) in our FP8 layout: each row's
-    scale is its largest block scale, every block is multiplied by its power-of-two ratio to it."""
+def mxfp8_to_rowwise(q: torch.Tensor, stored: torch.Tensor, measure: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """(fp8 weight, per-row float32 scale, relative error vs the mxfp8 weight if `measure`) in our FP8 layout:
+    each row's scale is its largest block scale, every block is multiplied by its power-of-two ratio to it."""
     values, scales = _mxfp8_parts(q, stored)
     row = scales.amax(dim=1)
     row = torch.where(row > 0, row, torch.ones_like(row))  # an all-zero row: scale 1, zeros stay zeros
     rowwise = (values * (scales / row[:, None])[..., None]).reshape(q.shape).to(FP8_DTYPE)
+    if not measure:
+        return rowwise, row, None
     exact = (values * scales[..., None]).reshape(q.shape)
     return rowwise, row, relative_error(exact, rowwise.to(torch.float32) * row[:, None])
 
@@ -196,9 +199,10 @@ def quantize_int8_convrot(w: torch.Tensor, group: int = CONVROT_GROUP) -> tuple[
 
 # ---------------------------------------------------------------- reading a file's tensor stream
 
-def _convert(name: str, layer: dict[str, torch.Tensor], conf: dict, scheme: str) -> torch.Tensor | PreQuantized:
+def _convert(name: str, layer: dict[str, torch.Tensor], conf: dict, scheme: str,
+             measure: bool) -> torch.Tensor | PreQuantized:
     """One quantized layer's weight, in our layout when `scheme` is its natural one (a block Linear), else
-    dequantized to float32."""
+    dequantized to float32; `measure`: record the error the conversion added."""
     fmt = layer_format(conf)
     q, scale = layer["weight"], layer["weight_scale"]
     block_linear = is_quantized_name(name)
@@ -209,23 +213,34 @@ def _convert(name: str, layer: dict[str, torch.Tensor], conf: dict, scheme: str)
         return PreQuantized(q, row, "fp8", error=0.0) if block_linear and scheme == "fp8" else dequantize(q, row)
     if fmt == "mxfp8":
         if block_linear and scheme == "fp8":
-            rowwise, row, err = mxfp8_to_rowwise(q, scale)
+            rowwise, row, err = mxfp8_to_rowwise(q, scale, measure)
             return PreQuantized(rowwise, row, "fp8", error=err)
         return dequantize_mxfp8(q, scale)
     w = dequantize_int8_convrot(q, scale, int(conf.get("convrot_groupsize", CONVROT_GROUP)))
     if block_linear and scheme == "int8":
         ours, s, smooth = quantize_linear(w, "int8")
-        return PreQuantized(ours, s, "int8", smooth=smooth,
-                            error=relative_error(w, dequantize(ours, s, smooth=smooth)))
+        err = relative_error(w, dequantize(ours, s, smooth=smooth)) if measure else None
+        return PreQuantized(ours, s, "int8", smooth=smooth, error=err)
     return w
 
 
-def from_comfy_quant(items: Iterable[tuple[str, torch.Tensor]], scheme: str
-                     ) -> Iterator[tuple[str, torch.Tensor | PreQuantized]]:
+def _to_cpu(item: torch.Tensor | PreQuantized) -> torch.Tensor | PreQuantized:
+    if isinstance(item, torch.Tensor):
+        return item.cpu()
+    smooth = None if item.smooth is None else item.smooth.cpu()
+    return PreQuantized(item.qweight.cpu(), item.scale.cpu(), item.scheme, smooth, item.error)
+
+
+def from_comfy_quant(items: Iterable[tuple[str, torch.Tensor]], scheme: str, measure: bool = False,
+                     device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor | PreQuantized]]:
     """A comfy_quant file's (Wan name, tensor) stream -> our writer's/loader's input. Block Linears whose format maps
-    onto `scheme` (fp8: float8_e4m3fn and mxfp8; int8: int8_convrot) become `PreQuantized` in our layout with the
-    error the conversion added; every other quantized layer is dequantized to float32; input scales are dropped.
-    Holds only the parts of the layer in flight (a file's tensors of one layer are stored together)."""
+    onto `scheme` (fp8: float8_e4m3fn and mxfp8; int8: int8_convrot) become `PreQuantized` in our layout, with the
+    error the conversion added when `measure` (a third of the conversion's time: for `quantize`'s report, not for
+    loading); every other quantized layer is dequantized to float32; input scales are dropped. Holds only the
+    parts of the layer in flight (a file's tensors of one layer are stored together). The conversions compute on
+    `device` (default: the GPU when there is one; an int8_convrot layer takes seconds on a CPU) and their results
+    come back to the CPU."""
+    work = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in items:
         if name.endswith(INPUT_SCALE_SUFFIX):
@@ -237,7 +252,9 @@ def from_comfy_quant(items: Iterable[tuple[str, torch.Tensor]], scheme: str
                 parts[part] = t
                 if len(parts) == 3:
                     del pending[layer]
-                    yield f"{layer}.weight", _convert(f"{layer}.weight", parts, parse_config(parts["config"]), scheme)
+                    conf = parse_config(parts["config"])
+                    on_device = {k: v.to(work) for k, v in parts.items() if k != "config"}
+                    yield f"{layer}.weight", _to_cpu(_convert(f"{layer}.weight", on_device, conf, scheme, measure))
                 break
         else:
             yield name, t

@@ -85,7 +85,7 @@ def quantize_checkpoint(
         if fmt == "comfy-fp8_scaled":
             tensors = from_comfy_fp8(tensors)
         elif comfy_8bit_scheme(fmt):
-            tensors = from_comfy_quant(tensors, dit)
+            tensors = from_comfy_quant(tensors, dit, measure=True)
         if mapped:
             tensors = _merged(tensors, mapped)
         result = write_quantized(

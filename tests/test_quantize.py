@@ -479,7 +479,7 @@ def test_comfy_mxfp8_by_hand_and_into_our_fp8_layout() -> None:
              torch.tensor(1.0)), ("blocks.0.ffn.0.weight", q), ("blocks.0.ffn.0.weight_scale", stored),
              ("blocks.0.ffn.0.bias", torch.ones(200)), ("head.head.comfy_quant", _comfy_config({"format": "mxfp8"})),
              ("head.head.weight", q), ("head.head.weight_scale", stored)]
-    out = dict(from_comfy_quant(items, "fp8"))
+    out = dict(from_comfy_quant(items, "fp8", measure=True))
     assert set(out) == {"blocks.0.ffn.0.weight", "blocks.0.ffn.0.bias", "head.head.weight"}
     pre = out["blocks.0.ffn.0.weight"]
     assert pre.scheme == "fp8" and pre.error == err and torch.equal(pre.dequantized(), ours)
@@ -519,8 +519,9 @@ def test_comfy_int8_convrot_by_hand_and_requantized_into_our_int8_layout() -> No
     conf = _comfy_config({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256, "per_row": True})
     items = [("blocks.1.self_attn.o.comfy_quant", conf), ("blocks.1.self_attn.o.weight", q),
              ("blocks.1.self_attn.o.weight_scale", scale)]
-    pre = dict(from_comfy_quant(items, "int8"))["blocks.1.self_attn.o.weight"]
+    pre = dict(from_comfy_quant(items, "int8", measure=True))["blocks.1.self_attn.o.weight"]
     assert pre.scheme == "int8" and pre.smooth is not None
+    assert dict(from_comfy_quant(items, "int8"))["blocks.1.self_attn.o.weight"].error is None  # loading: not measured
     assert pre.error == relative_error(by_hand, pre.dequantized()) and pre.error < 0.015
     assert relative_error(w, pre.dequantized()) < 0.02  # two INT8 roundings, each ~1%
     float_path = dict(from_comfy_quant(items, "fp8"))["blocks.1.self_attn.o.weight"]
