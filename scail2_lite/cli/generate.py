@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..attention import kernel_name
 from ..config import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SHIFT, DEFAULT_STEPS, SEGMENT_LEN, SEGMENT_OVERLAP
 from ..errors import UserError
 from ..inputs import InputFiles
@@ -85,6 +86,7 @@ def _summary(result, preview: Optional[Path]) -> None:
     console.print(table)
     console.print(", ".join(f"{k} {v}" for k, v in result.settings.items() if v is not None), highlight=False,
                   markup=False)
+    console.print(f"self-attention: {kernel_name(result.settings['attention'])}", highlight=False, markup=False)
     console.print(f"wrote {result.output} ({result.num_frames} frames, {result.fps:g} fps)"
                   + (f" and {preview}" if preview else ""), highlight=False, markup=False)
 
@@ -127,8 +129,9 @@ def generate(
                                           "fastest that fits this GPU and RAM; see `scail2-lite profile`)"),
     vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="GB of VRAM the run may use"),
     attention: Optional[str] = typer.Option(None, "--attention", help="auto, sdpa, flash, cudnn, "
-                                            "efficient, math, sage or fp8 (default: the profile's; auto = fp8 where "
-                                            "installed and supported, else sdpa)"),
+                                            "efficient, math, sage, fp8 or int8 (default: the profile's; auto = by "
+                                            "GPU: cuDNN fp8 on Hopper, our int8 kernel on Ampere, Ada and RTX 50xx, "
+                                            "where it builds; else sdpa)"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:STRENGTH; repeatable (what "
                                    "matched and what was skipped is printed)"),
     lora_full_patches: bool = typer.Option(False, "--lora-full-patches", help=LORA_FULL_PATCHES_HELP),
