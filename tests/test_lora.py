@@ -348,6 +348,8 @@ def test_sat_dpo_lora_loads_safely_and_merges_with_upstreams_rule(model, shapes,
         torch.load(tmp_path / "bias-aware-dpo-lora.pt", weights_only=True)
     lora = load_lora(tmp_path / "bias-aware-dpo-lora.pt", shapes)
     assert lora.matched_keys == len(sat) and not lora.unmatched and not lora.skipped, lora.report()
+    torch.save({"module": sat}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # older torch.save
+    assert read_lora_file(tmp_path / "legacy.pt").keys() == sat.keys()
     assert {u.scale for u in lora.updates} == {1.0}  # no alpha, no rank factor
     assert not any("img" in u.target for u in lora.updates)
 

@@ -68,7 +68,7 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise UserError(f"LoRA {path}: not a readable safetensors file ({e})") from None
     if path.suffix not in PICKLE_SUFFIXES:
         raise UserError(f"LoRA {path}: unknown file type {path.suffix!r} (expected .safetensors, .pt or .pth)")
-    state = state_dict_of(load_safe_pickle(path))
+    state = state_dict_of(load_safe_pickle(path, mmap=False))  # small enough to read; old pickle formats too
     if state is None:
         raise UserError(f"LoRA {path}: expected a dict of tensors")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -96,7 +96,7 @@ _LAYER_NUMBER = re.compile(r"(?<=blocks\.)\d+(?=\.)|(?<=blocks_)\d+(?=_)|(?<=lay
 def _grouped(keys: list[str], show: int = 24) -> str:
     """Keys that differ only in their layer number once, as a pattern with * and a count, in first-seen order."""
     first: dict[str, str] = {}
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for k in keys:
         pattern = _LAYER_NUMBER.sub("*", k)
         first.setdefault(pattern, k)
