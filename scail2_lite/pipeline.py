@@ -32,8 +32,10 @@ from .config import DEFAULT_NEGATIVE_PROMPT
 from .distributed import Ranks, Split
 from .encoders import CLIP_FILE, UMT5_DIR, encode_image, encode_text, load_clip, load_text_encoder
 from .errors import UserError
+from .formats import wan_shapes
 from .inputs import InputFiles, Inputs, load_inputs
 from .loader import ModelDescription, describe_model
+from .lora import LoRA, LoraSource, resolve_loras
 from .model import LATENT_CHANNELS, Conditions
 from .offload.placement import DitPlacement, out_of_memory, release_cached_memory
 from .offload.planner import Plan
@@ -101,8 +103,9 @@ class Pipeline:
     """SCAIL-2 generation. Build with `from_pretrained`; call with the user's inputs."""
 
     def __init__(self, folder: ModelFolder, dit: torch.nn.Module, model: ModelDescription, memory: MemorySettings,
-                 device: torch.device, ranks: Ranks | None = None) -> None:
+                 device: torch.device, loras: tuple[tuple[LoRA, float], ...] = (), ranks: Ranks | None = None) -> None:
         self.folder = folder
+        self.loras = loras  # merged into `dit`, with their match reports
         self.dit = dit
         self.model = model  # what the checkpoint is (after LoRAs: not mappable); text_encoder = the scheme used
         self.memory = memory
@@ -112,13 +115,15 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, memory: MemorySettings | None = None, *,
-                        loras: Sequence[tuple[str | Path, float]] = (), dtype: torch.dtype = torch.bfloat16,
+                        loras: Sequence[LoraSource] = (), dtype: torch.dtype = torch.bfloat16,
                         **memory_fields: object) -> "Pipeline":
         """Load a SCAIL-2 folder (official layout, or a `scail2-lite quantize` output).
 
         The DiT is loaded to CPU RAM; each call places it (all on the GPU, or streamed block by block) with the
         memory plan that fits the size asked for. `memory` (or its fields as keywords: `device="cpu"`,
         `profile="16gb"`, ...) says where and how; the encoders are loaded when needed and released after use.
+        `loras`: `LoraFile`s (file, strength, merge rule) or (file, strength) pairs; `Pipeline.loras` keeps them
+        mapped, each with its match report (`LoRA.report`).
         """
         from .loader import load_dit
 
@@ -133,11 +138,12 @@ class Pipeline:
         # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
         # them from the files, a resident placement copies them to the GPU): RAM holds only the non-block layers.
         # Not with LoRAs: they are merged into the RAM copy, the shards hold the weights without them.
-        if loras:
+        mapped = tuple(resolve_loras(loras, {k: torch.Size(v) for k, v in wan_shapes(model.config).items()}))
+        if mapped:
             model = model.without_mapping()
-        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras,
+        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=mapped,
                        map_blocks=device.type == "cuda" and model.mappable)
-        return cls(folder, dit, model, memory, device, ranks)
+        return cls(folder, dit, model, memory, device, mapped, ranks)
 
     # ---- phases ------------------------------------------------------------------------------------------------
 
@@ -192,7 +198,7 @@ class Pipeline:
         compare plans need not load the DiT again. The device and the DiT's placement on disk stay."""
         model = dataclasses.replace(self.model, text_encoder=memory.text_encoder or self.model.text_encoder)
         return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
-                        self.device, self.ranks)
+                        self.device, self.loras, self.ranks)
 
     def make_plan(self, height: int, width: int, frames: int, split: Split = Split()) -> Plan | None:
         """The memory plan of this rank for one segment of this size on this machine: its share of the tokens
