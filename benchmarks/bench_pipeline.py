@@ -74,7 +74,7 @@ from scail2_lite.config import (  # noqa: E402
     DEFAULT_GUIDANCE,
     DEFAULT_SHIFT,
     DEFAULT_STEPS,
-    FAST_PRESET,
+    LIGHTX2V_4STEP_PRESET,
     SEGMENT_LEN,
     SEGMENT_OVERLAP,
     DiTConfig,
@@ -639,7 +639,8 @@ def main() -> None:
     long.add_argument("--reference", type=Path, default=None,
                       help="a latents_<tag>.pt from an earlier stage-6 call to compare against")
     args = ap.parse_args()
-    base = FAST_PRESET if args.fast else {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "solver": "unipc"}
+    base = LIGHTX2V_4STEP_PRESET.settings() if args.fast else {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
+                                                                "solver": "unipc"}
     if args.cache == "off" and args.cache_threshold is not None:
         ap.error("--cache-threshold needs --cache teacache or magcache")
     try:
@@ -660,7 +661,7 @@ def main() -> None:
         ap.error(str(e))
     if args.fast:
         global STEPS, GUIDANCE, SOLVER
-        STEPS, GUIDANCE, SOLVER = FAST_PRESET["steps"], FAST_PRESET["guidance"], FAST_PRESET["solver"]
+        STEPS, GUIDANCE, SOLVER = base["steps"], base["guidance"], base["solver"]
     stages = {int(x) for x in args.stages.split(",") if x.strip()}
     tiny = args.tiny
     device = torch.device("cpu" if tiny else "cuda")

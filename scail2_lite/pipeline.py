@@ -100,12 +100,13 @@ class Pipeline:
     """SCAIL-2 generation. Build with `from_pretrained`; call with the user's inputs."""
 
     def __init__(self, folder: ModelFolder, dit: torch.nn.Module, model: ModelDescription, memory: MemorySettings,
-                 device: torch.device) -> None:
+                 device: torch.device, loras: Sequence[Path] = ()) -> None:
         self.folder = folder
         self.dit = dit
         self.model = model  # what the checkpoint is (after LoRAs: not mappable); text_encoder = the scheme used
         self.memory = memory
         self.device = device
+        self.loras = tuple(loras)  # the LoRA files merged into the DiT (a distill preset checks for its LoRA)
         self._vae: WanVAE | None = None
 
     @classmethod
@@ -134,7 +135,7 @@ class Pipeline:
             model = model.without_mapping()
         dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras,
                        map_blocks=device.type == "cuda" and model.mappable)
-        return cls(folder, dit, model, memory, device)
+        return cls(folder, dit, model, memory, device, loras=[Path(p) for p, _ in loras])
 
     # ---- phases ------------------------------------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class Pipeline:
         compare plans need not load the DiT again. The device and the DiT's placement on disk stay."""
         model = dataclasses.replace(self.model, text_encoder=memory.text_encoder or self.model.text_encoder)
         return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
-                        self.device)
+                        self.device, self.loras)
 
     def make_plan(self, height: int, width: int, frames: int) -> Plan | None:
         """The memory plan for one segment of this size on this machine. On CPU there is nothing to plan unless a
@@ -222,7 +223,8 @@ class Pipeline:
         **setting_fields: object,
     ) -> Result:
         """Generate a video from `inputs` (the four files, or `Inputs` already read). `settings` (or its fields as
-        keywords: `steps=8`, `size="704p"`, ...) say what to make. With `output`, frames stream into an H.264 mp4
+        keywords: `steps=8`, `size="704p"`, ...) say what to make; `negative_prompt` is upstream's empty string
+        unless given. With `output`, frames stream into an H.264 mp4
         written atomically (no partial file on error or Ctrl-C).
 
         `progress` shows the phases; `recorder` (a `profiling.PhaseRecorder`) times them; `on_latents(segment,
@@ -233,6 +235,7 @@ class Pipeline:
         s = settings
         timer = recorder if recorder is not None else PhaseRecorder(self.device)
         make_scheduler(s.solver, s.steps, s.shift)  # the shift must suit the solver: checked before heavy work
+        warnings = [w for w in (s.preset_warning(self.loras),) if w is not None]
         step_cache = StepCache(s.cache, s.cache_threshold, store_device="cpu")
         tasks = PhaseProgress(progress)
         with timer("inputs"), tasks.phase("reading the inputs"):
@@ -251,7 +254,8 @@ class Pipeline:
         with timer("clip"), tasks.phase("CLIP image encoder"):
             clip_fea = self.encode_clip(inputs.image)
         with timer("vae encode"), tasks.phase("VAE encode"):
-            ref_image = cond.composite_on_black(inputs.image, inputs.ref_mask) if s.replace else inputs.image
+            composite = s.replace and s.composite_reference  # ComfyUI's variant; upstream encodes it as given
+            ref_image = cond.composite_on_black(inputs.image, inputs.ref_mask) if composite else inputs.image
             vae = self.vae(vae_tile)
             ref_latents = _encode(vae, ref_image[:, None], self.device)
             pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device) for a, b in segments]
@@ -327,7 +331,7 @@ class Pipeline:
             run["cache"] = f"{s.cache}: {step_cache.stats}"
         recorded = {k: v for k, v in dataclasses.asdict(s).items() if k not in run}
         return Result(torch.cat(kept, dim=1) if keep_frames else None, total_frames, fps, (h, w), timer.seconds,
-                      step_seconds, timer.peaks, {**recorded, **run}, inputs.warnings,
+                      step_seconds, timer.peaks, {**recorded, **run}, warnings + inputs.warnings,
                       Path(output) if output is not None else None)
 
     def _velocity_with_fallback(self, placement: DitPlacement, *args) -> torch.Tensor:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 from .config import (
     DEFAULT_GUIDANCE,
     DEFAULT_SHIFT,
+    DEFAULT_SOLVER,
     DEFAULT_STEPS,
     GENERATION_PRESETS,
     SEGMENT_LEN,
@@ -25,7 +27,9 @@ from .errors import UserError
 Solver = Literal["unipc", "dpm++", "euler", "lcm"]
 CacheMode = Literal["off", "teacache", "magcache"]
 TextEncoderScheme = Literal["bf16", "int8", "nf4"]
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+MAX_SEED = 2**63 - 1
+# Words in the file names of step-distill LoRAs (LightX2V, Lightning, CausVid-style "step" LoRAs).
+DISTILL_LORA_HINTS = ("lightx2v", "distill", "step", "lightning")  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
 def _choice(value: object, choices: tuple[str, ...], what: str) -> None:
@@ -35,22 +39,26 @@ def _choice(value: object, choices: tuple[str, ...], what: str) -> None:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What to generate. `size` is "512p"/"704p" (orientation from the driving video) or (width, height);
-    `frames` None = the whole driving video; `guidance` 1 runs one DiT forward per step (no CFG branch);
-    `cache` skips DiT forwards that change little (`cache_threshold` None = the mode's default)."""
+    """What to generate. `size` is "512p"/"704p" (orientation from the reference image, as upstream) or (width,
+    height); `frames` None = the whole driving video; `guidance` 1 runs one DiT forward per step (no CFG branch);
+    `cache` skips DiT forwards that change little (`cache_threshold` None = the mode's default).
+    `composite_reference` (replacement mode only) paints the reference black outside its mask before the VAE, as
+    ComfyUI does; upstream encodes the reference as given (the default). `preset` names the recipe the sampling
+    fields came from (config.GENERATION_PRESETS)."""
 
     size: str | tuple[int, int] = "512p"
     frames: int | None = None
     steps: int = DEFAULT_STEPS
     shift: float = DEFAULT_SHIFT
     guidance: float = DEFAULT_GUIDANCE
-    solver: Solver = "unipc"
+    solver: Solver = DEFAULT_SOLVER
     seed: int = 0
     segment_len: int = SEGMENT_LEN
     segment_overlap: int = SEGMENT_OVERLAP
     cache: CacheMode = "off"
     cache_threshold: float | None = None
     replace: bool = False
+    composite_reference: bool = False
     fps: float | None = None
     preset: str | None = None
 
@@ -74,6 +82,8 @@ class GenerationSettings:
         _choice(self.cache, CACHE_MODES, "--cache")
         if self.preset is not None:
             _choice(self.preset, tuple(GENERATION_PRESETS), "--preset")
+        if self.composite_reference and not self.replace:
+            raise UserError("--composite-reference applies to replacement mode only (pass --replace, or drop it)")
 
     @classmethod
     def build(cls, preset: str | None = None, **given: Any) -> "GenerationSettings":
@@ -81,7 +91,7 @@ class GenerationSettings:
         CLI's optional flags and a Python caller's keywords become settings."""
         if preset is not None:
             _choice(preset, tuple(GENERATION_PRESETS), "--preset")
-        values = dict(GENERATION_PRESETS.get(preset, {}))
+        values = GENERATION_PRESETS[preset].settings() if preset is not None else {}
         values.update({k: v for k, v in given.items() if v is not None})
         return cls(preset=preset, **values)
 
@@ -92,6 +102,19 @@ class GenerationSettings:
     @property
     def uses_cfg(self) -> bool:
         return self.guidance != 1.0
+
+    def preset_warning(self, loras: Sequence[str | Path]) -> str | None:
+        """Why this run may give noise: a distill recipe (`preset`) with none of the LoRAs loaded looking like a
+        distill LoRA (judged by file name: "lightx2v", "distill", "step" or "lightning"). None when all is well."""
+        if self.preset is None:
+            return None
+        names = [Path(p).name for p in loras]
+        if any(hint in name.lower() for name in names for hint in DISTILL_LORA_HINTS):
+            return None
+        recipe = GENERATION_PRESETS[self.preset]
+        loaded = f"the LoRAs loaded ({', '.join(names)}) do not look like one" if names else "no LoRA is loaded"
+        return (f"--preset {self.preset} ({recipe.steps} steps, guidance {recipe.guidance:g}) is made for the distill "
+                f"LoRA {recipe.lora} (--lora FILE) and {loaded}: without it the video will be noise")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,31 @@ def test_replacement_mode_and_background_warnings(pipe, folder):
     assert any("replacement mode expects it on" in w for w in repl.warnings)
 
 
+@pytest.mark.parametrize("composite", [False, True])
+def test_replacement_reference_is_encoded_as_given_unless_composited(pipe, folder, monkeypatch, composite):
+    """Upstream VAE-encodes the reference as given; `composite_reference` (ComfyUI's) blacks out its background."""
+    import dataclasses
+
+    import scail2_lite.pipeline as pipeline
+    from scail2_lite.conditioning import composite_on_black
+    from scail2_lite.inputs import load_inputs
+
+    read = load_inputs(files(folder), size=SIZE, replace=True)
+    white = (read.ref_mask > 0.9).all(dim=0, keepdim=True)  # a replacement-mode mask: the figures on black
+    read = dataclasses.replace(read, ref_mask=torch.where(white, -1.0, read.ref_mask))
+    encoded = []
+    original = pipeline._encode
+    monkeypatch.setattr(pipeline, "_encode", lambda vae, video, device: encoded.append(video) or original(
+        vae, video, device))
+    settings = GenerationSettings(size=SIZE, steps=1, replace=True, composite_reference=composite, preset="lightx2v")
+    result = pipe(read, "a person dancing", settings=settings)
+    composited = composite_on_black(read.image, read.ref_mask)
+    assert not torch.equal(composited, read.image)
+    assert torch.equal(encoded[0][:, 0], composited if composite else read.image)
+    # A distill preset without its LoRA says so in the result (the CLI also prints it before loading).
+    assert any("--preset lightx2v" in w and "no LoRA is loaded" in w for w in result.warnings)
+
+
 def test_segments_carry_history(pipe, folder):
     result, latents = run(pipe, folder, segment_len=9, segment_overlap=5)
     assert result.settings["segments"] == 3 and len(latents) == 3

@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from ..config import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SHIFT, DEFAULT_STEPS, SEGMENT_LEN, SEGMENT_OVERLAP
+from ..config import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_SHIFT,
+    DEFAULT_SOLVER,
+    DEFAULT_STEPS,
+    GENERATION_PRESETS,
+    SEGMENT_LEN,
+    SEGMENT_OVERLAP,
+)
 from ..errors import UserError
 from ..inputs import InputFiles
 from ..settings import GenerationSettings, MemorySettings
@@ -32,6 +41,25 @@ class _SecondsPerIt:
         return Column()
 
 
+def _preset_help() -> str:
+    """Each preset's recipe and the distill LoRA file it expects (from config.GENERATION_PRESETS)."""
+    names: dict[int, list[str]] = {}
+    for name, recipe in GENERATION_PRESETS.items():
+        names.setdefault(id(recipe), []).append(name)
+    parts = []
+    for name, recipe in GENERATION_PRESETS.items():
+        aliases = names[id(recipe)]
+        if name != aliases[0]:
+            continue
+        alias = f" (alias: {', '.join(aliases[1:])})" if len(aliases) > 1 else ""
+        parts.append(f"{name}{alias}: {recipe.steps} steps, shift {recipe.shift:g}, guidance {recipe.guidance:g}, "
+                     f"{recipe.solver}, for --lora {recipe.lora}")
+    return "; ".join(parts)
+
+
+PRESET_HELP = _preset_help()
+
+
 def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt: str,
                     settings: GenerationSettings, memory: MemorySettings, loras: list[tuple[str, float]],
                     output: Path, save_frames: Optional[Path] = None, preview: bool = False) -> None:
@@ -48,6 +76,8 @@ def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt
         raise UserError(f"-o {output}: folder {output.parent} does not exist")
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _SecondsPerIt(), TimeElapsedColumn(), TimeRemainingColumn())
+    if (note := settings.preset_warning([path for path, _ in loras])) is not None:
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False, markup=False)  # before minutes of loading
     with Progress(*columns, console=console) as bar:
         loading = bar.add_task("loading the DiT", total=None)
         pipe = Pipeline.from_pretrained(model, memory, loras=loras)
@@ -60,7 +90,7 @@ def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt
         ref = media.read_image(files.image)
         drive, _ = media.read_video(files.pose, size=result.size, max_frames=result.num_frames)
         preview_path = output.with_name(output.stem + "_preview.mp4")
-        frames = media.side_by_side(media.resize_crop(ref, result.size, "bicubic"), drive, result.frames)
+        frames = media.side_by_side(media.resize_crop(ref, result.size), drive, result.frames)
         media.write_video(preview_path, frames, result.fps)
     _summary(result, preview_path if preview else None)
 
@@ -101,19 +131,24 @@ def generate(
                                           "files and mode (a file flag given replaces its entry)"),
     prompt: str = typer.Option("", "--prompt", help="what the video shows"),
     negative_prompt: str = typer.Option(DEFAULT_NEGATIVE_PROMPT, "--negative-prompt",
-                                        help="unconditional branch of CFG"),
+                                        help="unconditional branch of CFG (upstream: empty)"),
     replace: bool = typer.Option(False, "--replace", help="replace the character in the driving video"),
-    size: str = typer.Option("512p", "--size", help="512p or 704p (orientation follows the driving video)"),
+    composite_reference: bool = typer.Option(False, "--composite-reference", help="with --replace: paint the "
+                                             "reference black outside its mask before encoding it, as ComfyUI does "
+                                             "(upstream encodes it as given)"),
+    size: str = typer.Option("512p", "--size", help="512p or 704p (orientation follows the reference image, as "
+                             "upstream; a square one gives landscape)"),
     width: Optional[int] = typer.Option(None, "--width", help="explicit width (multiple of 32), with --height"),
     height: Optional[int] = typer.Option(None, "--height", help="explicit height (multiple of 32), with --width"),
     frames: Optional[int] = typer.Option(None, "--frames", help="use only the first N driving frames"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="fast: 4 steps, no CFG, lcm, shift 5 (for the "
-                                         "LightX2V 4-step distilled LoRA); explicit flags still win"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"{PRESET_HELP}; explicit flags still win"),
     steps: Optional[int] = typer.Option(None, "--steps", help=f"denoising steps \\[default: {DEFAULT_STEPS}]"),
-    shift: Optional[float] = typer.Option(None, "--shift", help=f"sigma shift \\[default: {DEFAULT_SHIFT}]"),
+    shift: Optional[float] = typer.Option(None, "--shift", help="sigma shift (ComfyUI workflows often use 5) "
+                                          f"\\[default: {DEFAULT_SHIFT:g}, upstream's]"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale; 1 skips the unconditional "
                                              f"branch \\[default: {DEFAULT_GUIDANCE}]"),
-    solver: Optional[str] = typer.Option(None, "--solver", help="unipc, dpm++, euler or lcm \\[default: unipc]"),
+    solver: Optional[str] = typer.Option(None, "--solver", help="unipc, dpm++, euler or lcm "
+                                         f"\\[default: {DEFAULT_SOLVER}]"),
     seed: int = typer.Option(0, "--seed"),
     segment_len: int = typer.Option(SEGMENT_LEN, "--segment-len", help="frames per segment (4k+1)"),
     segment_overlap: int = typer.Option(SEGMENT_OVERLAP, "--segment-overlap",
@@ -150,7 +185,7 @@ def generate(
     settings = GenerationSettings.build(
         preset, size=(width, height) if width else size, frames=frames, steps=steps, shift=shift, guidance=guidance,
         solver=solver, seed=seed, segment_len=segment_len, segment_overlap=segment_overlap, cache=cache,
-        cache_threshold=cache_threshold, replace=replace)
+        cache_threshold=cache_threshold, replace=replace, composite_reference=composite_reference)
     memory = MemorySettings(device=device, profile=profile, attention=attention, text_encoder=text_encoder,
                             vae_tile=vae_tile, vram_budget=None if vram_budget is None else _gb(vram_budget),
                             prompt_cache=prompt_cache)
@@ -168,8 +203,9 @@ def _gb(value: float) -> int:
 @user_errors
 def demo(
     output: Path = typer.Option(Path("demo.mp4"), "-o", "--output", help="mp4 to write"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="fast: the 4-step, no-CFG path"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps \\[default: 8, fast: 4]"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="a sampling recipe (see `generate --help`); the "
+                                         "demo checkpoint has no distill LoRA, so it only shows the path runs"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps \\[default: 8, or the preset's]"),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)"),
 ) -> None:
