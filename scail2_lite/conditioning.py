@@ -3,13 +3,13 @@
 Pure tensor code: nothing here calls the VAE. All images and videos are float tensors on the [-1, 1] scale,
 channels first: images (3, H, W), videos (3, T, H, W).
 
-Which tensor goes in at which size (kept consistent with `media.resize_crop` and the pipeline):
-- reference mask: at the full output size (H, W) -> `reference_mask_channels` -> (28, 1+Tl, H/8, W/8).
-- driving mask video: at HALF the output size (H/2, W/2), exactly as the pipeline resizes it (area, center crop)
-  -> `driving_mask_channels` -> (28, Tl, H/16, W/16), no further downsampling. This is ComfyUI's rule
-  (`WanSCAILToVideo` area-resizes the mask to width//2, height//2 and compresses it directly). Upstream resizes
-  to the full size and then halves with a 2x2 average (`half_res`), which is the same up to the resampling filter;
-  a caller holding a full-size mask applies `half_res` first.
+Which tensor goes in at which size (kept consistent with `inputs.load_inputs`, upstream's rules, SPEC section 9):
+- reference mask: bicubic-resized to the full output size (H, W), not thresholded yet -> `reference_mask_channels`
+  -> (28, 1+Tl, H/8, W/8).
+- driving mask video: bicubic-resized to the full size as 8-bit frames, then halved by `half_res` (upstream's
+  bilinear at scale 0.5) -> (3, T, H/2, W/2) -> `driving_mask_channels` -> (28, Tl, H/16, W/16). The colours are
+  thresholded only here, after both resizes, as upstream does. (ComfyUI instead area-resizes the mask straight to
+  half size, and the reference mask nearest-neighbour.)
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ PALETTE: tuple[str, ...] = ("blue", "red", "green", "magenta", "cyan", "yellow")
 TEMPORAL_STRIDE = 4
 SPATIAL_STRIDE = 8
 MASK_CHANNELS = 7 * TEMPORAL_STRIDE
-# composite_on_black keeps a pixel when any mask channel exceeds 0.1 on the [0, 1] scale (ComfyUI's rule).
+# composite_on_black keeps a pixel when any mask channel exceeds 0.1 on the [0, 1] scale (ComfyUI's rule; upstream
+# does not composite at all: `GenerationSettings.composite_reference` opts in).
 COMPOSITE_THRESHOLD = 0.1 * 2 - 1
 
 
@@ -92,13 +93,14 @@ def reference_mask_channels(ref_mask: torch.Tensor, latent_frames: int) -> torch
 
 
 def driving_mask_channels(mask_video: torch.Tensor) -> torch.Tensor:
-    """Driving mask video (3, T, H/2, W/2), already at half the output size -> (28, Tl, H/16, W/16)."""
+    """Driving mask video (3, T, H/2, W/2), already resized and halved (`half_res`) -> (28, Tl, H/16, W/16)."""
     return compress_mask(mask_video)
 
 
 def composite_on_black(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Replacement mode's reference: keep pixels whose mask has any channel above 0.1 on the [0, 1] scale
-    (-0.8 on [-1, 1]), paint the rest black (-1). `image` and `mask` are (3, H, W) at the same size."""
+    """ComfyUI's replacement-mode reference (`--composite-reference`): keep pixels whose mask has any channel above
+    0.1 on the [0, 1] scale (-0.8 on [-1, 1]), paint the rest black (-1). `image` and `mask` are (3, H, W) at the
+    same size. Upstream VAE-encodes the reference as given in both modes."""
     if image.shape != mask.shape:
         mw, mh, iw, ih = mask.shape[-1], mask.shape[-2], image.shape[-1], image.shape[-2]
         raise UserError(f"the reference mask is {mw}x{mh} but the image is {iw}x{ih}")

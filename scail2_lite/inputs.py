@@ -54,9 +54,12 @@ class Inputs:
 
 def load_inputs(files: InputFiles, size: str | tuple[int, int] = "512p", frames: int | None = None,
                 replace: bool = False) -> Inputs:
-    """Read and resize the user's files. Rules (SPEC section 4): aspect-preserving resize then center crop;
-    reference bicubic at output size, its mask nearest (colours stay pure); driving video and its mask area-
-    resized to half the output size. A preset size (512p/704p) follows the driving video's orientation."""
+    """Read and resize the user's files as upstream's `generate.py` does (SPEC section 9): all four are resized
+    bicubic (antialiased) to the full output size with a center crop (`media.resize_crop`), the videos as 8-bit
+    frames; the driving video and its mask are then halved by a 2x2 average (`conditioning.half_res`, upstream's
+    bilinear at scale 0.5). Masks keep the resized values: their colours are thresholded when compressed. A preset
+    size (512p/704p) takes the reference image's orientation; a driving video of the other orientation is cropped
+    to it (a warning says so)."""
     image, mask_image, pose, mask_video = files.image, files.mask_image, files.pose, files.mask_video
     ref = media.read_image(image)
     ref_mask = media.read_image(mask_image)
@@ -65,11 +68,10 @@ def load_inputs(files: InputFiles, size: str | tuple[int, int] = "512p", frames:
             f"the reference mask is {ref_mask.shape[2]}x{ref_mask.shape[1]} but the image is "
             f"{ref.shape[2]}x{ref.shape[1]}: they must have the same size"
         )
-    drive_hw = media.video_size(pose)
-    h, w = media.output_size(size, drive_hw)
-    half = (h // 2, w // 2)
-    driving, fps = media.read_video(pose, size=half, mode="area", max_frames=frames)
-    masks, _ = media.read_video(mask_video, size=half, mode="nearest", max_frames=frames)
+    h, w = media.output_size(size, tuple(ref.shape[1:]))
+    warnings = _orientation_warnings((h, w), tuple(ref.shape[1:]), media.video_size(pose))
+    driving, fps = media.read_video(pose, size=(h, w), max_frames=frames, per_frame=cond.half_res)
+    masks, _ = media.read_video(mask_video, size=(h, w), max_frames=frames, per_frame=cond.half_res)
     if driving.shape[1] != masks.shape[1]:
         raise UserError(
             f"the driving video has {driving.shape[1]} frames but the mask video has {masks.shape[1]}: "
@@ -77,7 +79,23 @@ def load_inputs(files: InputFiles, size: str | tuple[int, int] = "512p", frames:
         )
     if driving.shape[1] < 5:
         raise UserError(f"the driving video needs at least 5 frames, got {driving.shape[1]}")
-    ref = media.resize_crop(ref, (h, w), "bicubic")
-    ref_mask = media.resize_crop(ref_mask, (h, w), "nearest")
-    warnings = cond.check_mask(ref_mask, "reference", replace) + cond.check_mask(masks, "driving", replace)
+    ref = media.resize_crop(ref, (h, w))
+    ref_mask = media.resize_crop(ref_mask, (h, w))
+    warnings += cond.check_mask(ref_mask, "reference", replace) + cond.check_mask(masks, "driving", replace)
     return Inputs(ref, ref_mask, driving, masks, fps or DEFAULT_FPS, warnings)
+
+
+def _orientation_warnings(out_hw: tuple[int, int], ref_hw: tuple[int, int], drive_hw: tuple[int, int]) -> list[str]:
+    """Say when a picture is landscape and the output portrait (or the reverse): the center crop then cuts a
+    large part of it away (a driving video's motion near its edges, or the reference's sides). A preset size
+    follows the reference, so only an explicit size can cross the reference's orientation."""
+    out = media.orientation(out_hw)
+    warnings = []
+    for what, hw, why in (("reference image", ref_hw, "the size was given explicitly"),
+                          ("driving video", drive_hw, "oriented by the reference image, as upstream")):
+        mine = media.orientation(hw)
+        if {mine, out} == {"landscape", "portrait"}:
+            cut = "sides" if mine == "landscape" else "top and bottom"
+            warnings.append(f"the {what} is {mine} ({hw[1]}x{hw[0]}) but the output is {out} "
+                            f"({out_hw[1]}x{out_hw[0]}, {why}): it is center-cropped to fit, its {cut} cut off")
+    return warnings

@@ -13,6 +13,7 @@ import tempfile
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ from .config import DEFAULT_FPS, SIZES
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-RESIZE_MODES = ("bicubic", "nearest", "area")
 
 
 def _av():
@@ -65,14 +65,23 @@ def _natural_key(name: str) -> list:
 
 
 def read_video(
-    path: str | Path, size: tuple[int, int] | None = None, mode: str = "area", max_frames: int | None = None
+    path: str | Path,
+    size: tuple[int, int] | None = None,
+    max_frames: int | None = None,
+    per_frame: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """A video file (mp4, webm, mov, gif, ...) or a folder of numbered images -> ((3, T, H, W), fps).
 
-    Folders are read in natural order (frame2 before frame10) at 16 fps. With `size`, each frame is
-    `resize_crop`ped while decoding so a long high-resolution video never sits in memory at full size.
+    Folders are read in natural order (frame2 before frame10) at 16 fps. With `size`, each frame is resized as an
+    8-bit video frame (`resize_crop(..., eight_bit=True)`), then `per_frame` (e.g. a 2x2 average) is applied, while
+    decoding: a long high-resolution video never sits in memory at full size.
     """
     path = Path(path)
+
+    def prepared(image: torch.Tensor) -> torch.Tensor:
+        image = resize_crop(image, size, eight_bit=True) if size else image
+        return per_frame(image) if per_frame is not None else image
+
     if path.is_dir():
         files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
         files.sort(key=lambda p: _natural_key(p.name))
@@ -83,7 +92,7 @@ def read_video(
             image = read_image(file)
             if frames and image.shape != frames[0].shape and size is None:
                 raise UserError(f"{file}: size {image.shape[2]}x{image.shape[1]} differs from the first frame's")
-            frames.append(resize_crop(image, size, mode) if size else image)
+            frames.append(prepared(image))
         return torch.stack(frames, dim=1), float(DEFAULT_FPS)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -96,8 +105,7 @@ def read_video(
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else float(DEFAULT_FPS)
             for frame in container.decode(stream):
-                image = _to_tensor(frame.to_ndarray(format="rgb24"))
-                frames.append(resize_crop(image, size, mode) if size else image)
+                frames.append(prepared(_to_tensor(frame.to_ndarray(format="rgb24"))))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except _av().FFmpegError as e:
@@ -127,52 +135,55 @@ def video_size(path: str | Path) -> tuple[int, int]:
         raise UserError(f"{path}: cannot read video ({e})") from None
 
 
-def resize_crop(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize (C, H, W) or (C, T, H, W) to `size` = (h, w) without distortion: scale (aspect preserved) so the
-    picture covers the target, then cut the excess equally from both sides (center crop).
+def resize_crop(x: torch.Tensor, size: tuple[int, int], eight_bit: bool = False) -> torch.Tensor:
+    """Resize (C, H, W) or (C, T, H, W) on [-1, 1] to `size` = (h, w) without distortion, as upstream's
+    `resize_for_rectangle_crop` (SPEC section 9): scale (aspect kept, the covering side truncated to an integer) so
+    the picture covers the target, bicubic with antialiasing (torchvision's default, also when enlarging), then cut
+    the excess equally from both sides (center crop, the odd pixel at the end).
 
-    Modes: "bicubic" (reference image; antialiased when shrinking, clamped to [-1, 1]), "nearest" (masks: every
-    output pixel is an input pixel, so palette colours stay pure), "area" (driving video and its mask at half the
-    output size: box averaging).
+    Images (reference, its mask) are resized as floats and not clamped, as upstream; with `eight_bit` the frames
+    are resized as 8-bit values and rounded and clamped back to them, as torchvision does for upstream's uint8
+    video tensors (driving video and its mask). Masks are resized like pictures: their colours are thresholded
+    only afterwards (conditioning.compress_mask), so an edge pixel counts where the resized colour stays bright.
     """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     th, tw = size
     video = x.dim() == 4
     frames = x.movedim(0, 1) if video else x[None]  # (T, C, H, W)
     h, w = frames.shape[-2:]
-    # Scale so one side matches exactly and the other covers the target (upstream resize_for_rectangle_crop).
-    if w * th > tw * h:
-        nh, nw = th, max(tw, round(w * th / h))
+    if w / h > tw / th:
+        nh, nw = th, max(tw, int(w * th / h))
     else:
-        nh, nw = max(th, round(h * tw / w)), tw
+        nh, nw = max(th, int(h * tw / w)), tw
     if (nh, nw) != (h, w):
         frames = frames.float()
-        if mode == "bicubic":
-            frames = F.interpolate(frames, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h)
-            frames = frames.clamp_(-1.0, 1.0)
-        elif mode == "nearest":
-            frames = F.interpolate(frames, size=(nh, nw), mode="nearest-exact")
-        else:
-            frames = F.interpolate(frames, size=(nh, nw), mode="area")
+        if eight_bit:  # back to the exact 8-bit values the frames were decoded from
+            frames = frames.add(1.0).mul_(127.5).round_()
+        frames = F.interpolate(frames, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        if eight_bit:
+            frames = frames.clamp_(0, 255).round_().div_(127.5).sub_(1.0)
     top, left = (nh - th) // 2, (nw - tw) // 2
     frames = frames[..., top : top + th, left : left + tw]
     return frames.movedim(0, 1).contiguous() if video else frames[0].contiguous()
 
 
-def output_size(preset_or_wh: str | tuple[int, int], orient_hw: tuple[int, int]) -> tuple[int, int]:
+def orientation(hw: tuple[int, int]) -> str:
+    """"landscape", "portrait" or "square" for a (height, width)."""
+    h, w = hw
+    return "landscape" if w > h else "portrait" if h > w else "square"
+
+
+def output_size(preset_or_wh: str | tuple[int, int], reference_hw: tuple[int, int]) -> tuple[int, int]:
     """The generation size (h, w) from a preset name ("512p", "704p") or an explicit (width, height).
 
-    Presets are landscape in `SIZES` and turn portrait unless `orient_hw` (height, width of the picture that
-    decides the orientation) is strictly landscape: upstream orients by the reference image, a square one
-    giving portrait. Explicit sizes are used as given and must be divisible by 32.
+    Presets are landscape in `SIZES` and turn portrait when the reference image (`reference_hw`, its height and
+    width) is portrait, as upstream's `generate.py` swaps its target size: a square reference keeps landscape.
+    Explicit sizes are used as given and must be divisible by 32.
     """
     if isinstance(preset_or_wh, str):
         if preset_or_wh not in SIZES:
             raise UserError(f"unknown size {preset_or_wh!r}; choose one of {', '.join(SIZES)} or give --width/--height")
         h, w = SIZES[preset_or_wh]
-        oh, ow = orient_hw
-        return (h, w) if ow > oh else (w, h)
+        return (w, h) if orientation(reference_hw) == "portrait" else (h, w)
     width, height = preset_or_wh
     for flag, value in (("--width", width), ("--height", height)):
         if value <= 0 or value % 32:

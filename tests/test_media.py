@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+from scail2_lite.conditioning import compress_mask, half_res
 from scail2_lite.errors import UserError
 from scail2_lite.media import (
     VideoWriter,
@@ -19,6 +23,12 @@ from scail2_lite.media import (
     side_by_side,
     write_video,
 )
+
+
+@pytest.fixture(scope="module")
+def upstream_resize() -> dict[str, torch.Tensor]:
+    """Upstream's preprocessing of small inputs, computed with torchvision (tests/data/make_upstream_resize.py)."""
+    return load_file(Path(__file__).parent / "data" / "upstream_resize.safetensors")
 
 
 def smooth_video(t: int = 9, h: int = 64, w: int = 64) -> torch.Tensor:
@@ -49,8 +59,10 @@ def test_video_round_trip(tmp_path):
 
 def test_read_video_resizes_while_decoding_and_keeps_fractional_fps(tmp_path):
     write_video(tmp_path / "a.mp4", smooth_video(t=5, h=64, w=96), fps=29.97)
-    frames, fps = read_video(tmp_path / "a.mp4", size=(32, 32), mode="area", max_frames=3)
+    frames, fps = read_video(tmp_path / "a.mp4", size=(32, 32), max_frames=3)
     assert frames.shape == (3, 3, 32, 32)
+    halved, _ = read_video(tmp_path / "a.mp4", size=(32, 32), max_frames=3, per_frame=half_res)
+    assert torch.equal(halved, half_res(frames))
     assert fps == pytest.approx(29.97, abs=1e-3)
 
 
@@ -126,36 +138,55 @@ def test_missing_and_unreadable_inputs_name_the_file(tmp_path):
         read_video(tmp_path / "empty")
 
 
-def test_resize_crop_covers_then_center_crops():
-    # 4 vertical stripes, 8 wide: a 16x32 picture into 16x16 keeps the middle two stripes.
-    x = torch.arange(4.0).repeat_interleave(8)[None, None].expand(3, 16, 32) / 4 - 0.5
-    out = resize_crop(x, (16, 16), "nearest")
-    assert out.shape == (3, 16, 16)
-    assert torch.equal(out[0, 0], x[0, 0, 8:24])
-    video = resize_crop(x[:, None].expand(3, 5, 16, 32), (8, 8), "area")
-    assert video.shape == (3, 5, 8, 8)
-    assert torch.allclose(video[0, 0, 0], x[0, 0, 8:24].reshape(8, 2).mean(1))  # area = box average
-    up = resize_crop(x, (64, 64), "bicubic")
-    assert up.shape == (3, 64, 64) and up.min() >= -1 and up.max() <= 1
+def eight_bit(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(127.5).sub(1.0)
 
 
-def test_nearest_keeps_palette_pure_and_bicubic_does_not():
-    palette = torch.tensor([[-1, -1, 1], [1, -1, -1], [-1, 1, -1], [1, 1, 1]], dtype=torch.float32)
-    labels = torch.randint(0, 4, (37, 53))
-    mask = palette[labels].permute(2, 0, 1)
-    for size in [(32, 32), (64, 96), (20, 44)]:
-        out = resize_crop(mask, size, "nearest")
-        colors = out.permute(1, 2, 0).reshape(-1, 3)
-        assert ((colors[:, None] == palette[None]).all(-1).any(-1)).all()
-    smooth = resize_crop(mask, (64, 96), "bicubic").permute(1, 2, 0).reshape(-1, 3)
-    assert not ((smooth[:, None] == palette[None]).all(-1).any(-1)).all()
+@pytest.mark.parametrize("name", ["image_up", "image_down"])
+def test_images_resize_as_upstream(upstream_resize, name):
+    """Float images: torchvision bicubic with antialias (also when enlarging), no clamp, center crop."""
+    x, want = upstream_resize[f"{name}.in"], upstream_resize[f"{name}.out"]
+    out = resize_crop(x, tuple(want.shape[1:]))
+    assert out.shape == want.shape
+    assert (out - want).abs().max() < 1e-5
+    if name == "image_up":
+        assert want.max() > 1 or want.min() < -1  # bicubic overshoots and upstream does not clamp images
 
 
-def test_output_size_presets_follow_orientation_and_explicit_sizes_are_checked():
+@pytest.mark.parametrize("name", ["video_up", "video_down"])
+def test_videos_resize_as_upstream_8_bit_frames_then_halve(upstream_resize, name):
+    """Videos: resized as uint8 (rounded and clamped), then halved with upstream's bilinear 0.5 = a 2x2 average."""
+    x, want = eight_bit(upstream_resize[f"{name}.in"]), eight_bit(upstream_resize[f"{name}.out"])
+    out = resize_crop(x, tuple(want.shape[2:]), eight_bit=True)
+    assert torch.equal(out, want)
+    assert (half_res(out) - upstream_resize[f"{name}.half"]).abs().max() < 1e-6
+
+
+def test_mask_video_thresholded_after_resize_and_halving(upstream_resize):
+    """A palette mask keeps its resized edge values until the colours are thresholded: same planes as upstream."""
+    mask = eight_bit(upstream_resize["mask.in"])
+    want = upstream_resize["mask.half"]
+    out = half_res(resize_crop(mask, (64, 96), eight_bit=True))
+    assert (out - want).abs().max() < 1e-6
+    assert out.unique().numel() > 3  # edge pixels are neither colour before thresholding
+    assert torch.equal(compress_mask(out[:, [0] * 5]), compress_mask(want[:, [0] * 5]))
+
+
+def test_resize_crop_size_and_crop_follow_upstream():
+    """The covering side is truncated (int), the crop centred with the odd pixel at the end; no resize when the
+    size already fits (torchvision returns the input as is)."""
+    x = torch.arange(4.0).repeat_interleave(8)[None, None].expand(3, 16, 32) / 4 - 0.5  # 4 stripes, 8 wide
+    assert torch.equal(resize_crop(x, (16, 16)), x[..., 8:24])
+    assert torch.equal(resize_crop(x, (16, 31)), x[..., :31])
+    odd = torch.rand(3, 30, 47) * 2 - 1
+    assert resize_crop(odd, (32, 32)).shape == (3, 32, 32)  # 47 * 32 / 30 = 50.13 -> 50 wide, 9 cut on the left
+
+
+def test_output_size_follows_the_reference_and_explicit_sizes_are_checked():
     assert output_size("512p", (720, 1280)) == (512, 896)
     assert output_size("512p", (1280, 720)) == (896, 512)
-    assert output_size("704p", (500, 500)) == (1280, 704)  # square -> portrait, as upstream
-    assert output_size((640, 384), (10, 10)) == (384, 640)
+    assert output_size("704p", (500, 500)) == (704, 1280)  # square keeps landscape, as upstream's swap rule
+    assert output_size((640, 384), (1000, 10)) == (384, 640)  # explicit: as given
     with pytest.raises(UserError, match="--width 500"):
         output_size((500, 384), (10, 10))
     with pytest.raises(UserError, match="--height 390"):
