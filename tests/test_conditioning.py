@@ -15,6 +15,7 @@ from scail2_lite.conditioning import (
     history_mask,
     latent_frames,
     reference_mask_channels,
+    frames_to_generate,
     segment_plan,
 )
 from scail2_lite.errors import UserError
@@ -129,17 +130,19 @@ def test_check_mask_off_palette_and_empty():
     "total, plan",
     [
         (5, [(0, 5)]),
-        (8, [(0, 5)]),
+        (8, [(0, 9)]),  # padded to 4k+1: the pipeline repeats the last driving frame, drops the extra output
         (81, [(0, 81)]),
-        (84, [(0, 81)]),  # 3 leftover frames give no new 4-frame group
+        (82, [(0, 81), (76, 85)]),  # upstream: 81 frames out
         (85, [(0, 81), (76, 85)]),
-        (100, [(0, 81), (76, 97)]),
+        (100, [(0, 81), (76, 101)]),  # upstream: 81 frames out
         (157, [(0, 81), (76, 157)]),
         (161, [(0, 81), (76, 157), (152, 161)]),
+        (200, [(0, 81), (76, 157), (152, 201)]),  # upstream: 157 frames out
     ],
 )
 def test_segment_plan(total, plan):
     assert segment_plan(total) == plan
+    assert plan[-1][1] == frames_to_generate(total) and 0 <= plan[-1][1] - total <= 3
     for start, end in plan:
         assert (end - start - 1) % 4 == 0 and end - start <= 81
     for (_, prev_end), (start, _) in zip(plan, plan[1:]):
@@ -153,7 +156,7 @@ def test_segment_plan_errors():
         segment_plan(100, segment_len=80)
     with pytest.raises(UserError, match="segment-overlap"):
         segment_plan(100, segment_len=9, overlap=9)
-    assert segment_plan(20, segment_len=9, overlap=5) == [(0, 9), (4, 13), (8, 17)]
+    assert segment_plan(20, segment_len=9, overlap=5) == [(0, 9), (4, 13), (8, 17), (12, 21)]
 
 
 def test_history_mask():
