@@ -9,7 +9,9 @@ from scail2_lite.conditioning import (
     PLANES,
     compress_mask,
     composite_on_black,
+    check_extra_mask,
     check_mask,
+    additional_ref_mask_channels,
     driving_mask_channels,
     half_res,
     history_mask,
@@ -163,3 +165,32 @@ def test_history_mask():
     mask = history_mask(5, 3, 4, history_latents=latent_frames(5))
     assert mask.shape == (4, 5, 3, 4)
     assert mask[:, :2].min() == 1 and mask[:, 2:].max() == 0
+
+
+def test_extra_masks_know_background_and_character_views():
+    quarter = (slice(0, 16), slice(0, 16))
+    # a background view: white over the visible background (black where something hides it), no identity colour
+    assert check_extra_mask(painted("white", {}), 1) == []
+    assert check_extra_mask(painted("white", {"black": quarter}), 1) == []
+    # a character view: its identity colour on black
+    assert check_extra_mask(painted("black", {"red": quarter}), 2) == []
+    # identity colours on white (a primary reference mask in animation style): told what a view should be
+    warnings = check_extra_mask(painted("white", {"red": quarter}), 2)
+    assert len(warnings) == 1 and "extra reference 2 mask" in warnings[0] and "on black" in warnings[0]
+    # nothing visible at all
+    assert "all black" in check_extra_mask(painted("black", {}), 3)[0]
+    # blurred colours are reported like the primary's
+    noisy = painted("black", {"red": quarter})
+    noisy[:, 16:] = -0.3  # half of it dark grey
+    assert any("not pure colours" in w for w in check_extra_mask(noisy, 1))
+
+
+def test_additional_ref_masks_are_compressed_alone_without_zero_frames():
+    views = [painted("white", {}), painted("black", {"blue": (slice(0, 16), slice(0, 32))})]
+    out = additional_ref_mask_channels(views)
+    assert out.shape == (28, 2, 4, 4)
+    for k, view in enumerate(views):
+        one = compress_mask(view[:, None])[:, 0]
+        assert torch.equal(out[:, k], one)
+        assert torch.equal(one[:7].repeat(4, 1, 1), one)  # 4 identical copies of the 7 planes
+    assert out[0, 0].eq(1).all() and out[3, 1, :2].eq(1).all() and out[3, 1, 2:].eq(0).all()
