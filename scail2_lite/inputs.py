@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -16,20 +17,42 @@ from .errors import UserError
 @dataclass(frozen=True)
 class InputFiles:
     """The four files a generation needs: the reference image and its colour-coded mask, the driving video and
-    its per-frame mask video."""
+    its per-frame mask video; plus any extra reference views as (image, mask) pairs (multi-reference, SPEC
+    section 6: upstream's `--additional_ref_image` / `--additional_ref_mask_image`, in that order)."""
 
     image: Path
     mask_image: Path
     pose: Path
     mask_video: Path
+    additional_refs: tuple[tuple[Path, Path], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("image", "mask_image", "pose", "mask_video"):
             object.__setattr__(self, name, Path(getattr(self, name)))
+        pairs = []
+        for pair in self.additional_refs:
+            if isinstance(pair, (str, Path)) or len(pair) != 2:
+                raise UserError(f"additional_refs takes (image, mask) pairs, got {pair!r}")
+            pairs.append((Path(pair[0]), Path(pair[1])))
+        object.__setattr__(self, "additional_refs", tuple(pairs))
+
+    @classmethod
+    def with_extra_references(cls, image: Path, mask_image: Path, pose: Path, mask_video: Path,
+                              extra_images: Sequence[Path], extra_masks: Sequence[Path]) -> "InputFiles":
+        """The CLI's form: `--additional-ref-image` and `--additional-ref-mask` given separately, paired by
+        position (both or neither, the same count)."""
+        if len(extra_images) != len(extra_masks):
+            raise UserError(f"{len(extra_images)} --additional-ref-image but {len(extra_masks)} "
+                            "--additional-ref-mask: give one mask per extra image, in the same order")
+        for path in (*extra_images, *extra_masks):
+            if not Path(path).is_file():
+                raise UserError(f"{path}: file not found")
+        return cls(image, mask_image, pose, mask_video, tuple(zip(extra_images, extra_masks)))
 
     @property
     def paths(self) -> tuple[Path, ...]:
-        return (self.image, self.mask_image, self.pose, self.mask_video)
+        return (self.image, self.mask_image, self.pose, self.mask_video, *(p for pair in self.additional_refs
+                                                                           for p in pair))
 
 
 @dataclass
@@ -42,6 +65,7 @@ class Inputs:
     mask_video: torch.Tensor  # (3, T, H/2, W/2)
     fps: float
     warnings: list[str] = field(default_factory=list)
+    additional_refs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (image, mask) (3, H, W)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -52,6 +76,17 @@ class Inputs:
         return self.pose.shape[1]
 
 
+def read_reference(image: Path, mask: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference view and its mask (primary or extra: the same path upstream), as read (not resized)."""
+    picture, colours = media.read_image(image), media.read_image(mask)
+    if picture.shape != colours.shape:
+        raise UserError(
+            f"the mask {mask} is {colours.shape[2]}x{colours.shape[1]} but the image {image} is "
+            f"{picture.shape[2]}x{picture.shape[1]}: they must have the same size"
+        )
+    return picture, colours
+
+
 def load_inputs(files: InputFiles, size: str | tuple[int, int] = "512p", frames: int | None = None,
                 replace: bool = False) -> Inputs:
     """Read and resize the user's files as upstream's `generate.py` does (SPEC section 9): all four are resized
@@ -59,15 +94,9 @@ def load_inputs(files: InputFiles, size: str | tuple[int, int] = "512p", frames:
     frames; the driving video and its mask are then halved by a 2x2 average (`conditioning.half_res`, upstream's
     bilinear at scale 0.5). Masks keep the resized values: their colours are thresholded when compressed. A preset
     size (512p/704p) takes the reference image's orientation; a driving video of the other orientation is cropped
-    to it (a warning says so)."""
+    to it (a warning says so). Extra references are read like the primary one."""
     image, mask_image, pose, mask_video = files.image, files.mask_image, files.pose, files.mask_video
-    ref = media.read_image(image)
-    ref_mask = media.read_image(mask_image)
-    if ref.shape != ref_mask.shape:
-        raise UserError(
-            f"the reference mask is {ref_mask.shape[2]}x{ref_mask.shape[1]} but the image is "
-            f"{ref.shape[2]}x{ref.shape[1]}: they must have the same size"
-        )
+    ref, ref_mask = read_reference(image, mask_image)
     h, w = media.output_size(size, tuple(ref.shape[1:]))
     warnings = _orientation_warnings((h, w), tuple(ref.shape[1:]), media.video_size(pose))
     driving, fps = media.read_video(pose, size=(h, w), max_frames=frames, per_frame=cond.half_res)
@@ -81,8 +110,12 @@ def load_inputs(files: InputFiles, size: str | tuple[int, int] = "512p", frames:
         raise UserError(f"the driving video needs at least 5 frames, got {driving.shape[1]}")
     ref = media.resize_crop(ref, (h, w))
     ref_mask = media.resize_crop(ref_mask, (h, w))
+    extras = [tuple(media.resize_crop(x, (h, w)) for x in read_reference(image, mask))
+              for image, mask in files.additional_refs]
     warnings += cond.check_mask(ref_mask, "reference", replace) + cond.check_mask(masks, "driving", replace)
-    return Inputs(ref, ref_mask, driving, masks, fps or DEFAULT_FPS, warnings)
+    for number, (_, mask) in enumerate(extras, start=1):
+        warnings += cond.check_extra_mask(mask, number)
+    return Inputs(ref, ref_mask, driving, masks, fps or DEFAULT_FPS, warnings, extras)
 
 
 def _orientation_warnings(out_hw: tuple[int, int], ref_hw: tuple[int, int], drive_hw: tuple[int, int]) -> list[str]:

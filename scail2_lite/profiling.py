@@ -307,6 +307,7 @@ def plan_to_json(p: Plan) -> dict:
         "height": p.height,
         "width": p.width,
         "frames": p.frames,
+        "extra_refs": p.extra_refs,
         "tokens": p.tokens,
         "vram_budget": p.vram_budget,
         "ram_available": p.ram_available,
@@ -319,22 +320,24 @@ def plan_to_json(p: Plan) -> dict:
 
 
 def fits_on(target: ModelDescription, height: int, width: int, frames: int, ram_bytes: int,
-            cards_gb: tuple[int, ...] = CARDS_GB) -> dict[int, Plan | None]:
+            cards_gb: tuple[int, ...] = CARDS_GB, extra_refs: int = 0) -> dict[int, Plan | None]:
     """Card size (GB = 1e9 bytes of VRAM the run may use) -> the plan `plan` picks there, None if nothing fits."""
     out: dict[int, Plan | None] = {}
     for card in cards_gb:
         try:
             out[card] = plan(target.config, height, width, frames, int(card * GB), ram_bytes,
-                             weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable)
+                             weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable,
+                             extra_refs=extra_refs)
         except UserError:
             out[card] = None
     return out
 
 
-def all_profiles(target: ModelDescription, height: int, width: int, frames: int, vram_bytes: int, ram_bytes: int) -> list[Plan]:
+def all_profiles(target: ModelDescription, height: int, width: int, frames: int, vram_bytes: int, ram_bytes: int,
+                 extra_refs: int = 0) -> list[Plan]:
     """Every shipped profile resolved for one card (fastest first), fitting or not."""
     return [resolve(p, target.config, height, width, frames, vram_bytes, ram_bytes, target.dit_scheme, "",
-                    target.text_encoder, target.mappable) for p in list_profiles()]
+                    target.text_encoder, target.mappable, extra_refs) for p in list_profiles()]
 
 
 # ---- measured vs predicted -------------------------------------------------------------------------------------

@@ -37,6 +37,22 @@ def test_token_counts_match_the_spec() -> None:
     assert block_bytes(C14, "fp8") == pytest.approx(0.40e9, rel=0.02)
 
 
+def test_extra_references_add_one_reference_frame_of_tokens_each() -> None:
+    """SPEC section 6: +1,792 tokens per extra reference at 512p (+3.7%), +3,520 at 704p; every step carries them."""
+    for size, base, per_ref in (("512p", 48_832, 1_792), ("704p", 95_920, 3_520)):
+        assert tokens(C14, *SIZES[size], 81, extra_refs=1) - base == per_ref
+        assert tokens(C14, *SIZES[size], 81, extra_refs=3) - base == 3 * per_ref
+        assert per_ref / base == pytest.approx(0.037, abs=0.001)
+    plain = plan(C14, *SIZES["704p"], 81, 24 * GB, 64 * GB, profile="24gb", weights="fp8")
+    multi = plan(C14, *SIZES["704p"], 81, 24 * GB, 64 * GB, profile="24gb", weights="fp8", extra_refs=2)
+    assert multi.extra_refs == 2 and multi.tokens == plain.tokens + 2 * 3_520
+    assert multi.phases["dit_step"].vram > plain.phases["dit_step"].vram
+    assert multi.phases["vae_decode"].vram == plain.phases["vae_decode"].vram  # the VAE never sees them
+    assert lighter(multi) is None or lighter(multi).extra_refs == 2
+    with pytest.raises(UserError, match="extra references"):
+        tokens(C14, *SIZES["512p"], 81, extra_refs=-1)
+
+
 def test_shipped_profiles_load_and_share_the_numerics() -> None:
     profiles = list_profiles()
     assert {p.name for p in profiles} >= {"resident", "24gb", "16gb", "12gb", "8gb", "lowram"}

@@ -73,6 +73,20 @@ def test_plan_mode_printout(tmp_path: Path) -> None:
         assert text in result.output
 
 
+def test_plan_mode_counts_extra_references(tmp_path: Path) -> None:
+    plain = plan_json(tmp_path, "--size", "512p", "--vram", "16", "--ram", "64")
+    data = plan_json(tmp_path, "--size", "512p", "--vram", "16", "--ram", "64", "--extra-refs", "2")
+    assert data["extra_refs"] == 2 and data["plan"]["extra_refs"] == 2
+    assert data["plan"]["tokens"] == plain["plan"]["tokens"] + 2 * 1_792
+    direct = plan(C14, *SIZES["512p"], 81, 16 * 10**9, 64 * 10**9, mappable=False, extra_refs=2)
+    assert data["plan"] == profiling.plan_to_json(direct)
+    result = runner.invoke(app, ["profile", "--synthetic", "full", "--vram", "16", "--ram", "64", "--extra-refs", "2"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "2 extra references" in result.output and "(52,416 tokens)" in result.output
+    assert "dit_step (+3,584 tokens: 2 extra refs)" in result.output
+
+
 def test_nothing_fitting_is_an_answer_not_a_crash(tmp_path: Path) -> None:
     data = plan_json(tmp_path, "--size", "704p", "--vram", "2", "--ram", "64")
     assert data["plan"] is None and data["no_fit"].startswith("no profile fits")
@@ -101,6 +115,8 @@ def test_plan_mode_reads_a_model_folder(tmp_path: Path) -> None:
         (["--vram", "12"], "MODEL folder or --synthetic"),
         (["--synthetic", "full", "--vram", "12", "--weights", "fp4"], "unknown DiT quantization"),
         (["--synthetic", "full", "--run"], "--run needs weights"),
+        (["--synthetic", "full", "--vram", "12", "--extra-refs", "-1"], "--extra-refs must be"),
+        (["--synthetic", "tiny", "--run", "--extra-refs", "1"], "only plan"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:

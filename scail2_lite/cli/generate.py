@@ -131,8 +131,14 @@ def generate(
     pose: Optional[Path] = typer.Option(None, "--pose", help="driving video (mp4/webm/mov/gif or a folder of frames)"),
     mask_video: Optional[Path] = typer.Option(None, "--mask-video", help="colour-coded driving mask video, same frame "
                                               "count"),
-    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder made by `scail2-lite prepare`: its four "
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder made by `scail2-lite prepare`: its "
                                           "files and mode (a file flag given replaces its entry)"),
+    additional_ref_image: list[Path] = typer.Option([], "--additional-ref-image", help="(beta) extra reference "
+                                                    "view (a background, the character from another side); "
+                                                    "repeatable, paired by position with --additional-ref-mask"),
+    additional_ref_mask: list[Path] = typer.Option([], "--additional-ref-mask", help="(beta) mask of the extra "
+                                                   "reference at the same position: a background view white over "
+                                                   "the visible background, a character view its colour on black"),
     prompt: str = typer.Option("", "--prompt", help="what the video shows"),
     negative_prompt: str = typer.Option(DEFAULT_NEGATIVE_PROMPT, "--negative-prompt",
                                         help="unconditional branch of CFG (upstream: empty)"),
@@ -184,7 +190,8 @@ def generate(
     """Animate the reference character with the driving video (or replace the character in it)."""
     from ..prepare.folder import generate_files
 
-    files, replace, notes = generate_files(inputs, image, mask_image, pose, mask_video, replace)
+    files, replace, notes = generate_files(inputs, image, mask_image, pose, mask_video, replace,
+                                           additional_ref_image, additional_ref_mask)
     for note in notes:
         console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
     if (width is None) != (height is None):
@@ -215,17 +222,20 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps \\[default: 8, or the preset's]"),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)"),
+    multi_ref: bool = typer.Option(False, "--multi-ref", help="also pass the demo's two extra reference views (a "
+                                   "background and the character alone: multi-reference)"),
 ) -> None:
     """Run the whole pipeline on a tiny synthetic checkpoint (made once, cached): no download, CPU is enough."""
-    from ..synth import cached_demo_folder
+    from ..synth import EXTRA_REFERENCES, cached_demo_folder
 
     if steps is None and preset is None:
         steps = DEMO_STEPS
     settings = GenerationSettings.build(preset, size=(DEMO_SIZE, DEMO_SIZE), steps=steps, seed=seed)
     folder = cached_demo_folder(progress=lambda what: console.print(f"making the demo checkpoint: {what}"))
     inputs = folder / "inputs"
+    extras = tuple((inputs / image, inputs / mask) for image, mask in EXTRA_REFERENCES) if multi_ref else ()
     files = InputFiles(inputs / "ref.png", inputs / "ref_mask.png", inputs / "driving.mp4",
-                       inputs / "driving_mask.mp4")
+                       inputs / "driving_mask.mp4", extras)
     _run_generation(folder, files, "a person dancing", DEFAULT_NEGATIVE_PROMPT, settings, MemorySettings(device=device),
                     [], output)
 

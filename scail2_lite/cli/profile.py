@@ -37,6 +37,7 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
     """Plan mode's printout: the chosen profile and why, its phases, the cards it fits, every profile here."""
     from rich.table import Table
 
+    from ..offload.planner import tokens
     from ..profiling import reserved_bytes
 
     if chosen is None:
@@ -53,7 +54,10 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
         table = Table(title=f"predicted peaks per phase ({chosen.tokens:,} tokens)")
         for col in ("phase", "VRAM allocated", "VRAM reserved", "RAM"):
             table.add_column(col, justify="left" if col == "phase" else "right")
+        extra = chosen.tokens - tokens(chosen.config, chosen.height, chosen.width, chosen.frames)
         for name, mem in chosen.phases.items():
+            if name == "dit_step" and chosen.extra_refs:  # the only phase that sees the extra references
+                name += f" (+{extra:,} tokens: {chosen.extra_refs} extra ref{'s' if chosen.extra_refs > 1 else ''})"
             table.add_row(name, _bytes(mem.vram), _bytes(reserved_bytes(mem.vram)), _bytes(mem.ram))
         table.add_row("[bold]peak[/bold]", _bytes(chosen.peak_vram), _bytes(chosen.peak_vram_reserved),
                       _bytes(chosen.peak_ram))
@@ -123,6 +127,8 @@ def profile(
     height: Optional[int] = typer.Option(None, "--height", help="explicit height (multiple of 32), with --width"),
     frames: Optional[int] = typer.Option(None, "--frames", help="frames per segment to plan for \\[default: 81]; "
                                          "with --run: use only the first N driving frames"),
+    extra_refs: int = typer.Option(0, "--extra-refs", help="extra reference images to plan for (multi-reference: "
+                                   "each adds one reference frame of tokens, +3.7% at 81 frames)"),
     vram: Optional[float] = typer.Option(None, "--vram", help="GB (1e9 bytes) of VRAM to plan for, e.g. 8, 12, 16, "
                                          "24 \\[default: this GPU's free VRAM]; with --run the process is capped to it"),
     ram: Optional[float] = typer.Option(None, "--ram", help="GB of RAM to plan for \\[default: available RAM]"),
@@ -150,6 +156,8 @@ def profile(
     from ..loader import describe_model
     from ..offload.planner import GB, detect_memory, plan
 
+    if extra_refs < 0:
+        raise UserError(f"--extra-refs must be 0 or more, got {extra_refs}")
     if (model is None) == (synthetic is None):
         raise UserError("give a MODEL folder or --synthetic full|tiny (one of them)")
     if (width is None) != (height is None):
@@ -163,9 +171,9 @@ def profile(
         if synthetic == "full":
             raise UserError("--run needs weights: write them with `scail2-lite synth --scale full --format wan -o DIR`"
                             " and pass DIR as MODEL")
-        if ram is not None or weights is not None or text_encoder is not None:
-            raise UserError("--ram, --weights and --text-encoder only plan; --run uses this machine and the model "
-                            "as is")
+        if ram is not None or weights is not None or text_encoder is not None or extra_refs:
+            raise UserError("--ram, --weights, --text-encoder and --extra-refs only plan; --run uses this machine, "
+                            "the model and the inputs as they are")
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
         if synthetic is not None:
@@ -194,18 +202,20 @@ def profile(
     chosen, no_fit = None, None
     try:
         chosen = plan(target.config, h, w, n_frames, vram_bytes, ram_bytes, profile=profile_name,
-                      weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable)
+                      weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable,
+                      extra_refs=extra_refs)
     except UserError as e:
         if str(e).startswith("no profile fits"):
             no_fit = str(e)
         else:
             raise
-    cards = profiling.fits_on(target, h, w, n_frames, ram_bytes)
-    table_plans = profiling.all_profiles(target, h, w, n_frames, vram_bytes, ram_bytes)
+    cards = profiling.fits_on(target, h, w, n_frames, ram_bytes, extra_refs=extra_refs)
+    table_plans = profiling.all_profiles(target, h, w, n_frames, vram_bytes, ram_bytes, extra_refs)
     out = Console()
     out.print(f"model: {target.source}; DiT {target.dit_scheme}, umT5 {target.text_encoder}", highlight=False,
               markup=False)
-    out.print(f"run: {w}x{h}, {n_frames} frames per segment; card: {vram_bytes / GB:g} GB VRAM"
+    extras = f", {extra_refs} extra reference{'s' if extra_refs > 1 else ''}" if extra_refs else ""
+    out.print(f"run: {w}x{h}, {n_frames} frames per segment{extras}; card: {vram_bytes / GB:g} GB VRAM"
               f" ({'given' if vram is not None else 'free now'}), {ram_bytes / GB:.1f} GB RAM"
               f" ({'given' if ram is not None else 'available now'})", highlight=False)
     _print_plan(out, chosen, no_fit, cards, table_plans, vram_bytes, ram_bytes)
@@ -213,7 +223,7 @@ def profile(
         profiling.write_json(json_path, {
             "version": profiling.REPORT_VERSION, "model": target.source, "weights": target.dit_scheme,
             "text_encoder": target.text_encoder, "height": h, "width": w, "frames": n_frames,
-            "vram": vram_bytes, "ram": ram_bytes, "plan": profiling.plan_to_json(chosen) if chosen else None,
+            "extra_refs": extra_refs, "vram": vram_bytes, "ram": ram_bytes, "plan": profiling.plan_to_json(chosen) if chosen else None,
             "no_fit": no_fit, "fits_on": {str(gb): p.profile.name if p else None for gb, p in cards.items()},
             "profiles": [profiling.plan_to_json(p) for p in table_plans],
         })

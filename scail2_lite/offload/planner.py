@@ -73,8 +73,10 @@ LIGHTER_FACTOR = 0.8  # a step that ran out of memory is retried under a plan pr
 # ---- sizes ----------------------------------------------------------------------------------------------------
 
 
-def tokens(config: DiTConfig, height: int, width: int, frames: int) -> int:
-    """Packed sequence length `[ref | video | pose]` for an output of height x width x frames (SPEC section 3)."""
+def tokens(config: DiTConfig, height: int, width: int, frames: int, extra_refs: int = 0) -> int:
+    """Packed sequence length `[extra refs | ref | video | pose]` for an output of height x width x frames with
+    `extra_refs` extra references (SPEC sections 3 and 6: each adds one reference frame's tokens, +3.7% at 81
+    frames)."""
     if height % 32 or width % 32 or height <= 0 or width <= 0:
         raise UserError(f"size {height}x{width} must be positive multiples of 32")
     if frames < 1 or (frames - 1) % 4:
@@ -82,7 +84,9 @@ def tokens(config: DiTConfig, height: int, width: int, frames: int) -> int:
     _, ph, pw = config.patch_size
     per_frame = (height // 8 // ph) * (width // 8 // pw)
     latent_frames = (frames - 1) // 4 + 1
-    return per_frame + latent_frames * per_frame + latent_frames * per_frame // 4
+    if extra_refs < 0:
+        raise UserError(f"the number of extra references cannot be negative, got {extra_refs}")
+    return (1 + extra_refs) * per_frame + latent_frames * per_frame + latent_frames * per_frame // 4
 
 
 def _linear_bytes(fan_in: int, fan_out: int, quantization: str) -> int:
@@ -203,6 +207,7 @@ class Plan:
     ram_available: int
     reason: str
     mappable: bool = True  # blocks read from the quantized shards (not held in RAM between uses)
+    extra_refs: int = 0  # extra references (multi-reference): their tokens are in `tokens`
 
     @property
     def streamed_blocks(self) -> int:
@@ -228,7 +233,7 @@ class Plan:
 
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
-    text_encoder: str = "nf4", mappable: bool = True,
+    text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0,
 ) -> dict[str, PhaseMemory]:
     """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks.
 
@@ -236,7 +241,7 @@ def predict(
     a quantized folder's shards (`mappable` False: the whole DiT stays in RAM, the pinned buffer replacing the
     streamed blocks' copies); else the pinned buffer of the streamed blocks (or the two-block staging ring of
     disk-mapped profiles) once the DiT is placed."""
-    n = tokens(config, height, width, frames)
+    n = tokens(config, height, width, frames, extra_refs)
     blk = block_bytes(config, quantization)
     streamed = config.num_layers - resident_blocks
     stages = block_activation_stages(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
@@ -278,16 +283,16 @@ def predict(
 
 def resolve(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, vram_budget: int, ram_available: int,
-    weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True,
+    weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0,
 ) -> Plan:
     """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget."""
     quant = weights
-    n = tokens(config, height, width, frames)
+    n = tokens(config, height, width, frames, extra_refs)
 
     def make(resident: int, why: str) -> Plan:
-        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable)
+        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, extra_refs)
         return Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases, int(vram_budget),
-                    int(ram_available), why, mappable)
+                    int(ram_available), why, mappable, extra_refs)
 
     if profile.resident_blocks == "all":
         return make(config.num_layers, reason)
@@ -316,12 +321,13 @@ def plan(
     weights: str = "bf16",
     text_encoder: str = "nf4",
     mappable: bool = True,
+    extra_refs: int = 0,
 ) -> Plan:
     """The fastest profile that fits `vram_bytes` of free VRAM (capped by `vram_budget`) and `ram_bytes` of RAM.
 
     `weights` / `text_encoder`: the quantization of the loaded DiT and of umT5. `mappable`: whether the DiT's blocks can be memory-mapped from disk (our quantized folder); if not,
     profiles that stream from the mapped file are left out. With `profile` given the plan uses it even if it
-    does not fit (`plan.fits` says so)."""
+    does not fit (`plan.fits` says so). `extra_refs`: extra references, whose tokens every DiT step carries."""
     if weights not in QUANTIZATIONS:
         raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if text_encoder not in TEXT_ENCODERS:
@@ -330,16 +336,17 @@ def plan(
     if profile is not None:
         chosen = profile if isinstance(profile, Profile) else load_profile(profile)
         return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
-                       text_encoder, mappable)
+                       text_encoder, mappable, extra_refs)
     candidates = [p for p in list_profiles() if mappable or p.weight_source is not WeightSource.MMAP]
     for p in candidates:
-        result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable)
+        result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable,
+                         extra_refs)
         if result.fits:
             faster = [c.name for c in candidates if c.speed_rank < p.speed_rank]
             why = "fastest profile" if not faster else f"fastest that fits ({', '.join(faster)} need more memory)"
             return dataclasses.replace(result, reason=why)
     lightest = min(
-        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable)
+        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable, extra_refs)
          for p in candidates),
         key=lambda r: (r.peak_vram_reserved > budget, r.peak_ram > ram_bytes, r.peak_vram_reserved),
     )
@@ -359,7 +366,7 @@ def lighter(current: Plan) -> Plan | None:
         candidate = resolve(p, current.config, current.height, current.width, current.frames, budget,
                             current.ram_available, current.quantization,
                             f"fallback after out of memory under {current.profile.name}", current.text_encoder,
-                            current.mappable)
+                            current.mappable, current.extra_refs)
         if candidate.fits:
             return candidate
     return None

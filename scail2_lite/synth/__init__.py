@@ -15,7 +15,7 @@ import torch
 
 from ..cache import cache_root
 from ..errors import UserError
-from .inputs import write_inputs
+from .inputs import EXTRA_REFERENCES, write_extra_references, write_inputs
 from .weights import (
     CLIP_FILE,
     COMFY_FILE,
@@ -40,14 +40,16 @@ from .weights import (
     write_encoders,
     write_loras,
     write_safetensors,
+    write_sat,
     write_tokenizer,
 )
 
 __all__ = [
+    "EXTRA_REFERENCES", "write_extra_references",
     "CLIP_FILE", "COMFY_FILE", "COMFY_QUANT_FILE", "DIT_FORMATS", "LORA_DIR", "LORA_FILES", "SCALES", "SHARD_STEM", "UMT5_FILE", "VAE_FILE",
     "WAN_FILE", "cached_demo_folder", "dit_config", "dit_tensors", "synth", "synth_tensor", "tiny_config",
     "umt5_tensors", "wan_to_sat", "write_dit", "write_encoders", "write_inputs", "write_loras", "write_safetensors",
-    "write_tokenizer",
+    "write_sat", "write_tokenizer",
 ]
 
 
@@ -85,7 +87,8 @@ def synth(out: str | Path, scale: str = "tiny", fmt: str = "sat", seed: int = 0,
 
 
 def cached_demo_folder(progress: Progress | None = None) -> Path:
-    """The tiny demo checkpoint + inputs under the user cache dir: made once (atomically), then reused."""
+    """The tiny demo checkpoint + inputs under the user cache dir: made once (atomically), then reused (a folder
+    made before the extra reference views existed gets them added)."""
     import shutil
 
     from .. import __version__
@@ -93,6 +96,8 @@ def cached_demo_folder(progress: Progress | None = None) -> Path:
     root = cache_root()
     folder = root / f"demo-tiny-{__version__}"
     if (folder / "inputs" / "driving_mask.mp4").is_file():
+        if not all((folder / "inputs" / name).is_file() for pair in EXTRA_REFERENCES for name in pair):
+            write_extra_references(folder / "inputs", "tiny")
         return folder
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{folder.name}.partial-{os.getpid()}"
