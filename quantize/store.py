@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .schemes import (
@@ -349,7 +349,15 @@ def read_manifest(folder: str | Path) -> dict:
     if version < FORMAT_VERSION and "int8" in linear_schemes(manifest).values():
         raise QuantizeError(f"{folder}: int8 folder from format version {version}, before int8 weights were stored "
                             "rotated; quantize again")
-    for fname in manifest["dit"]["files"]:
+    try:
+        files, tensors = manifest["dit"]["files"], manifest["dit"]["tensors"]
+        unknown = sorted({e["scheme"] for e in tensors.values()} - {*QUANTIZED_SCHEMES, "bf16", "fp32"})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise QuantizeError(f"{folder}/{MANIFEST} is damaged (no {e}); quantize again") from None
+    if unknown:
+        raise QuantizeError(f"{folder}/{MANIFEST} names scheme(s) {', '.join(map(str, unknown))} that this version "
+                            f"does not know ({', '.join(QUANTIZED_SCHEMES)}, bf16, fp32); quantize again")
+    for fname in files:
         if not (folder / fname).is_file():
             raise QuantizeError(f"{folder} is incomplete: {fname} is missing")
     return manifest
@@ -360,7 +368,12 @@ def iter_quantized(folder: str | Path, device: str | torch.device = "cpu") -> It
     folder = Path(folder)
     manifest = read_manifest(folder)
     for fname in manifest["dit"]["files"]:
-        with safe_open(str(folder / fname), framework="pt", device=str(device)) as f:
+        try:
+            handle = safe_open(str(folder / fname), framework="pt", device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise QuantizeError(f"{folder / fname} is not a readable safetensors file (truncated or corrupt?): "
+                                f"{e}") from None
+        with handle as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 

@@ -76,12 +76,12 @@ def check_separate(outputs: Mapping[str, str | Path | None], inputs: Mapping[str
         if out is None:
             continue
         o = Path(out).resolve()
-        for in_flag, src in inputs.items():
-            if src is None:
-                continue
-            i = Path(src).resolve()
-            if _same(o, i):
+        given = {flag: src for flag, src in inputs.items() if src is not None}
+        for in_flag, src in given.items():  # the same file first: the most precise message
+            if _same(o, Path(src).resolve()):
                 raise UserError(f"{out_flag} {out} is the {in_flag} input; choose another output")
+        for in_flag, src in given.items():
+            i = Path(src).resolve()
             if i in o.parents:
                 raise UserError(f"{out_flag} {out} is inside the {in_flag} input {src}; choose an output "
                                 "outside it")
