@@ -15,9 +15,13 @@ import torch
 from . import formats, outputs
 from .encoders import CLIP_FILE, UMT5_DIR
 from .errors import UserError
+from .loader import comfy_8bit_scheme
+from .lora import LoRA, LoraFile, as_lora_file, resolve_loras
 from .quantize.comfy import export_comfy, from_comfy_fp8
+from .quantize.comfy_quant import from_comfy_quant
 from .quantize.linear import check_compute
 from .quantize.report import FidelityReport, compare
+<<<<<<< HEAD
 from .quantize.schemes import QuantizeError, check_scheme, dequantize
 from .quantize.store import (
     PreQuantized,
@@ -27,6 +31,10 @@ from .quantize.store import (
     is_quantized_folder,
     write_quantized,
 )
+=======
+from .quantize.schemes import QuantizeError, check_scheme
+from .quantize.store import PreQuantized, fingerprint, is_quantized_folder, write_quantized
+>>>>>>> main
 from .quantize.text_encoder import quantize_block, text_encoder_backend
 from .vae import VAE_FILE
 
@@ -42,12 +50,13 @@ def quantize_checkpoint(
     dit: str = "fp8",
     text_encoder: str = "nf4",
     compute: str | None = None,
-    loras: Sequence[tuple[str | Path, float]] = (),
+    loras: Sequence[LoraFile | tuple[str | Path, float]] = (),
     export: str | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> FidelityReport:
+<<<<<<< HEAD
     """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras` in
     fp32 first, and return the fidelity report (also saved as `fidelity.json` in `out`). `progress(done, total)`
     counts source bytes.
@@ -55,6 +64,11 @@ def quantize_checkpoint(
     All or nothing: bad input raises UserError before anything is written; the folder (checks, fidelity.json and
     the ComfyUI export included) is built under a hidden name beside `out` and takes its place only when
     complete. `force` replaces an existing `out` only if it is a scail2-lite quantized folder, and only then."""
+=======
+    """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras`
+    (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as `fidelity.json` in `out`). `progress(done, total)`
+    counts source bytes. Bad input raises UserError before anything is written."""
+>>>>>>> main
     src, out = Path(src), Path(out)
     try:
         check_scheme(dit)
@@ -67,6 +81,7 @@ def quantize_checkpoint(
         if fmt == "quantized" or is_quantized_folder(src):
             raise UserError(f"{src} is already quantized; quantize from the original checkpoint")
         dit_file = formats.find_dit(src)
+<<<<<<< HEAD
         root = src if src.is_dir() else dit_file.parent
         outputs.check_separate({"-o": out}, {"SRC": src, "checkpoint folder": root,
                                              **{f"--lora {path}": Path(path) for path, _ in loras}})
@@ -74,6 +89,14 @@ def quantize_checkpoint(
         config, _ = formats.read_config(src, shapes)
         formats.check_keys(shapes, config, src)
         mapped = _load_loras(loras, config, log)
+=======
+        shapes = formats.read_shapes(src)
+        config, _ = formats.read_config(src, shapes)
+        formats.check_keys(shapes, config, src)
+        specs = [as_lora_file(x) for x in loras]
+        mapped = _load_loras(specs, config, log)
+        root = src if src.is_dir() else dit_file.parent
+>>>>>>> main
         parts = {name: root / name for name in COMPONENTS if (root / name).exists()}
         if len(parts) < len(COMPONENTS):
             log(f"note: {root} lacks {len(COMPONENTS) - len(parts)} of {', '.join(COMPONENTS)}; the output will hold "
@@ -97,8 +120,11 @@ def quantize_checkpoint(
         tensors: Iterable = formats.iter_tensors(src)
         if fmt == "comfy-fp8_scaled":
             tensors = from_comfy_fp8(tensors)
+        elif comfy_8bit_scheme(fmt):
+            tensors = from_comfy_quant(tensors, dit, measure=True)
         if mapped:
             tensors = _merged(tensors, mapped)
+<<<<<<< HEAD
         with outputs.new_folder(out) as staging:
             result = write_quantized(
                 tensors, staging, dit, config=config.to_dict(), sources=sources, expected_shapes=expected,
@@ -123,6 +149,26 @@ def quantize_checkpoint(
                 comfy_name = f"{out.name}.comfy_fp8_scaled.safetensors"
                 report.comfy_export_errors = export_comfy(staging, staging / comfy_name)
             report.save(staging)
+=======
+        result = write_quantized(
+            tensors, out, dit, config=config.to_dict(), sources=sources, expected_shapes=formats.wan_shapes(config),
+            copy_files=parts, force=force, progress=advance,
+            text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
+                          "quantized_at_load": text_encoder != "bf16"},
+            loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
+        )
+        if progress is not None:
+            progress(total, total)
+        report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized, text_encoder_scheme=text_encoder)
+        try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
+            if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
+                report.dit_forward = _dit_check(src, out, config, compute, mapped, log)
+            if text_encoder != "bf16" and UMT5_DIR in parts:
+                report.text_encoder_backend, report.text_encoder = _text_encoder_check(out / UMT5_DIR, text_encoder,
+                                                                                       log)
+        except torch.cuda.OutOfMemoryError:
+            log("note: fidelity check skipped (CUDA out of memory)")
+>>>>>>> main
         if export == "comfy":
             log(f"wrote {out / comfy_name}")
     except QuantizeError as e:
@@ -135,15 +181,13 @@ def _dit_files(dit_file: Path) -> list[Path]:
     return formats.index_files(dit_file) if dit_file.name.endswith(".index.json") else [dit_file]
 
 
-def _load_loras(pairs: Sequence[tuple[str | Path, float]], config, log: Callable[[str], None]) -> list:
+def _load_loras(specs: Sequence[LoraFile], config, log: Callable[[str], None]) -> list[tuple[LoRA, float]]:
     """(LoRA, strength) pairs mapped onto the DiT of `config`: shape mismatches fail here, before anything is
     written; each LoRA's match report is logged."""
-    from .lora import load_lora
-
     shapes = {k: torch.Size(v) for k, v in formats.wan_shapes(config).items()}
-    loras = [(load_lora(path, shapes), strength) for path, strength in pairs]
+    loras = resolve_loras(specs, shapes)
     for lo, strength in loras:
-        log(f"{lo.report()} (strength {strength:g})")
+        log(lo.report(strength))
     return loras
 
 
@@ -156,15 +200,16 @@ def _merged(tensors: Iterable, loras: list) -> Iterator:
     for name, item in tensors:
         if name in index:
             if isinstance(item, PreQuantized):
-                item = dequantize(item.qweight, item.scale)
+                item = item.dequantized()
             item = merge_tensor(name, item.float(), index)
         yield name, item
 
 
-def _lora_record(path: str | Path, strength: float, lo) -> dict:
+def _lora_record(spec: LoraFile, lo) -> dict:
     """The manifest's entry for a LoRA merged at quantization time."""
-    return {**fingerprint(path), "strength": strength, "matched_keys": lo.matched_keys,
-            "updates": len(lo.updates), "unmatched": lo.unmatched, "merged": "fp32, before quantization"}
+    return {**fingerprint(spec.path), "strength": spec.strength, "full_patches": spec.full_patches,
+            "matched_keys": lo.matched_keys, "updates": len(lo.updates), "unmatched": lo.unmatched,
+            "skipped": lo.skipped, "merged": "fp32, before quantization"}
 
 
 def _check_device(nbytes: int, log: Callable[[str], None], what: str) -> str | None:
@@ -179,7 +224,7 @@ def _check_device(nbytes: int, log: Callable[[str], None], what: str) -> str | N
 
 
 @torch.no_grad()
-def _dit_check(src: Path, out: Path, config, compute: str | None, loras: Sequence[tuple[str | Path, float]],
+def _dit_check(src: Path, out: Path, config, compute: str | None, loras: Sequence[tuple[LoRA, float]],
                log: Callable[[str], None]) -> dict | None:
     """One DiT forward on random conditioning: the quantized folder vs the bf16 source (same LoRAs merged)."""
     from .loader import load_dit

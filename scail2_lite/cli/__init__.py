@@ -58,6 +58,7 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+<<<<<<< HEAD
 def warn(message: str) -> None:
     """One yellow 'warning:' line of user-facing text (not markup)."""
     console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
@@ -71,8 +72,18 @@ def error(message: str) -> None:
 def lora_args(loras: list[str]) -> list[tuple[str, float]]:
     """`--lora PATH[:STRENGTH]` values as (path, strength) pairs."""
     from ..lora import parse_lora_arg
+=======
+def lora_args(loras: list[str], full_patches: bool = False) -> list:
+    """`--lora PATH[:STRENGTH]` values (and `--lora-full-patches`) as `LoraFile`s."""
+    from ..lora import LoraFile
+>>>>>>> main
 
-    return [parse_lora_arg(a) for a in loras]
+    return [LoraFile.parse(a, full_patches) for a in loras]
+
+
+LORA_FULL_PATCHES_HELP = ("also add a LoRA's full-tensor patches (.diff, diff_m, a diff_b without a low-rank pair) "
+                          "where they fit, as ComfyUI does; by default only low-rank pairs and their diff_b are "
+                          "merged, as upstream SCAIL-2 does (skipped keys are listed)")
 
 
 def main() -> None:
