@@ -21,8 +21,7 @@ from .quantize.comfy import export_comfy, from_comfy_fp8
 from .quantize.comfy_quant import from_comfy_quant
 from .quantize.linear import check_compute
 from .quantize.report import FidelityReport, compare
-<<<<<<< HEAD
-from .quantize.schemes import QuantizeError, check_scheme, dequantize
+from .quantize.schemes import QuantizeError, check_scheme
 from .quantize.store import (
     PreQuantized,
     estimate_output_bytes,
@@ -31,10 +30,6 @@ from .quantize.store import (
     is_quantized_folder,
     write_quantized,
 )
-=======
-from .quantize.schemes import QuantizeError, check_scheme
-from .quantize.store import PreQuantized, fingerprint, is_quantized_folder, write_quantized
->>>>>>> main
 from .quantize.text_encoder import quantize_block, text_encoder_backend
 from .vae import VAE_FILE
 
@@ -56,19 +51,13 @@ def quantize_checkpoint(
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> FidelityReport:
-<<<<<<< HEAD
-    """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras` in
-    fp32 first, and return the fidelity report (also saved as `fidelity.json` in `out`). `progress(done, total)`
-    counts source bytes.
+    """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras`
+    (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as
+    `fidelity.json` in `out`). `progress(done, total)` counts source bytes.
 
     All or nothing: bad input raises UserError before anything is written; the folder (checks, fidelity.json and
     the ComfyUI export included) is built under a hidden name beside `out` and takes its place only when
     complete. `force` replaces an existing `out` only if it is a scail2-lite quantized folder, and only then."""
-=======
-    """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras`
-    (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as `fidelity.json` in `out`). `progress(done, total)`
-    counts source bytes. Bad input raises UserError before anything is written."""
->>>>>>> main
     src, out = Path(src), Path(out)
     try:
         check_scheme(dit)
@@ -81,22 +70,14 @@ def quantize_checkpoint(
         if fmt == "quantized" or is_quantized_folder(src):
             raise UserError(f"{src} is already quantized; quantize from the original checkpoint")
         dit_file = formats.find_dit(src)
-<<<<<<< HEAD
         root = src if src.is_dir() else dit_file.parent
+        specs = [as_lora_file(x) for x in loras]
         outputs.check_separate({"-o": out}, {"SRC": src, "checkpoint folder": root,
-                                             **{f"--lora {path}": Path(path) for path, _ in loras}})
-        shapes = {k: v for k, v in formats.read_shapes(src).items() if not k.endswith((".scale_weight", ".scale_input"))}
-        config, _ = formats.read_config(src, shapes)
-        formats.check_keys(shapes, config, src)
-        mapped = _load_loras(loras, config, log)
-=======
+                                             **{f"--lora {spec.path}": spec.path for spec in specs}})
         shapes = formats.read_shapes(src)
         config, _ = formats.read_config(src, shapes)
         formats.check_keys(shapes, config, src)
-        specs = [as_lora_file(x) for x in loras]
         mapped = _load_loras(specs, config, log)
-        root = src if src.is_dir() else dit_file.parent
->>>>>>> main
         parts = {name: root / name for name in COMPONENTS if (root / name).exists()}
         if len(parts) < len(COMPONENTS):
             log(f"note: {root} lacks {len(COMPONENTS) - len(parts)} of {', '.join(COMPONENTS)}; the output will hold "
@@ -124,22 +105,21 @@ def quantize_checkpoint(
             tensors = from_comfy_quant(tensors, dit, measure=True)
         if mapped:
             tensors = _merged(tensors, mapped)
-<<<<<<< HEAD
         with outputs.new_folder(out) as staging:
             result = write_quantized(
                 tensors, staging, dit, config=config.to_dict(), sources=sources, expected_shapes=expected,
                 copy_files=parts, progress=advance,
                 text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
                               "quantized_at_load": text_encoder != "bf16"},
-                loras=[_lora_record(path, s, lo) for (path, s), (lo, _) in zip(loras, mapped)],
+                loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
             )
             if progress is not None:
                 progress(total, total)
             report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized,
                                     text_encoder_scheme=text_encoder)
             try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
-                if fmt != "comfy-fp8_scaled":
-                    report.dit_forward = _dit_check(src, staging, config, compute, loras, log)
+                if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
+                    report.dit_forward = _dit_check(src, staging, config, compute, mapped, log)
                 if text_encoder != "bf16" and UMT5_DIR in parts:
                     report.text_encoder_backend, report.text_encoder = _text_encoder_check(
                         staging / UMT5_DIR, text_encoder, log)
@@ -149,26 +129,6 @@ def quantize_checkpoint(
                 comfy_name = f"{out.name}.comfy_fp8_scaled.safetensors"
                 report.comfy_export_errors = export_comfy(staging, staging / comfy_name)
             report.save(staging)
-=======
-        result = write_quantized(
-            tensors, out, dit, config=config.to_dict(), sources=sources, expected_shapes=formats.wan_shapes(config),
-            copy_files=parts, force=force, progress=advance,
-            text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
-                          "quantized_at_load": text_encoder != "bf16"},
-            loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
-        )
-        if progress is not None:
-            progress(total, total)
-        report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized, text_encoder_scheme=text_encoder)
-        try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
-            if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
-                report.dit_forward = _dit_check(src, out, config, compute, mapped, log)
-            if text_encoder != "bf16" and UMT5_DIR in parts:
-                report.text_encoder_backend, report.text_encoder = _text_encoder_check(out / UMT5_DIR, text_encoder,
-                                                                                       log)
-        except torch.cuda.OutOfMemoryError:
-            log("note: fidelity check skipped (CUDA out of memory)")
->>>>>>> main
         if export == "comfy":
             log(f"wrote {out / comfy_name}")
     except QuantizeError as e:

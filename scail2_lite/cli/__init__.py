@@ -58,7 +58,6 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-<<<<<<< HEAD
 def warn(message: str) -> None:
     """One yellow 'warning:' line of user-facing text (not markup)."""
     console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
@@ -69,14 +68,9 @@ def error(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def lora_args(loras: list[str]) -> list[tuple[str, float]]:
-    """`--lora PATH[:STRENGTH]` values as (path, strength) pairs."""
-    from ..lora import parse_lora_arg
-=======
 def lora_args(loras: list[str], full_patches: bool = False) -> list:
     """`--lora PATH[:STRENGTH]` values (and `--lora-full-patches`) as `LoraFile`s."""
     from ..lora import LoraFile
->>>>>>> main
 
     return [LoraFile.parse(a, full_patches) for a in loras]
 

@@ -95,13 +95,8 @@ def quantize(
     try:
         report = quantize_checkpoint(
             src, out, dit=dit, text_encoder=text_encoder, compute=None if compute == "auto" else compute,
-<<<<<<< HEAD
-            loras=lora_args(lora), export=export, force=force, progress=advance,
-            log=lambda msg: console.print(msg, highlight=False, markup=False),
-=======
             loras=lora_args(lora, lora_full_patches), export=export, force=force, progress=advance,
-            log=lambda msg: console.print(msg, highlight=False),
->>>>>>> main
+            log=lambda msg: console.print(msg, highlight=False, markup=False),
         )
     finally:
         bar.stop()

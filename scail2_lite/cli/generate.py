@@ -12,11 +12,7 @@ from ..config import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SHIFT, D
 from ..errors import UserError
 from ..inputs import InputFiles, backgrounds
 from ..settings import GenerationSettings, MemorySettings
-<<<<<<< HEAD
-from . import app, console, lora_args, user_errors, warn
-=======
-from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors
->>>>>>> main
+from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors, warn
 
 
 class _SecondsPerIt:
@@ -38,17 +34,11 @@ class _SecondsPerIt:
 
 
 def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt: str,
-<<<<<<< HEAD
-                    settings: GenerationSettings, memory: MemorySettings, loras: list[tuple[str, float]],
+                    settings: GenerationSettings, memory: MemorySettings, loras: list,
                     output: Path, save_frames: Optional[Path] = None, preview: bool = False,
                     prepared: Optional[Path] = None) -> None:
     """Shared by `generate` and `demo`: check the outputs, load, generate into `output` with progress bars,
     print the summary."""
-=======
-                    settings: GenerationSettings, memory: MemorySettings, loras: list,
-                    output: Path, save_frames: Optional[Path] = None, preview: bool = False) -> None:
-    """Shared by `generate` and `demo`: load, generate into `output` with progress bars, print the summary."""
->>>>>>> main
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.progress import TimeRemainingColumn
 
@@ -84,7 +74,7 @@ MP4_BYTES_PER_PIXEL = 0.25
 PNG_BYTES_PER_PIXEL = 3
 
 
-def _check_outputs(model: Path, files: InputFiles, settings: GenerationSettings, loras: list[tuple[str, float]],
+def _check_outputs(model: Path, files: InputFiles, settings: GenerationSettings, loras: list,
                    output: Path, save_frames: Optional[Path], preview: bool,
                    prepared: Optional[Path]) -> Optional[Path]:
     """Before any loading: every output apart from every input (and from each other), in a writable place with
@@ -96,7 +86,7 @@ def _check_outputs(model: Path, files: InputFiles, settings: GenerationSettings,
     preview_path = output.with_name(output.stem + "_preview.mp4") if preview else None
     written = {"-o": output, "--preview": preview_path, "--save-frames": save_frames}
     read = {"MODEL": model, "--inputs": prepared, "--image": files.image, "--mask-image": files.mask_image,
-            "--pose": files.pose, "--mask-video": files.mask_video, **{f"--lora {p}": Path(p) for p, _ in loras}}
+            "--pose": files.pose, "--mask-video": files.mask_video, **{f"--lora {lo.path}": lo.path for lo in loras}}
     outputs.check_separate(written, read)
     for flag, path in written.items():
         outputs.check_separate({flag: path}, {f: p for f, p in written.items() if f != flag})
@@ -204,13 +194,8 @@ def generate(
     memory = MemorySettings(device=device, profile=profile, attention=attention, text_encoder=text_encoder,
                             vae_tile=vae_tile, vram_budget=None if vram_budget is None else _gb(vram_budget),
                             prompt_cache=prompt_cache)
-<<<<<<< HEAD
-    _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora), output, save_frames,
-                    preview, inputs)
-=======
     _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora, lora_full_patches),
-                    output, save_frames, preview)
->>>>>>> main
+                    output, save_frames, preview, inputs)
 
 
 def _gb(value: float) -> int:
