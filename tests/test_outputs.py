@@ -128,7 +128,7 @@ def test_generate_never_writes_onto_an_input_and_checks_outputs_first(model, tmp
         "is inside the MODEL input": gen_args(model, model / "out.mp4"),
         "is a folder": gen_args(model, tmp_path / "dir.mp4"),
         "already exists and is not empty": gen_args(model, tmp_path / "o.mp4", "--save-frames", tmp_path / "frames"),
-        "contains the --image input": gen_args(model, tmp_path / "o.mp4", "--save-frames", model / "inputs"),
+        "contains the MODEL input": gen_args(model, tmp_path / "o.mp4", "--save-frames", model.parent),
     }
     for message, args in cases.items():
         res = cli(*args)
