@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .schemes import (
@@ -124,6 +124,18 @@ def estimate_output_bytes(shapes: Mapping[str, Sequence[int]], scheme: str) -> i
     return sum(quantized_bytes(tuple(s), n, scheme) for n, s in shapes.items())
 
 
+def folder_bytes(expected_shapes: Mapping[str, Sequence[int]], scheme: str,
+                 copy_files: Mapping[str, str | Path] | None, out: str | Path) -> int:
+    """Disk bytes a quantized folder at `out` takes: the DiT shards, plus the copied files that cannot be
+    hard-linked (those on another filesystem than `out`'s)."""
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    device = probe.stat().st_dev
+    copies = sum(p.stat().st_size for p in _walk_files(copy_files or {}) if p.stat().st_dev != device)
+    return estimate_output_bytes(expected_shapes, scheme) + copies
+
+
 def check_disk_space(out: str | Path, needed: int) -> None:
     """Refuse before writing anything when the output's filesystem has less than `needed` bytes + 5% free."""
     probe = Path(out).absolute()
@@ -131,8 +143,9 @@ def check_disk_space(out: str | Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed * 1.05:
-        raise QuantizeError(f"not enough disk space at {probe}: need {needed / 1e9:.1f} GB, "
-                            f"{free / 1e9:.1f} GB free")
+        unit, size = ("GB", 1e9) if needed >= 1e8 else ("MB", 1e6)
+        raise QuantizeError(f"not enough disk space at {probe}: need {needed * 1.05 / size:.1f} {unit}, "
+                            f"{free / size:.1f} {unit} free")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -202,11 +215,10 @@ def write_quantized(
     tensor."""
     check_scheme(scheme)
     out = Path(out)
-    if out.exists() and not force:
+    if out.exists() and not force and not _empty_folder(out):
         raise QuantizeError(f"output {out} already exists; pass --force to replace it")
     if expected_shapes is not None:
-        extra = sum(p.stat().st_size for p in _walk_files(copy_files or {}))
-        check_disk_space(out.parent, estimate_output_bytes(expected_shapes, scheme) + extra)
+        check_disk_space(out.parent, folder_bytes(expected_shapes, scheme, copy_files, out.parent))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -245,8 +257,15 @@ def _walk_files(copy_files: Mapping[str, str | Path]) -> Iterator[Path]:
         yield from (p for p in src.rglob("*") if p.is_file()) if src.is_dir() else (src,)
 
 
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` (only reached with force) is moved aside first, then deleted."""
+    """Rename `tmp` to `out`; an existing `out` (only reached with force, or an empty folder) is moved aside
+    first, then deleted."""
+    if _empty_folder(out):
+        out.rmdir()
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
@@ -340,7 +359,15 @@ def read_manifest(folder: str | Path) -> dict:
     if version < FORMAT_VERSION and "int8" in linear_schemes(manifest).values():
         raise QuantizeError(f"{folder}: int8 folder from format version {version}, before int8 weights were stored "
                             "rotated; quantize again")
-    for fname in manifest["dit"]["files"]:
+    try:
+        files, tensors = manifest["dit"]["files"], manifest["dit"]["tensors"]
+        unknown = sorted({e["scheme"] for e in tensors.values()} - {*QUANTIZED_SCHEMES, "bf16", "fp32"})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise QuantizeError(f"{folder}/{MANIFEST} is damaged (no {e}); quantize again") from None
+    if unknown:
+        raise QuantizeError(f"{folder}/{MANIFEST} names scheme(s) {', '.join(map(str, unknown))} that this version "
+                            f"does not know ({', '.join(QUANTIZED_SCHEMES)}, bf16, fp32); quantize again")
+    for fname in files:
         if not (folder / fname).is_file():
             raise QuantizeError(f"{folder} is incomplete: {fname} is missing")
     return manifest
@@ -351,7 +378,12 @@ def iter_quantized(folder: str | Path, device: str | torch.device = "cpu") -> It
     folder = Path(folder)
     manifest = read_manifest(folder)
     for fname in manifest["dit"]["files"]:
-        with safe_open(str(folder / fname), framework="pt", device=str(device)) as f:
+        try:
+            handle = safe_open(str(folder / fname), framework="pt", device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise QuantizeError(f"{folder / fname} is not a readable safetensors file (truncated or corrupt?): "
+                                f"{e}") from None
+        with handle as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 

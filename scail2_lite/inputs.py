@@ -76,9 +76,23 @@ class Inputs:
         return self.pose.shape[1]
 
 
-def read_reference(image: Path, mask: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reference view and its mask (primary or extra: the same path upstream), as read (not resized)."""
-    picture, colours = media.read_image(image), media.read_image(mask)
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+
+def backgrounds(replace: bool) -> dict[str, tuple[int, int, int]]:
+    """What shows through transparent pixels of each input, per mode: the masks' backgrounds are the ones the
+    model reads as 'no character' (animation: reference mask on white, driving mask on black; replacement: the
+    reverse); the reference picture sits on white in animation (the colour of its mask's background) and on
+    black in replacement (where the pipeline paints its background black anyway); driving frames on black."""
+    return {"image": BLACK if replace else WHITE, "mask_image": BLACK if replace else WHITE,
+            "pose": BLACK, "mask_video": WHITE if replace else BLACK}
+
+
+def read_reference(image: Path, mask: Path, replace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference view and its mask (primary or extra: the same path upstream), as read (not resized), any
+    transparency composited on the mode's backgrounds."""
+    bg = backgrounds(replace)
+    picture, colours = media.read_image(image, bg["image"]), media.read_image(mask, bg["mask_image"])
     if picture.shape != colours.shape:
         raise UserError(
             f"the mask {mask} is {colours.shape[2]}x{colours.shape[1]} but the image {image} is "
@@ -94,13 +108,24 @@ def load_inputs(files: InputFiles, size: str | tuple[int, int] = "512p", frames:
     frames; the driving video and its mask are then halved by a 2x2 average (`conditioning.half_res`, upstream's
     bilinear at scale 0.5). Masks keep the resized values: their colours are thresholded when compressed. A preset
     size (512p/704p) takes the reference image's orientation; a driving video of the other orientation is cropped
-    to it (a warning says so). Extra references are read like the primary one."""
+    to it (a warning says so). Extra references are read like the primary one. Paired files must agree: a
+    mask of another size or frame count than its picture is an error."""
     image, mask_image, pose, mask_video = files.image, files.mask_image, files.pose, files.mask_video
-    ref, ref_mask = read_reference(image, mask_image)
+    bg = backgrounds(replace)
+    ref, ref_mask = read_reference(image, mask_image, replace)
+    drive_hw = media.video_size(pose)
+    mask_hw = media.video_size(mask_video)
+    if mask_hw != drive_hw:
+        raise UserError(f"the driving mask video is {mask_hw[1]}x{mask_hw[0]} but the driving video is "
+                        f"{drive_hw[1]}x{drive_hw[0]}: they must have the same size")
     h, w = media.output_size(size, tuple(ref.shape[1:]))
-    warnings = _orientation_warnings((h, w), tuple(ref.shape[1:]), media.video_size(pose))
-    driving, fps = media.read_video(pose, size=(h, w), max_frames=frames, per_frame=cond.half_res)
-    masks, _ = media.read_video(mask_video, size=(h, w), max_frames=frames, per_frame=cond.half_res)
+    warnings = _orientation_warnings((h, w), tuple(ref.shape[1:]), drive_hw)
+    warnings += [note for note in (_crop_note("reference image", ref.shape[1:], (h, w)),
+                                   _crop_note("driving video", drive_hw, (h, w))) if note]
+    driving, fps = media.read_video(pose, size=(h, w), max_frames=frames, per_frame=cond.half_res,
+                                    background=bg["pose"])
+    masks, _ = media.read_video(mask_video, size=(h, w), max_frames=frames, per_frame=cond.half_res,
+                                background=bg["mask_video"])
     if driving.shape[1] != masks.shape[1]:
         raise UserError(
             f"the driving video has {driving.shape[1]} frames but the mask video has {masks.shape[1]}: "
@@ -110,7 +135,7 @@ def load_inputs(files: InputFiles, size: str | tuple[int, int] = "512p", frames:
         raise UserError(f"the driving video needs at least 5 frames, got {driving.shape[1]}")
     ref = media.resize_crop(ref, (h, w))
     ref_mask = media.resize_crop(ref_mask, (h, w))
-    extras = [tuple(media.resize_crop(x, (h, w)) for x in read_reference(image, mask))
+    extras = [tuple(media.resize_crop(x, (h, w)) for x in read_reference(image, mask, replace))
               for image, mask in files.additional_refs]
     warnings += cond.check_mask(ref_mask, "reference", replace) + cond.check_mask(masks, "driving", replace)
     for number, (_, mask) in enumerate(extras, start=1):
@@ -132,3 +157,21 @@ def _orientation_warnings(out_hw: tuple[int, int], ref_hw: tuple[int, int], driv
             warnings.append(f"the {what} is {mine} ({hw[1]}x{hw[0]}) but the output is {out} "
                             f"({out_hw[1]}x{out_hw[0]}, {why}): it is center-cropped to fit, its {cut} cut off")
     return warnings
+
+
+CROP_NOTE_SHARE = 0.02  # H.264 and rounding to multiples of 32 shave a pixel or two: only real crops are said
+
+
+def _crop_note(what: str, hw: tuple[int, ...], out_hw: tuple[int, int]) -> str | None:
+    """A sentence when fitting a picture of `hw` to the output's aspect cuts a visible share of it."""
+    (ih, iw), (oh, ow) = hw, out_hw
+    if {media.orientation(hw), media.orientation(out_hw)} == {"landscape", "portrait"}:
+        return None  # the orientation warning says it
+    if iw * oh > ow * ih:  # wider than the output: the sides go
+        kept, side = ow * ih / oh / iw, "left and right"
+    else:
+        kept, side = oh * iw / ow / ih, "top and bottom"
+    if 1 - kept <= CROP_NOTE_SHARE:
+        return None
+    return (f"the {what} ({iw}x{ih}) has another aspect than the {ow}x{oh} output: {1 - kept:.0%} of it is cut "
+            f"from the {side} (center crop)")

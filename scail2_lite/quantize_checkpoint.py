@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from . import formats
+from . import formats, outputs
 from .encoders import CLIP_FILE, UMT5_DIR
 from .errors import UserError
 from .loader import comfy_8bit_scheme
@@ -22,7 +22,14 @@ from .quantize.comfy_quant import from_comfy_quant
 from .quantize.linear import check_compute
 from .quantize.report import FidelityReport, compare
 from .quantize.schemes import QuantizeError, check_scheme
-from .quantize.store import PreQuantized, fingerprint, is_quantized_folder, write_quantized
+from .quantize.store import (
+    PreQuantized,
+    estimate_output_bytes,
+    fingerprint,
+    folder_bytes,
+    is_quantized_folder,
+    write_quantized,
+)
 from .quantize.text_encoder import quantize_block, text_encoder_backend
 from .vae import VAE_FILE
 
@@ -45,8 +52,12 @@ def quantize_checkpoint(
     log: Callable[[str], None] = print,
 ) -> FidelityReport:
     """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras`
-    (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as `fidelity.json` in `out`). `progress(done, total)`
-    counts source bytes. Bad input raises UserError before anything is written."""
+    (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as
+    `fidelity.json` in `out`). `progress(done, total)` counts source bytes.
+
+    All or nothing: bad input raises UserError before anything is written; the folder (checks, fidelity.json and
+    the ComfyUI export included) is built under a hidden name beside `out` and takes its place only when
+    complete. `force` replaces an existing `out` only if it is a scail2-lite quantized folder, and only then."""
     src, out = Path(src), Path(out)
     try:
         check_scheme(dit)
@@ -55,22 +66,28 @@ def quantize_checkpoint(
             check_compute(compute, dit)
         if export not in (None, "comfy") or (export == "comfy" and dit != "fp8"):
             raise UserError("--export comfy is the only export and needs --dit fp8")
-        if out.exists() and not force:
-            raise UserError(f"output {out} already exists; pass --force to replace it")
         fmt = formats.detect_format(src)
         if fmt == "quantized" or is_quantized_folder(src):
             raise UserError(f"{src} is already quantized; quantize from the original checkpoint")
         dit_file = formats.find_dit(src)
+        root = src if src.is_dir() else dit_file.parent
+        specs = [as_lora_file(x) for x in loras]
+        outputs.check_separate({"-o": out}, {"SRC": src, "checkpoint folder": root,
+                                             **{f"--lora {spec.path}": spec.path for spec in specs}})
         shapes = formats.read_shapes(src)
         config, _ = formats.read_config(src, shapes)
         formats.check_keys(shapes, config, src)
-        specs = [as_lora_file(x) for x in loras]
         mapped = _load_loras(specs, config, log)
-        root = src if src.is_dir() else dit_file.parent
         parts = {name: root / name for name in COMPONENTS if (root / name).exists()}
         if len(parts) < len(COMPONENTS):
             log(f"note: {root} lacks {len(COMPONENTS) - len(parts)} of {', '.join(COMPONENTS)}; the output will hold "
                 "only what was found")
+        expected = formats.wan_shapes(config)
+        needed = folder_bytes(expected, dit, parts, out.parent)
+        if export == "comfy":
+            needed += estimate_output_bytes(expected, dit)
+        outputs.check_folder_target(out, "-o", needed, replace=force, ours=is_quantized_folder,
+                                    what="scail2-lite quantized folder")
         sources = _dit_files(dit_file)
         total = sum(p.stat().st_size for p in sources)
         done = 0
@@ -88,31 +105,34 @@ def quantize_checkpoint(
             tensors = from_comfy_quant(tensors, dit, measure=True)
         if mapped:
             tensors = _merged(tensors, mapped)
-        result = write_quantized(
-            tensors, out, dit, config=config.to_dict(), sources=sources, expected_shapes=formats.wan_shapes(config),
-            copy_files=parts, force=force, progress=advance,
-            text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
-                          "quantized_at_load": text_encoder != "bf16"},
-            loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
-        )
-        if progress is not None:
-            progress(total, total)
-        report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized, text_encoder_scheme=text_encoder)
-        try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
-            if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
-                report.dit_forward = _dit_check(src, out, config, compute, mapped, log)
-            if text_encoder != "bf16" and UMT5_DIR in parts:
-                report.text_encoder_backend, report.text_encoder = _text_encoder_check(out / UMT5_DIR, text_encoder,
-                                                                                       log)
-        except torch.cuda.OutOfMemoryError:
-            log("note: fidelity check skipped (CUDA out of memory)")
+        with outputs.new_folder(out) as staging:
+            result = write_quantized(
+                tensors, staging, dit, config=config.to_dict(), sources=sources, expected_shapes=expected,
+                copy_files=parts, progress=advance,
+                text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
+                              "quantized_at_load": text_encoder != "bf16"},
+                loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
+            )
+            if progress is not None:
+                progress(total, total)
+            report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized,
+                                    text_encoder_scheme=text_encoder)
+            try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
+                if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
+                    report.dit_forward = _dit_check(src, staging, config, compute, mapped, log)
+                if text_encoder != "bf16" and UMT5_DIR in parts:
+                    report.text_encoder_backend, report.text_encoder = _text_encoder_check(
+                        staging / UMT5_DIR, text_encoder, log)
+            except torch.cuda.OutOfMemoryError:
+                log("note: fidelity check skipped (CUDA out of memory)")
+            if export == "comfy":
+                comfy_name = f"{out.name}.comfy_fp8_scaled.safetensors"
+                report.comfy_export_errors = export_comfy(staging, staging / comfy_name)
+            report.save(staging)
         if export == "comfy":
-            comfy_path = out.parent / f"{out.name}.comfy_fp8_scaled.safetensors"
-            report.comfy_export_errors = export_comfy(out, comfy_path)
-            log(f"wrote {comfy_path}")
+            log(f"wrote {out / comfy_name}")
     except QuantizeError as e:
         raise UserError(str(e)) from None
-    report.save(out)
     return report
 
 

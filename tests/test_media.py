@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import av
+
 import numpy as np
 import pytest
 import torch
@@ -112,11 +115,13 @@ def test_read_gif(tmp_path):
 def test_read_image_folder_natural_order_and_alpha(tmp_path):
     for i in (10, 2, 1):  # natural sort must give 1, 2, 10
         Image.new("RGBA", (16, 8), (i * 20, 0, 0, 128)).save(tmp_path / f"frame{i}.png")
-    frames, fps = read_video(tmp_path)
+    with pytest.raises(UserError, match="transparent"):  # half-transparent frames need a background
+        read_video(tmp_path)
+    frames, fps = read_video(tmp_path, background=(0, 0, 0))
     assert frames.shape == (3, 3, 8, 16) and fps == 16.0
     reds = ((frames[0, :, 0, 0] + 1) * 127.5).round().tolist()
-    assert reds == [20, 40, 200]
-    image = read_image(tmp_path / "frame2.png")
+    assert reds == [round(r * 128 / 255) for r in (20, 40, 200)]  # alpha 128 over black
+    image = read_image(tmp_path / "frame2.png", (255, 255, 255))
     assert image.shape == (3, 8, 16) and image.min() >= -1 and image.max() <= 1
 
 
@@ -201,7 +206,7 @@ def test_save_frames_is_atomic_and_refuses_non_empty_folder(tmp_path):
     names = sorted(p.name for p in (tmp_path / "frames").iterdir())
     assert names == ["00000.png", "00001.png", "00002.png"]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "frames" / "00001.png")), as_uint8(video[:, 1]))
-    with pytest.raises(UserError, match="not an empty folder"):
+    with pytest.raises(UserError, match="already exists and is not empty"):
         save_frames(tmp_path / "frames", video)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
 
@@ -217,3 +222,76 @@ def test_side_by_side_matches_heights_and_keeps_even_width():
     assert torch.allclose(preview[:, :, :, 32:68], torch.ones(3, 5, 64, 36))
     assert torch.equal(preview[:, :, :, 68:], result)
     assert preview.shape[-1] % 2 == 0
+
+
+def _png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit PNG (grayscale, gray+alpha, RGB or RGBA by the channel count) written by hand: Pillow cannot
+    write them, and this is what 16-bit exports of photo editors look like."""
+    arr = np.asarray(values, dtype=">u2")
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    h, w, c = arr.shape
+    raw = b"".join(b"\0" + arr[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _as_255(image: torch.Tensor) -> list:
+    return ((image[:, 0, 0] + 1) * 127.5).round().tolist()
+
+
+def test_images_read_as_the_user_means_them(tmp_path):
+    """16-bit grayscale at its level (not clipped to white), 16-bit colour, palette (with and without a
+    transparent entry), grayscale, and alpha: opaque alpha dropped, real transparency composited over the
+    caller's background or refused with the reason."""
+    gray16 = _png16(tmp_path / "g16.png", np.full((4, 6), 30000))
+    assert _as_255(read_image(gray16)) == [117, 117, 117]  # 30000 / 257
+    rgb16 = _png16(tmp_path / "rgb16.png", np.tile(np.array([1000, 30000, 65535]), (4, 6, 1)))
+    assert np.allclose(_as_255(read_image(rgb16)), [1000 / 257, 30000 / 257, 255], atol=1)  # Pillow: high byte
+    palette = Image.new("P", (6, 4), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255])
+    palette.save(tmp_path / "p.png")
+    assert _as_255(read_image(tmp_path / "p.png")) == [255, 0, 0]
+    palette.save(tmp_path / "pt.png", transparency=1)  # the red entry is transparent
+    with pytest.raises(UserError, match="100% of the picture is transparent"):
+        read_image(tmp_path / "pt.png")
+    assert _as_255(read_image(tmp_path / "pt.png", (0, 0, 255))) == [0, 0, 255]
+    Image.new("L", (6, 4), 200).save(tmp_path / "l.png")
+    assert _as_255(read_image(tmp_path / "l.png")) == [200, 200, 200]
+    Image.new("RGBA", (6, 4), (10, 20, 30, 255)).save(tmp_path / "opaque.png")
+    assert _as_255(read_image(tmp_path / "opaque.png")) == [10, 20, 30]
+    Image.new("LA", (6, 4), (100, 0)).save(tmp_path / "la.png")
+    assert _as_255(read_image(tmp_path / "la.png", (255, 255, 255))) == [255, 255, 255]
+    ga16 = _png16(tmp_path / "ga16.png", np.stack([np.full((4, 6), 65535), np.full((4, 6), 32768)], -1))
+    assert _as_255(read_image(ga16, (0, 0, 0))) == [128, 128, 128]
+
+
+def test_paired_inputs_must_agree(tmp_path):
+    """A driving mask video of another size than the driving video is an error (as for the image pair); a
+    reference of another aspect than the output is cropped with a warning that says how much."""
+    from scail2_lite.inputs import InputFiles, load_inputs
+
+    drive = tmp_path / "d.mp4"
+    write_video(drive, torch.zeros(3, 5, 64, 64), fps=16)
+    small = tmp_path / "m.mp4"
+    write_video(small, torch.zeros(3, 5, 32, 32), fps=16)
+    mask = torch.full((3, 64, 64), -1.0)
+    mask[2, 20:40, 20:40] = 1.0  # a blue figure on black
+    Image.fromarray(as_uint8(mask)).save(tmp_path / "rm.png")
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "r.png")
+    with pytest.raises(UserError, match="driving mask video is 32x32 but the driving video is 64x64"):
+        load_inputs(InputFiles(tmp_path / "r.png", tmp_path / "rm.png", drive, small), size=(64, 64))
+    wide = Image.new("RGB", (128, 64), (90, 90, 90))
+    wide.save(tmp_path / "wide.png")
+    Image.fromarray(np.tile(as_uint8(mask), (1, 2, 1))).save(tmp_path / "widem.png")
+    blue_mask = torch.full((3, 5, 64, 64), -1.0)
+    blue_mask[2, :, 20:40, 20:40] = 1.0
+    write_video(tmp_path / "dm.mp4", blue_mask, fps=16)
+    loaded = load_inputs(InputFiles(tmp_path / "wide.png", tmp_path / "widem.png", drive, tmp_path / "dm.mp4"),
+                         size=(64, 64))
+    assert any("reference image (128x64)" in w and "50%" in w for w in loaded.warnings), loaded.warnings

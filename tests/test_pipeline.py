@@ -157,8 +157,8 @@ def test_extra_references_shared_by_every_segment_and_branch(pipe, folder, monke
                  settings=base)
     assert len(seen) == 2 * 2 and multi.settings["extra_references"] == 2 and not multi.warnings
     vae = pipe.vae(None)
-    pictures = [media.resize_crop(media.read_image(p), size, "bicubic") for p, _ in extra_refs(folder)]
-    colours = [media.resize_crop(media.read_image(m), size, "nearest") for _, m in extra_refs(folder)]
+    pictures = [media.resize_crop(media.read_image(p), size) for p, _ in extra_refs(folder)]
+    colours = [media.resize_crop(media.read_image(m), size) for _, m in extra_refs(folder)]
     latents = torch.cat([vae.encode(p[None, :, None]) for p in pictures], dim=2)
     masks = torch.stack([conditioning.compress_mask(m[:, None])[:, 0] for m in colours], dim=1)[None]
     assert latents.shape == (1, 16, 2, 8, 8) and masks.shape == (1, 28, 2, 8, 8)

@@ -190,11 +190,18 @@ def test_compare_errors_per_phase() -> None:
 
 def test_profile_run_on_a_tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = synth(tmp_path / "m", scale="tiny")
-    monkeypatch.chdir(tmp_path)  # default outputs profile.json / profile.png land here
+    monkeypatch.chdir(tmp_path)  # files are written only when asked: nothing lands in the working folder
     result = runner.invoke(app, ["profile", str(folder), "--run", "--width", "64", "--height", "64", "--frames", "5",
-                                 "--steps", "1", "--vram", "24", "--device", "cpu"])
+                                 "--steps", "1", "--vram", "24", "--device", "cpu", "--json", "out/profile.json",
+                                 "--plot", "out/profile.png"])
+    assert result.exit_code == 2 and "out" in result.output  # the folder is checked before the run
+    (tmp_path / "out").mkdir()
+    result = runner.invoke(app, ["profile", str(folder), "--run", "--width", "64", "--height", "64", "--frames", "5",
+                                 "--steps", "1", "--vram", "24", "--device", "cpu", "--json", "out/profile.json",
+                                 "--plot", "out/profile.png"])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "profile.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+    report = json.loads((tmp_path / "out" / "profile.json").read_text())
     phases = report["measured"]["phases"]
     assert set(phases) >= {"load", "inputs", "text encoder", "clip", "vae encode", "dit placement", "dit steps",
                            "vae decode"}
@@ -208,7 +215,7 @@ def test_profile_run_on_a_tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.Mo
     except ImportError:
         assert "no plot" in result.output
     else:
-        assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "out" / "profile.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_comfy_fp8_file_is_planned_as_loaded_not_as_mapped(tmp_path: Path) -> None:

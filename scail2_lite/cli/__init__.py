@@ -11,8 +11,10 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import UserError
+from ..outputs import Terminated, interruptible
 from ..quantize.schemes import QuantizeError
 
 app = typer.Typer(
@@ -31,20 +33,39 @@ for _noisy in _NOISY:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn UserError (and Ctrl-C) into one red line and a non-zero exit instead of a traceback."""
+    """Every command's guarantee: bad input (UserError) and any OS error (full disk, read-only folder, ...) are
+    one red line and exit 2, Ctrl-C exits 130 and SIGTERM 143, all after the clean-up of what was being written
+    (`outputs.interruptible` turns SIGTERM into an interrupt for the command's duration)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with interruptible():
+                return fn(*args, **kwargs)
         except (UserError, QuantizeError) as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            error(str(e))
             raise typer.Exit(UserError.exit_code) from None
+        except OSError as e:
+            error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+            raise typer.Exit(UserError.exit_code) from None
+        except Terminated:
+            console.print("[yellow]terminated[/yellow]")
+            raise typer.Exit(Terminated.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def warn(message: str) -> None:
+    """One yellow 'warning:' line of user-facing text (not markup)."""
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    """One red 'error:' line; the message is the user's text (paths may hold brackets), never markup."""
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def lora_args(loras: list[str], full_patches: bool = False) -> list:

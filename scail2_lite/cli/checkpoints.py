@@ -15,6 +15,7 @@ from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors
 @user_errors
 def inspect(path: str = typer.Argument(..., help="checkpoint file, index, or SCAIL-2 folder")) -> None:
     """Show a DiT checkpoint's format, tensor and parameter counts, dtypes, config and key problems."""
+    from rich.markup import escape
     from rich.table import Table
 
     from ..formats import describe
@@ -22,14 +23,22 @@ def inspect(path: str = typer.Argument(..., help="checkpoint file, index, or SCA
     info = describe(path)
     table = Table(show_header=False, box=None)
     table.add_row("format", info["format"])
-    table.add_row("file", info["file"])
+    table.add_row("file", escape(str(info["file"])))
     table.add_row("tensors", f"{info['tensors']:,}" + (f" (+{info['scale_tensors']} scales)" if info["scale_tensors"] else ""))
-    table.add_row("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)")
+    table.add_row("parameters", f"{info['parameters']:,} ({_count(info['parameters'])})")
     table.add_row("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
     cfg = info["config"]
     table.add_row("config", f"dim {cfg['dim']}, {cfg['num_layers']} layers, {cfg['num_heads']} heads ({info['config_source']})")
-    table.add_row("keys", "[green]ok[/green]" if not info["problems"] else "[red]" + "; ".join(info["problems"]) + "[/red]")
+    table.add_row("keys", "[green]ok[/green]" if not info["problems"] else "[red]" + escape("; ".join(info["problems"])) + "[/red]")
     Console().print(table)
+
+
+def _count(n: int) -> str:
+    """A parameter count in the unit that shows it: 14.29 B, 187.0 M, 52.3 k."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'B' else 1}f} {unit}"
+    return str(n)
 
 
 @app.command()
@@ -50,7 +59,7 @@ def synth(
         task = bar.add_task("synth", total=None)
         folder = write(out, scale=scale, fmt=fmt, seed=seed,
                        progress=lambda what: bar.update(task, description=f"writing {what}"))
-    console.print(f"wrote {folder} (inputs in {folder / 'inputs'})")
+    console.print(f"wrote {folder} (inputs in {folder / 'inputs'})", highlight=False, markup=False)
 
 
 @app.command()
@@ -87,9 +96,9 @@ def quantize(
         report = quantize_checkpoint(
             src, out, dit=dit, text_encoder=text_encoder, compute=None if compute == "auto" else compute,
             loras=lora_args(lora, lora_full_patches), export=export, force=force, progress=advance,
-            log=lambda msg: console.print(msg, highlight=False),
+            log=lambda msg: console.print(msg, highlight=False, markup=False),
         )
     finally:
         bar.stop()
     console.print(report.table())
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}", highlight=False, markup=False)

@@ -19,9 +19,9 @@ from ..config import (
     SEGMENT_OVERLAP,
 )
 from ..errors import UserError
-from ..inputs import InputFiles
+from ..inputs import InputFiles, backgrounds
 from ..settings import GenerationSettings, MemorySettings
-from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors
+from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors, warn
 
 
 class _SecondsPerIt:
@@ -63,18 +63,17 @@ PRESET_HELP = _preset_help()
 
 def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt: str,
                     settings: GenerationSettings, memory: MemorySettings, loras: list,
-                    output: Path, save_frames: Optional[Path] = None, preview: bool = False) -> None:
-    """Shared by `generate` and `demo`: load, generate into `output` with progress bars, print the summary."""
+                    output: Path, save_frames: Optional[Path] = None, preview: bool = False,
+                    prepared: Optional[Path] = None) -> None:
+    """Shared by `generate` and `demo`: check the outputs, load, generate into `output` with progress bars,
+    print the summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.progress import TimeRemainingColumn
 
     from .. import media
     from ..pipeline import Pipeline
 
-    if output.suffix.lower() != ".mp4":
-        raise UserError(f"-o {output}: the output must be an .mp4 file")
-    if not output.parent.is_dir():
-        raise UserError(f"-o {output}: folder {output.parent} does not exist")
+    preview_path = _check_outputs(model, files, settings, loras, output, save_frames, preview, prepared)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _SecondsPerIt(), TimeElapsedColumn(), TimeRemainingColumn())
     if (note := settings.preset_warning([lora.path for lora in loras])) is not None:
@@ -89,20 +88,54 @@ def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt
                       keep_frames=save_frames is not None or preview)
     if save_frames is not None:
         media.save_frames(save_frames, result.frames)
-    if preview:  # the inputs are read again at the output size, next to the result
-        ref = media.read_image(files.image)
-        drive, _ = media.read_video(files.pose, size=result.size, max_frames=result.num_frames)
-        preview_path = output.with_name(output.stem + "_preview.mp4")
+    if preview_path is not None:  # the inputs are read again at the output size, next to the result
+        bg = backgrounds(settings.replace)
+        ref = media.read_image(files.image, bg["image"])
+        drive, _ = media.read_video(files.pose, size=result.size, max_frames=result.num_frames,
+                                    background=bg["pose"])
         frames = media.side_by_side(media.resize_crop(ref, result.size), drive, result.frames)
         media.write_video(preview_path, frames, result.fps)
-    _summary(result, preview_path if preview else None)
+    _summary(result, preview_path)
+
+
+# Output size estimates for the disk-space check: H.264 at crf 17 stays well under 0.1 byte per pixel on
+# natural video, 0.25 also covers noise; PNG frames are bounded by raw RGB.
+MP4_BYTES_PER_PIXEL = 0.25
+PNG_BYTES_PER_PIXEL = 3
+
+
+def _check_outputs(model: Path, files: InputFiles, settings: GenerationSettings, loras: list,
+                   output: Path, save_frames: Optional[Path], preview: bool,
+                   prepared: Optional[Path]) -> Optional[Path]:
+    """Before any loading: every output apart from every input (and from each other), in a writable place with
+    room for it. Returns the preview's path (None without --preview)."""
+    from .. import media, outputs
+
+    if output.suffix.lower() != ".mp4":
+        raise UserError(f"-o {output}: the output must be an .mp4 file")
+    preview_path = output.with_name(output.stem + "_preview.mp4") if preview else None
+    written = {"-o": output, "--preview": preview_path, "--save-frames": save_frames}
+    read = {"MODEL": model, "--inputs": prepared, "--image": files.image, "--mask-image": files.mask_image,
+            "--pose": files.pose, "--mask-video": files.mask_video, **{f"--lora {lo.path}": lo.path for lo in loras}}
+    outputs.check_separate(written, read)
+    for flag, path in written.items():
+        outputs.check_separate({flag: path}, {f: p for f, p in written.items() if f != flag})
+    h, w = media.output_size(settings.size, media.video_size(files.pose))
+    frames = media.frame_count(files.pose)
+    pixels = (min(frames, settings.frames) if settings.frames else frames) * h * w
+    outputs.check_file_target(output, "-o", int(pixels * MP4_BYTES_PER_PIXEL))
+    if preview_path is not None:
+        outputs.check_file_target(preview_path, "--preview", int(3 * pixels * MP4_BYTES_PER_PIXEL))
+    if save_frames is not None:
+        outputs.check_folder_target(save_frames, "--save-frames", pixels * PNG_BYTES_PER_PIXEL)
+    return preview_path
 
 
 def _summary(result, preview: Optional[Path]) -> None:
     from rich.table import Table
 
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, markup=False)
+        warn(w)
     table = Table(title="scail2-lite generate", show_header=True)
     table.add_column("phase")
     table.add_column("seconds", justify="right")
@@ -193,7 +226,7 @@ def generate(
     files, replace, notes = generate_files(inputs, image, mask_image, pose, mask_video, replace,
                                            additional_ref_image, additional_ref_mask)
     for note in notes:
-        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
+        warn(note)
     if (width is None) != (height is None):
         raise UserError("give both --width and --height, or neither")
     settings = GenerationSettings.build(
@@ -204,7 +237,7 @@ def generate(
                             vae_tile=vae_tile, vram_budget=None if vram_budget is None else _gb(vram_budget),
                             prompt_cache=prompt_cache)
     _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora, lora_full_patches),
-                    output, save_frames, preview)
+                    output, save_frames, preview, inputs)
 
 
 def _gb(value: float) -> int:

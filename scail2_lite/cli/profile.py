@@ -145,10 +145,9 @@ def profile(
     pose: Optional[Path] = typer.Option(None, "--pose", help="driving video \\[default: MODEL/inputs/driving.mp4]"),
     mask_video: Optional[Path] = typer.Option(None, "--mask-video", help="\\[default: MODEL/inputs/driving_mask.mp4]"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu for --run (default: cuda if available)"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON \\[default with --run: "
-                                             "profile.json]"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON (only when asked)"),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of memory over time with phase bands "
-                                             "(--run) \\[default: profile.png]"),
+                                             "(--run; only when asked)"),
 ) -> None:
     """Show where memory goes: the plan per phase and the cards it fits; with --run, measured against the plan."""
     from .. import profiling
@@ -164,6 +163,14 @@ def profile(
         raise UserError("give both --width and --height, or neither")
     if width is None and size not in SIZES:
         raise UserError(f"unknown size {size!r}; choose one of {', '.join(SIZES)} or give --width/--height")
+    from .. import outputs
+
+    written = {"--json": json_path, "--plot": plot_path}
+    outputs.check_separate(written, {"MODEL": model, "--image": image, "--mask-image": mask_image, "--pose": pose,
+                                     "--mask-video": mask_video})
+    for flag, path in written.items():
+        if path is not None:
+            outputs.check_file_target(path, flag)
     for flag, value in (("--vram", vram), ("--ram", ram)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number of GB, got {value:g}")
@@ -183,7 +190,7 @@ def profile(
             model = cached_demo_folder(progress=lambda what: console.print(f"making the demo checkpoint: {what}"))
         _profile_run(model, size=(width, height) if width else size, frames=frames, vram=vram,
                      profile_name=profile_name, steps=steps, files=(image, mask_image, pose, mask_video), device=device,
-                     json_path=json_path or Path("profile.json"), plot_path=plot_path or Path("profile.png"))
+                     json_path=json_path, plot_path=plot_path)
         return
     if plot_path is not None:
         raise UserError("--plot draws measured memory: add --run")
@@ -227,7 +234,7 @@ def profile(
             "no_fit": no_fit, "fits_on": {str(gb): p.profile.name if p else None for gb, p in cards.items()},
             "profiles": [profiling.plan_to_json(p) for p in table_plans],
         })
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", highlight=False, markup=False)
 
 
 def _synthetic_model(scale: str) -> ModelDescription:
@@ -242,7 +249,8 @@ def _synthetic_model(scale: str) -> ModelDescription:
 
 
 def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[float], profile_name: Optional[str],
-                 steps: int, files: tuple, device: Optional[str], json_path: Path, plot_path: Path) -> None:
+                 steps: int, files: tuple, device: Optional[str], json_path: Optional[Path],
+                 plot_path: Optional[Path]) -> None:
     """`profile --run`: load, run `steps` steps with a PhaseRecorder, compare with the pipeline's own plan."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -296,10 +304,16 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         out.print(f"profile [bold]{predicted.profile.name}[/bold]: {predicted.reason or 'as given'}; "
                   f"{predicted.resident_blocks} blocks resident, {predicted.streamed_blocks} streamed", highlight=False)
     _print_measured(out, report)
-    profiling.write_json(json_path, report)
-    try:
-        recorder.plot(plot_path, predicted, title=f"scail2-lite profile: {w}x{h}, {result.num_frames} frames, "
-                                                  f"{steps} steps ({measured['device_name']})")
-        console.print(f"wrote {json_path} and {plot_path}")
-    except UserError as e:
-        console.print(f"wrote {json_path}; no plot: {e}")
+    written = []
+    if json_path is not None:
+        profiling.write_json(json_path, report)
+        written.append(str(json_path))
+    if plot_path is not None:
+        try:
+            recorder.plot(plot_path, predicted, title=f"scail2-lite profile: {w}x{h}, {result.num_frames} frames, "
+                                                      f"{steps} steps ({measured['device_name']})")
+            written.append(str(plot_path))
+        except UserError as e:
+            console.print(f"no plot: {e}", highlight=False, markup=False)
+    if written:
+        console.print(f"wrote {' and '.join(written)}", highlight=False, markup=False)

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
+from ..outputs import interruptible, temporary_folder
 from ..inputs import InputFiles
 from .settings import Mode
 
@@ -133,29 +132,11 @@ def check_output(out: Path) -> None:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt for the duration, so the clean-up below also runs when killed
-    politely. The previous handler comes back afterwards (main thread only: elsewhere signals are not ours)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
 def new_folder(out: Path) -> Iterator[Path]:
     """Yield a hidden staging folder beside `out`; on success it becomes `out` (an empty `out` is replaced by
     the rename), on any error it is removed."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    with _sigterm_as_interrupt():
+    staging = temporary_folder(out)
+    with interruptible():
         try:
             yield staging
             os.replace(staging, out)
@@ -170,7 +151,7 @@ def replaced_files(folder: Path) -> Iterator[Path]:
     same name in `folder` (old entries are moved aside first, then deleted: they are prepare's own outputs),
     on any error the staging folder is removed and `folder` is untouched."""
     staging = Path(tempfile.mkdtemp(prefix=".prepare.", suffix=".partial", dir=folder))
-    with _sigterm_as_interrupt():
+    with interruptible():
         try:
             yield staging
         except BaseException:

@@ -186,7 +186,10 @@ def write_safetensors(
 
 def _torch_save(obj: object, path: Path) -> None:
     tmp = temporary_path(path)
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (full disk) as a RuntimeError
+        raise UserError(f"{path}: cannot write it (disk full?): {e}") from None
     os.replace(tmp, path)
 
 
