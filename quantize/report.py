@@ -16,6 +16,11 @@ import torch
 from rich.table import Table
 
 REPORT_NAME = "fidelity.json"
+# Where our formats stand against the ones other tools store (benchmarks/bench_formats.py, RESULTS.md): shown
+# under every report so a user reads the numbers above against the peers'.
+STANDING = ("Side by side with ComfyUI fp8/fp8_scaled/mxfp8/int8_convrot, WanGP quanto int8, GGUF and bitsandbytes "
+            "NF4 on the same synthetic weights: README 'Fidelity against other formats'. Absolute errors there come "
+            "from synthetic weights; the ranking is what carries over.")
 
 
 def compare(reference: torch.Tensor, output: torch.Tensor) -> dict[str, float]:
@@ -76,7 +81,7 @@ class FidelityReport:
 
     def table(self) -> Table:
         """Rich summary: error per layer kind, what kept layers would lose, end-to-end agreement."""
-        t = Table(title=f"fidelity ({self.dit_scheme} DiT)")
+        t = Table(title=f"fidelity ({self.dit_scheme} DiT)", caption=STANDING)
         t.add_column("what")
         t.add_column("mean rel. error", justify="right")
         t.add_column("max rel. error", justify="right")

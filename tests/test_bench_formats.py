@@ -142,3 +142,17 @@ def test_eight_bit_formats_invert_their_layout():
     assert errs["comfy int8_convrot"] < errs["quanto int8 (WanGP)"]  # the rotation helps heavy tails
     assert errs["gguf Q8_0"] < errs["gguf Q6_K"] < errs["gguf Q5_K"] < errs["gguf Q4_K"]
     assert P.PEER_FORMATS["gguf Q4_K"].bits(64, 512) == 4.5 and P.PEER_FORMATS["gguf Q4_K"].bits(64, 48) == 16
+
+
+def test_bench_formats_table_small_scale(tmp_path):
+    """The benchmark's umT5 stage end to end on the CPU at a small scale: every row measured, and the rotation
+    our int8 adds beats plain per-channel INT8 on the heavy-tailed weights (the ranking the full run reports)."""
+    import bench_formats
+
+    data = bench_formats.main(["--tiny", "--skip", "dit,mild", "--json", str(tmp_path / "f.json")])
+    rows = data["umt5"]["variants"]
+    assert len(rows) == 9 and all("embeddings_rel_error" in r for r in rows.values())
+    assert rows["ours int8 (rotated quanto int8)"]["embeddings_rel_error"] < \
+        rows["quanto int8 (WanGP)"]["embeddings_rel_error"]
+    assert rows["gguf Q4_K_M"]["bits_per_weight"] > 4.5  # the Q6_K layers of the _M mix
+    assert (tmp_path / "f.json").is_file()
