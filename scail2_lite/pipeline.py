@@ -146,7 +146,7 @@ class Pipeline:
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """umT5 on the prompts (or their embeddings from the prompt cache); the encoder leaves memory before
-        returning (11 GB in bf16)."""
+        returning (11 GB in bf16, in RAM: its blocks visit the GPU one at a time)."""
         from .quantize.text_encoder import quantize_block
 
         scheme = self.model.text_encoder
@@ -157,7 +157,9 @@ class Pipeline:
             if (hit := cache.get(prompts)) is not None:
                 return hit
         quant = None if scheme == "bf16" else (lambda block: quantize_block(block, scheme))
-        tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant)
+        # bf16 streams its blocks through the GPU (lossless at about one block of memory); 4/8-bit load whole.
+        tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant,
+                                             stream=scheme == "bf16")
         try:
             out = [t.to("cpu", torch.float32) for t in encode_text(tokenizer, model, prompts)]
         finally:

@@ -173,8 +173,10 @@ TEXT_ENCODERS: tuple[str, ...] = ("nf4", "int8", "bf16")  # quantize.text_encode
 
 
 def umt5_bytes(text_encoder: str) -> int:
+    """GPU bytes of umT5's weights while encoding: bf16 streams its blocks (encoders.stream_blocks), so one
+    block plus the block being dropped; 4/8-bit encoders are resident whole."""
     if text_encoder == "bf16":
-        return UMT5_LINEAR_PARAMS * 2
+        return 2 * (UMT5_LINEAR_PARAMS // UMT5_LAYERS) * 2
     if text_encoder == "nf4":
         return int(UMT5_WO_PARAMS * 2 + (UMT5_LINEAR_PARAMS - UMT5_WO_PARAMS) * NF4_BYTES_PER_PARAM)
     return int(UMT5_LINEAR_PARAMS * (1 + 4 / 4096))  # int8 + per-row scale
