@@ -34,6 +34,7 @@ from .errors import UserError
 from .inputs import InputFiles, Inputs, load_inputs
 from .loader import ModelDescription, describe_model
 from .model import LATENT_CHANNELS, Conditions
+from .offload.card import DeviceMemory
 from .offload.placement import DitPlacement, out_of_memory, release_cached_memory
 from .offload.planner import Plan
 from .profiling import PhaseRecorder
@@ -191,18 +192,26 @@ class Pipeline:
         return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
                         self.device)
 
-    def make_plan(self, height: int, width: int, frames: int) -> Plan | None:
-        """The memory plan for one segment of this size on this machine. On CPU there is nothing to plan unless a
-        profile is forced (the streamer then runs with synchronous copies: how the tests check profiles)."""
-        if self.device.type != "cuda" and self.memory.profile is None:
+    def make_plan(self, height: int, width: int, frames: int, gpu: DeviceMemory | None = None) -> Plan | None:
+        """The memory plan for one segment of this size on this machine (`gpu`: the GPU as the driver reports it
+        now unless given). On CPU there is nothing to plan unless a profile is forced (the streamer then runs with
+        synchronous copies: how the tests check profiles)."""
+        if self.device.type != "cuda" and self.memory.profile is None and gpu is None:
             return None
-        from .offload.planner import detect_memory, plan
+        from .offload import card
+        from .offload.planner import available_ram, plan
 
-        free, _, ram = detect_memory()
+        gpu = gpu or card.detect(self.device) or DeviceMemory(total=0, free=0, context=0)  # CPU: no GPU to fit
         m = self.model
-        return plan(m.config, height, width, frames, free, ram, profile=self.memory.profile,
+        return plan(m.config, height, width, frames, gpu, available_ram(), profile=self.memory.profile,
                     vram_budget=self.memory.vram_budget, weights=m.dit_scheme, text_encoder=m.text_encoder,
                     mappable=m.mappable)
+
+    @property
+    def vae_dtype(self) -> torch.dtype | None:
+        """The VAE decode's autocast precision: bf16 on a GPU unless fp32 is asked for (None: the weights', fp32)."""
+        choice = self.memory.vae_dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+        return torch.bfloat16 if choice == "bf16" else None
 
     # ---- generation --------------------------------------------------------------------------------------------
 
@@ -245,6 +254,8 @@ class Pipeline:
         mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0])
         vae_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
             mem_plan.profile.vae_tile if mem_plan else None)
+        decode_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
+            mem_plan.vae_decode_tile if mem_plan else None)
 
         with timer("text encoder"), tasks.phase("umT5 text encoder"):
             contexts = self.encode_prompts([prompt, negative_prompt] if s.uses_cfg else [prompt])
@@ -305,7 +316,7 @@ class Pipeline:
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
                                                       total=end - start - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
-                    for group in _decode(self.vae(vae_tile), latents, drop, self.device):
+                    for group in _decode(self.vae(decode_tile), latents, drop, self.device, self.vae_dtype):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
@@ -317,7 +328,9 @@ class Pipeline:
             final_plan, fallbacks, attention = placement.plan, placement.fallbacks, placement.kernels.attention
             streamers_built = placement.streamers_built
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
-                   text_encoder=self.model.text_encoder, device=str(self.device), attention=attention)
+                   text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
+                   vae_decode=f"{f'{decode_tile} px tiles' if decode_tile else 'untiled'}, "
+                              f"{'bf16' if self.vae_dtype is torch.bfloat16 else 'fp32'}")
         if final_plan is not None:
             run.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
                        plan=final_plan.reason, streamers_built=streamers_built)
@@ -360,10 +373,11 @@ def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device) -> torch.Ten
     return vae.encode(video[None].to(device)).cpu()
 
 
-def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, device: torch.device) -> Iterator[torch.Tensor]:
+def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, device: torch.device,
+            dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
     """Decoded frame groups (3, t, H, W) on CPU, the first `drop` frames (segment overlap) left out."""
     seen = 0
-    for group in vae.decode_frames(latents.to(device)):
+    for group in vae.decode_frames(latents.to(device), dtype):
         group = group[0].float().cpu()
         n = group.shape[1]
         if seen + n > drop:

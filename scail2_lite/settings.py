@@ -25,6 +25,8 @@ from .errors import UserError
 Solver = Literal["unipc", "dpm++", "euler", "lcm"]
 CacheMode = Literal["off", "teacache", "magcache"]
 TextEncoderScheme = Literal["bf16", "int8", "nf4"]
+VaeDtype = Literal["bf16", "fp32"]
+VAE_DTYPES: tuple[str, ...] = ("bf16", "fp32")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
@@ -97,8 +99,11 @@ class GenerationSettings:
 @dataclass(frozen=True)
 class MemorySettings:
     """Where and how a run computes. None = decided per run: `device` cuda when available; `profile` the fastest
-    that fits (see `scail2-lite profile`); `vram_budget` (bytes) the free VRAM; `attention` the profile's;
-    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's.
+    that fits (see `scail2-lite profile`); `vram_budget` (bytes) the card's total, when planning for a card smaller
+    than the free VRAM (the CUDA context and a desktop reserve come off it); `attention` the profile's;
+    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the plan's
+    (the profile's to encode; untiled decode where the card has room); `vae_dtype` the decode's precision (bf16 on
+    a GPU: its error is below the tiled decode's seams, RESULTS.md; fp32 on CPU).
     `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py)."""
 
     device: str | None = None
@@ -107,6 +112,7 @@ class MemorySettings:
     attention: str | None = None
     text_encoder: TextEncoderScheme | None = None
     vae_tile: int | None = None
+    vae_dtype: VaeDtype | None = None
     prompt_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -120,6 +126,8 @@ class MemorySettings:
             raise UserError(f"--vae-tile must be 0 (untiled) or a positive number of pixels, got {self.vae_tile}")
         if self.text_encoder is not None:
             _choice(self.text_encoder, TEXT_ENCODER_SCHEMES, "--text-encoder")
+        if self.vae_dtype is not None:
+            _choice(self.vae_dtype, VAE_DTYPES, "--vae-dtype")
         if self.profile is not None:
             load_profile(self.profile)
         if self.attention is not None:

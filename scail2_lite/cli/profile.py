@@ -37,10 +37,8 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
     """Plan mode's printout: the chosen profile and why, its phases, the cards it fits, every profile here."""
     from rich.table import Table
 
-    from ..profiling import reserved_bytes
-
     if chosen is None:
-        out.print(f"[red]no profile fits[/red] a {vram / 1e9:g} GB card with {ram / 1e9:.0f} GB RAM: {no_fit}",
+        out.print(f"[red]no profile fits[/red] a {vram / 1e9:.2f} GB card with {ram / 1e9:.0f} GB RAM: {no_fit}",
                   highlight=False)
     else:
         p = chosen.profile
@@ -49,19 +47,22 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
         out.print(f"DiT {chosen.quantization}: {chosen.resident_blocks} blocks resident, {chosen.streamed_blocks} "
                   f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
                   f"({'layer by layer' if p.stream_unit == 'layer' else f'{p.prefetch} ahead'}); "
-                  f"VAE tile {p.vae_tile or 'none'}", highlight=False)
+                  f"VAE tile {p.vae_tile or 'none'} (decode: {chosen.vae_decode_tile or 'untiled'})", highlight=False)
+        out.print(f"allocator budget {_bytes(chosen.vram_budget)}: the card less {_bytes(chosen.outside_allocator)} "
+                  "of CUDA context and a desktop reserve", highlight=False)
         table = Table(title=f"predicted peaks per phase ({chosen.tokens:,} tokens)")
-        for col in ("phase", "VRAM allocated", "VRAM reserved", "RAM"):
+        for col in ("phase", "VRAM allocated", "VRAM reserved", "process total (NVML)", "RAM"):
             table.add_column(col, justify="left" if col == "phase" else "right")
         for name, mem in chosen.phases.items():
-            table.add_row(name, _bytes(mem.vram), _bytes(reserved_bytes(mem.vram)), _bytes(mem.ram))
+            table.add_row(name, _bytes(mem.vram), _bytes(mem.reserved), _bytes(chosen.process_total(name)),
+                          _bytes(mem.ram))
         table.add_row("[bold]peak[/bold]", _bytes(chosen.peak_vram), _bytes(chosen.peak_vram_reserved),
-                      _bytes(chosen.peak_ram))
+                      _bytes(chosen.peak_process_total), _bytes(chosen.peak_ram))
         out.print(table)
-    fits = [f"{gb} GB ({p.profile.name})" for gb, p in cards.items() if p is not None]
+    fits = [f"{gb} GB ({p.profile.name})" for gb, p in cards.items() if p is not None]  # GB as sold: GiB
     out.print("fits on: " + (", ".join(fits) if fits else "none of " + ", ".join(f"{gb} GB" for gb in cards))
               + f" [dim](with {ram / 1e9:.0f} GB RAM)[/dim]", highlight=False)
-    table = Table(title=f"every profile on a {vram / 1e9:g} GB card")
+    table = Table(title=f"every profile on a {vram / 1e9:.2f} GB card")
     for col in ("profile", "DiT", "resident", "streamed", "VRAM", "reserved", "RAM", "fits"):
         table.add_column(col, justify="left" if col in ("profile", "DiT", "fits") else "right")
     for p in table_plans:
@@ -123,8 +124,10 @@ def profile(
     height: Optional[int] = typer.Option(None, "--height", help="explicit height (multiple of 32), with --width"),
     frames: Optional[int] = typer.Option(None, "--frames", help="frames per segment to plan for \\[default: 81]; "
                                          "with --run: use only the first N driving frames"),
-    vram: Optional[float] = typer.Option(None, "--vram", help="GB (1e9 bytes) of VRAM to plan for, e.g. 8, 12, 16, "
-                                         "24 \\[default: this GPU's free VRAM]; with --run the process is capped to it"),
+    vram: Optional[float] = typer.Option(None, "--vram", help="the card to plan for, in GB as sold (16 = 16 GiB), "
+                                         "e.g. 8, 12, 16, 24; its CUDA context and a desktop reserve come off it "
+                                         "\\[default: this GPU as the driver reports it]; with --run the process is "
+                                         "capped as that card would be"),
     ram: Optional[float] = typer.Option(None, "--ram", help="GB of RAM to plan for \\[default: available RAM]"),
     profile_name: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml \\[default: "
                                                "the fastest that fits]"),
@@ -148,7 +151,8 @@ def profile(
     from .. import profiling
     from ..config import SIZES
     from ..loader import describe_model
-    from ..offload.planner import GB, detect_memory, plan
+    from ..offload.card import DeviceMemory, card_bytes, detect
+    from ..offload.planner import GB, available_ram, plan
 
     if (model is None) == (synthetic is None):
         raise UserError("give a MODEL folder or --synthetic full|tiny (one of them)")
@@ -186,14 +190,14 @@ def profile(
         target = dataclasses.replace(target, mappable=target.dit_scheme != "bf16")
     h, w = (height, width) if width else SIZES[size]
     n_frames = frames if frames is not None else 81
-    free, _, ram_free = detect_memory()
-    if vram is None and not free:
+    gpu = DeviceMemory.card(card_bytes(vram)) if vram is not None else detect()
+    if gpu is None:
         raise UserError("no CUDA GPU here: pass --vram GB (e.g. 8, 12, 16, 24) to plan for a card")
-    vram_bytes = int(vram * GB) if vram is not None else free
-    ram_bytes = int(ram * GB) if ram is not None else ram_free
+    vram_bytes = gpu.total
+    ram_bytes = int(ram * GB) if ram is not None else available_ram()
     chosen, no_fit = None, None
     try:
-        chosen = plan(target.config, h, w, n_frames, vram_bytes, ram_bytes, profile=profile_name,
+        chosen = plan(target.config, h, w, n_frames, gpu, ram_bytes, profile=profile_name,
                       weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable)
     except UserError as e:
         if str(e).startswith("no profile fits"):
@@ -201,12 +205,13 @@ def profile(
         else:
             raise
     cards = profiling.fits_on(target, h, w, n_frames, ram_bytes)
-    table_plans = profiling.all_profiles(target, h, w, n_frames, vram_bytes, ram_bytes)
+    table_plans = profiling.all_profiles(target, h, w, n_frames, gpu, ram_bytes)
     out = Console()
     out.print(f"model: {target.source}; DiT {target.dit_scheme}, umT5 {target.text_encoder}", highlight=False,
               markup=False)
-    out.print(f"run: {w}x{h}, {n_frames} frames per segment; card: {vram_bytes / GB:g} GB VRAM"
-              f" ({'given' if vram is not None else 'free now'}), {ram_bytes / GB:.1f} GB RAM"
+    out.print(f"run: {w}x{h}, {n_frames} frames per segment; card: {vram_bytes / GB:.2f} GB VRAM"
+              f" ({f'{vram:g} GB card as sold' if vram is not None else f'{gpu.free / GB:.2f} GB free now'}), "
+              f"{ram_bytes / GB:.1f} GB RAM"
               f" ({'given' if ram is not None else 'available now'})", highlight=False)
     _print_plan(out, chosen, no_fit, cards, table_plans, vram_bytes, ram_bytes)
     if json_path is not None:
@@ -234,14 +239,14 @@ def _synthetic_model(scale: str) -> ModelDescription:
 def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[float], profile_name: Optional[str],
                  steps: int, files: tuple, device: Optional[str], json_path: Path, plot_path: Path) -> None:
     """`profile --run`: load, run `steps` steps with a PhaseRecorder, compare with the pipeline's own plan."""
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .. import profiling
     from ..conditioning import segment_plan
     from ..inputs import InputFiles, load_inputs
     from ..loader import describe_model
-    from ..offload.planner import GB, detect_memory, plan
+    from ..offload import card
+    from ..offload.planner import available_ram, plan
     from ..pipeline import Pipeline, parse_device
     from ..settings import GenerationSettings, MemorySettings
 
@@ -252,10 +257,9 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         if not p.exists():
             raise UserError(f"{p} not found: pass {flag}")
     dev = parse_device(device)
-    budget = int(vram * GB) if vram is not None else None
+    budget = card.card_bytes(vram) if vram is not None else None
     if budget is not None and dev.type == "cuda":
-        total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))  # emulate the smaller card
+        card.emulate(dev, budget)  # the allocator capped as that card would leave it
     recorder = profiling.PhaseRecorder(dev)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
@@ -271,7 +275,7 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         predicted = pipe.make_plan(h, w, first[1] - first[0])
         if predicted is None and budget is not None:  # CPU: predict for the card asked for, to compare RAM
             target = describe_model(model)
-            predicted = plan(target.config, h, w, first[1] - first[0], budget, detect_memory()[2],
+            predicted = plan(target.config, h, w, first[1] - first[0], card.DeviceMemory.card(budget), available_ram(),
                              profile=profile_name, weights=target.dit_scheme, text_encoder=target.text_encoder,
                              mappable=target.mappable)
         result = pipe(inputs, "a person dancing", settings=GenerationSettings(steps=steps), keep_frames=False,
