@@ -124,6 +124,8 @@ def emulate(device: torch.device | str, card_total: int | None, context: int = C
     CUDA context (`context`: measured, or the estimate) and a desktop reserve. None lifts the cap. Returns the
     cap in bytes (None when lifted)."""
     device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
     if card_total is None:
