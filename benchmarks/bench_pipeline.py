@@ -305,7 +305,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     cap = st.emulator.cap(card_gib) if st.emulator is not None else None
     plan = pipe.make_plan(h, w, b - a)
     log(f"{key}: {w}x{h}x{inputs.frames}, profile {plan.profile.name if plan else 'none'} "
-        f"({plan.resident_blocks if plan else '-'} resident, decode tile {plan.vae_decode_tile if plan else '-'}), "
+        f"({plan.resident_blocks if plan else '-'} resident), "
         f"card {card_gib} GiB, allocator cap {gb(cap)} GB, decode {decode}")
     recorder = PhaseRecorder(s.device, interval=0.1)
 

@@ -254,8 +254,6 @@ class Pipeline:
         mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0])
         vae_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
             mem_plan.profile.vae_tile if mem_plan else None)
-        decode_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
-            mem_plan.vae_decode_tile if mem_plan else None)
 
         with timer("text encoder"), tasks.phase("umT5 text encoder"):
             contexts = self.encode_prompts([prompt, negative_prompt] if s.uses_cfg else [prompt])
@@ -316,7 +314,7 @@ class Pipeline:
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
                                                       total=end - start - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
-                    for group in _decode(self.vae(decode_tile), latents, drop, self.device, self.vae_dtype):
+                    for group in _decode(self.vae(vae_tile), latents, drop, self.device, self.vae_dtype):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
@@ -329,7 +327,7 @@ class Pipeline:
             streamers_built = placement.streamers_built
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
                    text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
-                   vae_decode=f"{f'{decode_tile} px tiles' if decode_tile else 'untiled'}, "
+                   vae_decode=f"{f'{vae_tile} px tiles' if vae_tile else 'untiled'}, "
                               f"{'bf16' if self.vae_dtype is torch.bfloat16 else 'fp32'}")
         if final_plan is not None:
             run.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,

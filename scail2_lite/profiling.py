@@ -288,7 +288,6 @@ def plan_to_json(p: Plan) -> dict:
         "tokens": p.tokens,
         "vram_budget": p.vram_budget,
         "outside_allocator": p.outside_allocator,
-        "vae_decode_tile": p.vae_decode_tile,
         "ram_available": p.ram_available,
         "peak_vram": p.peak_vram,
         "peak_vram_reserved": p.peak_vram_reserved,

@@ -101,8 +101,8 @@ class MemorySettings:
     """Where and how a run computes. None = decided per run: `device` cuda when available; `profile` the fastest
     that fits (see `scail2-lite profile`); `vram_budget` (bytes) the card's total, when planning for a card smaller
     than the free VRAM (the CUDA context and a desktop reserve come off it); `attention` the profile's;
-    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the plan's
-    (the profile's to encode; untiled decode where the card has room); `vae_dtype` the decode's precision (bf16 on
+    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's;
+    `vae_dtype` the decode's precision (bf16 on
     a GPU: its error is below the tiled decode's seams, RESULTS.md; fp32 on CPU).
     `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py)."""
 

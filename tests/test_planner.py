@@ -81,7 +81,7 @@ def test_choices_for_a_table_of_machines(size, weights, vram, ram, expected, res
 def test_auto_resident_blocks_are_the_most_that_fit() -> None:
     p = plan(C14, *SIZES["704p"], 81, card(16), 64 * GB, weights="fp8")
     assert 0 < p.resident_blocks < 40
-    more = predict(p.profile, C14, *SIZES["704p"], 81, p.resident_blocks + 1, "fp8", decode_tile=p.vae_decode_tile)
+    more = predict(p.profile, C14, *SIZES["704p"], 81, p.resident_blocks + 1, "fp8")
     assert max(m.reserved for m in more.values()) > p.vram_budget >= p.peak_vram_reserved
 
 
@@ -258,14 +258,3 @@ def test_704p_needs_more_than_an_8gb_card_beside_a_desktop() -> None:
         plan(C14, *SIZES["704p"], 81, card(8), 64 * GB, weights="fp8")
     headless = plan(C14, *SIZES["704p"], 81, DeviceMemory.card(card_bytes(8), desktop=0), 64 * GB, weights="fp8")
     assert headless.profile.name == "layers" and headless.peak_process_total <= card_bytes(8)
-
-
-def test_decode_is_untiled_only_where_the_budget_has_room() -> None:
-    roomy = plan(C14, *SIZES["704p"], 81, card(24), 64 * GB, weights="fp8")
-    tight = plan(C14, *SIZES["704p"], 81, card(12), 64 * GB, weights="fp8")
-    assert roomy.vae_decode_tile == 0 and roomy.phases["vae_decode"].reserved <= roomy.vram_budget
-    assert tight.vae_decode_tile == tight.profile.vae_tile > 0
-    tiled = predict(roomy.profile, C14, *SIZES["704p"], 81, roomy.resident_blocks, "fp8")
-    assert tiled["vae_decode"].vram < roomy.phases["vae_decode"].vram
-    assert {k: v for k, v in tiled.items() if k != "vae_decode"} == {
-        k: v for k, v in roomy.phases.items() if k != "vae_decode"}

@@ -220,7 +220,6 @@ class Plan:
     reason: str
     mappable: bool = True  # blocks read from the quantized shards (not held in RAM between uses)
     outside_allocator: int = 0  # what NVML shows beyond the allocator's reserved bytes (the CUDA context)
-    vae_decode_tile: int = 0  # pixels, 0 = untiled: the profile's tile, or untiled where the budget allows
 
 
     @property
@@ -255,10 +254,9 @@ class Plan:
 
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
-    text_encoder: str = "nf4", mappable: bool = True, decode_tile: int | None = None,
+    text_encoder: str = "nf4", mappable: bool = True,
 ) -> dict[str, PhaseMemory]:
-    """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks; the VAE decodes
-    in `decode_tile` pixel tiles (0 untiled; None: the profile's).
+    """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks.
 
     RAM (resident set, file pages included): the non-block layers; the blocks only when they cannot be read from
     a quantized folder's shards (`mappable` False: the whole DiT stays in RAM, the pinned buffer replacing the
@@ -290,8 +288,7 @@ def predict(
     # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (formats.FilePages).
     umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS
     vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
-    vae_dec = _vae_activation_bytes(height, width, profile.vae_tile if decode_tile is None else decode_tile,
-                                    VAE_DECODE_BYTES_PER_PIXEL)
+    vae_dec = _vae_activation_bytes(height, width, profile.vae_tile, VAE_DECODE_BYTES_PER_PIXEL)
     phases = {
         # The encoders run before the first placement: no pinned buffer yet.
         "text_encoder": PhaseMemory(umt5 + ENCODER_ACTIVATIONS, int(rest + umt5_file)),
@@ -310,27 +307,19 @@ def resolve(
     weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True,
     outside_allocator: int = 0,
 ) -> Plan:
-    """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget. The VAE
-    then decodes untiled (faster, streams frames, and exact: tiles blend at seams) when that also fits."""
+    """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget."""
     quant = weights
     n = tokens(config, height, width, frames)
 
-    def make(resident: int, why: str, decode_tile: int | None = None) -> Plan:
-        tile = profile.vae_tile if decode_tile is None else decode_tile
-        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, tile)
+    def make(resident: int, why: str) -> Plan:
+        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable)
         return Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases, int(vram_budget),
-                    int(ram_available), why, mappable, int(outside_allocator), tile)
-
-    def untiled_if_room(p: Plan) -> Plan:
-        if not p.profile.vae_tile:
-            return p
-        untiled = make(p.resident_blocks, p.reason, 0)
-        return untiled if untiled.phases["vae_decode"].reserved <= vram_budget else p
+                    int(ram_available), why, mappable, int(outside_allocator))
 
     if profile.resident_blocks == "all":
-        return untiled_if_room(make(config.num_layers, reason))
+        return make(config.num_layers, reason)
     if profile.resident_blocks != "auto":
-        return untiled_if_room(make(min(int(profile.resident_blocks), config.num_layers), reason))
+        return make(min(int(profile.resident_blocks), config.num_layers), reason)
     # Resident blocks only add VRAM and remove RAM, so the count that fits is found by bisection.
     lo, hi = 0, config.num_layers
     while lo < hi:
@@ -339,7 +328,7 @@ def resolve(
             lo = mid
         else:
             hi = mid - 1
-    return untiled_if_room(make(lo, reason))
+    return make(lo, reason)
 
 
 def plan(
