@@ -5,9 +5,11 @@ process beside PyTorch's allocated and reserved bytes (issue 23).
 Why: `set_per_process_memory_fraction` caps the allocator only. The context (1.15 GB on the H100) and the kernels
 loaded later sit outside it, so a run "under a 16 GB cap" used 16.58e9 bytes as NVML counts them.
 
-`Emulator.start(device)` must run before anything touches CUDA: it reads NVML's device-wide used bytes first (other
-processes), then makes the context, warms cuBLAS and cuDNN, and measures what the process holds outside the
-allocator. NVML comes from nvidia-ml-py (`pip install 'scail2-lite[profile]'`, or the wheel carried to the device);
+`Emulator.start(device)` must run before anything touches CUDA: it reads NVML's device-wide used bytes first, then
+makes the context, warms cuBLAS and cuDNN, and measures what the card holds outside the allocator. NVML's "used"
+includes the memory the driver reserves on every card (0.51 GB on the H100 with nothing running; `nvidia-smi` shows
+0 MiB), so the card's total used is what a real card of that size would show: the tables report it as the
+process total (the benchmark machine runs nothing else). NVML comes from nvidia-ml-py (`pip install 'scail2-lite[profile]'`, or the wheel carried to the device);
 without it the NVML columns read "-".
 """
 
@@ -43,9 +45,9 @@ class Emulator:
     """The device, NVML's used bytes before this process, and this process's context as measured."""
 
     device: torch.device
-    baseline: int | None  # NVML device-wide used bytes before our context (other processes)
-    context: int  # NVML process total minus the allocator's reserved bytes after warm-up (estimate without NVML)
-    context_at_start: int | None  # right after the context was made, before cuBLAS/cuDNN loaded
+    baseline: int | None  # NVML device-wide used bytes before our context (the driver's reserve)
+    context: int  # NVML used minus the allocator's reserved bytes after warm-up, driver reserve included
+    context_at_start: int | None  # right after the context was made, before cuBLAS/cuDNN loaded (ours only)
     desktop: int = card.DESKTOP_RESERVE
 
     @classmethod
@@ -62,7 +64,7 @@ class Emulator:
         torch.cuda.synchronize(device)
         after = cls._used(handle)
         reserved = torch.cuda.memory_reserved(device)
-        context = after - baseline - reserved if after is not None and baseline is not None else card.CUDA_CONTEXT
+        context = after - reserved if after is not None else card.CUDA_CONTEXT
         return cls(device, baseline, int(context),
                    None if at_start is None or baseline is None else at_start - baseline)
 
@@ -82,15 +84,16 @@ class Emulator:
                             self.desktop)
 
     def process_total(self, nvml_used: int | None) -> int | None:
-        """This process's bytes as NVML counts them, from a device-wide reading."""
-        return None if nvml_used is None or self.baseline is None else nvml_used - self.baseline
+        """What NVML shows used on the card while this process runs alone on it (driver reserve included)."""
+        return nvml_used
 
     def describe(self) -> str:
         at_start = "-" if self.context_at_start is None else f"{self.context_at_start / GB:.2f}"
-        return (f"CUDA context measured: {at_start} GB when made, {self.context / GB:.2f} GB after cuBLAS/cuDNN "
-                f"warm-up (NVML process total - reserved); desktop reserve {self.desktop / GB:.2f} GB; other "
-                f"processes on the GPU {'-' if self.baseline is None else f'{self.baseline / GB:.2f}'} GB. "
-                f"A card of C GiB is emulated by capping the allocator at C - context - desktop reserve.")
+        return (f"NVML used before this process: {'-' if self.baseline is None else f'{self.baseline / GB:.2f}'} GB "
+                f"(the driver's reserve); CUDA context {at_start} GB when made; outside the allocator after cuBLAS/"
+                f"cuDNN warm-up {self.context / GB:.2f} GB (reserve + context); desktop reserve "
+                f"{self.desktop / GB:.2f} GB. A card of C GiB is emulated by capping the allocator at C - "
+                f"{self.context / GB:.2f} - {self.desktop / GB:.2f} GB.")
 
 
 def memory_row(stats: dict, emulator: Emulator | None) -> tuple[str, str, str]:

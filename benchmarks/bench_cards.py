@@ -10,7 +10,7 @@ Every card is emulated by `_cards.Emulator` (allocator cap = card - measured CUD
 reserve; the planner gets the card's total as `--vram-budget` does). Parts, each guarded (a failure is recorded,
 the next part runs); `$OUT/cards.json` is rewritten after each run, so a timeout keeps what finished:
 1. bench_pipeline's stages 1-2: synthetic encoders, inputs and the FP8 14B folder (skipped when --workdir has them).
-2. The VAE decode alone on 704p latents of the synthetic driving video (`--vae-frames` frames): fp32 vs bf16,
+2. The VAE decode alone on latents of the pose video read at 704p (640x352, `--vae-frames` frames): fp32 vs bf16,
    untiled vs 256 px tiles: seconds, peak allocated, and the error of bf16 against fp32 beside the error the tiles'
    seams make (tiled fp32 against untiled fp32). bf16 may be the default only where its error is the smaller.
 3. The headline: `--preset fast` (4 steps lcm, no CFG) 704p x 81 on a 16 GiB card, end to end, per phase seconds.
@@ -51,7 +51,8 @@ CASES: tuple[tuple[str, int], ...] = (("512p", 8), ("704p", 8), ("704p", 12), ("
 
 
 def vae_part(s: bp.Setup, src: Path, res: bp.Results, frames: int) -> str:
-    """fp32 vs bf16, untiled vs 256 px tiles, on latents of the driving video at the 704p size."""
+    """fp32 vs bf16, untiled vs 256 px tiles, on latents of the pose video as the pipeline reads it at 704p (half
+    the output resolution: 640x352)."""
     from scail2_lite.inputs import InputFiles, load_inputs
     from scail2_lite.quantize.report import compare
     from scail2_lite.vae import load_vae
@@ -99,7 +100,8 @@ def vae_part(s: bp.Setup, src: Path, res: bp.Results, frames: int) -> str:
     err_rows = "\n".join(f"| {k} | {v['rel_error']:.2e} | {v['max_abs']:.3f} | {v['cosine']:.6f} |"
                          for k, v in errors.items())
     del vae
-    return (f"### VAE decode alone: {inputs.size[1]}x{inputs.size[0]} x {frames} frames ({z.shape[2]} latent frames)"
+    return (f"### VAE decode alone: {z.shape[-1] * 8}x{z.shape[-2] * 8} x {frames} frames ({z.shape[2]} latent "
+            f"frames)"
             f"\n| variant | first s | s | ms/frame | peak alloc GB |\n|---|---|---|---|---|\n" + "\n".join(rows)
             + "\n\n| comparison | relative error | max abs | cosine |\n|---|---|---|---|\n" + err_rows
             + f"\n\nbf16 error below the tiles' seam error: {record['bf16_below_seams']}")

@@ -102,8 +102,8 @@ class MemorySettings:
     that fits (see `scail2-lite profile`); `vram_budget` (bytes) the card's total, when planning for a card smaller
     than the free VRAM (the CUDA context and a desktop reserve come off it); `attention` the profile's;
     `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's;
-    `vae_dtype` the decode's precision (bf16 on
-    a GPU: its error is below the tiled decode's seams, RESULTS.md; fp32 on CPU).
+    `vae_dtype` the decode's precision (fp32; bf16's error is below the tiled decode's seams but it was no faster
+    on the H100, RESULTS.md).
     `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py)."""
 
     device: str | None = None

@@ -136,8 +136,10 @@ def generate_args(folder: Path, out: Path, **over: str) -> list[str]:
 
 def test_cli_generate(folder, tmp_path):
     out = tmp_path / "cli.mp4"
-    res = cli(*generate_args(folder, out), "--preview", "--save-frames", str(tmp_path / "frames"))
+    res = cli(*generate_args(folder, out), "--preview", "--save-frames", str(tmp_path / "frames"), "--vae-dtype",
+              "bf16")
     assert res.exit_code == 0, res.output
+    assert "outside the steps" in res.output and "vae_decode untiled, bf16" in res.output
     assert out.is_file() and (tmp_path / "cli_preview.mp4").is_file()
     assert len(list((tmp_path / "frames").glob("*.png"))) == 17
 
@@ -147,7 +149,7 @@ def _short_video(path: Path, frames: int, size=(64, 64)) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "mask_size", "frame_count", "too_short", "size32", "solver"])
+@pytest.mark.parametrize("case", ["missing", "mask_size", "frame_count", "too_short", "size32", "solver", "vae_dtype"])
 def test_cli_bad_input(folder, tmp_path, case):
     out = tmp_path / "bad.mp4"
     args = generate_args(folder, out)
@@ -166,6 +168,8 @@ def test_cli_bad_input(folder, tmp_path, case):
         args[args.index("--width") + 1] = "100"
     elif case == "solver":
         args += ["--solver", "heun"]
+    elif case == "vae_dtype":
+        args += ["--vae-dtype", "fp16"]
     res = cli(*args)
     assert res.exit_code == 2, res.output
     assert "error:" in res.output and "Traceback" not in res.output

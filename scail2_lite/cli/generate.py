@@ -124,8 +124,8 @@ def generate(
                                           "fastest that fits this GPU and RAM; see `scail2-lite profile`)"),
     vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="plan for a card of this size in GB "
                                                 "as sold (16 = 16 GiB), less its CUDA context and a desktop reserve"),
-    vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="VAE decode precision: bf16 or fp32 "
-                                            "\[default: bf16 on a GPU, fp32 on CPU]"),
+    vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="VAE decode precision: fp32 or bf16 "
+                                            "\[default: fp32]"),
     attention: Optional[str] = typer.Option(None, "--attention", help="auto, sdpa, flash, cudnn, "
                                             "efficient, math, sage or fp8 (default: the profile's; auto = fp8 where "
                                             "installed and supported, else sdpa)"),
