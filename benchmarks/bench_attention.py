@@ -54,9 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fidelity import sync, table  # noqa: E402
 from bench_offload import FRAMES, chain_inputs, clean, failure, patch_grid, residual  # noqa: E402
 
-from scail2_lite import attention_fp8, fused  # noqa: E402
-from scail2_lite.attention import BACKENDS, QUANTIZED, QUANTIZED_MIN_KEYS, attention, resolve  # noqa: E402
-from scail2_lite.blocks import CLIP_TOKENS, Kernels, LayerNorm32, RMSNorm, SCAIL2Block  # noqa: E402
+from scail2_lite import attention_fp8, attention_int8, fused  # noqa: E402
+from scail2_lite.attention import BACKENDS, QUANTIZED, QUANTIZED_MIN_KEYS, attention, kernel_name, resolve  # noqa: E402
+from scail2_lite.blocks import CLIP_TOKENS, Kernels, LayerNorm32, RMSNorm, SCAIL2Block, _normed  # noqa: E402
 from scail2_lite.config import PRESETS, SIZES, DiTConfig  # noqa: E402
 from scail2_lite.offload.planner import tokens  # noqa: E402
 from scail2_lite.profiling import write_json  # noqa: E402
@@ -76,6 +76,17 @@ SEED = 0
 # measured 18.97 s per 40-block forward on the H100 (RESULTS.md, bench_offload --blocks 6).
 DIFFUSERS_704P_X40_S = 18.97
 FP8_CHECK_TOKENS = 4096  # fp8_checks' sequence: the emulation holds the 40 x L x L float32 scores (2.7 GB)
+INT8_CHECK_TOKENS = 4063  # int8_checks' sequence: no multiple of any block size, so every tail is masked
+ACCURACY_QUERIES = 2048  # accuracy rows: query rows (evenly spread) compared against float32 attention
+# Planted into the realistic k (after RMSNorm and RoPE): OUTLIER_LANES lanes per head offset by OUTLIER_OFFSET x k's
+# rms (the per-channel bias SageAttention found in trained keys) and SPREAD_LANES more with SPREAD x its spread.
+OUTLIER_LANES, OUTLIER_OFFSET, SPREAD_LANES, SPREAD = 4, 8.0, 2, 4.0
+# Issue 19 targets on the H100 at 704p: int8 >= 1.3x sdpa and >= 1.5x sage (kernel level), per-call cosine vs
+# float32 >= 0.999, block-output cosine >= 0.9999 after every chained block.
+INT8_TARGETS = {"x_sdpa": 1.3, "x_sage": 1.5, "call_cosine": 0.999, "block_cosine": 0.9999}
+# --int8-sweep: tile configs timed at the first size (block_m, block_n, warps, stages); the fastest is used for the
+# rest of the run and is what attention_int8.CONFIGS holds for this GPU.
+INT8_SWEEP = [attention_int8.KernelConfig(*c) for c in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2))]
 T0 = time.perf_counter()
 
 
@@ -205,6 +216,98 @@ def fp8_checks(config: DiTConfig, device: str, length: int, record: Callable[[di
     record({"check": "kernel vs emulation", **compare(emulated, out)})
     record({"check": "kernel vs sdpa", **compare(reference, out)})
     record({"check": "emulation vs sdpa", **compare(reference, emulated)})
+
+
+@torch.no_grad()
+def int8_checks(config: DiTConfig, device: str, length: int, record: Callable[[dict], None]) -> None:
+    """Does the Triton kernel compute what attention_int8 says it does? At `length` tokens (odd: every tail is
+    masked) with 40 heads and an offset on k: the Triton quantization vs its PyTorch reference (bit-exact, each
+    tensor), two kernel calls (bit-exact), the kernel vs `attend_reference` on the same quantized inputs, and the
+    kernel and sdpa vs float32 attention."""
+    g = torch.Generator(device=device).manual_seed(SEED)
+    shape = (1, length, config.num_heads, config.head_dim)
+    q, v = (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+    k = (torch.randn(shape, generator=g, device=device) + torch.randn(shape[2:], generator=g, device=device))
+    k = k.bfloat16()
+    capability = attention_int8.capability_number()
+    pv = attention_int8.pv_dtype(capability)
+    fast, ref = attention_int8.quantize(q, k, v, pv), attention_int8.quantize_reference(q, k, v, pv)
+    for name in ("q8", "q_scale", "k8", "k_scale", "v8"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        a, b = (a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == attention_int8.FP8 else (a, b)
+        record({"check": f"quantize {name}", "bit_exact": bool(torch.equal(a, b)),
+                "differing": (a != b).float().mean().item()})
+    config_used = attention_int8.kernel_config(capability)
+    out = attention_int8.attend(fast, torch.empty(shape, dtype=torch.bfloat16, device=device), config_used)
+    again = attention_int8.attend(fast, torch.empty(shape, dtype=torch.bfloat16, device=device), config_used)
+    record({"check": "kernel run twice", "bit_exact": bool(torch.equal(out, again))})
+    record({"check": f"kernel vs PyTorch reference ({config_used})",
+            **compare(attention_int8.attend_reference(ref, config_used.block_n), out)})
+    exact = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+    exact = exact.transpose(1, 2)
+    record({"check": "kernel vs float32", **compare(exact, out)})
+    record({"check": "sdpa vs float32", **compare(exact, attention(q, k, v))})
+
+
+def realistic_qkv(block: SCAIL2Block, config: DiTConfig, device: str, dims: tuple[int, int, int],
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block 0's rotated q, k (RMSNorm + RoPE) and v on the synthetic chain's inputs at `dims`, with outlier lanes
+    planted in k (OUTLIER_LANES offset, SPREAD_LANES widened, per head)."""
+    length = tokens(config, *dims)
+    e0, _, freqs = chain_inputs(config, patch_grid(config, *dims), device)
+    x = residual(length, config, device)
+    m0, m1 = (block.modulation.float() + e0).chunk(6, dim=1)[:2]
+    q, k, v = block.self_attn(_normed(block.norm1, x, torch.bfloat16, chunk, m0, m1), freqs, chunk)
+    del x
+    rms = k.float().pow(2).mean().sqrt()
+    k[..., :OUTLIER_LANES] += (OUTLIER_OFFSET * rms).bfloat16()
+    k[..., OUTLIER_LANES : OUTLIER_LANES + SPREAD_LANES] *= SPREAD
+    return q, k, v
+
+
+@torch.no_grad()
+def accuracy_rows(block: SCAIL2Block, config: DiTConfig, device: str, size: str, dims: tuple[int, int, int],
+                  backends: list[str], chunk: int, record: Callable[[dict], None]) -> None:
+    """Per backend, one self-attention call on `realistic_qkv` vs float32 attention (SDPA on float32 copies) on
+    ACCURACY_QUERIES query rows spread over the sequence: relative error and cosine."""
+    q, k, v = realistic_qkv(block, config, device, dims, chunk)
+    length = q.shape[1]
+    rows = torch.linspace(0, length - 1, min(ACCURACY_QUERIES, length), device=device).long()
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q[:, rows].float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)).transpose(1, 2)
+    for backend in backends:
+        row: dict = {"size": size, "tokens": length, "backend": backend}
+        try:
+            out = attention(q, k.clone(), v, resolve(backend))  # sageattn edits k in place
+            row.update(compare(exact, out[:, rows]))
+            del out
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other backends still run
+            row["error"] = short_failure(e)
+        record(row)
+        clean(device)
+
+
+@torch.no_grad()
+def int8_sweep(config: DiTConfig, device: str, size: str, length: int, reps: int,
+               record: Callable[[dict], None]) -> attention_int8.KernelConfig | None:
+    """Time the int8 kernel (quantization included) with each INT8_SWEEP config on random q, k, v of `length`
+    tokens; returns the fastest (None if none ran)."""
+    g = torch.Generator(device=device).manual_seed(SEED)
+    qkv = [torch.randn(1, length, config.num_heads, config.head_dim, generator=g, device=device,
+                       dtype=torch.bfloat16) for _ in range(3)]
+    best = None
+    for candidate in INT8_SWEEP:
+        row: dict = {"size": size, "tokens": length, "config": str(candidate)}
+        try:
+            row["ms"] = median_ms(lambda: attention_int8.int8_attention(list(qkv), candidate), device, reps)
+            row["tflops"] = 4 * length * length * config.head_dim * config.num_heads / row["ms"] / 1e9
+            if best is None or row["ms"] < best[1]:
+                best = (candidate, row["ms"])
+        except Exception as e:  # noqa: BLE001 - a config that does not build or fit is a row, the others still run
+            row["error"] = short_failure(e)
+        record(row)
+        clean(device)
+    return best[0] if best else None
 
 
 def make_chain(config: DiTConfig, n: int, device: str) -> list[SCAIL2Block]:
@@ -350,6 +453,35 @@ def verdict(rows: list[dict], min_cosine: float, kernel_rows: Sequence[dict] = (
     return text
 
 
+def int8_summary(report: dict) -> str:
+    """Issue 19's targets against this run's rows at the largest measured size: int8's kernel-level speed over sdpa
+    and sage, its per-call cosine vs float32 and its lowest block-output cosine; 'not measured' where a row is
+    missing."""
+    sizes = [r["size"] for r in report["kernel"] + report["accuracy"] + report["block"]]
+    if not sizes:
+        return "Verdict, issue 19 targets: nothing measured."
+    size = max(sizes, key=lambda s: max(r["tokens"] for r in report["kernel"] + report["accuracy"] + report["block"]
+                                        if r["size"] == s))
+    ms = {r["backend"]: r["ms"] for r in report["kernel"] if r["size"] == size and r["attention"] == "self"
+          and "ms" in r}
+    parts = []
+    for peer, key in (("sdpa", "x_sdpa"), ("sage", "x_sage")):
+        if "int8" in ms and peer in ms:
+            x, target = ms[peer] / ms["int8"], INT8_TARGETS[key]
+            parts.append(f"{x:.2f}x {peer} (target >= {target}: {'met' if x >= target else 'NOT met'})")
+        else:
+            parts.append(f"vs {peer} not measured")
+    call = [r["cosine"] for r in report["accuracy"] if r["size"] == size and r["backend"] == "int8" and "cosine" in r]
+    parts.append(f"per-call cosine vs float32 {call[0]:.5f} (target >= {INT8_TARGETS['call_cosine']}: "
+                 f"{'met' if call[0] >= INT8_TARGETS['call_cosine'] else 'NOT met'})" if call else
+                 "per-call cosine not measured")
+    block = [b["cosine"] for r in report["block"] if r["size"] == size and r["backend"] == "int8" for b in r["blocks"]]
+    parts.append(f"lowest block-output cosine vs sdpa {min(block):.5f} (target >= {INT8_TARGETS['block_cosine']}: "
+                 f"{'met' if min(block) >= INT8_TARGETS['block_cosine'] else 'NOT met'})" if block else
+                 "block-output cosine not measured")
+    return f"Verdict, issue 19 targets at {size}, int8: " + "; ".join(parts) + "."
+
+
 def fmt(row: dict, key: str, spec: str) -> str:
     return format(row[key], spec) if key in row else "-"
 
@@ -384,6 +516,28 @@ def block_table(rows: list[dict], n: int) -> str:
                   *[f"block {i + 1} cos / rel. err" for i in range(n)]], lines)
 
 
+def accuracy_table(rows: list[dict]) -> str:
+    return table(["size", "backend", "rel. error vs fp32", "cosine vs fp32"],
+                 [[r["size"], r["backend"], r["error"], ""] if "error" in r else
+                  [r["size"], r["backend"], f"{r['rel_error']:.5f}", f"{r['cosine']:.6f}"] for r in rows])
+
+
+def sweep_table(rows: list[dict]) -> str:
+    return table(["size", "int8 config", "ms", "TFLOP/s"],
+                 [[r["size"], r["config"], r["error"], ""] if "error" in r else
+                  [r["size"], r["config"], f"{r['ms']:.2f}", f"{r['tflops']:.0f}"] for r in rows])
+
+
+def aot_markdown(rows: list[dict]) -> str:
+    """`attention_int8.aot_table` as markdown (registers per thread, shared memory per CTA vs the target's limit)."""
+    return table(["target", "head dim", "P.V", "config", "registers", "spilled bytes", "shared KB", "limit KB",
+                  "cubin KB"],
+                 [[r["target"], r["head_dim"], r["error"], "", "", "", "", "", ""] if "error" in r else
+                  [r["target"], r["head_dim"], r["pv"], r["config"], r["registers"], r["local_bytes"],
+                   f"{r['shared_bytes'] / 1024:.1f}", f"{r['max_shared_bytes'] / 1024:.0f}",
+                   f"{r['cubin_bytes'] / 1024:.0f}"] for r in rows])
+
+
 def versions() -> dict:
     out = {"torch": torch.__version__}
     for package in ("triton", "sageattention", "nvidia-cudnn-frontend"):
@@ -407,7 +561,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="CPU proof run: tiny preset, tiny sizes")
     parser.add_argument("--breakdown", type=int, default=0, metavar="N", help="also profile one block per backend at "
                         "the first size and list its N most expensive GPU kernels (default 0: off)")
+    parser.add_argument("--int8-sweep", action="store_true", help="time the int8 kernel's tile configs at the first "
+                        "size first and use the fastest for the rest of the run")
+    parser.add_argument("--aot", action="store_true", help="only compile the int8 kernel ahead of time for sm80, "
+                        "sm86, sm89, sm90 and sm120 (head dims 128 and 64) and print registers and shared memory "
+                        "(no GPU needed)")
     args = parser.parse_args(argv)
+    if args.aot:
+        rows = attention_int8.aot_table(head_dims=attention_int8.HEAD_DIMS[::-1])
+        print(f"triton {versions()['triton']}, ahead-of-time builds of the int8 attention kernel:\n", flush=True)
+        print(aot_markdown(rows), flush=True)
+        return {"aot": rows}
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (--tiny runs the same code on the CPU)")
@@ -424,7 +588,8 @@ def main(argv: list[str] | None = None) -> dict:
     backends = ["sdpa", *dict.fromkeys(b for b in backends if b != "sdpa")]
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     report: dict = {"device": name, **versions(), "blocks": args.blocks, "kernel_reps": args.kernel_reps,
-                    "repeats": args.repeats, "min_cosine": args.min_cosine, "kernel": [], "block": []}
+                    "repeats": args.repeats, "min_cosine": args.min_cosine, "kernel": [], "accuracy": [],
+                    "block": []}
     out_dir = os.environ.get("OUT")
 
     def save() -> None:
@@ -435,11 +600,13 @@ def main(argv: list[str] | None = None) -> dict:
         def record(row: dict) -> None:
             report[level].append(row)
             save()
-            what = row.get("error") or (f"{row['ms']:.2f} ms" if level == "kernel" else
+            what = row.get("error") or (f"{row['ms']:.2f} ms" if level in ("kernel", "int8_sweep") else
+                                        f"rel. error {row['rel_error']:.5f}" if level == "accuracy" else
                                         f"{row['ms_per_block']:.1f} ms/block")
             cos = [b["cosine"] for b in row.get("blocks", [])] + ([row["cosine"]] if "cosine" in row else [])
             extra = f", cosine {min(cos):.6f}" if cos and "error" not in row else ""
-            where = " ".join(filter(None, (level, row["size"], row.get("attention"), row["backend"])))
+            where = " ".join(filter(None, (level, row["size"], row.get("attention"), row.get("backend"),
+                                           row.get("config"))))
             log(f"{where}: {what}{extra}")
         return record
 
@@ -462,6 +629,27 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as e:  # noqa: BLE001 - the fp8 rows below will show the same failure
             record_check({"check": "fp8", "error": short_failure(e)})
         clean(device)
+    if "int8" in backends and device == "cuda":
+        report["int8_checks"] = []
+
+        def record_int8_check(row: dict) -> None:
+            report["int8_checks"].append(row)
+            save()
+            log(f"int8 check: {row}")
+        if args.int8_sweep:
+            report["int8_sweep"] = []
+            best = int8_sweep(config, device, sizes[0], tokens(config, *all_sizes[sizes[0]]), args.kernel_reps,
+                              recorder("int8_sweep"))
+            if best is not None:
+                attention_int8.CONFIGS[attention_int8.capability_number()] = best
+        report["int8_config"] = attention_int8.describe()
+        report["auto"] = kernel_name("auto")
+        log(f"int8 kernel: {report['int8_config']}; auto runs {report['auto']}")
+        try:
+            int8_checks(config, device, INT8_CHECK_TOKENS, record_int8_check)
+        except Exception as e:  # noqa: BLE001 - the int8 rows below will show the same failure
+            record_int8_check({"check": "int8", "error": short_failure(e)})
+        clean(device)
     if not args.skip_kernel:
         for size in sizes:
             length = tokens(config, *all_sizes[size])
@@ -477,6 +665,12 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = make_chain(config, args.blocks, device)
     log(f"{args.blocks} blocks built (FP8 Linears)")
     for size in sizes:
+        accuracy_rows(blocks[0], config, device, size, all_sizes[size], backends, chunk, recorder("accuracy"))
+    print(f"\nOne self-attention call on block 0's q, k (RMSNorm + RoPE) and v at each size, k with {OUTLIER_LANES} "
+          f"lanes per head offset by {OUTLIER_OFFSET:g}x its rms and {SPREAD_LANES} widened {SPREAD:g}x; errors vs "
+          f"float32 attention on {ACCURACY_QUERIES} query rows.\n", flush=True)
+    print(accuracy_table(report["accuracy"]) + "\n", flush=True)
+    for size in sizes:
         block_level(blocks, config, device, size, all_sizes[size], backends, chunk, args.repeats, recorder("block"))
     if args.breakdown:
         report["breakdown"] = []
@@ -491,6 +685,8 @@ def main(argv: list[str] | None = None) -> dict:
     del blocks
     clean(device)
     report["verdict"] = verdict(report["block"], args.min_cosine, report["kernel"])
+    if "int8" in backends:
+        report["int8_summary"] = int8_summary(report)
     save()
     print(f"\n{name}, torch {report['torch']}, sageattention {report['sageattention']}; {args.blocks} chained blocks, "
           f"FP8 Linears, chunk {chunk}; cell = cosine / relative error of the "
@@ -507,7 +703,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(table(["kernel", "calls", "ms", "share"], [[k["name"].replace("|", "/"), k["calls"], f"{k['ms']:.2f}",
                                                          f"{k['ms'] / b['total_ms']:.1%}"] for k in b["kernels"]]),
               flush=True)
+    if report.get("int8_sweep"):
+        print(f"\nint8 tile configs at {sizes[0]} (quantization included, median of {args.kernel_reps} calls):\n",
+              flush=True)
+        print(sweep_table(report["int8_sweep"]), flush=True)
+    if report.get("int8_checks"):
+        print(f"\nint8 checks ({report['int8_config']}), {INT8_CHECK_TOKENS} tokens:\n", flush=True)
+        print(table(["check", "bit-exact", "rel. error", "cosine"],
+                    [[c["check"], c.get("bit_exact", c.get("error", "")), fmt(c, "rel_error", ".2e"),
+                      fmt(c, "cosine", ".6f")] for c in report["int8_checks"]]), flush=True)
     print(report["verdict"], flush=True)
+    if "int8_summary" in report:
+        print(report["int8_summary"], flush=True)
     return report
 
 

@@ -2,8 +2,8 @@
 
 The backend is a per-run choice (the profile's, or `--attention`) that travels with the model's `Kernels` into every
 call; nothing here remembers it. Backends:
-  auto       fp8 where it can run (a CUDA GPU with FP8, the optional package, a kernel for the GPU), else sdpa.
-             Resolved once per process from the machine alone, so every profile of a run computes the same numbers.
+  auto       per GPU architecture, AUTO_BY_ARCH's first candidate that builds and runs here, else sdpa (see
+             `auto_backend`). Resolved from the machine alone, so every profile of a run computes the same numbers.
   sdpa       PyTorch scaled_dot_product_attention, PyTorch picks flash / cuDNN / memory-efficient per GPU
   flash, cudnn, efficient, math   the same with one SDPA kernel forced (`torch.nn.attention.sdpa_kernel`)
   sage       SageAttention's 8-bit QK^T kernels (optional extra `scail2-lite[sage]`, CUDA only, fp16/bf16) for
@@ -13,6 +13,8 @@ call; nothing here remembers it. Backends:
              subtracts the keys' mean from `k` in place (harmless to the softmax; k is a temporary here).
   fp8        cuDNN's FP8 flash attention (optional extra `scail2-lite[fp8-attention]`, FP8 GPUs) for
              self-attention, per-tensor scales chosen in `attention_fp8`; cross-attention stays on SDPA like sage.
+  int8       our Triton kernel (`attention_int8`): INT8 QK^T, FP8 P.V on sm89+ / fp16 on sm80/86, for
+             self-attention on Ampere and newer; cross-attention stays on SDPA like sage.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import attention_fp8
+from . import attention_fp8, attention_int8
 from .errors import UserError
 
 _FORCED: dict[str, SDPBackend] = {
@@ -33,8 +35,20 @@ _FORCED: dict[str, SDPBackend] = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-BACKENDS: tuple[str, ...] = ("auto", "sdpa", *_FORCED, "sage", "fp8")
-QUANTIZED = ("sage", "fp8")  # 8-bit backends: self-attention only
+BACKENDS: tuple[str, ...] = ("auto", "sdpa", *_FORCED, "sage", "fp8", "int8")
+QUANTIZED = ("sage", "fp8", "int8")  # 8-bit backends: self-attention only
+# `auto` per GPU architecture (compute capability): candidates in order, the first whose kernel builds and runs here
+# wins, anything else (or none usable) is sdpa. cuDNN has FP8 attention on Hopper and B200 only; on the H100 it is
+# faster than ours (bench_attention, RESULTS.md 2026-12-06), so it leads there. B200 follows Hopper.
+AUTO_BY_ARCH: dict[tuple[int, int], tuple[str, ...]] = {
+    (8, 0): ("int8",),  # A100
+    (8, 6): ("int8",),  # RTX 30xx, A40
+    (8, 9): ("int8",),  # RTX 40xx, L40S
+    (9, 0): ("fp8", "int8"),  # H100, H200
+    (10, 0): ("fp8", "int8"),  # B200
+    (12, 0): ("int8",),  # RTX 50xx
+}
+_KERNELS = {"fp8": attention_fp8, "int8": attention_int8}
 
 QUANTIZED_MIN_KEYS = 4096  # shorter key sequences (the cross-attentions) go to SDPA under a quantized backend
 
@@ -56,12 +70,40 @@ def resolve(name: str) -> str:
     if name not in BACKENDS:
         raise UserError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "fp8" if attention_fp8.usable() else "sdpa"
+        return auto_backend()
     if name == "sage":
         _load_sage()
-    if name == "fp8":
-        attention_fp8.check_available()
+    if name in _KERNELS:
+        _KERNELS[name].check_available()
     return name
+
+
+def _capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def auto_backend() -> str:
+    """What 'auto' runs on this machine: the first of AUTO_BY_ARCH's candidates for its GPU whose kernel builds and
+    runs (each module's cached `usable`), else sdpa."""
+    for name in AUTO_BY_ARCH.get(_capability(), ()):
+        if _KERNELS[name].usable():
+            return name
+    return "sdpa"
+
+
+def kernel_name(name: str) -> str:
+    """One line naming the kernel that backend `name` ('auto' resolved) runs for self-attention here, for the
+    run's notice."""
+    name = resolve(name)
+    if name == "int8":
+        return f"int8: scail2-lite Triton kernel, {attention_int8.describe()}"
+    if name == "fp8":
+        return "fp8: cuDNN FP8 flash attention"
+    if name == "sage":
+        return "sage: SageAttention (sageattn)"
+    if name in _FORCED:
+        return f"{name}: PyTorch SDPA, {name} kernel forced"
+    return "sdpa: PyTorch scaled_dot_product_attention"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
@@ -77,6 +119,8 @@ def self_attention(qkv: list[torch.Tensor], backend: str = "sdpa") -> torch.Tens
         raise UserError(f"attention backend '{backend}' needs a CUDA GPU; use --attention sdpa")
     if quantized and backend == "fp8":
         return attention_fp8.fp8_attention(qkv)
+    if quantized and backend == "int8":
+        return attention_int8.int8_attention(qkv)
     q, k, v = qkv
     qkv.clear()
     if quantized:

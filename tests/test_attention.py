@@ -63,6 +63,7 @@ def test_auto_resolves_to_sdpa_without_a_usable_fp8_kernel(monkeypatch: pytest.M
         with pytest.raises(UserError, match="needs a CUDA GPU"):
             attn.resolve("fp8")
     monkeypatch.setattr(attention_fp8, "usable", lambda: True)
+    monkeypatch.setattr(attn, "_capability", lambda: (9, 0))  # auto picks per architecture: a Hopper
     assert attn.resolve("auto") == "fp8"
     with pytest.raises(UserError, match="unknown attention backend"):
         attn.resolve("fp16")

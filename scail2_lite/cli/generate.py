@@ -7,11 +7,12 @@ from typing import Optional
 
 import typer
 
+from ..attention import kernel_name
 from ..config import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SHIFT, DEFAULT_STEPS, SEGMENT_LEN, SEGMENT_OVERLAP
 from ..errors import UserError
 from ..inputs import InputFiles
 from ..settings import GenerationSettings, MemorySettings
-from . import app, console, lora_args, user_errors
+from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors
 
 
 class _SecondsPerIt:
@@ -33,7 +34,7 @@ class _SecondsPerIt:
 
 
 def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt: str,
-                    settings: GenerationSettings, memory: MemorySettings, loras: list[tuple[str, float]],
+                    settings: GenerationSettings, memory: MemorySettings, loras: list,
                     output: Path, save_frames: Optional[Path] = None, preview: bool = False) -> None:
     """Shared by `generate` and `demo`: load, generate into `output` with progress bars, print the summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -52,6 +53,8 @@ def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt
         loading = bar.add_task("loading the DiT", total=None)
         pipe = Pipeline.from_pretrained(model, memory, loras=loras)
         bar.update(loading, description="DiT loaded", total=1, completed=1)
+        for lora, strength in pipe.loras:
+            console.print(lora.report(strength), highlight=False, markup=False)
         result = pipe(files, prompt, negative_prompt, settings, output=output, progress=bar,
                       keep_frames=save_frames is not None or preview)
     if save_frames is not None:
@@ -86,6 +89,7 @@ def _summary(result, preview: Optional[Path]) -> None:
     console.print(table)
     console.print(", ".join(f"{k} {v}" for k, v in result.settings.items() if v is not None), highlight=False,
                   markup=False)
+    console.print(f"self-attention: {kernel_name(result.settings['attention'])}", highlight=False, markup=False)
     console.print(f"wrote {result.output} ({result.num_frames} frames, {result.fps:g} fps)"
                   + (f" and {preview}" if preview else ""), highlight=False, markup=False)
 
@@ -94,10 +98,14 @@ def _summary(result, preview: Optional[Path]) -> None:
 @user_errors
 def generate(
     model: Path = typer.Argument(..., help="SCAIL-2 folder (official download or `scail2-lite quantize` output)"),
-    image: Path = typer.Option(..., "--image", help="reference image of the character"),
-    mask_image: Path = typer.Option(..., "--mask-image", help="colour-coded reference mask, same size as the image"),
-    pose: Path = typer.Option(..., "--pose", help="driving video (mp4/webm/mov/gif or a folder of frames)"),
-    mask_video: Path = typer.Option(..., "--mask-video", help="colour-coded driving mask video, same frame count"),
+    image: Optional[Path] = typer.Option(None, "--image", help="reference image of the character"),
+    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help="colour-coded reference mask, same size as "
+                                              "the image"),
+    pose: Optional[Path] = typer.Option(None, "--pose", help="driving video (mp4/webm/mov/gif or a folder of frames)"),
+    mask_video: Optional[Path] = typer.Option(None, "--mask-video", help="colour-coded driving mask video, same frame "
+                                              "count"),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder made by `scail2-lite prepare`: its four "
+                                          "files and mode (a file flag given replaces its entry)"),
     prompt: str = typer.Option("", "--prompt", help="what the video shows"),
     negative_prompt: str = typer.Option(DEFAULT_NEGATIVE_PROMPT, "--negative-prompt",
                                         help="unconditional branch of CFG"),
@@ -127,9 +135,12 @@ def generate(
     vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="VAE decode precision: fp32 or bf16 "
                                             "\[default: fp32]"),
     attention: Optional[str] = typer.Option(None, "--attention", help="auto, sdpa, flash, cudnn, "
-                                            "efficient, math, sage or fp8 (default: the profile's; auto = fp8 where "
-                                            "installed and supported, else sdpa)"),
-    lora: list[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:STRENGTH; repeatable"),
+                                            "efficient, math, sage, fp8 or int8 (default: the profile's; auto = by "
+                                            "GPU: cuDNN fp8 on Hopper, our int8 kernel on Ampere, Ada and RTX 50xx, "
+                                            "where it builds; else sdpa)"),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:STRENGTH; repeatable (what "
+                                   "matched and what was skipped is printed)"),
+    lora_full_patches: bool = typer.Option(False, "--lora-full-patches", help=LORA_FULL_PATCHES_HELP),
     cache: str = typer.Option("off", "--cache", help="skip DiT forwards that change little: teacache, magcache "
                               "or off (judge quality on your own videos)"),
     cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", help="higher skips more "
@@ -142,6 +153,11 @@ def generate(
     preview: bool = typer.Option(False, "--preview", help="also write a side-by-side reference | driving | result"),
 ) -> None:
     """Animate the reference character with the driving video (or replace the character in it)."""
+    from ..prepare.folder import generate_files
+
+    files, replace, notes = generate_files(inputs, image, mask_image, pose, mask_video, replace)
+    for note in notes:
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
     if (width is None) != (height is None):
         raise UserError("give both --width and --height, or neither")
     settings = GenerationSettings.build(
@@ -151,8 +167,8 @@ def generate(
     memory = MemorySettings(device=device, profile=profile, attention=attention, text_encoder=text_encoder,
                             vae_tile=vae_tile, vram_budget=None if vram_budget is None else _gb(vram_budget),
                             vae_dtype=vae_dtype, prompt_cache=prompt_cache)
-    _run_generation(model, InputFiles(image, mask_image, pose, mask_video), prompt, negative_prompt, settings, memory,
-                    lora_args(lora), output, save_frames, preview)
+    _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora, lora_full_patches),
+                    output, save_frames, preview)
 
 
 def _gb(value: float) -> int:
