@@ -87,7 +87,7 @@ def _print_measured(out: Console, report: dict) -> None:
     table = Table(title=f"measured ({report['measured']['device_name']}) vs predicted")
     cols = ["phase", "seconds"]
     if cuda:
-        cols += ["allocated", "predicted", "error", "reserved", "predicted", "error", "NVML used"]
+        cols += ["allocated", "predicted", "error", "reserved", "predicted", "error", "NVML used", "predicted"]
     cols += ["RSS", "predicted", "error"]
     for col in cols:
         table.add_column(col, justify="left" if col == "phase" else "right")
@@ -98,7 +98,7 @@ def _print_measured(out: Console, report: dict) -> None:
             cells += [_bytes(s["peak_allocated"]), _bytes(r.get("predicted_allocated")),
                       _error_cell(r.get("error_allocated")), _bytes(s["peak_reserved"]),
                       _bytes(r.get("predicted_reserved")), _error_cell(r.get("error_reserved")),
-                      _bytes(s["peak_nvml_used"])]
+                      _bytes(s["peak_nvml_used"]), _bytes(r.get("predicted_process_total"))]
         cells += [_bytes(s["peak_rss"]), _bytes(r.get("predicted_ram")), _error_cell(r.get("error_ram"))]
         table.add_row(*cells)
     out.print(table)
