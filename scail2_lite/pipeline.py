@@ -36,6 +36,7 @@ from .inputs import InputFiles, Inputs, load_inputs
 from .loader import ModelDescription, describe_model
 from .lora import LoRA, LoraSource, resolve_loras
 from .model import LATENT_CHANNELS, Conditions
+from .offload.card import DeviceMemory
 from .offload.placement import DitPlacement, out_of_memory, release_cached_memory
 from .offload.planner import Plan
 from .profiling import PhaseRecorder
@@ -199,19 +200,28 @@ class Pipeline:
         return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
                         self.device, self.loras)
 
-    def make_plan(self, height: int, width: int, frames: int, extra_refs: int = 0) -> Plan | None:
-        """The memory plan for one segment of this size (with `extra_refs` extra references) on this machine. On
-        CPU there is nothing to plan unless a profile is forced (the streamer then runs with synchronous copies:
-        how the tests check profiles)."""
-        if self.device.type != "cuda" and self.memory.profile is None:
+    def make_plan(self, height: int, width: int, frames: int, extra_refs: int = 0,
+                  gpu: DeviceMemory | None = None) -> Plan | None:
+        """The memory plan for one segment of this size (with `extra_refs` extra references) on this machine
+        (`gpu`: the GPU as the driver reports it now unless given). On CPU there is nothing to plan unless a profile
+        is forced (the streamer then runs with synchronous copies: how the tests check profiles)."""
+        if self.device.type != "cuda" and self.memory.profile is None and gpu is None:
             return None
-        from .offload.planner import detect_memory, plan
+        from .offload import card
+        from .offload.planner import available_ram, plan
 
-        free, _, ram = detect_memory()
+        gpu = gpu or card.detect(self.device) or DeviceMemory(total=0, free=0, context=0)  # CPU: no GPU to fit
         m = self.model
-        return plan(m.config, height, width, frames, free, ram, profile=self.memory.profile,
+        return plan(m.config, height, width, frames, gpu, available_ram(), profile=self.memory.profile,
                     vram_budget=self.memory.vram_budget, weights=m.dit_scheme, text_encoder=m.text_encoder,
                     mappable=m.mappable, extra_refs=extra_refs)
+
+    @property
+    def vae_dtype(self) -> torch.dtype | None:
+        """The VAE decode's autocast precision: fp32 (None: the weights') unless bf16 is asked for. On the H100 bf16
+        decoded tiles no faster than fp32 (TF32 convolutions), so it is not the default (RESULTS.md, issue 23)."""
+        choice = self.memory.vae_dtype or "fp32"
+        return torch.bfloat16 if choice == "bf16" else None
 
     # ---- generation --------------------------------------------------------------------------------------------
 
@@ -330,7 +340,7 @@ class Pipeline:
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
                                                       total=stop - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
-                    for group in _decode(self.vae(vae_tile), latents, drop, stop, self.device):
+                    for group in _decode(self.vae(vae_tile), latents, drop, stop, self.device, self.vae_dtype):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
@@ -342,7 +352,9 @@ class Pipeline:
             final_plan, fallbacks, attention = placement.plan, placement.fallbacks, placement.kernels.attention
             streamers_built = placement.streamers_built
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
-                   text_encoder=self.model.text_encoder, device=str(self.device), attention=attention)
+                   text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
+                   vae_decode=f"{f'{vae_tile} px tiles' if vae_tile else 'untiled'}, "
+                              f"{'bf16' if self.vae_dtype is torch.bfloat16 else 'fp32'}")
         if inputs.additional_refs:
             run["extra_references"] = len(inputs.additional_refs)
         if final_plan is not None:
@@ -387,11 +399,12 @@ def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device) -> torch.Ten
     return vae.encode(video[None].to(device)).cpu()
 
 
-def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, stop: int, device: torch.device) -> Iterator[torch.Tensor]:
+def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, stop: int, device: torch.device,
+            dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
     """Decoded frame groups (3, t, H, W) on CPU of the segment's frames drop .. stop - 1: the first `drop` frames
     (segment overlap) and those from `stop` on (padding past the driving video) left out."""
     seen = 0
-    for group in vae.decode_frames(latents.to(device)):
+    for group in vae.decode_frames(latents.to(device), dtype):
         group = group[0].float().cpu()
         n = group.shape[1]
         if seen + n > drop and seen < stop:

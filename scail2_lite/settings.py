@@ -27,9 +27,11 @@ from .errors import UserError
 Solver = Literal["unipc", "dpm++", "euler", "lcm"]
 CacheMode = Literal["off", "teacache", "magcache"]
 TextEncoderScheme = Literal["bf16", "int8", "nf4"]
-MAX_SEED = 2**63 - 1
+VaeDtype = Literal["bf16", "fp32"]
+VAE_DTYPES: tuple[str, ...] = ("bf16", "fp32")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 # Words in the file names of step-distill LoRAs (LightX2V, Lightning, CausVid-style "step" LoRAs).
-DISTILL_LORA_HINTS = ("lightx2v", "distill", "step", "lightning")  # torch.Generator.manual_seed takes a signed 64-bit integer
+DISTILL_LORA_HINTS = ("lightx2v", "distill", "step", "lightning")
 
 
 def _choice(value: object, choices: tuple[str, ...], what: str) -> None:
@@ -120,8 +122,11 @@ class GenerationSettings:
 @dataclass(frozen=True)
 class MemorySettings:
     """Where and how a run computes. None = decided per run: `device` cuda when available; `profile` the fastest
-    that fits (see `scail2-lite profile`); `vram_budget` (bytes) the free VRAM; `attention` the profile's;
-    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's.
+    that fits (see `scail2-lite profile`); `vram_budget` (bytes) the card's total, when planning for a card smaller
+    than the free VRAM (the CUDA context and a desktop reserve come off it); `attention` the profile's;
+    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's;
+    `vae_dtype` the decode's precision (fp32; bf16's error is below the tiled decode's seams but it was no faster
+    on the H100, RESULTS.md).
     `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py)."""
 
     device: str | None = None
@@ -130,6 +135,7 @@ class MemorySettings:
     attention: str | None = None
     text_encoder: TextEncoderScheme | None = None
     vae_tile: int | None = None
+    vae_dtype: VaeDtype | None = None
     prompt_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -143,6 +149,8 @@ class MemorySettings:
             raise UserError(f"--vae-tile must be 0 (untiled) or a positive number of pixels, got {self.vae_tile}")
         if self.text_encoder is not None:
             _choice(self.text_encoder, TEXT_ENCODER_SCHEMES, "--text-encoder")
+        if self.vae_dtype is not None:
+            _choice(self.vae_dtype, VAE_DTYPES, "--vae-dtype")
         if self.profile is not None:
             load_profile(self.profile)
         if self.attention is not None:

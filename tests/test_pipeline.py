@@ -214,8 +214,11 @@ def generate_args(folder: Path, out: Path, **over: str) -> list[str]:
 
 def test_cli_generate(folder, tmp_path):
     out = tmp_path / "cli.mp4"
-    res = cli(*generate_args(folder, out), "--preview", "--save-frames", str(tmp_path / "frames"))
+    res = cli(*generate_args(folder, out), "--preview", "--save-frames", str(tmp_path / "frames"), "--vae-dtype",
+              "bf16")
     assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # rich wraps long lines to the terminal's width
+    assert "outside" in text and "vae_decode untiled, bf16" in text
     assert out.is_file() and (tmp_path / "cli_preview.mp4").is_file()
     assert len(list((tmp_path / "frames").glob("*.png"))) == 17
 
@@ -226,7 +229,7 @@ def _short_video(path: Path, frames: int, size=(64, 64)) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing", "mask_size", "frame_count", "too_short", "size32", "solver",
-                                  "extra_unpaired", "extra_missing", "extra_mask_size"])
+                                  "extra_unpaired", "extra_missing", "extra_mask_size", "vae_dtype"])
 def test_cli_bad_input(folder, tmp_path, case):
     out = tmp_path / "bad.mp4"
     args = generate_args(folder, out)
@@ -254,6 +257,8 @@ def test_cli_bad_input(folder, tmp_path, case):
         args += {"extra_unpaired": ["--additional-ref-image", str(image2)],
                  "extra_missing": ["--additional-ref-image", str(tmp_path / "nope.png"), "--additional-ref-mask",
                                    str(mask)], "extra_mask_size": []}[case]
+    elif case == "vae_dtype":
+        args += ["--vae-dtype", "fp16"]
     res = cli(*args)
     assert res.exit_code == 2, res.output
     assert "error:" in res.output and "Traceback" not in res.output

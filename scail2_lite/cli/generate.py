@@ -146,6 +146,9 @@ def _summary(result, preview: Optional[Path]) -> None:
     steps = result.step_seconds
     if steps:
         table.add_row("per step", f"{sum(steps) / len(steps):.2f}", "")
+    total = sum(result.seconds.values())
+    table.add_row("outside the steps", f"{total - result.seconds.get('dit steps', 0.0):.1f}", "")
+    table.add_row("[bold]total[/bold]", f"{total:.1f}", "")
     console.print(table)
     console.print(", ".join(f"{k} {v}" for k, v in result.settings.items() if v is not None), highlight=False,
                   markup=False)
@@ -201,7 +204,10 @@ def generate(
                                            "(default: the memory profile's)"),
     profile: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml (default: the "
                                           "fastest that fits this GPU and RAM; see `scail2-lite profile`)"),
-    vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="GB of VRAM the run may use"),
+    vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="plan for a card of this size in GB "
+                                                "as sold (16 = 16 GiB), less its CUDA context and a desktop reserve"),
+    vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="VAE decode precision: fp32 or bf16 "
+                                            "\[default: fp32]"),
     attention: Optional[str] = typer.Option(None, "--attention", help="auto, sdpa, flash, cudnn, "
                                             "efficient, math, sage, fp8 or int8 (default: the profile's; auto = by "
                                             "GPU: cuDNN fp8 on Hopper, our int8 kernel on Ampere, Ada and RTX 50xx, "
@@ -235,7 +241,7 @@ def generate(
         cache_threshold=cache_threshold, replace=replace, composite_reference=composite_reference)
     memory = MemorySettings(device=device, profile=profile, attention=attention, text_encoder=text_encoder,
                             vae_tile=vae_tile, vram_budget=None if vram_budget is None else _gb(vram_budget),
-                            prompt_cache=prompt_cache)
+                            vae_dtype=vae_dtype, prompt_cache=prompt_cache)
     _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora, lora_full_patches),
                     output, save_frames, preview, inputs)
 
@@ -243,7 +249,9 @@ def generate(
 def _gb(value: float) -> int:
     if not value > 0:
         raise UserError(f"--vram-budget must be a positive number of GB, got {value:g}")
-    return int(value * 1e9)
+    from ..offload.card import card_bytes
+
+    return card_bytes(value)
 
 
 @app.command()

@@ -38,10 +38,10 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
     from rich.table import Table
 
     from ..offload.planner import tokens
-    from ..profiling import reserved_bytes
+
 
     if chosen is None:
-        out.print(f"[red]no profile fits[/red] a {vram / 1e9:g} GB card with {ram / 1e9:.0f} GB RAM: {no_fit}",
+        out.print(f"[red]no profile fits[/red] a {vram / 1e9:.2f} GB card with {ram / 1e9:.0f} GB RAM: {no_fit}",
                   highlight=False)
     else:
         p = chosen.profile
@@ -51,21 +51,24 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
                   f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
                   f"({'layer by layer' if p.stream_unit == 'layer' else f'{p.prefetch} ahead'}); "
                   f"VAE tile {p.vae_tile or 'none'}", highlight=False)
+        out.print(f"allocator budget {_bytes(chosen.vram_budget)}: the card less {_bytes(chosen.outside_allocator)} "
+                  "of CUDA context and a desktop reserve", highlight=False)
         table = Table(title=f"predicted peaks per phase ({chosen.tokens:,} tokens)")
-        for col in ("phase", "VRAM allocated", "VRAM reserved", "RAM"):
+        for col in ("phase", "VRAM allocated", "VRAM reserved", "process total (NVML)", "RAM"):
             table.add_column(col, justify="left" if col == "phase" else "right")
         extra = chosen.tokens - tokens(chosen.config, chosen.height, chosen.width, chosen.frames)
         for name, mem in chosen.phases.items():
             if name == "dit_step" and chosen.extra_refs:  # the only phase that sees the extra references
                 name += f" (+{extra:,} tokens: {chosen.extra_refs} extra ref{'s' if chosen.extra_refs > 1 else ''})"
-            table.add_row(name, _bytes(mem.vram), _bytes(reserved_bytes(mem.vram)), _bytes(mem.ram))
+            table.add_row(name, _bytes(mem.vram), _bytes(mem.reserved), _bytes(chosen.process_total(name)),
+                          _bytes(mem.ram))
         table.add_row("[bold]peak[/bold]", _bytes(chosen.peak_vram), _bytes(chosen.peak_vram_reserved),
-                      _bytes(chosen.peak_ram))
+                      _bytes(chosen.peak_process_total), _bytes(chosen.peak_ram))
         out.print(table)
-    fits = [f"{gb} GB ({p.profile.name})" for gb, p in cards.items() if p is not None]
+    fits = [f"{gb} GB ({p.profile.name})" for gb, p in cards.items() if p is not None]  # GB as sold: GiB
     out.print("fits on: " + (", ".join(fits) if fits else "none of " + ", ".join(f"{gb} GB" for gb in cards))
               + f" [dim](with {ram / 1e9:.0f} GB RAM)[/dim]", highlight=False)
-    table = Table(title=f"every profile on a {vram / 1e9:g} GB card")
+    table = Table(title=f"every profile on a {vram / 1e9:.2f} GB card")
     for col in ("profile", "DiT", "resident", "streamed", "VRAM", "reserved", "RAM", "fits"):
         table.add_column(col, justify="left" if col in ("profile", "DiT", "fits") else "right")
     for p in table_plans:
@@ -90,7 +93,7 @@ def _print_measured(out: Console, report: dict) -> None:
     table = Table(title=f"measured ({report['measured']['device_name']}) vs predicted")
     cols = ["phase", "seconds"]
     if cuda:
-        cols += ["allocated", "predicted", "error", "reserved", "predicted", "error", "NVML used"]
+        cols += ["allocated", "predicted", "error", "reserved", "predicted", "error", "NVML used", "predicted"]
     cols += ["RSS", "predicted", "error"]
     for col in cols:
         table.add_column(col, justify="left" if col == "phase" else "right")
@@ -101,7 +104,7 @@ def _print_measured(out: Console, report: dict) -> None:
             cells += [_bytes(s["peak_allocated"]), _bytes(r.get("predicted_allocated")),
                       _error_cell(r.get("error_allocated")), _bytes(s["peak_reserved"]),
                       _bytes(r.get("predicted_reserved")), _error_cell(r.get("error_reserved")),
-                      _bytes(s["peak_nvml_used"])]
+                      _bytes(s["peak_nvml_used"]), _bytes(r.get("predicted_process_total"))]
         cells += [_bytes(s["peak_rss"]), _bytes(r.get("predicted_ram")), _error_cell(r.get("error_ram"))]
         table.add_row(*cells)
     out.print(table)
@@ -129,8 +132,10 @@ def profile(
                                          "with --run: use only the first N driving frames"),
     extra_refs: int = typer.Option(0, "--extra-refs", help="extra reference images to plan for (multi-reference: "
                                    "each adds one reference frame of tokens, +3.7% at 81 frames)"),
-    vram: Optional[float] = typer.Option(None, "--vram", help="GB (1e9 bytes) of VRAM to plan for, e.g. 8, 12, 16, "
-                                         "24 \\[default: this GPU's free VRAM]; with --run the process is capped to it"),
+    vram: Optional[float] = typer.Option(None, "--vram", help="the card to plan for, in GB as sold (16 = 16 GiB), "
+                                         "e.g. 8, 12, 16, 24; its CUDA context and a desktop reserve come off it "
+                                         "\\[default: this GPU as the driver reports it]; with --run the process is "
+                                         "capped as that card would be"),
     ram: Optional[float] = typer.Option(None, "--ram", help="GB of RAM to plan for \\[default: available RAM]"),
     profile_name: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml \\[default: "
                                                "the fastest that fits]"),
@@ -153,7 +158,8 @@ def profile(
     from .. import profiling
     from ..config import SIZES
     from ..loader import describe_model
-    from ..offload.planner import GB, detect_memory, plan
+    from ..offload.card import DeviceMemory, card_bytes, detect
+    from ..offload.planner import GB, available_ram, plan
 
     if extra_refs < 0:
         raise UserError(f"--extra-refs must be 0 or more, got {extra_refs}")
@@ -201,14 +207,14 @@ def profile(
         target = dataclasses.replace(target, mappable=target.dit_scheme != "bf16")
     h, w = (height, width) if width else SIZES[size]
     n_frames = frames if frames is not None else 81
-    free, _, ram_free = detect_memory()
-    if vram is None and not free:
+    gpu = DeviceMemory.card(card_bytes(vram)) if vram is not None else detect()
+    if gpu is None:
         raise UserError("no CUDA GPU here: pass --vram GB (e.g. 8, 12, 16, 24) to plan for a card")
-    vram_bytes = int(vram * GB) if vram is not None else free
-    ram_bytes = int(ram * GB) if ram is not None else ram_free
+    vram_bytes = gpu.total
+    ram_bytes = int(ram * GB) if ram is not None else available_ram()
     chosen, no_fit = None, None
     try:
-        chosen = plan(target.config, h, w, n_frames, vram_bytes, ram_bytes, profile=profile_name,
+        chosen = plan(target.config, h, w, n_frames, gpu, ram_bytes, profile=profile_name,
                       weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable,
                       extra_refs=extra_refs)
     except UserError as e:
@@ -217,13 +223,14 @@ def profile(
         else:
             raise
     cards = profiling.fits_on(target, h, w, n_frames, ram_bytes, extra_refs=extra_refs)
-    table_plans = profiling.all_profiles(target, h, w, n_frames, vram_bytes, ram_bytes, extra_refs)
+    table_plans = profiling.all_profiles(target, h, w, n_frames, gpu, ram_bytes, extra_refs)
     out = Console()
     out.print(f"model: {target.source}; DiT {target.dit_scheme}, umT5 {target.text_encoder}", highlight=False,
               markup=False)
     extras = f", {extra_refs} extra reference{'s' if extra_refs > 1 else ''}" if extra_refs else ""
-    out.print(f"run: {w}x{h}, {n_frames} frames per segment{extras}; card: {vram_bytes / GB:g} GB VRAM"
-              f" ({'given' if vram is not None else 'free now'}), {ram_bytes / GB:.1f} GB RAM"
+    out.print(f"run: {w}x{h}, {n_frames} frames per segment{extras}; card: {vram_bytes / GB:.2f} GB VRAM"
+              f" ({f'{vram:g} GB card as sold' if vram is not None else f'{gpu.free / GB:.2f} GB free now'}), "
+              f"{ram_bytes / GB:.1f} GB RAM"
               f" ({'given' if ram is not None else 'available now'})", highlight=False)
     _print_plan(out, chosen, no_fit, cards, table_plans, vram_bytes, ram_bytes)
     if json_path is not None:
@@ -252,14 +259,14 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
                  steps: int, files: tuple, device: Optional[str], json_path: Optional[Path],
                  plot_path: Optional[Path]) -> None:
     """`profile --run`: load, run `steps` steps with a PhaseRecorder, compare with the pipeline's own plan."""
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .. import profiling
     from ..conditioning import segment_plan
     from ..inputs import InputFiles, load_inputs
     from ..loader import describe_model
-    from ..offload.planner import GB, detect_memory, plan
+    from ..offload import card
+    from ..offload.planner import available_ram, plan
     from ..pipeline import Pipeline, parse_device
     from ..settings import GenerationSettings, MemorySettings
 
@@ -270,10 +277,9 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         if not p.exists():
             raise UserError(f"{p} not found: pass {flag}")
     dev = parse_device(device)
-    budget = int(vram * GB) if vram is not None else None
+    budget = card.card_bytes(vram) if vram is not None else None
     if budget is not None and dev.type == "cuda":
-        total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))  # emulate the smaller card
+        card.emulate(dev, budget)  # the allocator capped as that card would leave it
     recorder = profiling.PhaseRecorder(dev)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
@@ -289,7 +295,7 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         predicted = pipe.make_plan(h, w, first[1] - first[0])
         if predicted is None and budget is not None:  # CPU: predict for the card asked for, to compare RAM
             target = describe_model(model)
-            predicted = plan(target.config, h, w, first[1] - first[0], budget, detect_memory()[2],
+            predicted = plan(target.config, h, w, first[1] - first[0], card.DeviceMemory.card(budget), available_ram(),
                              profile=profile_name, weights=target.dit_scheme, text_encoder=target.text_encoder,
                              mappable=target.mappable)
         result = pipe(inputs, "a person dancing", settings=GenerationSettings(steps=steps), keep_frames=False,
