@@ -24,17 +24,18 @@ Stages (`--stages`, each guarded: a failure is logged and recorded, the next sta
    time (bf16, synth's recipe). No bf16 DiT is written: its 33 GB shards + 12.8 GB of encoders + the 17 GB FP8
    folder would not fit the 64 GB disk. The encoders are hard-linked into the folder (`_place`), umT5 recorded
    as NF4. Stages 1-2 are skipped when <workdir> already holds a complete folder (a second call with --keep).
-3. 704p x 81 frames, 2 steps with CFG, under `set_per_process_memory_fraction(16e9 / total)` and
-   `vram_budget=16e9` (the planner picks the profile): per phase seconds, peak allocated / reserved, NVML, RSS,
+3. 704p x 81 frames, 2 steps with CFG, on an emulated 16 GiB card (_cards.py: the allocator capped at the card
+   minus the measured CUDA context minus a 0.5 GB desktop reserve, `vram_budget` = the card's total; the planner
+   picks the profile): per phase seconds, peak allocated / reserved, NVML's process total, RSS,
    the planner's prediction beside each phase, seconds per step. Targets: peak allocated <= 8 GB, reserved <= 9 GB.
 4. The same 704p run under `--light-profile` (default 8gb: every block streamed) and the same cap, then with
    every block resident, uncapped (if the time left allows): latents bit-identical across profiles
    (torch.equal), the memory difference, and offload overhead s/step(streamed) / s/step(resident) (target
    <= 1.02). These runs stop after the final latents (no VAE decode: stage 3 measured it).
-5. 512p x 81 frames, 2 steps, under an 8.0e9 cap and `vram_budget=8e9`: peak allocated (target <= 4.5 GB). If
+5. 512p x 81 frames, 2 steps, on an emulated 8 GiB card: peak allocated (target <= 4.5 GB). If
    the time left is short, the frame count is reduced (recorded) so the call finishes.
 6. Long run (issue 8): one full pipeline run at `--size` (512p) x 81 frames, `--profile` (default 16gb) under a
-   16e9-byte cap, `--steps` (40) with `--guidance` (5.0), `--solver` (unipc), `--cache` off|teacache|magcache
+   16 GiB card, `--steps` (40) with `--guidance` (5.0), `--solver` (unipc), `--cache` off|teacache|magcache
    (`--cache-threshold`; `--fast` makes the defaults the fast preset). Prints total seconds (the pipeline call, end
    to end: encoders, VAE encode, DiT steps, VAE decode; the text encoder only when no earlier stage of the call
    encoded the prompts: run it alone, as above), DiT seconds, s/step (their mean), DiT forwards computed/skipped (the
@@ -66,6 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cards import Emulator, memory_row  # noqa: E402
 from _synthfull import device_synth_tensor  # noqa: E402
 from _workdir import input_files  # noqa: E402
 
@@ -74,7 +76,7 @@ from scail2_lite.config import (  # noqa: E402
     DEFAULT_GUIDANCE,
     DEFAULT_SHIFT,
     DEFAULT_STEPS,
-    FAST_PRESET,
+    LIGHTX2V_4STEP_PRESET,
     SEGMENT_LEN,
     SEGMENT_OVERLAP,
     DiTConfig,
@@ -105,15 +107,15 @@ def gb(x: float | None) -> str:
 class Results:
     """The JSON record, rewritten (atomically) after every update so a timed-out call keeps what finished."""
 
-    def __init__(self, out: Path | None) -> None:
-        self.out = out
+    def __init__(self, out: Path | None, name: str = "pipeline.json") -> None:
+        self.out, self.name = out, name
         self.data: dict = {"device": None, "torch": torch.__version__, "command": sys.argv, "targets": TARGETS,
                            "stages": {}}
 
     def put(self, key: str, value: object) -> None:
         self.data["stages"][key] = value
         if self.out is not None:
-            path = self.out / "pipeline.json"
+            path = self.out / self.name
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(self.data, indent=1, default=str))
             os.replace(tmp, path)
@@ -142,6 +144,7 @@ class State:
     """What stages hand on: the pipeline (loaded once), the latents per run, measured seconds for budgeting."""
 
     pipe: object = None
+    emulator: Emulator | None = None  # made before anything touches CUDA (None on CPU)
     encoded_by: str | None = None
     latents: dict | None = None
     seconds: dict | None = None
@@ -278,41 +281,38 @@ def _pipeline(s: Setup, st: State, dst: Path, res: Results):
     return pipe
 
 
-def _cap(s: Setup, cap: float | None) -> None:
-    """Emulate a smaller card: the allocator may reserve at most `cap` bytes (None: the whole GPU)."""
-    if s.device.type != "cuda":
-        return
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(s.device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if cap else 1.0)
-
-
 def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, *, size, frames: int,
-             profile: str | None, vram_budget: float | None, cap: float | None, decode: bool,
+             profile: str | None, card_gib: float | None, decode: bool,
              sampling: dict | None = None, after_steps: Callable[[torch.Tensor], None] | None = None) -> dict:
     """One pipeline call with a PhaseRecorder; returns (and records) its report with the plan comparison.
+    `card_gib`: emulate a card of that many GiB (_cards.py: allocator cap = card - measured context - desktop
+    reserve; the planner gets the card's total as `vram_budget`); None: the whole GPU.
     `sampling` overrides the pipeline keywords steps/guidance/solver (default: the module's) and adds cache ones;
     `after_steps` gets segment 0's final latents (CPU) before the VAE decode."""
+    from scail2_lite.offload.card import card_bytes
+
     from scail2_lite import conditioning as cond
     from scail2_lite.inputs import InputFiles, load_inputs
     from scail2_lite.profiling import PhaseRecorder, run_report
     from scail2_lite.settings import GenerationSettings, MemorySettings
 
+    vram_budget = card_bytes(card_gib) if card_gib else None
     pipe = _pipeline(s, st, dst, res).with_memory(MemorySettings(
-        text_encoder="nf4", profile=profile, vram_budget=int(vram_budget) if vram_budget else None))
+        text_encoder="nf4", profile=profile, vram_budget=vram_budget))
     inputs = load_inputs(InputFiles(**input_files(src / "inputs")), size=size, frames=frames)
     h, w = inputs.size
     a, b = cond.segment_plan(inputs.frames, SEGMENT_LEN, SEGMENT_OVERLAP)[0]
-    _cap(s, cap)
+    cap = st.emulator.cap(card_gib) if st.emulator is not None else None
     plan = pipe.make_plan(h, w, b - a)
     log(f"{key}: {w}x{h}x{inputs.frames}, profile {plan.profile.name if plan else 'none'} "
-        f"({plan.resident_blocks if plan else '-'} resident), cap {gb(cap)} GB, decode {decode}")
+        f"({plan.resident_blocks if plan else '-'} resident), "
+        f"card {card_gib} GiB, allocator cap {gb(cap)} GB, decode {decode}")
     recorder = PhaseRecorder(s.device, interval=0.1)
 
     cached = st.encoded_by is not None
     sampling = {"steps": STEPS, "guidance": GUIDANCE, "solver": SOLVER, **(sampling or {})}
     settings = {"size": f"{w}x{h}", "frames": inputs.frames, **sampling, "profile_asked": profile,
-                "vram_budget": vram_budget, "memory_cap": cap, "decode": decode,
+                "card_gib": card_gib, "vram_budget": vram_budget, "memory_cap": cap, "decode": decode,
                 "text_encoder_cached": cached, "dit": "fp8", "text_encoder": "nf4", "device": str(s.device)}
     latents: list[torch.Tensor] = []
 
@@ -343,7 +343,8 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     except _StopAfterLatents:
         pass
     finally:
-        _cap(s, None)
+        if st.emulator is not None:
+            st.emulator.cap(None)
     wall = time.perf_counter() - t
     if not cached:
         st.encoded_by = key
@@ -357,6 +358,8 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     phases = rep["measured"]["phases"]
     rep["peak_allocated"] = max((p["peak_allocated"] or 0) for p in phases.values()) or None
     rep["peak_reserved"] = max((p["peak_reserved"] or 0) for p in phases.values()) or None
+    totals = [st.emulator.process_total(p["peak_nvml_used"]) for p in phases.values()] if st.emulator else []
+    rep["peak_process_total"] = max((t for t in totals if t is not None), default=None)
     if os.environ.get("OUT"):
         try:
             recorder.plot(Path(os.environ["OUT"]) / f"{key}.png", plan, title=key)
@@ -365,27 +368,33 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     res.put(key, rep)
     st.seconds[key] = {name: p["seconds"] for name, p in phases.items()}
     log(f"{key}: done in {wall:.1f} s, s/step {rep['seconds_per_step']}, peak allocated {gb(rep['peak_allocated'])} "
-        f"GB, reserved {gb(rep['peak_reserved'])} GB, fallbacks {rep['fallbacks'] or 'none'}")
+        f"GB, reserved {gb(rep['peak_reserved'])} GB, NVML process total {gb(rep['peak_process_total'])} GB, "
+        f"fallbacks {rep['fallbacks'] or 'none'}")
     return rep
 
 
-def phase_table(key: str, rep: dict) -> str:
-    """Markdown: per phase measured vs predicted."""
+def phase_table(key: str, rep: dict, emulator: Emulator | None) -> str:
+    """Markdown: per phase measured vs predicted; memory as allocated | reserved | NVML's process total."""
     plan = rep["plan"]
+    card_gib = rep["settings"].get("card_gib")
     head = (f"### {key}: {rep['settings']['size']}x{rep['settings']['frames']}, profile "
-            f"{plan['profile'] if plan else '-'} ({plan['resident_blocks'] if plan else '-'} resident blocks), "
-            f"cap {gb(rep['settings']['memory_cap'])} GB; s/step {rep['step_seconds']}; "
+            f"{plan['profile'] if plan else '-'} ({plan['resident_blocks'] if plan else '-'} resident blocks, VAE "
+            f"decode {(rep.get('pipeline_settings') or {}).get('vae_decode', '-')}), "
+            f"card {'whole GPU' if card_gib is None else f'{card_gib} GiB'} (allocator cap "
+            f"{gb(rep['settings']['memory_cap'])} GB); s/step {rep['step_seconds']}; "
             f"fallbacks {rep['fallbacks'] or 'none'}\n")
-    rows = ["| phase | s | peak alloc GB | predicted GB | error | peak reserved GB | predicted GB | NVML GB | RSS GB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| phase | s | peak alloc GB | predicted GB | error | peak reserved GB | predicted GB | NVML process "
+            "total GB | predicted GB | RSS GB |", "|---|---|---|---|---|---|---|---|---|---|"]
     compared = {r["phase"]: r for r in rep["comparison"]}
     for name, p in rep["measured"]["phases"].items():
         c = compared.get(name)
         cached = name == "text encoder" and rep["settings"]["text_encoder_cached"]
         err = "-" if c is None or c["error_allocated"] is None or cached else f"{c['error_allocated']:+.0%}"
-        rows.append(f"| {name}{' (cached)' if cached else ''} | {p['seconds']:.1f} | {gb(p['peak_allocated'])} | "
-                    f"{gb(c['predicted_allocated']) if c else '-'} | {err} | {gb(p['peak_reserved'])} | "
-                    f"{gb(c['predicted_reserved']) if c else '-'} | {gb(p['peak_nvml_used'])} | {gb(p['peak_rss'])} |")
+        alloc, reserved, total = memory_row(p, emulator)
+        rows.append(f"| {name}{' (cached)' if cached else ''} | {p['seconds']:.1f} | {alloc} | "
+                    f"{gb(c['predicted_allocated']) if c else '-'} | {err} | {reserved} | "
+                    f"{gb(c['predicted_reserved']) if c else '-'} | {total} | "
+                    f"{gb(c.get('predicted_process_total')) if c else '-'} | {gb(p['peak_rss'])} |")
     return head + "\n".join(rows)
 
 
@@ -397,29 +406,29 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> dict | None:
 
 def stage_704(s: Setup, st: State, dst: Path, src: Path, res: Results) -> str:
     rep = run_case(s, st, dst, src, res, "3_704p_16GB", size=s.size_704, frames=s.frames, profile=s.profile_704,
-                   vram_budget=16e9, cap=16e9 if s.device.type == "cuda" else None, decode=True)
+                   card_gib=16 if s.device.type == "cuda" else None, decode=True)
     ok = None if rep["peak_allocated"] is None else {
         "peak_allocated_le_8GB": rep["peak_allocated"] <= TARGETS["704p_peak_allocated"],
         "peak_reserved_le_9GB": rep["peak_reserved"] <= TARGETS["704p_peak_reserved"]}
     rep["targets_met"] = ok
     res.put("3_704p_16GB", rep)
-    return phase_table("Stage 3 (704p, 16 GB cap, planner's choice)", rep) + f"\n\ntargets: {ok}"
+    return phase_table("Stage 3 (704p, 16 GB card, planner's choice)", rep, st.emulator) + f"\n\ntargets: {ok}"
 
 
 def stage_profiles(s: Setup, st: State, dst: Path, src: Path, res: Results) -> str:
     """The light profile under the same cap, then (time allowing) all blocks resident uncapped."""
     cuda = s.device.type == "cuda"
     light = run_case(s, st, dst, src, res, "4_704p_light", size=s.size_704, frames=s.frames,
-                     profile=s.light_profile, vram_budget=16e9, cap=16e9 if cuda else None, decode=False)
-    out = [phase_table(f"Stage 4a (704p, profile {s.light_profile}, 16 GB cap, no decode)", light)]
+                     profile=s.light_profile, card_gib=16 if cuda else None, decode=False)
+    out = [phase_table(f"Stage 4a (704p, profile {s.light_profile}, 16 GB card, no decode)", light, st.emulator)]
     runs = {"3_704p_16GB": res.data["stages"].get("3_704p_16GB"), "4_704p_light": light}
     needed = 1.3 * sum(st.seconds["4_704p_light"].values()) + 30
     left = s.deadline - time.perf_counter()
     if left > needed:
         resident = run_case(s, st, dst, src, res, "4_704p_resident", size=s.size_704, frames=s.frames,
-                            profile="resident", vram_budget=None, cap=None, decode=False)
+                            profile="resident", card_gib=None, decode=False)
         runs["4_704p_resident"] = resident
-        out.append(phase_table("Stage 4b (704p, every block resident, uncapped, no decode)", resident))
+        out.append(phase_table("Stage 4b (704p, every block resident, uncapped, no decode)", resident, st.emulator))
     else:
         log(f"stage 4: resident run skipped ({left:.0f} s left, needs ~{needed:.0f} s); run --stages 4 again")
     summary: dict = {"latents_equal": {}, "overhead": {}, "peaks": {}}
@@ -464,12 +473,12 @@ def stage_512(s: Setup, st: State, dst: Path, src: Path, res: Results) -> str:
         if frames != s.frames:
             log(f"stage 5: {left:.0f} s left; 81 frames would need ~{estimate(81):.0f} s: using {frames} frames")
     rep = run_case(s, st, dst, src, res, "5_512p_8GB", size=s.size_512, frames=frames, profile=s.profile_512,
-                   vram_budget=8e9, cap=8e9 if s.device.type == "cuda" else None, decode=decode)
+                   card_gib=8 if s.device.type == "cuda" else None, decode=decode)
     ok = None if rep["peak_allocated"] is None else {
         "peak_allocated_le_4.5GB": rep["peak_allocated"] <= TARGETS["512p_peak_allocated"]}
     rep["targets_met"] = ok
     res.put("5_512p_8GB", rep)
-    return (phase_table(f"Stage 5 (512p, 8 GB cap, planner's choice, {frames} frames)", rep)
+    return (phase_table(f"Stage 5 (512p, 8 GB card, planner's choice, {frames} frames)", rep, st.emulator)
             + f"\n\ntargets: {ok}")
 
 
@@ -545,7 +554,7 @@ def stage_long(s: Setup, st: State, dst: Path, src: Path, res: Results, lr: Long
     sampling = {"steps": lr.steps, "guidance": lr.guidance, "solver": lr.solver, "cache": lr.cache,
                 "cache_threshold": lr.cache_threshold}
     settings = {**sampling, "size": lr.size, "profile": lr.profile, "seed": s.seed, "frames": s.frames,
-                "scale": s.scale, "memory_cap": 16e9 if cuda else None,
+                "scale": s.scale, "card_gib": 16 if cuda else None,
                 "text_encoder_cached": st.encoded_by is not None}
 
     def save(z: torch.Tensor, seconds: dict | None) -> None:
@@ -553,7 +562,7 @@ def stage_long(s: Setup, st: State, dst: Path, src: Path, res: Results, lr: Long
         log(f"{key}: latents saved to {path} ({'complete' if seconds else 'steps done, decode running'})")
 
     rep = run_case(s, st, dst, src, res, key, size=s.size_512 if lr.size == "512p" else s.size_704,
-                   frames=s.frames, profile=lr.profile, vram_budget=16e9, cap=16e9 if cuda else None, decode=True,
+                   frames=s.frames, profile=lr.profile, card_gib=16 if cuda else None, decode=True,
                    sampling=sampling, after_steps=lambda z: save(z, None))
     phases = rep["measured"]["phases"]
     dit = phases.get("dit steps", {}).get("seconds")
@@ -570,7 +579,7 @@ def stage_long(s: Setup, st: State, dst: Path, src: Path, res: Results, lr: Long
     computed, skipped = forwards if forwards else ("-", "-")
     per_step = "-" if seconds["per_step_mean"] is None else f"{seconds['per_step_mean']:.2f}"
     encoders = "CLIP (umT5 cached by an earlier stage)" if settings["text_encoder_cached"] else "encoders"
-    out = [f"### Stage 6: long run `{tag}` ({rep['settings']['size']}, cap {gb(rep['settings']['memory_cap'])} GB, "
+    out = [f"### Stage 6: long run `{tag}` ({rep['settings']['size']}, {rep['settings']['card_gib']} GiB card, "
            f"{encoders}, VAE encode and decode included)\n"
            "| size | frames | profile | steps | guidance | solver | cache | forwards computed | skipped | s/step | "
            "DiT s | total s | peak alloc GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -639,7 +648,8 @@ def main() -> None:
     long.add_argument("--reference", type=Path, default=None,
                       help="a latents_<tag>.pt from an earlier stage-6 call to compare against")
     args = ap.parse_args()
-    base = FAST_PRESET if args.fast else {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "solver": "unipc"}
+    base = LIGHTX2V_4STEP_PRESET.settings() if args.fast else {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
+                                                                "solver": "unipc"}
     if args.cache == "off" and args.cache_threshold is not None:
         ap.error("--cache-threshold needs --cache teacache or magcache")
     try:
@@ -660,7 +670,7 @@ def main() -> None:
         ap.error(str(e))
     if args.fast:
         global STEPS, GUIDANCE, SOLVER
-        STEPS, GUIDANCE, SOLVER = FAST_PRESET["steps"], FAST_PRESET["guidance"], FAST_PRESET["solver"]
+        STEPS, GUIDANCE, SOLVER = base["steps"], base["guidance"], base["solver"]
     stages = {int(x) for x in args.stages.split(",") if x.strip()}
     tiny = args.tiny
     device = torch.device("cpu" if tiny else "cuda")
@@ -684,6 +694,10 @@ def main() -> None:
     from scail2_lite.quantize.store import is_quantized_folder
 
     st = State(latents={}, seconds={})
+    if device.type == "cuda":  # before anything touches CUDA: NVML's baseline and the context are measured first
+        st.emulator = Emulator.start(device)
+        log(st.emulator.describe())
+        res.data["emulation"] = st.emulator.describe()
     tables: list[str] = []
     have_src = (src / ".complete").is_file()
     have_fp8 = have_src and is_quantized_folder(dst)

@@ -370,8 +370,11 @@ def swap_linears(module: nn.Module, names_to_scheme: Mapping[str, str], compute:
     """Replace the named nn.Linear submodules by QuantLinear, in place; returns `module`.
 
     A Linear on the meta device (model built empty before loading) gets empty meta buffers to be filled by
-    `load_state_dict(..., assign=True)`; a Linear with real weights is quantized from them."""
+    `load_state_dict(..., assign=True)`; a Linear with real weights is quantized from them. A forced `compute`
+    applies to the layers it can run (its own scheme's, or all for "dequant"); in a mixed-precision model the
+    others keep their automatic path."""
     for name, scheme in names_to_scheme.items():
+        layer_compute = compute if compute in (None, "dequant", scheme) else None
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         linear = getattr(parent, child, None)
@@ -379,10 +382,10 @@ def swap_linears(module: nn.Module, names_to_scheme: Mapping[str, str], compute:
             raise QuantizeError(f"{name!r} is not an nn.Linear in this model (found {type(linear).__name__})")
         if linear.weight.is_meta:
             has_bias = linear.bias is not None
-            new = QuantLinear(linear.in_features, linear.out_features, has_bias, scheme, compute, device="meta",
-                              bias_dtype=torch.bfloat16)
+            new = QuantLinear(linear.in_features, linear.out_features, has_bias, scheme, layer_compute,
+                              device="meta", bias_dtype=torch.bfloat16)
         else:
-            new = QuantLinear.from_linear(linear, scheme, compute)
+            new = QuantLinear.from_linear(linear, scheme, layer_compute)
         setattr(parent, child, new)
     _fold_gelus(module)
     return module

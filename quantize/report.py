@@ -16,6 +16,11 @@ import torch
 from rich.table import Table
 
 REPORT_NAME = "fidelity.json"
+# Where our formats stand against the ones other tools store (benchmarks/bench_formats.py, RESULTS.md): shown
+# under every report so a user reads the numbers above against the peers'.
+STANDING = ("Side by side with ComfyUI fp8/fp8_scaled/mxfp8/int8_convrot, WanGP quanto int8, GGUF and bitsandbytes "
+            "NF4 on the same synthetic weights: README 'Fidelity against other formats'. Absolute errors there come "
+            "from synthetic weights; the ranking is what carries over.")
 
 
 def compare(reference: torch.Tensor, output: torch.Tensor) -> dict[str, float]:
@@ -47,11 +52,17 @@ class FidelityReport:
     text_encoder_backend: str | None = None
     text_encoder: dict[str, float] | None = None
     comfy_export_errors: dict[str, float] | None = None
+    kept_layers: dict[str, str] = field(default_factory=dict)  # mixed precision: weight name -> int8 / bf16
+    mixed: dict | None = None  # the MixedPrecision asked for
+    sensitivity: dict[str, float] | None = None  # Linear -> forward error when it alone is quantized
 
-    def by_kind(self) -> dict[str, dict[str, float]]:
-        """Mean and max weight error per layer kind (q, k, ffn.0, ...) over the blocks."""
+    def by_kind(self, exclude: set[str] = frozenset()) -> dict[str, dict[str, float]]:
+        """Mean and max weight error per layer kind (q, k, ffn.0, ...) over the blocks (`exclude`: weight names
+        left out, e.g. the layers mixed precision kept)."""
         groups: dict[str, list[float]] = {}
         for name, err in self.weight_errors.items():
+            if name in exclude:
+                continue
             groups.setdefault(layer_kind(name), []).append(err)
         return {k: {"mean": sum(v) / len(v), "max": max(v), "layers": len(v)} for k, v in sorted(groups.items())}
 
@@ -70,13 +81,18 @@ class FidelityReport:
 
     def table(self) -> Table:
         """Rich summary: error per layer kind, what kept layers would lose, end-to-end agreement."""
-        t = Table(title=f"fidelity ({self.dit_scheme} DiT)")
+        t = Table(title=f"fidelity ({self.dit_scheme} DiT)", caption=STANDING)
         t.add_column("what")
         t.add_column("mean rel. error", justify="right")
         t.add_column("max rel. error", justify="right")
         t.add_column("cosine", justify="right")
-        for kind, s in self.by_kind().items():
+        kept = set(self.kept_layers)
+        for kind, s in self.by_kind(exclude=kept).items():
             t.add_row(f"{kind} ({s['layers']} layers)", f"{s['mean']:.4f}", f"{s['max']:.4f}", "")
+        if kept:
+            schemes = ", ".join(sorted(set(self.kept_layers.values())))
+            t.add_row(f"kept as {schemes} ({self.mixed['strategy'] if self.mixed else 'mixed'}: {len(kept)} "
+                      "Linears)", "", "", "")
         if self.kept_if_quantized:
             errs = [v["error"] for v in self.kept_if_quantized.values()]
             t.add_row(f"kept high, if quantized ({len(errs)} tensors)", f"{sum(errs) / len(errs):.4f}",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .schemes import (
@@ -118,10 +118,26 @@ def is_quantized_folder(path: str | Path) -> bool:
         return False
 
 
-def estimate_output_bytes(shapes: Mapping[str, Sequence[int]], scheme: str) -> int:
-    """Bytes the DiT shards will take under `scheme` (without the copied files)."""
+def estimate_output_bytes(shapes: Mapping[str, Sequence[int]], scheme: str,
+                          layer_schemes: Mapping[str, str] | None = None) -> int:
+    """Bytes the DiT shards will take under `scheme` (without the copied files); `layer_schemes` as in
+    `write_quantized`."""
     check_scheme(scheme)
-    return sum(quantized_bytes(tuple(s), n, scheme) for n, s in shapes.items())
+    layer_schemes = layer_schemes or {}
+    return sum(quantized_bytes(tuple(s), n, layer_schemes.get(n, scheme)) for n, s in shapes.items())
+
+
+def folder_bytes(expected_shapes: Mapping[str, Sequence[int]], scheme: str,
+                 copy_files: Mapping[str, str | Path] | None, out: str | Path,
+                 layer_schemes: Mapping[str, str] | None = None) -> int:
+    """Disk bytes a quantized folder at `out` takes: the DiT shards, plus the copied files that cannot be
+    hard-linked (those on another filesystem than `out`'s)."""
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    device = probe.stat().st_dev
+    copies = sum(p.stat().st_size for p in _walk_files(copy_files or {}) if p.stat().st_dev != device)
+    return estimate_output_bytes(expected_shapes, scheme, layer_schemes) + copies
 
 
 def check_disk_space(out: str | Path, needed: int) -> None:
@@ -131,8 +147,9 @@ def check_disk_space(out: str | Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed * 1.05:
-        raise QuantizeError(f"not enough disk space at {probe}: need {needed / 1e9:.1f} GB, "
-                            f"{free / 1e9:.1f} GB free")
+        unit, size = ("GB", 1e9) if needed >= 1e8 else ("MB", 1e6)
+        raise QuantizeError(f"not enough disk space at {probe}: need {needed * 1.05 / size:.1f} {unit}, "
+                            f"{free / size:.1f} {unit} free")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -191,6 +208,7 @@ def write_quantized(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     shard_bytes: int = SHARD_BYTES,
+    layer_schemes: Mapping[str, str] | None = None,
 ) -> WriteResult:
     """Stream Wan-named DiT tensors into a quantized folder at `out`; one tensor in flight at a time.
 
@@ -198,21 +216,26 @@ def write_quantized(
     anything is written and the missing/unexpected/shape checks. `copy_files` maps a path inside the folder to a
     source file or directory (VAE, CLIP, tokenizer, umT5) so the folder is self-contained. `progress` receives
     the source bytes consumed by each tensor. `loras`: records of the LoRAs merged into the stream (name,
-    fingerprint, strength, match report) for the manifest. Peak RAM ~ `shard_bytes` + a few copies of the largest
+    fingerprint, strength, match report) for the manifest. `layer_schemes` (weight name -> fp8, int8 or bf16)
+    overrides `scheme` for some block Linears (mixed precision, `mixed.py`). Peak RAM ~ `shard_bytes` + a few copies of the largest
     tensor."""
     check_scheme(scheme)
+    layer_schemes = dict(layer_schemes or {})
+    for name, s in layer_schemes.items():
+        check_scheme(s)
+        if not is_quantized_name(name):
+            raise QuantizeError(f"{name!r} is not a block Linear weight; only those can take another scheme")
     out = Path(out)
-    if out.exists() and not force:
+    if out.exists() and not force and not _empty_folder(out):
         raise QuantizeError(f"output {out} already exists; pass --force to replace it")
     if expected_shapes is not None:
-        extra = sum(p.stat().st_size for p in _walk_files(copy_files or {}))
-        check_disk_space(out.parent, estimate_output_bytes(expected_shapes, scheme) + extra)
+        check_disk_space(out.parent, folder_bytes(expected_shapes, scheme, copy_files, out.parent, layer_schemes))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        result = _write_into(tmp, tensors, scheme, expected_shapes, progress, shard_bytes)
+        result = _write_into(tmp, tensors, scheme, expected_shapes, progress, shard_bytes, layer_schemes)
         for rel, src in (copy_files or {}).items():
             _place(Path(src), tmp / rel)
         manifest = {
@@ -245,8 +268,15 @@ def _walk_files(copy_files: Mapping[str, str | Path]) -> Iterator[Path]:
         yield from (p for p in src.rglob("*") if p.is_file()) if src.is_dir() else (src,)
 
 
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` (only reached with force) is moved aside first, then deleted."""
+    """Rename `tmp` to `out`; an existing `out` (only reached with force, or an empty folder) is moved aside
+    first, then deleted."""
+    if _empty_folder(out):
+        out.rmdir()
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
@@ -258,12 +288,14 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _write_into(folder: Path, tensors: Iterable[tuple[str, torch.Tensor | PreQuantized]], scheme: str,
                 expected: Mapping[str, Sequence[int]] | None, progress: Callable[[int], None] | None,
-                shard_bytes: int) -> WriteResult:
+                shard_bytes: int, layer_schemes: Mapping[str, str]) -> WriteResult:
     shards = _ShardWriter(folder, shard_bytes)
     entries: dict[str, dict] = {}
     result = WriteResult(folder, {})
-    quantizing = scheme in QUANTIZED_SCHEMES
+    main = scheme
     for name, item in tensors:
+        scheme = layer_schemes.get(name, main)
+        quantizing = scheme in QUANTIZED_SCHEMES
         q: torch.Tensor | None = None
         s: torch.Tensor | None = None
         smooth: torch.Tensor | None = None
@@ -307,8 +339,8 @@ def _write_into(folder: Path, tensors: Iterable[tuple[str, torch.Tensor | PreQua
             kept = tensor.to(dtype)
             if is_quantized_name(name):  # --dit bf16: the cast is the only loss, report it like a quantization
                 result.weight_errors[name] = relative_error(tensor, kept)
-            elif quantizing and tensor.ndim == 2 and tensor.is_floating_point():
-                result.kept_if_quantized[name] = {"error": relative_error(tensor, quantize_dequantize(tensor, scheme)),
+            elif main in QUANTIZED_SCHEMES and tensor.ndim == 2 and tensor.is_floating_point():
+                result.kept_if_quantized[name] = {"error": relative_error(tensor, quantize_dequantize(tensor, main)),
                                                   "bytes": float(src_bytes)}
             shards.add(name, kept)
             entries[name] = {"scheme": "fp32" if dtype == torch.float32 else "bf16", "dtype": _dtype_name(dtype),
@@ -323,7 +355,8 @@ def _write_into(folder: Path, tensors: Iterable[tuple[str, torch.Tensor | PreQua
             raise QuantizeError(f"source is missing {len(missing)} DiT tensors, e.g. {missing[0]!r}")
     for name in entries:
         entries[name]["file"] = shards.where[name]
-    result.manifest = {"scheme": scheme, "files": shards.files, "tensors": entries}
+    result.manifest = {"scheme": main, "files": shards.files, "tensors": entries,
+                       "kept": {n: entries[n]["scheme"] for n in layer_schemes if n in entries}}
     return result
 
 
@@ -340,7 +373,15 @@ def read_manifest(folder: str | Path) -> dict:
     if version < FORMAT_VERSION and "int8" in linear_schemes(manifest).values():
         raise QuantizeError(f"{folder}: int8 folder from format version {version}, before int8 weights were stored "
                             "rotated; quantize again")
-    for fname in manifest["dit"]["files"]:
+    try:
+        files, tensors = manifest["dit"]["files"], manifest["dit"]["tensors"]
+        unknown = sorted({e["scheme"] for e in tensors.values()} - {*QUANTIZED_SCHEMES, "bf16", "fp32"})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise QuantizeError(f"{folder}/{MANIFEST} is damaged (no {e}); quantize again") from None
+    if unknown:
+        raise QuantizeError(f"{folder}/{MANIFEST} names scheme(s) {', '.join(map(str, unknown))} that this version "
+                            f"does not know ({', '.join(QUANTIZED_SCHEMES)}, bf16, fp32); quantize again")
+    for fname in files:
         if not (folder / fname).is_file():
             raise QuantizeError(f"{folder} is incomplete: {fname} is missing")
     return manifest
@@ -351,7 +392,12 @@ def iter_quantized(folder: str | Path, device: str | torch.device = "cpu") -> It
     folder = Path(folder)
     manifest = read_manifest(folder)
     for fname in manifest["dit"]["files"]:
-        with safe_open(str(folder / fname), framework="pt", device=str(device)) as f:
+        try:
+            handle = safe_open(str(folder / fname), framework="pt", device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise QuantizeError(f"{folder / fname} is not a readable safetensors file (truncated or corrupt?): "
+                                f"{e}") from None
+        with handle as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 

@@ -3,16 +3,18 @@
 Pure tensor code: nothing here calls the VAE. All images and videos are float tensors on the [-1, 1] scale,
 channels first: images (3, H, W), videos (3, T, H, W).
 
-Which tensor goes in at which size (kept consistent with `media.resize_crop` and the pipeline):
-- reference mask: at the full output size (H, W) -> `reference_mask_channels` -> (28, 1+Tl, H/8, W/8).
-- driving mask video: at HALF the output size (H/2, W/2), exactly as the pipeline resizes it (area, center crop)
-  -> `driving_mask_channels` -> (28, Tl, H/16, W/16), no further downsampling. This is ComfyUI's rule
-  (`WanSCAILToVideo` area-resizes the mask to width//2, height//2 and compresses it directly). Upstream resizes
-  to the full size and then halves with a 2x2 average (`half_res`), which is the same up to the resampling filter;
-  a caller holding a full-size mask applies `half_res` first.
+Which tensor goes in at which size (kept consistent with `inputs.load_inputs`, upstream's rules, SPEC section 9):
+- reference mask: bicubic-resized to the full output size (H, W), not thresholded yet -> `reference_mask_channels`
+  -> (28, 1+Tl, H/8, W/8).
+- driving mask video: bicubic-resized to the full size as 8-bit frames, then halved by `half_res` (upstream's
+  bilinear at scale 0.5) -> (3, T, H/2, W/2) -> `driving_mask_channels` -> (28, Tl, H/16, W/16). The colours are
+  thresholded only here, after both resizes, as upstream does. (ComfyUI instead area-resizes the mask straight to
+  half size, and the reference mask nearest-neighbour.)
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,8 @@ PALETTE: tuple[str, ...] = ("blue", "red", "green", "magenta", "cyan", "yellow")
 TEMPORAL_STRIDE = 4
 SPATIAL_STRIDE = 8
 MASK_CHANNELS = 7 * TEMPORAL_STRIDE
-# composite_on_black keeps a pixel when any mask channel exceeds 0.1 on the [0, 1] scale (ComfyUI's rule).
+# composite_on_black keeps a pixel when any mask channel exceeds 0.1 on the [0, 1] scale (ComfyUI's rule; upstream
+# does not composite at all: `GenerationSettings.composite_reference` opts in).
 COMPOSITE_THRESHOLD = 0.1 * 2 - 1
 
 
@@ -91,19 +94,46 @@ def reference_mask_channels(ref_mask: torch.Tensor, latent_frames: int) -> torch
     return torch.cat([first, first.new_zeros(MASK_CHANNELS, latent_frames, *first.shape[2:])], dim=1)
 
 
+def additional_ref_mask_channels(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Extra reference masks, each (3, H, W) at output size -> (28, N, H/8, W/8): each compressed alone as a
+    one-frame video (4 identical copies of its 7 planes), no zero frames (SPEC section 6)."""
+    return torch.cat([compress_mask(m[:, None]) for m in masks], dim=1)
+
+
 def driving_mask_channels(mask_video: torch.Tensor) -> torch.Tensor:
-    """Driving mask video (3, T, H/2, W/2), already at half the output size -> (28, Tl, H/16, W/16)."""
+    """Driving mask video (3, T, H/2, W/2), already resized and halved (`half_res`) -> (28, Tl, H/16, W/16)."""
     return compress_mask(mask_video)
 
 
 def composite_on_black(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Replacement mode's reference: keep pixels whose mask has any channel above 0.1 on the [0, 1] scale
-    (-0.8 on [-1, 1]), paint the rest black (-1). `image` and `mask` are (3, H, W) at the same size."""
+    """ComfyUI's replacement-mode reference (`--composite-reference`): keep pixels whose mask has any channel above
+    0.1 on the [0, 1] scale (-0.8 on [-1, 1]), paint the rest black (-1). `image` and `mask` are (3, H, W) at the
+    same size. Upstream VAE-encodes the reference as given in both modes."""
     if image.shape != mask.shape:
         mw, mh, iw, ih = mask.shape[-1], mask.shape[-2], image.shape[-1], image.shape[-2]
         raise UserError(f"the reference mask is {mw}x{mh} but the image is {iw}x{ih}")
     keep = mask.amax(dim=0, keepdim=True) > COMPOSITE_THRESHOLD
     return torch.where(keep, image, torch.full_like(image, -1.0))
+
+
+def _colour_counts(mask: torch.Tensor) -> tuple[int, int, int]:
+    """(black, white, identity-coloured) pixel counts of a colour mask, each channel on above 225."""
+    on = mask.float() > ON_THRESHOLD
+    r, g, b = on[0], on[1], on[2]
+    black, white = int((~(r | g | b)).sum()), int((r & g & b).sum())
+    return black, white, on[0].numel() - black - white
+
+
+def _off_palette(mask: torch.Tensor, name: str, background: str) -> list[str]:
+    """A warning when many pixels are far (more than ~64/255 in some channel) from every pure colour. H.264's
+    4:2:0 chroma blurs colour edges over a couple of pixels, which on a small mask is several percent of it, so
+    only a share that edges cannot explain is reported."""
+    pure = (mask.float() > ON_THRESHOLD).float() * 2 - 1
+    share = float(((mask.float() - pure).abs() > 0.5).any(dim=0).float().mean())
+    if share > 0.10:
+        return [f"{share:.0%} of the {name} pixels are not pure colours; identities must be painted "
+                f"{', '.join(PALETTE)} on a {background} background"]
+    return []
 
 
 def check_mask(mask: torch.Tensor, kind: str, replace: bool) -> list[str]:
@@ -115,44 +145,63 @@ def check_mask(mask: torch.Tensor, kind: str, replace: bool) -> list[str]:
     if kind not in ("reference", "driving"):
         raise ValueError(f"kind must be 'reference' or 'driving', got {kind!r}")
     name = f"{kind} mask"
-    on = mask.float() > ON_THRESHOLD
-    r, g, b = on[0], on[1], on[2]
-    black = ~(r | g | b)
-    white = r & g & b
-    total = black.numel()
-    foreground = total - int(black.sum()) - int(white.sum())
+    n_black, n_white, foreground = _colour_counts(mask)
     if foreground == 0:
         raise UserError(f"the {name} has no foreground: no pixel is {', '.join(PALETTE)}")
     warnings = []
     want_white = (kind == "reference") != replace
     expected, other = ("white", "black") if want_white else ("black", "white")
-    n_expected, n_other = (int(white.sum()), int(black.sum())) if want_white else (int(black.sum()), int(white.sum()))
+    n_expected, n_other = (n_white, n_black) if want_white else (n_black, n_white)
     if n_other > n_expected:
         mode = "replacement" if replace else "animation"
         hint = "drop --replace" if replace else "pass --replace"
         warnings.append(f"the {name} looks like it is on {other}; {mode} mode expects it on {expected} ({hint}?)")
-    # Off-palette: pixels far (more than ~64/255 in some channel) from every pure colour. H.264's 4:2:0 chroma
-    # blurs colour edges over a couple of pixels, which on a small mask is several percent of it, so only a
-    # share that edges cannot explain is reported.
-    pure = on.float() * 2 - 1
-    off = ((mask.float() - pure).abs() > 0.5).any(dim=0)
-    share = float(off.float().mean())
-    if share > 0.10:
-        warnings.append(
-            f"{share:.0%} of the {name} pixels are not pure colours; identities must be painted "
-            f"{', '.join(PALETTE)} on a {expected} background"
-        )
-    return warnings
+    return warnings + _off_palette(mask, name, expected)
+
+
+def check_extra_mask(mask: torch.Tensor, number: int) -> list[str]:
+    """Warnings for extra reference `number`'s colour mask (3, H, W), the same in both modes (upstream README,
+    "Multi-Reference"). Two kinds of view: a background view is white over the visible background (black where
+    something hides it) and has no identity colour; a character view is the identity's colour on black."""
+    name = f"extra reference {number} mask"
+    n_black, n_white, foreground = _colour_counts(mask)
+    if foreground == 0:  # a background view
+        if n_white == 0:
+            return [f"the {name} is all black: a background view is white over the visible background, a character "
+                    f"view its identity colour ({', '.join(PALETTE)}) on black"]
+        return _off_palette(mask, name, "black")
+    warnings = []
+    if n_white > n_black:
+        warnings.append(f"the {name} has identity colours on white; a character view is its colour on black (a "
+                        "background view is white only, with no identity colour)")
+    return warnings + _off_palette(mask, name, "black")
+
+
+def frames_to_generate(total_frames: int) -> int:
+    """Frames the segments cover for a driving video of `total_frames`: the next 4k+1 (the VAE's causal 4x
+    stride needs it). The pipeline repeats the last driving frame up to it and drops those output frames, so the
+    video has the driving video's frame count (upstream drops up to 3 trailing frames, or a whole short last
+    segment)."""
+    return total_frames + (-(total_frames - 1)) % TEMPORAL_STRIDE
+
+
+def pad_frames(video: torch.Tensor, frames: int) -> torch.Tensor:
+    """(C, T, H, W) -> (C, frames, H, W), the last frame repeated (no copy when nothing is missing)."""
+    missing = frames - video.shape[1]
+    if missing <= 0:
+        return video
+    return torch.cat([video, video[:, -1:].expand(-1, missing, -1, -1)], dim=1)
 
 
 def segment_plan(total_frames: int, segment_len: int = SEGMENT_LEN, overlap: int = SEGMENT_OVERLAP) -> list[tuple[int, int]]:
     """Frame ranges [start, end) of the segments a video of `total_frames` is generated in.
 
-    Each segment is cut to 4k+1 frames. One segment when the video fits; otherwise segments of `segment_len`
-    frames, each starting `overlap` frames before the previous one ended: those frames are the clean history
+    Each segment has 4k+1 frames. One segment when the video fits; otherwise segments of `segment_len` frames,
+    each starting `overlap` frames before the previous one ended: those frames are the clean history
     (VAE-encoded from the previous segment's output) and are dropped from the output. The last segment takes
-    what is left (cut to 4k+1), so at most 3 trailing frames go unused; upstream instead drops a final segment
-    that is shorter than `segment_len`.
+    what is left, so every frame is generated: it may reach up to 3 frames past the video
+    (`frames_to_generate`), the pipeline pads the driving video there and drops them. Upstream instead drops a
+    final segment that is shorter than `segment_len` (and up to 3 trailing frames).
     """
     if total_frames < 5:
         raise UserError(f"the driving video needs at least 5 frames, got {total_frames}")
@@ -160,17 +209,11 @@ def segment_plan(total_frames: int, segment_len: int = SEGMENT_LEN, overlap: int
         raise UserError(f"--segment-len must be 4k+1 and at least 5, got {segment_len}")
     if overlap < 1 or (overlap - 1) % TEMPORAL_STRIDE or overlap >= segment_len:
         raise UserError(f"--segment-overlap must be 4k+1 and below --segment-len, got {overlap}")
-
-    def cut(n: int) -> int:
-        return (n - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE + 1
-
-    plan = [(0, cut(min(total_frames, segment_len)))]
-    while plan[-1][1] - plan[-1][0] == segment_len:
+    total = frames_to_generate(total_frames)
+    plan = [(0, min(total, segment_len))]
+    while plan[-1][1] < total:
         start = plan[-1][1] - overlap
-        length = cut(min(segment_len, total_frames - start))
-        if length <= overlap:
-            break
-        plan.append((start, start + length))
+        plan.append((start, min(total, start + segment_len)))
     return plan
 
 

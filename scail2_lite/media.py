@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
+from contextlib import ExitStack
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import outputs
 from .config import DEFAULT_FPS, SIZES
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-RESIZE_MODES = ("bicubic", "nearest", "area")
 
 
 def _av():
@@ -47,17 +47,47 @@ def _to_uint8(frames: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file -> (3, H, W). Converted to RGB (alpha dropped), EXIF rotation applied as viewers show it."""
+def read_image(path: str | Path, background: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """An image file -> (3, H, W), read as a viewer shows it: EXIF rotation applied; 16-bit, palette, grayscale
+    and CMYK pictures converted to 8-bit RGB at their full range (a 16-bit grayscale PNG is not clipped to
+    white). Transparent pixels are composited over `background` (RGB), the colour the caller's use expects
+    behind the picture; without one, an image with transparent pixels is refused (what should show through is
+    not ours to guess). Fully opaque alpha channels are dropped."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
         with Image.open(path) as img:
-            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+            rgb = _rgb8(ImageOps.exif_transpose(img), path, background)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read image ({e})") from None
     return _to_tensor(rgb)
+
+
+def _rgb8(img: Image.Image, path: Path, background: tuple[int, int, int] | None) -> np.ndarray:
+    """A decoded Pillow image -> uint8 (H, W, 3)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale (Pillow's "I" holds it too)
+        gray = np.asarray(img).astype(np.float64)
+        return np.repeat((gray.clip(0, 65535) / 257).round().astype(np.uint8)[..., None], 3, axis=-1)
+    if img.mode == "F":  # float TIFF/PFM: [0, 1] when it fits, else taken as 0..255
+        gray = np.asarray(img).astype(np.float64)
+        gray = gray * 255 if np.nanmax(gray, initial=0) <= 1.0 else gray
+        return np.repeat(np.nan_to_num(gray).clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+    if (img.mode == "P" and "transparency" in img.info) or img.mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode != "RGBA":
+        return np.asarray(img.convert("RGB"))
+    rgba = np.asarray(img)
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    if background is None:
+        share = float((alpha < 255).mean())
+        raise UserError(f"{path}: {share:.0%} of the picture is transparent and nothing says what should show "
+                        "through; save it without transparency (flattened on the background you want)")
+    a = alpha.astype(np.float64) / 255
+    bg = np.asarray(background, dtype=np.float64)
+    return (rgba[..., :3] * a + bg * (1 - a)).round().astype(np.uint8)
 
 
 def _natural_key(name: str) -> list:
@@ -65,14 +95,26 @@ def _natural_key(name: str) -> list:
 
 
 def read_video(
-    path: str | Path, size: tuple[int, int] | None = None, mode: str = "area", max_frames: int | None = None
+    path: str | Path,
+    size: tuple[int, int] | None = None,
+    max_frames: int | None = None,
+    per_frame: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    background: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """A video file (mp4, webm, mov, gif, ...) or a folder of numbered images -> ((3, T, H, W), fps).
 
-    Folders are read in natural order (frame2 before frame10) at 16 fps. With `size`, each frame is
-    `resize_crop`ped while decoding so a long high-resolution video never sits in memory at full size.
+    Folders are read in natural order (frame2 before frame10) at 16 fps. With `size`, each frame is resized as an
+    8-bit video frame (`resize_crop(..., eight_bit=True)`), then `per_frame` (e.g. a 2x2 average) is applied, while
+    decoding: a long high-resolution video never sits in memory at full size. Transparent pixels (frames with
+    alpha, videos in a pixel format with alpha) are composited over `background`, or refused without one, as in
+    `read_image`.
     """
     path = Path(path)
+
+    def prepared(image: torch.Tensor) -> torch.Tensor:
+        image = resize_crop(image, size, eight_bit=True) if size else image
+        return per_frame(image) if per_frame is not None else image
+
     if path.is_dir():
         files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
         files.sort(key=lambda p: _natural_key(p.name))
@@ -80,10 +122,10 @@ def read_video(
             raise UserError(f"{path}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
         frames = []
         for file in files[:max_frames]:
-            image = read_image(file)
+            image = read_image(file, background)
             if frames and image.shape != frames[0].shape and size is None:
                 raise UserError(f"{file}: size {image.shape[2]}x{image.shape[1]} differs from the first frame's")
-            frames.append(resize_crop(image, size, mode) if size else image)
+            frames.append(prepared(image))
         return torch.stack(frames, dim=1), float(DEFAULT_FPS)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -95,9 +137,11 @@ def read_video(
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else float(DEFAULT_FPS)
+            alpha = _has_alpha(stream.codec_context.pix_fmt)  # GIFs decode as bgra: judged frame by frame
             for frame in container.decode(stream):
-                image = _to_tensor(frame.to_ndarray(format="rgb24"))
-                frames.append(resize_crop(image, size, mode) if size else image)
+                rgb = frame.to_ndarray(format="rgb24") if not alpha else _rgb8(
+                    Image.fromarray(frame.to_ndarray(format="rgba"), "RGBA"), path, background)
+                frames.append(prepared(_to_tensor(rgb)))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except _av().FFmpegError as e:
@@ -107,6 +151,12 @@ def read_video(
     return torch.stack(frames, dim=1), fps
 
 
+def _has_alpha(pix_fmt: str | None) -> bool:
+    """Whether an FFmpeg pixel format carries alpha (yuva420p, rgba, argb, bgra, ya8, gbrap, pal8 has none)."""
+    return bool(pix_fmt) and any(tag in pix_fmt for tag in ("yuva", "rgba", "argb", "bgra", "abgr", "ya8", "ya16",
+                                                            "gbrap"))
+
+
 def video_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of a video file or of the first image of a frame folder, without decoding the video."""
     path = Path(path)
@@ -114,7 +164,7 @@ def video_size(path: str | Path) -> tuple[int, int]:
         files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
         if not files:
             raise UserError(f"{path}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
-        return tuple(read_image(files[0]).shape[1:])  # type: ignore[return-value]
+        return tuple(read_image(files[0], (0, 0, 0)).shape[1:])  # type: ignore[return-value]
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
@@ -127,52 +177,76 @@ def video_size(path: str | Path) -> tuple[int, int]:
         raise UserError(f"{path}: cannot read video ({e})") from None
 
 
-def resize_crop(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize (C, H, W) or (C, T, H, W) to `size` = (h, w) without distortion: scale (aspect preserved) so the
-    picture covers the target, then cut the excess equally from both sides (center crop).
+def frame_count(path: str | Path) -> int:
+    """Frames in a video file (from its header; estimated from its duration when the header has no count) or a
+    frame folder, without decoding: for estimates made before the work (a disk-space check)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(1 for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        with _av().open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            if stream.frames:
+                return stream.frames
+            rate = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
+            seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else (
+                container.duration / 1e6 if container.duration else 0.0)
+            return max(1, round(seconds * float(rate)))
+    except _av().FFmpegError as e:
+        raise UserError(f"{path}: cannot read video ({e})") from None
 
-    Modes: "bicubic" (reference image; antialiased when shrinking, clamped to [-1, 1]), "nearest" (masks: every
-    output pixel is an input pixel, so palette colours stay pure), "area" (driving video and its mask at half the
-    output size: box averaging).
+
+def resize_crop(x: torch.Tensor, size: tuple[int, int], eight_bit: bool = False) -> torch.Tensor:
+    """Resize (C, H, W) or (C, T, H, W) on [-1, 1] to `size` = (h, w) without distortion, as upstream's
+    `resize_for_rectangle_crop` (SPEC section 9): scale (aspect kept, the covering side truncated to an integer) so
+    the picture covers the target, bicubic with antialiasing (torchvision's default, also when enlarging), then cut
+    the excess equally from both sides (center crop, the odd pixel at the end).
+
+    Images (reference, its mask) are resized as floats and not clamped, as upstream; with `eight_bit` the frames
+    are resized as 8-bit values and rounded and clamped back to them, as torchvision does for upstream's uint8
+    video tensors (driving video and its mask). Masks are resized like pictures: their colours are thresholded
+    only afterwards (conditioning.compress_mask), so an edge pixel counts where the resized colour stays bright.
     """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     th, tw = size
     video = x.dim() == 4
     frames = x.movedim(0, 1) if video else x[None]  # (T, C, H, W)
     h, w = frames.shape[-2:]
-    # Scale so one side matches exactly and the other covers the target (upstream resize_for_rectangle_crop).
-    if w * th > tw * h:
-        nh, nw = th, max(tw, round(w * th / h))
+    if w / h > tw / th:
+        nh, nw = th, max(tw, int(w * th / h))
     else:
-        nh, nw = max(th, round(h * tw / w)), tw
+        nh, nw = max(th, int(h * tw / w)), tw
     if (nh, nw) != (h, w):
         frames = frames.float()
-        if mode == "bicubic":
-            frames = F.interpolate(frames, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h)
-            frames = frames.clamp_(-1.0, 1.0)
-        elif mode == "nearest":
-            frames = F.interpolate(frames, size=(nh, nw), mode="nearest-exact")
-        else:
-            frames = F.interpolate(frames, size=(nh, nw), mode="area")
+        if eight_bit:  # back to the exact 8-bit values the frames were decoded from
+            frames = frames.add(1.0).mul_(127.5).round_()
+        frames = F.interpolate(frames, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        if eight_bit:
+            frames = frames.clamp_(0, 255).round_().div_(127.5).sub_(1.0)
     top, left = (nh - th) // 2, (nw - tw) // 2
     frames = frames[..., top : top + th, left : left + tw]
     return frames.movedim(0, 1).contiguous() if video else frames[0].contiguous()
 
 
-def output_size(preset_or_wh: str | tuple[int, int], orient_hw: tuple[int, int]) -> tuple[int, int]:
+def orientation(hw: tuple[int, int]) -> str:
+    """"landscape", "portrait" or "square" for a (height, width)."""
+    h, w = hw
+    return "landscape" if w > h else "portrait" if h > w else "square"
+
+
+def output_size(preset_or_wh: str | tuple[int, int], reference_hw: tuple[int, int]) -> tuple[int, int]:
     """The generation size (h, w) from a preset name ("512p", "704p") or an explicit (width, height).
 
-    Presets are landscape in `SIZES` and turn portrait unless `orient_hw` (height, width of the picture that
-    decides the orientation) is strictly landscape: upstream orients by the reference image, a square one
-    giving portrait. Explicit sizes are used as given and must be divisible by 32.
+    Presets are landscape in `SIZES` and turn portrait when the reference image (`reference_hw`, its height and
+    width) is portrait, as upstream's `generate.py` swaps its target size: a square reference keeps landscape.
+    Explicit sizes are used as given and must be divisible by 32.
     """
     if isinstance(preset_or_wh, str):
         if preset_or_wh not in SIZES:
             raise UserError(f"unknown size {preset_or_wh!r}; choose one of {', '.join(SIZES)} or give --width/--height")
         h, w = SIZES[preset_or_wh]
-        oh, ow = orient_hw
-        return (h, w) if ow > oh else (w, h)
+        return (w, h) if orientation(reference_hw) == "portrait" else (h, w)
     width, height = preset_or_wh
     for flag, value in (("--width", width), ("--height", height)):
         if value <= 0 or value % 32:
@@ -216,16 +290,16 @@ class VideoWriter:
         self._tmp: Path | None = None
         self._container = None
         self._stream = None
+        self._signals = ExitStack()
 
     def __enter__(self) -> "VideoWriter":
         folder = self.path.parent
         if not folder.is_dir():
             raise UserError(f"{folder}: output folder does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part.mp4", dir=folder)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._signals.enter_context(outputs.interruptible())  # SIGTERM, too, removes the temporary file
+        self._tmp = outputs.temporary_file(self.path)
         try:
-            self._container = _av().open(tmp, mode="w", format="mp4")
+            self._container = _av().open(str(self._tmp), mode="w", format="mp4")
             codec = _h264_codec()
             stream = self._container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
             stream.height, stream.width = self.size
@@ -265,6 +339,8 @@ class VideoWriter:
         except BaseException:
             self._discard()
             raise
+        finally:
+            self._signals.close()
 
     def _discard(self) -> None:
         if self._container is not None:
@@ -275,6 +351,7 @@ class VideoWriter:
             self._container = None
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
+        self._signals.close()
 
 
 def write_video(path: str | Path, frames: torch.Tensor, fps: float = DEFAULT_FPS) -> None:
@@ -284,22 +361,12 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float = DEFAULT_FPS
 
 
 def save_frames(folder: str | Path, frames: torch.Tensor) -> None:
-    """Write frames (3, T, H, W) as 00000.png, 00001.png, ... into a new folder, built aside then renamed."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"{folder}: already exists and is not an empty folder; choose another --save-frames folder")
-    if not folder.parent.is_dir():
-        raise UserError(f"{folder.parent}: folder does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
-    try:
+    """Write frames (3, T, H, W) as 00000.png, 00001.png, ... into a new (or empty) folder, built aside then
+    renamed."""
+    folder = outputs.check_folder_target(folder, "--save-frames")
+    with outputs.new_folder(folder) as tmp:
         for i, rgb in enumerate(_to_uint8(frames)):
             Image.fromarray(rgb).save(tmp / f"{i:05d}.png")
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def side_by_side(reference: torch.Tensor, driving: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,9 @@ class Conditions:
 
     pose_latents (B, 16, T, H/2, W/2); driving_masks (B, 28, T, H/2, W/2); ref_latents (B, 16, 1, H, W);
     ref_masks (B, 28, 1+T, H, W); history_mask None or (B, 4, T, H, W), ones on latent frames with clean history;
-    replace: replacement mode (changes RoPE of the pose tokens)."""
+    replace: replacement mode (changes the RoPE positions). Multi-reference (SPEC section 6, both or neither):
+    additional_ref_latents (B, 16, N, H, W), one VAE-encoded image per frame, and additional_ref_masks
+    (B, 28, N, H, W), each extra mask compressed alone (no zero frames); their tokens go first."""
 
     pose_latents: torch.Tensor
     driving_masks: torch.Tensor
@@ -44,6 +46,13 @@ class Conditions:
     ref_masks: torch.Tensor
     replace: bool = False
     history_mask: torch.Tensor | None = None
+    additional_ref_latents: torch.Tensor | None = None
+    additional_ref_masks: torch.Tensor | None = None
+
+    @property
+    def extra_refs(self) -> int:
+        """N, the number of extra references (0 without)."""
+        return 0 if self.additional_ref_latents is None else self.additional_ref_latents.shape[2]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "Conditions":
         """Every tensor on `device` in `dtype` (the DiT's compute dtype)."""
@@ -66,6 +75,14 @@ class Conditions:
             "ref_masks": (batch, config.mask_dim, 1 + frames, height, width),
             "history_mask": (batch, config.in_dim - LATENT_CHANNELS, frames, height, width),
         }
+        if (self.additional_ref_latents is None) != (self.additional_ref_masks is None):
+            raise UserError("additional_ref_latents and additional_ref_masks go together: give both or neither")
+        if self.additional_ref_latents is not None:
+            n = self.extra_refs
+            if n < 1:
+                raise UserError("additional_ref_latents holds no reference (N = 0): pass None instead")
+            expected["additional_ref_latents"] = (batch, LATENT_CHANNELS, n, height, width)
+            expected["additional_ref_masks"] = (batch, config.mask_dim, n, height, width)
         for name, shape in expected.items():
             tensor = getattr(self, name)
             if tensor is not None and tuple(tensor.shape) != shape:
@@ -76,11 +93,13 @@ class Conditions:
 class Embedded:
     """Everything the block loop and the head need, computed once per forward by `SCAIL2Model.embed`."""
 
-    x: torch.Tensor | None  # (B, L, dim) float32 residual stream, L = ref + video + pose tokens (run_blocks takes it)
+    x: torch.Tensor | None  # (B, L, dim) float32 residual stream, L = extra refs + ref + video + pose tokens
+    #                         (run_blocks takes it)
     e: torch.Tensor  # (B, dim) float32 time embedding (for the head)
     e0: torch.Tensor  # (B, 6, dim) float32 time projection (for the blocks)
     freqs: tuple[torch.Tensor, torch.Tensor]  # RoPE cos, sin: (L, head_dim/2) float32
     grid: tuple[int, int, int]  # video patch grid (f, h, w)
+    ref_frames: int = 1  # reference frames before the video tokens: the extra references and the primary one
 
 
 class BlockCache(Protocol):
@@ -146,7 +165,9 @@ class SCAIL2Model(nn.Module):
         return e, e0.unflatten(1, (6, self.config.dim))
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> Embedded:
-        """Patchify the conditions into the packed token sequence `[ref | video | pose]`, plus time and RoPE."""
+        """Patchify the conditions into the packed token sequence `[extra refs | ref | video | pose]`, plus time and
+        RoPE. The references and the video share `patch_embedding` (it works frame by frame: temporal patch 1), so
+        the extra references are simply more frames in front of the primary one."""
         cond.check(x, self.config)
         if t.shape != (x.shape[0],):
             raise UserError(f"t must be ({x.shape[0]},), got {tuple(t.shape)}")
@@ -156,28 +177,34 @@ class SCAIL2Model(nn.Module):
         history_mask = cond.history_mask
         if history_mask is None:
             history_mask = x.new_zeros(batch, extra, frames, height, width)
-        ref_latents, pose_latents = cond.ref_latents, cond.pose_latents
+        ref_latents, ref_masks, pose_latents = cond.ref_latents, cond.ref_masks, cond.pose_latents
+        if cond.extra_refs:
+            ref_latents = torch.cat([cond.additional_ref_latents, ref_latents], dim=2)
+            ref_masks = torch.cat([cond.additional_ref_masks, ref_masks], dim=2)
         ones_ref = ref_latents.new_ones(batch, extra, *ref_latents.shape[2:])
         ones_pose = pose_latents.new_ones(batch, extra, *pose_latents.shape[2:])
         video = torch.cat(
             [torch.cat([ref_latents, ones_ref], dim=1), torch.cat([x, history_mask.to(x.dtype)], dim=1)], dim=2
         )
-        video = self.patch_embedding(video.to(dtype)) + self.patch_embedding_mask(cond.ref_masks.to(dtype))
+        video = self.patch_embedding(video.to(dtype)) + self.patch_embedding_mask(ref_masks.to(dtype))
         pose = torch.cat([pose_latents, ones_pose], dim=1).to(dtype)
         pose = self.patch_embedding_pose(pose) + self.patch_embedding_mask(cond.driving_masks.to(dtype))
-        grid = (video.shape[2] - 1, video.shape[3], video.shape[4])
+        ref_frames = 1 + cond.extra_refs
+        grid = (video.shape[2] - ref_frames, video.shape[3], video.shape[4])
         tokens = torch.cat([video.flatten(2), pose.flatten(2)], dim=2).transpose(1, 2)
         # .to() returns a float32 model's transposed view as it is: the fused kernels need unit feature stride
         tokens = tokens.to(torch.float32).contiguous()
         e, e0 = self.embed_time(t)
-        return Embedded(tokens, e, e0, self._rope(grid, cond.replace, tokens.device), grid)
+        freqs = self._rope(grid, cond.replace, cond.extra_refs, tokens.device)
+        return Embedded(tokens, e, e0, freqs, grid, ref_frames)
 
     def _rope(
-        self, grid: tuple[int, int, int], replace_flag: bool, device: torch.device
+        self, grid: tuple[int, int, int], replace_flag: bool, extra_refs: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, bool(replace_flag), device)
+        key = (grid, bool(replace_flag), extra_refs, device)
         if self._freqs_cache is None or self._freqs_cache[0] != key:
-            self._freqs_cache = (key, rope_freqs(self.config.head_dim, grid, replace_flag, device=device))
+            self._freqs_cache = (key, rope_freqs(self.config.head_dim, grid, replace_flag, device=device,
+                                                 extra_refs=extra_refs))
         return self._freqs_cache[1]
 
     # ---- blocks and head --------------------------------------------------------------------------------------
@@ -197,12 +224,14 @@ class SCAIL2Model(nn.Module):
             x = block(x, emb.e0, context, freqs, kernels)
         return x if split is None else split.gather(x)
 
-    def unembed(self, x: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """Head on the video tokens only (ref skipped, pose dropped), unpatchified to (B, out_dim, T, H, W) float32."""
-        f, h, w = grid
+    def unembed(self, x: torch.Tensor, emb: Embedded) -> torch.Tensor:
+        """Head on the video tokens only (references skipped, pose dropped), unpatchified to (B, out_dim, T, H, W)
+        float32."""
+        f, h, w = emb.grid
         pt, ph, pw = self.config.patch_size
-        video = x[:, h * w : h * w + f * h * w]
-        out = self.head(video, e).view(x.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        start = emb.ref_frames * h * w
+        video = x[:, start : start + f * h * w]
+        out = self.head(video, emb.e).view(x.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
 
     # ---- forward ----------------------------------------------------------------------------------------------
@@ -216,7 +245,7 @@ class SCAIL2Model(nn.Module):
             out = self.run_blocks(emb, context_emb, kernels)
         else:
             out = cache.run_blocks(emb, lambda: self.run_blocks(emb, context_emb, kernels))
-        return self.unembed(out, emb.e, emb.grid)
+        return self.unembed(out, emb)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
                 cond: Conditions, kernels: Kernels = Kernels()) -> torch.Tensor:

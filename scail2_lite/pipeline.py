@@ -37,6 +37,7 @@ from .inputs import InputFiles, Inputs, load_inputs
 from .loader import ModelDescription, describe_model
 from .lora import LoRA, LoraSource, resolve_loras
 from .model import LATENT_CHANNELS, Conditions
+from .offload.card import DeviceMemory
 from .offload.placement import DitPlacement, out_of_memory, release_cached_memory
 from .offload.planner import Plan
 from .profiling import PhaseRecorder
@@ -149,7 +150,7 @@ class Pipeline:
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """umT5 on the prompts (or their embeddings from the prompt cache); the encoder leaves memory before
-        returning (11 GB in bf16)."""
+        returning (11 GB in bf16, in RAM: its blocks visit the GPU one at a time)."""
         from .quantize.text_encoder import quantize_block
 
         scheme = self.model.text_encoder
@@ -160,7 +161,9 @@ class Pipeline:
             if (hit := cache.get(prompts)) is not None:
                 return hit
         quant = None if scheme == "bf16" else (lambda block: quantize_block(block, scheme))
-        tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant)
+        # bf16 streams its blocks through the GPU (lossless at about one block of memory); 4/8-bit load whole.
+        tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant,
+                                             stream=scheme == "bf16")
         try:
             out = [t.to("cpu", torch.float32) for t in encode_text(tokenizer, model, prompts)]
         finally:
@@ -200,19 +203,30 @@ class Pipeline:
         return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
                         self.device, self.loras, self.ranks)
 
-    def make_plan(self, height: int, width: int, frames: int, split: Split = Split()) -> Plan | None:
-        """The memory plan of this rank for one segment of this size on this machine: its share of the tokens
+    def make_plan(self, height: int, width: int, frames: int, extra_refs: int = 0, split: Split = Split(),
+                  gpu: DeviceMemory | None = None) -> Plan | None:
+        """The memory plan of this rank for one segment of this size (with `extra_refs` extra references) on this
+        machine (`gpu`: the GPU as the driver reports it now unless given): its share of the tokens
         (`split.sequence`) and of the host's RAM (ranks on one host share it). On CPU there is nothing to plan
         unless a profile is forced (the streamer then runs with synchronous copies: how the tests check profiles)."""
-        if self.device.type != "cuda" and self.memory.profile is None:
+        if self.device.type != "cuda" and self.memory.profile is None and gpu is None:
             return None
-        from .offload.planner import detect_memory, plan
+        from .offload import card
+        from .offload.planner import available_ram, plan
 
-        free, _, ram = detect_memory()
+        gpu = gpu or card.detect(self.device) or DeviceMemory(total=0, free=0, context=0)  # CPU: no GPU to fit
         m = self.model
-        return plan(m.config, height, width, frames, free, ram // self.ranks.local_world, profile=self.memory.profile,
-                    vram_budget=self.memory.vram_budget, weights=m.dit_scheme, text_encoder=m.text_encoder,
-                    mappable=m.mappable, sequence_split=split.sequence)
+        return plan(m.config, height, width, frames, gpu, available_ram() // self.ranks.local_world,
+                    profile=self.memory.profile, vram_budget=self.memory.vram_budget, weights=m.dit_scheme,
+                    text_encoder=m.text_encoder, mappable=m.mappable, extra_refs=extra_refs,
+                    sequence_split=split.sequence)
+
+    @property
+    def vae_dtype(self) -> torch.dtype | None:
+        """The VAE decode's autocast precision: fp32 (None: the weights') unless bf16 is asked for. On the H100 bf16
+        decoded tiles no faster than fp32 (TF32 convolutions), so it is not the default (RESULTS.md, issue 23)."""
+        choice = self.memory.vae_dtype or "fp32"
+        return torch.bfloat16 if choice == "bf16" else None
 
     # ---- generation --------------------------------------------------------------------------------------------
 
@@ -231,8 +245,10 @@ class Pipeline:
         on_latents: Callable[[int, torch.Tensor], None] | None = None,
         **setting_fields: object,
     ) -> Result:
-        """Generate a video from `inputs` (the four files, or `Inputs` already read). `settings` (or its fields as
-        keywords: `steps=8`, `size="704p"`, ...) say what to make. With `output`, frames stream into an H.264 mp4
+        """Generate a video from `inputs` (the four files and any extra references, or `Inputs` already read), as
+        many frames as the driving video has. `settings` (or its fields as keywords: `steps=8`, `size="704p"`, ...)
+        say what to make; `negative_prompt` is upstream's empty string unless given. With `output`, frames stream
+        into an H.264 mp4
         written atomically (no partial file on error or Ctrl-C).
 
         `progress` shows the phases; `recorder` (a `profiling.PhaseRecorder`) times them; `on_latents(segment,
@@ -249,16 +265,21 @@ class Pipeline:
             output, progress = None, None
         timer = recorder if recorder is not None else PhaseRecorder(self.device)
         make_scheduler(s.solver, s.steps, s.shift)  # the shift must suit the solver: checked before heavy work
+        warnings = [w for w in (s.preset_warning([lora.name for lora, _ in self.loras]),) if w is not None]
         step_cache = StepCache(s.cache, s.cache_threshold, store_device="cpu")
         tasks = PhaseProgress(progress)
         with timer("inputs"), tasks.phase("reading the inputs"):
             if not isinstance(inputs, Inputs):
                 inputs = load_inputs(inputs, size=s.size, frames=s.frames, replace=s.replace)
-        segments = cond.segment_plan(inputs.frames, s.segment_len, s.segment_overlap)
-        total_frames = segments[-1][1]  # segments overlap within the driving video: its frames 0 .. end - 1
+        total_frames = inputs.frames
+        segments = cond.segment_plan(total_frames, s.segment_len, s.segment_overlap)
+        # the last segment may reach past the video (4k+1 frames): the last driving frame repeated, output dropped
+        padded = cond.frames_to_generate(total_frames)
+        inputs = dataclasses.replace(inputs, pose=cond.pad_frames(inputs.pose, padded),
+                                     mask_video=cond.pad_frames(inputs.mask_video, padded))
         h, w = inputs.size
         fps = s.fps or inputs.fps
-        mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0], split)
+        mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0], len(inputs.additional_refs), split)
         vae_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
             mem_plan.profile.vae_tile if mem_plan else None)
 
@@ -267,11 +288,19 @@ class Pipeline:
         with timer("clip"), tasks.phase("CLIP image encoder"):
             clip_fea = self.encode_clip(inputs.image)
         with timer("vae encode"), tasks.phase("VAE encode"):
-            ref_image = cond.composite_on_black(inputs.image, inputs.ref_mask) if s.replace else inputs.image
+            # every reference view alone, as a one-frame video (the extra ones too: SPEC section 6); composited on
+            # black only with --composite-reference (ComfyUI's variant; upstream encodes them as given)
+            composite = s.replace and s.composite_reference
+            views = [cond.composite_on_black(image, mask) if composite else image
+                     for image, mask in [(inputs.image, inputs.ref_mask), *inputs.additional_refs]]
             vae = self.vae(vae_tile)
-            ref_latents = _encode(vae, ref_image[:, None], self.device)
+            ref_latents, *extra_latents = (_encode(vae, view[:, None], self.device) for view in views)
             pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device) for a, b in segments]
             self.park_vae()
+        extras = None
+        if extra_latents:
+            extras = (torch.cat(extra_latents, dim=2),
+                      cond.additional_ref_mask_channels([mask for _, mask in inputs.additional_refs])[None])
         dit_dtype = self.dit.dtype
         kept: list[torch.Tensor] = []
         step_seconds: list[float] = []
@@ -291,7 +320,7 @@ class Pipeline:
                     with timer("vae encode"):
                         hist_lat = _encode(self.vae(vae_tile), history_pixels, self.device)
                         self.park_vae()
-                conditions = _segment_conditions(inputs, start, end, ref_latents, pose_latents[k], hist_lat,
+                conditions = _segment_conditions(inputs, start, end, ref_latents, extras, pose_latents[k], hist_lat,
                                                  s.replace).to(self.device, dit_dtype)
                 generator = torch.Generator().manual_seed(s.seed + k)
                 shape = (1, LATENT_CHANNELS, cond.latent_frames(end - start), *ref_latents.shape[-2:])
@@ -318,10 +347,11 @@ class Pipeline:
                 with timer("dit placement"):
                     placement.release()
                 drop = s.segment_overlap if k > 0 else 0
+                stop = min(end, total_frames) - start  # frames past the driving video are padding
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
-                                                      total=end - start - drop) as decode_task:
+                                                      total=stop - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
-                    for group in _decode(self.vae(vae_tile), latents, drop, self.device):
+                    for group in _decode(self.vae(vae_tile), latents, drop, stop, self.device, self.vae_dtype):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
@@ -334,7 +364,11 @@ class Pipeline:
             streamers_built = placement.streamers_built
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
                    text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
-                   parallel=split.describe())
+                   parallel=split.describe(),
+                   vae_decode=f"{f'{vae_tile} px tiles' if vae_tile else 'untiled'}, "
+                              f"{'bf16' if self.vae_dtype is torch.bfloat16 else 'fp32'}")
+        if inputs.additional_refs:
+            run["extra_references"] = len(inputs.additional_refs)
         if final_plan is not None:
             run.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
                        plan=final_plan.reason, streamers_built=streamers_built)
@@ -344,7 +378,7 @@ class Pipeline:
             run["cache"] = f"{s.cache}: {step_cache.stats}"
         recorded = {k: v for k, v in dataclasses.asdict(s).items() if k not in run}
         return Result(torch.cat(kept, dim=1) if keep_frames else None, total_frames, fps, (h, w), timer.seconds,
-                      step_seconds, timer.peaks, {**recorded, **run}, inputs.warnings,
+                      step_seconds, timer.peaks, {**recorded, **run}, warnings + inputs.warnings,
                       Path(output) if output is not None else None)
 
     def _velocity_with_fallback(self, placement: DitPlacement, *args) -> torch.Tensor:
@@ -379,20 +413,24 @@ def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device) -> torch.Ten
     return vae.encode(video[None].to(device)).cpu()
 
 
-def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Decoded frame groups (3, t, H, W) on CPU, the first `drop` frames (segment overlap) left out."""
+def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, stop: int, device: torch.device,
+            dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+    """Decoded frame groups (3, t, H, W) on CPU of the segment's frames drop .. stop - 1: the first `drop` frames
+    (segment overlap) and those from `stop` on (padding past the driving video) left out."""
     seen = 0
-    for group in vae.decode_frames(latents.to(device)):
+    for group in vae.decode_frames(latents.to(device), dtype):
         group = group[0].float().cpu()
         n = group.shape[1]
-        if seen + n > drop:
-            yield group[:, max(0, drop - seen):]
+        if seen + n > drop and seen < stop:
+            yield group[:, max(0, drop - seen) : stop - seen]
         seen += n
 
 
-def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch.Tensor, pose_latents: torch.Tensor,
+def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch.Tensor,
+                        extras: tuple[torch.Tensor, torch.Tensor] | None, pose_latents: torch.Tensor,
                         hist_latents: torch.Tensor | None, replace: bool) -> Conditions:
-    """Batch-1 DiT conditions of one segment (CPU, fp32)."""
+    """Batch-1 DiT conditions of one segment (CPU, fp32). `extras`: the extra references' latents and masks,
+    the same for every segment and both CFG branches."""
     tl = cond.latent_frames(end - start)
     h, w = ref_latents.shape[-2:]
     hist = None
@@ -405,6 +443,8 @@ def _segment_conditions(inputs: Inputs, start: int, end: int, ref_latents: torch
         ref_masks=cond.reference_mask_channels(inputs.ref_mask, tl)[None],
         replace=replace,
         history_mask=hist,
+        additional_ref_latents=extras[0] if extras else None,
+        additional_ref_masks=extras[1] if extras else None,
     )
 
 

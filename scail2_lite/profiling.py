@@ -19,13 +19,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 
 from .errors import UserError
 from .loader import ModelDescription
-from .offload.planner import GB, RESERVED_FACTOR, VRAM_SAFETY, Plan, list_profiles, plan, resolve
+from .offload.card import DeviceMemory, card_bytes, nvml_handle
+from .offload.planner import GB, Plan, list_profiles, plan, resolve
 
 # Pipeline phase name (pipeline.py's `with recorder(...)`) -> the planner's phase it is predicted by. "inputs"
 # (reading files) and "dit placement" (moving weights) have no prediction of their own.
@@ -82,24 +83,6 @@ def _rss() -> int | None:
         return None
 
 
-def _nvml_handle(index: int) -> tuple[Any, str]:
-    """(NVML handle of CUDA device `index`, note); the handle is None when NVML cannot be used, the note says why.
-
-    The device is found by UUID, so CUDA_VISIBLE_DEVICES reordering cannot pick the wrong GPU."""
-    try:
-        import pynvml
-    except ImportError:
-        return None, "NVML not measured: nvidia-ml-py is not installed (pip install 'scail2-lite[profile]')"
-    try:
-        pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(index).uuid)
-        if not uuid.startswith(("GPU-", "MIG-")):
-            uuid = "GPU-" + uuid
-        return pynvml.nvmlDeviceGetHandleByUUID(uuid), "NVML: device-wide used memory (all processes)"
-    except (pynvml.NVMLError, AttributeError, RuntimeError) as e:
-        return None, f"NVML not measured: {e}"
-
-
 class PhaseRecorder:
     """Wall time and memory per named phase plus a sampled timeline (see the module docstring).
 
@@ -119,7 +102,7 @@ class PhaseRecorder:
         self.intervals: list[tuple[str, float, float]] = []
         self.events: list[tuple[float, str]] = []  # (seconds since start, what happened): e.g. OOM re-plans
         self.samples: list[Sample] = []
-        self._nvml, self.nvml_note = _nvml_handle(device.index) if self.cuda else (None, "NVML: no CUDA device")
+        self._nvml, self.nvml_note = nvml_handle(device.index) if self.cuda else (None, "NVML: no CUDA device")
         self._t0 = time.perf_counter()
         self._phase: str | None = None
         self._phase_peak_nvml: int | None = None
@@ -289,11 +272,6 @@ def plot_timeline(measured: dict, path: str | Path, predicted: Plan | None = Non
 # ---- plans -----------------------------------------------------------------------------------------------------
 
 
-def reserved_bytes(vram: int) -> int:
-    """A phase's predicted reserved bytes, by the rule of `Plan.peak_vram_reserved` (0 for a phase off the GPU)."""
-    return int(vram * RESERVED_FACTOR + VRAM_SAFETY) if vram else 0
-
-
 def plan_to_json(p: Plan) -> dict:
     return {
         "profile": p.profile.name,
@@ -307,37 +285,42 @@ def plan_to_json(p: Plan) -> dict:
         "height": p.height,
         "width": p.width,
         "frames": p.frames,
+        "extra_refs": p.extra_refs,
         "tokens": p.tokens,
         "vram_budget": p.vram_budget,
+        "outside_allocator": p.outside_allocator,
         "ram_available": p.ram_available,
         "peak_vram": p.peak_vram,
         "peak_vram_reserved": p.peak_vram_reserved,
+        "peak_process_total": p.peak_process_total,
         "peak_ram": p.peak_ram,
-        "phases": {k: {"vram": m.vram, "vram_reserved": reserved_bytes(m.vram), "ram": m.ram}
+        "phases": {k: {"vram": m.vram, "vram_reserved": m.reserved, "process_total": p.process_total(k), "ram": m.ram}
                    for k, m in p.phases.items()},
     }
 
 
 def fits_on(target: ModelDescription, height: int, width: int, frames: int, ram_bytes: int,
-            cards_gb: tuple[int, ...] = CARDS_GB, sequence_split: int = 1) -> dict[int, Plan | None]:
-    """Card size (GB = 1e9 bytes of VRAM the run may use) -> the plan `plan` picks there, None if nothing fits
-    (one rank's plan under a sequence split)."""
+            cards_gb: tuple[int, ...] = CARDS_GB, extra_refs: int = 0,
+            sequence_split: int = 1) -> dict[int, Plan | None]:
+    """Card size as sold (GB: 16 = a 16 GiB card, with its CUDA context and a desktop) -> the plan `plan` picks
+    there, None if nothing fits (one rank's plan under a sequence split)."""
     out: dict[int, Plan | None] = {}
     for card in cards_gb:
         try:
-            out[card] = plan(target.config, height, width, frames, int(card * GB), ram_bytes,
+            out[card] = plan(target.config, height, width, frames, DeviceMemory.card(card_bytes(card)), ram_bytes,
                              weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable,
-                             sequence_split=sequence_split)
+                             extra_refs=extra_refs, sequence_split=sequence_split)
         except UserError:
             out[card] = None
     return out
 
 
-def all_profiles(target: ModelDescription, height: int, width: int, frames: int, vram_bytes: int, ram_bytes: int,
-                 sequence_split: int = 1) -> list[Plan]:
+def all_profiles(target: ModelDescription, height: int, width: int, frames: int, device: DeviceMemory,
+                 ram_bytes: int, extra_refs: int = 0, sequence_split: int = 1) -> list[Plan]:
     """Every shipped profile resolved for one card (fastest first), fitting or not."""
-    return [resolve(p, target.config, height, width, frames, vram_bytes, ram_bytes, target.dit_scheme, "",
-                    target.text_encoder, target.mappable, sequence_split) for p in list_profiles()]
+    return [resolve(p, target.config, height, width, frames, device.allocator_budget(), ram_bytes, target.dit_scheme,
+                    "", target.text_encoder, target.mappable, extra_refs,
+                    device.outside_allocator, sequence_split) for p in list_profiles()]
 
 
 # ---- measured vs predicted -------------------------------------------------------------------------------------
@@ -364,9 +347,10 @@ def compare(measured: dict, p: Plan) -> list[dict]:
             "predicted_allocated": pred.vram,
             "error_allocated": _error(pred.vram, m["peak_allocated"]),
             "measured_reserved": m["peak_reserved"],
-            "predicted_reserved": reserved_bytes(pred.vram),
-            "error_reserved": _error(reserved_bytes(pred.vram), m["peak_reserved"]),
+            "predicted_reserved": pred.reserved,
+            "error_reserved": _error(pred.reserved, m["peak_reserved"]),
             "measured_nvml_used": m["peak_nvml_used"],
+            "predicted_process_total": p.process_total(phase) or None,
             "measured_rss": m["peak_rss"],
             "predicted_ram": pred.ram,
             "error_ram": _error(pred.ram, m["peak_rss"]),

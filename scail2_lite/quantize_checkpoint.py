@@ -7,12 +7,14 @@ them), then measures the result with the real loaders (DiT forward and umT5 embe
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from . import formats
+from . import formats, outputs
 from .encoders import CLIP_FILE, UMT5_DIR
 from .errors import UserError
 from .loader import comfy_8bit_scheme
@@ -20,15 +22,24 @@ from .lora import LoRA, LoraFile, as_lora_file, resolve_loras
 from .quantize.comfy import export_comfy, from_comfy_fp8
 from .quantize.comfy_quant import from_comfy_quant
 from .quantize.linear import check_compute
+from .quantize.mixed import MixedPrecision, choose_layers, measure_sensitivity
 from .quantize.report import FidelityReport, compare
-from .quantize.schemes import QuantizeError, check_scheme
-from .quantize.store import PreQuantized, fingerprint, is_quantized_folder, write_quantized
+from .quantize.schemes import QuantizeError, check_scheme, is_quantized_name
+from .quantize.store import (
+    PreQuantized,
+    estimate_output_bytes,
+    fingerprint,
+    folder_bytes,
+    is_quantized_folder,
+    write_quantized,
+)
 from .quantize.text_encoder import quantize_block, text_encoder_backend
 from .vae import VAE_FILE
 
 COMPONENTS = (VAE_FILE, CLIP_FILE, UMT5_DIR)
 # Reference copies for the checks must fit beside the quantized model: skip them above this share of free memory.
 _CHECK_MEMORY_SHARE = 1 / 3.5
+_SENSITIVITY_MEMORY_SHARE = 1 / 1.5  # only the bf16 model and one layer's copy
 
 
 def quantize_checkpoint(
@@ -36,41 +47,55 @@ def quantize_checkpoint(
     out: str | Path,
     *,
     dit: str = "fp8",
-    text_encoder: str = "nf4",
+    text_encoder: str = "bf16",
     compute: str | None = None,
     loras: Sequence[LoraFile | tuple[str | Path, float]] = (),
     export: str | None = None,
+    mixed: MixedPrecision = MixedPrecision(),
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> FidelityReport:
     """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras`
-    (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as `fidelity.json` in `out`). `progress(done, total)`
-    counts source bytes. Bad input raises UserError before anything is written."""
+    (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as
+    `fidelity.json` in `out`). `mixed` keeps some block Linears in int8 or bf16 (`quantize.mixed`; "sensitive"
+    runs the per-Linear sensitivity pass on the bf16 DiT first). `progress(done, total)` counts source bytes.
+
+    All or nothing: bad input raises UserError before anything is written; the folder (checks, fidelity.json and
+    the ComfyUI export included) is built under a hidden name beside `out` and takes its place only when
+    complete. `force` replaces an existing `out` only if it is a scail2-lite quantized folder, and only then."""
     src, out = Path(src), Path(out)
     try:
         check_scheme(dit)
         text_encoder_backend(text_encoder, "cpu")
         if compute is not None and dit != "bf16":
             check_compute(compute, dit)
+        mixed.check_scheme(dit)
         if export not in (None, "comfy") or (export == "comfy" and dit != "fp8"):
             raise UserError("--export comfy is the only export and needs --dit fp8")
-        if out.exists() and not force:
-            raise UserError(f"output {out} already exists; pass --force to replace it")
         fmt = formats.detect_format(src)
         if fmt == "quantized" or is_quantized_folder(src):
             raise UserError(f"{src} is already quantized; quantize from the original checkpoint")
         dit_file = formats.find_dit(src)
+        root = src if src.is_dir() else dit_file.parent
+        specs = [as_lora_file(x) for x in loras]
+        outputs.check_separate({"-o": out}, {"SRC": src, "checkpoint folder": root,
+                                             **{f"--lora {spec.path}": spec.path for spec in specs}})
         shapes = formats.read_shapes(src)
         config, _ = formats.read_config(src, shapes)
         formats.check_keys(shapes, config, src)
-        specs = [as_lora_file(x) for x in loras]
         mapped = _load_loras(specs, config, log)
-        root = src if src.is_dir() else dit_file.parent
         parts = {name: root / name for name in COMPONENTS if (root / name).exists()}
         if len(parts) < len(COMPONENTS):
             log(f"note: {root} lacks {len(COMPONENTS) - len(parts)} of {', '.join(COMPONENTS)}; the output will hold "
                 "only what was found")
+        expected = formats.wan_shapes(config)
+        needed = folder_bytes(expected, dit, parts, out.parent)
+        if export == "comfy":
+            needed += estimate_output_bytes(expected, dit)
+        outputs.check_folder_target(out, "-o", needed, replace=force, ours=is_quantized_folder,
+                                    what="scail2-lite quantized folder")
+        kept, sensitivity = _choose_kept(src, config, dit, mixed, mapped, log)
         sources = _dit_files(dit_file)
         total = sum(p.stat().st_size for p in sources)
         done = 0
@@ -88,32 +113,67 @@ def quantize_checkpoint(
             tensors = from_comfy_quant(tensors, dit, measure=True)
         if mapped:
             tensors = _merged(tensors, mapped)
-        result = write_quantized(
-            tensors, out, dit, config=config.to_dict(), sources=sources, expected_shapes=formats.wan_shapes(config),
-            copy_files=parts, force=force, progress=advance,
-            text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
-                          "quantized_at_load": text_encoder != "bf16"},
-            loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
-        )
-        if progress is not None:
-            progress(total, total)
-        report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized, text_encoder_scheme=text_encoder)
-        try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
-            if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
-                report.dit_forward = _dit_check(src, out, config, compute, mapped, log)
-            if text_encoder != "bf16" and UMT5_DIR in parts:
-                report.text_encoder_backend, report.text_encoder = _text_encoder_check(out / UMT5_DIR, text_encoder,
-                                                                                       log)
-        except torch.cuda.OutOfMemoryError:
-            log("note: fidelity check skipped (CUDA out of memory)")
+        with outputs.new_folder(out) as staging:
+            result = write_quantized(
+                tensors, staging, dit, config=config.to_dict(), sources=sources, expected_shapes=expected,
+                copy_files=parts, progress=advance,
+                text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
+                              "quantized_at_load": text_encoder != "bf16"},
+                loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
+                layer_schemes=kept,
+            )
+            if progress is not None:
+                progress(total, total)
+            report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized,
+                                    text_encoder_scheme=text_encoder, kept_layers=kept,
+                                    mixed=dataclasses.asdict(mixed) if mixed.active else None,
+                                    sensitivity=sensitivity)
+            try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
+                if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
+                    report.dit_forward = _dit_check(src, staging, config, compute, mapped, log)
+                if text_encoder != "bf16" and UMT5_DIR in parts:
+                    report.text_encoder_backend, report.text_encoder = _text_encoder_check(
+                        staging / UMT5_DIR, text_encoder, log)
+            except torch.cuda.OutOfMemoryError:
+                log("note: fidelity check skipped (CUDA out of memory)")
+            if export == "comfy":
+                comfy_name = f"{out.name}.comfy_fp8_scaled.safetensors"
+                report.comfy_export_errors = export_comfy(staging, staging / comfy_name)
+            report.save(staging)
         if export == "comfy":
-            comfy_path = out.parent / f"{out.name}.comfy_fp8_scaled.safetensors"
-            report.comfy_export_errors = export_comfy(out, comfy_path)
-            log(f"wrote {comfy_path}")
+            log(f"wrote {out / comfy_name}")
     except QuantizeError as e:
         raise UserError(str(e)) from None
-    report.save(out)
     return report
+
+
+def _choose_kept(src: Path, config, dit: str, mixed: MixedPrecision, loras: Sequence[tuple[LoRA, float]],
+                 log: Callable[[str], None]) -> tuple[dict[str, str], dict[str, float] | None]:
+    """The block Linears `mixed` keeps (weight name -> int8 / bf16) and, for "sensitive", the per-Linear
+    forward errors they were chosen by (one forward of the bf16 DiT per Linear, on a short random input)."""
+    if not mixed.active:
+        return {}, None
+    sizes = {n.removesuffix(".weight"): math.prod(s) for n, s in formats.wan_shapes(config).items()
+             if is_quantized_name(n)}
+    sensitivity = None
+    if mixed.strategy == "sensitive":
+        from .loader import load_dit
+
+        device = _check_device(sum(sizes.values()) * 2, log, "sensitivity", share=_SENSITIVITY_MEMORY_SHARE)
+        if device is None:
+            raise UserError("--keep sensitive runs the bf16 DiT once per Linear and it does not fit this machine's "
+                            "GPU; use --keep edges")
+        model = load_dit(src, dtype=torch.bfloat16, device=device, loras=loras)
+        inputs = _check_inputs(config, device)
+        log(f"measuring the sensitivity of {len(sizes)} Linears ({dit}, one forward each, on {device})")
+        with torch.no_grad():
+            sensitivity = measure_sensitivity(model, sizes, dit, lambda: model(*inputs))
+        del model
+    kept = choose_layers(mixed, sizes, sensitivity)
+    share = sum(sizes[n.removesuffix(".weight")] for n in kept) / sum(sizes.values())
+    log(f"keeping {len(kept)} Linears ({share:.1%} of the block Linear parameters) in {mixed.keep_as} "
+        f"({mixed.strategy})")
+    return kept, sensitivity
 
 
 def _dit_files(dit_file: Path) -> list[Path]:
@@ -152,10 +212,11 @@ def _lora_record(spec: LoraFile, lo) -> dict:
             "skipped": lo.skipped, "merged": "fp32, before quantization"}
 
 
-def _check_device(nbytes: int, log: Callable[[str], None], what: str) -> str | None:
+def _check_device(nbytes: int, log: Callable[[str], None], what: str, share: float = 0.0) -> str | None:
     """Where a reference check of `nbytes` of weights runs (the GPU if it has room, else the CPU for small
     models); None = skip it, with a note (the 14B model's checks are GPU benchmarks, see RESULTS.md)."""
-    if torch.cuda.is_available() and nbytes < torch.cuda.mem_get_info()[0] * _CHECK_MEMORY_SHARE:
+    share = share or _CHECK_MEMORY_SHARE
+    if torch.cuda.is_available() and nbytes < torch.cuda.mem_get_info()[0] * share:
         return "cuda"
     if nbytes < 2e9:
         return "cpu"
@@ -168,12 +229,22 @@ def _dit_check(src: Path, out: Path, config, compute: str | None, loras: Sequenc
                log: Callable[[str], None]) -> dict | None:
     """One DiT forward on random conditioning: the quantized folder vs the bf16 source (same LoRAs merged)."""
     from .loader import load_dit
-    from .model import Conditions
 
     params = sum(torch.Size(s).numel() for s in formats.wan_shapes(config).values())
     device = _check_device(params * 3, log, "DiT forward")
     if device is None:
         return None
+    inputs = _check_inputs(config, device)
+    reference = load_dit(src, dtype=torch.bfloat16, device=device, loras=loras)(*inputs)
+    quantized = load_dit(out, device=device, compute=compute)(*inputs)
+    return compare(reference, quantized)
+
+
+def _check_inputs(config, device: str) -> tuple:
+    """One short random DiT input (2 latent frames of 8x8, t=700), fixed seed: the checks' and the sensitivity
+    pass's forward."""
+    from .model import Conditions
+
     g = torch.Generator().manual_seed(0)
     t_lat, h, w = 2, 8, 8
 
@@ -183,11 +254,8 @@ def _dit_check(src: Path, out: Path, config, compute: str | None, loras: Sequenc
     x = rand(1, 16, t_lat, h, w)
     cond = Conditions(rand(1, 16, t_lat, h // 2, w // 2), rand(1, 28, t_lat, h // 2, w // 2), rand(1, 16, 1, h, w),
                       rand(1, 28, 1 + t_lat, h, w))
-    inputs = (x, torch.tensor([700.0], device=device), rand(1, 16, config.text_dim), rand(1, 257, config.clip_dim),
-              cond)
-    reference = load_dit(src, dtype=torch.bfloat16, device=device, loras=loras)(*inputs)
-    quantized = load_dit(out, device=device, compute=compute)(*inputs)
-    return compare(reference, quantized)
+    return (x, torch.tensor([700.0], device=device), rand(1, 16, config.text_dim), rand(1, 257, config.clip_dim),
+            cond)
 
 
 @torch.no_grad()

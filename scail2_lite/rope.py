@@ -1,4 +1,4 @@
-"""SCAIL-2's three-segment 3D RoPE: [ref | video | pose] tokens, each with its own shifted position grid.
+"""SCAIL-2's 3D RoPE: [extra refs | ref | video | pose] tokens, each segment with its own shifted position grid.
 
 Tables are computed in float64 like upstream and cast once; the rotation itself runs in float32 (upstream rotates
 in float64, which at 96k tokens would cost gigabytes for a difference far below bf16 resolution). On CUDA the
@@ -13,7 +13,9 @@ import torch.nn.functional as F
 THETA = 10000.0
 MAX_POSITIONS = 8192
 
-# (t, h, w) position shifts of the ref, video and pose segments, keyed by the replace flag.
+# (t, h, w) position shifts of the ref, video and pose segments without extra references, keyed by the replace
+# flag (SPEC section 3). N extra references (section 6) sit at t 0..N-1 with the ref's h and w shifts, and move
+# the ref, video and pose segments N frames later in t.
 SHIFTS: dict[bool, tuple[tuple[int, int, int], ...]] = {
     False: ((0, 0, 0), (1, 0, 0), (1, 0, 120)),  # animation
     True: ((0, 120, 0), (0, 0, 0), (0, 0, 120)),  # replacement
@@ -55,28 +57,40 @@ def _pool2x2(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
 
 
+def _later(shift: tuple[int, int, int], frames: int) -> tuple[int, int, int]:
+    return shift[0] + frames, shift[1], shift[2]
+
+
 def rope_freqs(
     head_dim: int,
     grid: tuple[int, int, int],
     replace_flag: bool,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    extra_refs: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (L, head_dim/2) for the packed sequence [ref (1,h,w) | video (f,h,w) | pose (f,h/2,w/2)].
+    """cos, sin of shape (L, head_dim/2) for the packed sequence
+    [extra refs (N,h,w) | ref (1,h,w) | video (f,h,w) | pose (f,h/2,w/2)], N = `extra_refs`.
 
-    `grid` is the video patch grid (f, h, w). The pose grid is laid out at video resolution and then average-pooled
-    2x2 on cos and sin separately, so pose rotations are not unit length (upstream behaviour, intended).
+    `grid` is the video patch grid (f, h, w). The extra references are the N frames of one grid at t 0..N-1
+    (SPEC section 6). The pose grid is laid out at video resolution and then average-pooled 2x2 on cos and sin
+    separately, so pose rotations are not unit length (upstream behaviour, intended).
     """
     f, h, w = grid
     if h % 2 or w % 2:
         raise ValueError(f"video patch grid {h}x{w} must be even for the half-resolution pose segment")
-    ref_shift, vid_shift, pose_shift = SHIFTS[bool(replace_flag)]
+    if extra_refs < 0 or extra_refs + 1 + f > MAX_POSITIONS:
+        raise ValueError(f"{extra_refs} extra references and {f} latent frames exceed {MAX_POSITIONS} positions")
+    ref_shift, vid_shift, pose_shift = (_later(s, extra_refs) for s in SHIFTS[bool(replace_flag)])
     out = []
     for table in rope_tables(head_dim):
-        ref = _grid_table(table, head_dim, (1, h, w), ref_shift)
-        vid = _grid_table(table, head_dim, (f, h, w), vid_shift)
-        pose = _pool2x2(_grid_table(table, head_dim, (f, h, w), pose_shift))
-        parts = [p.reshape(-1, head_dim // 2) for p in (ref, vid, pose)]
+        extras = [_grid_table(table, head_dim, (extra_refs, h, w), (0, *ref_shift[1:]))] if extra_refs else []
+        segments = extras + [
+            _grid_table(table, head_dim, (1, h, w), ref_shift),
+            _grid_table(table, head_dim, (f, h, w), vid_shift),
+            _pool2x2(_grid_table(table, head_dim, (f, h, w), pose_shift)),
+        ]
+        parts = [p.reshape(-1, head_dim // 2) for p in segments]
         out.append(torch.cat(parts).to(device=device, dtype=dtype))
     return out[0], out[1]
 

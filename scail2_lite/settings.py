@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 from .config import (
     DEFAULT_GUIDANCE,
     DEFAULT_SHIFT,
+    DEFAULT_SOLVER,
     DEFAULT_STEPS,
     GENERATION_PRESETS,
     SEGMENT_LEN,
@@ -27,7 +29,11 @@ CacheMode = Literal["off", "teacache", "magcache"]
 TextEncoderScheme = Literal["bf16", "int8", "nf4"]
 ParallelMode = Literal["auto", "cfg", "ulysses", "off"]  # distributed.py says what each does
 PARALLEL_MODES: tuple[str, ...] = ("auto", "cfg", "ulysses", "off")
+VaeDtype = Literal["bf16", "fp32"]
+VAE_DTYPES: tuple[str, ...] = ("bf16", "fp32")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+# Words in the file names of step-distill LoRAs (LightX2V, Lightning, CausVid-style "step" LoRAs).
+DISTILL_LORA_HINTS = ("lightx2v", "distill", "step", "lightning")
 
 
 def _choice(value: object, choices: tuple[str, ...], what: str) -> None:
@@ -37,22 +43,26 @@ def _choice(value: object, choices: tuple[str, ...], what: str) -> None:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What to generate. `size` is "512p"/"704p" (orientation from the driving video) or (width, height);
-    `frames` None = the whole driving video; `guidance` 1 runs one DiT forward per step (no CFG branch);
-    `cache` skips DiT forwards that change little (`cache_threshold` None = the mode's default)."""
+    """What to generate. `size` is "512p"/"704p" (orientation from the reference image, as upstream) or (width,
+    height); `frames` None = the whole driving video; `guidance` 1 runs one DiT forward per step (no CFG branch);
+    `cache` skips DiT forwards that change little (`cache_threshold` None = the mode's default).
+    `composite_reference` (replacement mode only) paints the reference black outside its mask before the VAE, as
+    ComfyUI does; upstream encodes the reference as given (the default). `preset` names the recipe the sampling
+    fields came from (config.GENERATION_PRESETS)."""
 
     size: str | tuple[int, int] = "512p"
     frames: int | None = None
     steps: int = DEFAULT_STEPS
     shift: float = DEFAULT_SHIFT
     guidance: float = DEFAULT_GUIDANCE
-    solver: Solver = "unipc"
+    solver: Solver = DEFAULT_SOLVER
     seed: int = 0
     segment_len: int = SEGMENT_LEN
     segment_overlap: int = SEGMENT_OVERLAP
     cache: CacheMode = "off"
     cache_threshold: float | None = None
     replace: bool = False
+    composite_reference: bool = False
     fps: float | None = None
     preset: str | None = None
 
@@ -76,6 +86,8 @@ class GenerationSettings:
         _choice(self.cache, CACHE_MODES, "--cache")
         if self.preset is not None:
             _choice(self.preset, tuple(GENERATION_PRESETS), "--preset")
+        if self.composite_reference and not self.replace:
+            raise UserError("--composite-reference applies to replacement mode only (pass --replace, or drop it)")
 
     @classmethod
     def build(cls, preset: str | None = None, **given: Any) -> "GenerationSettings":
@@ -83,7 +95,7 @@ class GenerationSettings:
         CLI's optional flags and a Python caller's keywords become settings."""
         if preset is not None:
             _choice(preset, tuple(GENERATION_PRESETS), "--preset")
-        values = dict(GENERATION_PRESETS.get(preset, {}))
+        values = GENERATION_PRESETS[preset].settings() if preset is not None else {}
         values.update({k: v for k, v in given.items() if v is not None})
         return cls(preset=preset, **values)
 
@@ -95,12 +107,28 @@ class GenerationSettings:
     def uses_cfg(self) -> bool:
         return self.guidance != 1.0
 
+    def preset_warning(self, loras: Sequence[str | Path]) -> str | None:
+        """Why this run may give noise: a distill recipe (`preset`) with none of the LoRAs loaded looking like a
+        distill LoRA (judged by file name: "lightx2v", "distill", "step" or "lightning"). None when all is well."""
+        if self.preset is None:
+            return None
+        names = [Path(p).name for p in loras]
+        if any(hint in name.lower() for name in names for hint in DISTILL_LORA_HINTS):
+            return None
+        recipe = GENERATION_PRESETS[self.preset]
+        loaded = f"the LoRAs loaded ({', '.join(names)}) do not look like one" if names else "no LoRA is loaded"
+        return (f"--preset {self.preset} ({recipe.steps} steps, guidance {recipe.guidance:g}) is made for the distill "
+                f"LoRA {recipe.lora} (--lora FILE) and {loaded}: without it the video will be noise")
+
 
 @dataclass(frozen=True)
 class MemorySettings:
     """Where and how a run computes. None = decided per run: `device` cuda when available; `profile` the fastest
-    that fits (see `scail2-lite profile`); `vram_budget` (bytes) the free VRAM; `attention` the profile's;
-    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's.
+    that fits (see `scail2-lite profile`); `vram_budget` (bytes) the card's total, when planning for a card smaller
+    than the free VRAM (the CUDA context and a desktop reserve come off it); `attention` the profile's;
+    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's;
+    `vae_dtype` the decode's precision (fp32; bf16's error is below the tiled decode's seams but it was no faster
+    on the H100, RESULTS.md).
     `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py).
     `parallel`: how several processes (torchrun) split a run: auto, cfg, ulysses or off (distributed.py)."""
 
@@ -110,6 +138,7 @@ class MemorySettings:
     attention: str | None = None
     text_encoder: TextEncoderScheme | None = None
     vae_tile: int | None = None
+    vae_dtype: VaeDtype | None = None
     prompt_cache: bool = True
     parallel: ParallelMode = "auto"
 
@@ -124,6 +153,8 @@ class MemorySettings:
             raise UserError(f"--vae-tile must be 0 (untiled) or a positive number of pixels, got {self.vae_tile}")
         if self.text_encoder is not None:
             _choice(self.text_encoder, TEXT_ENCODER_SCHEMES, "--text-encoder")
+        if self.vae_dtype is not None:
+            _choice(self.vae_dtype, VAE_DTYPES, "--vae-dtype")
         if self.profile is not None:
             load_profile(self.profile)
         if self.attention is not None:

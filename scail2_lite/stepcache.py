@@ -28,7 +28,7 @@ relative error of the final latents vs uncached): magcache 0.12 skips 8/60 (4.0e
 teacache with the Wan rescale skips 0/60, because the synthetic time embedding is random and e0 moves ~100% per
 step (trained Wan: a few %); with the raw relative L1, threshold 1 skips 16/60 (3.3e-2). These numbers only show
 the mechanism works: whether a threshold keeps the video looking the same must be judged on real SCAIL-2 weights. The 4-step distilled
-path (`FAST_PRESET`) has nothing to skip: first, last and warm-up steps cover all 4.
+path (`--preset lightx2v-4step`) has nothing to skip: first, last and warm-up steps cover all 4.
 
 Memory: each branch keeps its residual, (tokens, dim) float32 on `store_device` (704p x 81 frames: ~2 GB per
 branch), and a computed step holds one more copy of the block input while the blocks run. `store_device="cpu"`

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -213,8 +214,12 @@ class WanVAE:
         return torch.cat(list(self.decode_frames(latents)), dim=2)
 
     @torch.no_grad()
-    def decode_frames(self, latents: Tensor) -> Iterator[Tensor]:
+    def decode_frames(self, latents: Tensor, compute_dtype: torch.dtype | None = None) -> Iterator[Tensor]:
         """Decode one latent frame at a time: yields (B,3,1,H,W) first, then (B,3,4,H,W) groups, in [-1,1].
+
+        `compute_dtype` (bf16 on CUDA) runs the decoder's convolutions in that precision under autocast, its causal
+        cache too (half the memory); normalisation statistics stay fp32. On CUDA cuDNN searches its fastest
+        convolution algorithm for each shape while the decoder runs (the shapes repeat every latent frame).
 
         Untiled, frames stream out as they are decoded (one causal cache). Tiled, each tile is decoded over the
         whole clip before the next (its own causal cache, as diffusers' `tiled_decode`), its frames parked in
@@ -228,17 +233,22 @@ class WanVAE:
         if len(tiles) == 1:
             cache = [None] * self._decoder_convs
             for k in range(frames):
-                x = m.post_quant_conv(z[:, :, k : k + 1])
-                yield m.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=k == 0).clamp(-1.0, 1.0)
+                with _decoding(p.device, compute_dtype):
+                    x = m.post_quant_conv(z[:, :, k : k + 1])
+                    out = m.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=k == 0).float().clamp(-1.0, 1.0)
+                yield out
             return
         decoded = []
         for i, j, th, tw in tiles:
             cache = [None] * self._decoder_convs
-            x = m.post_quant_conv(z[:, :, :, i : i + th, j : j + tw])
-            decoded.append(torch.cat([
-                m.decoder(x[:, :, k : k + 1], feat_cache=cache, feat_idx=[0], first_chunk=k == 0).cpu()
-                for k in range(frames)
-            ], dim=2))
+            with _decoding(p.device, compute_dtype):
+                x = m.post_quant_conv(z[:, :, :, i : i + th, j : j + tw])
+            parts = []
+            for k in range(frames):
+                with _decoding(p.device, compute_dtype):
+                    parts.append(m.decoder(x[:, :, k : k + 1], feat_cache=cache, feat_idx=[0],
+                                           first_chunk=k == 0).float().cpu())
+            decoded.append(torch.cat(parts, dim=2))
             del cache
         video = self._blend(decoded, tiles, h, w).clamp(-1.0, 1.0)
         yield video[:, :, :1].to(latents.device)
@@ -273,6 +283,20 @@ class WanVAE:
                 parts.append(tile[:, :, :, :sh, :sw])
             result.append(torch.cat(parts, dim=-1))
         return torch.cat(result, dim=3)[:, :, :, : h * r, : w * r]
+
+
+@contextmanager
+def _decoding(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Autocast to `dtype` (None: as the weights) and, on CUDA, cuDNN's algorithm search; held only around one
+    latent frame's decode, so nothing else in the process runs under these switches."""
+    if device.type != "cuda":
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            yield
+        return
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            yield
 
 
 def load_vae(

@@ -9,12 +9,15 @@ from scail2_lite.conditioning import (
     PLANES,
     compress_mask,
     composite_on_black,
+    check_extra_mask,
     check_mask,
+    additional_ref_mask_channels,
     driving_mask_channels,
     half_res,
     history_mask,
     latent_frames,
     reference_mask_channels,
+    frames_to_generate,
     segment_plan,
 )
 from scail2_lite.errors import UserError
@@ -129,17 +132,19 @@ def test_check_mask_off_palette_and_empty():
     "total, plan",
     [
         (5, [(0, 5)]),
-        (8, [(0, 5)]),
+        (8, [(0, 9)]),  # padded to 4k+1: the pipeline repeats the last driving frame, drops the extra output
         (81, [(0, 81)]),
-        (84, [(0, 81)]),  # 3 leftover frames give no new 4-frame group
+        (82, [(0, 81), (76, 85)]),  # upstream: 81 frames out
         (85, [(0, 81), (76, 85)]),
-        (100, [(0, 81), (76, 97)]),
+        (100, [(0, 81), (76, 101)]),  # upstream: 81 frames out
         (157, [(0, 81), (76, 157)]),
         (161, [(0, 81), (76, 157), (152, 161)]),
+        (200, [(0, 81), (76, 157), (152, 201)]),  # upstream: 157 frames out
     ],
 )
 def test_segment_plan(total, plan):
     assert segment_plan(total) == plan
+    assert plan[-1][1] == frames_to_generate(total) and 0 <= plan[-1][1] - total <= 3
     for start, end in plan:
         assert (end - start - 1) % 4 == 0 and end - start <= 81
     for (_, prev_end), (start, _) in zip(plan, plan[1:]):
@@ -153,10 +158,39 @@ def test_segment_plan_errors():
         segment_plan(100, segment_len=80)
     with pytest.raises(UserError, match="segment-overlap"):
         segment_plan(100, segment_len=9, overlap=9)
-    assert segment_plan(20, segment_len=9, overlap=5) == [(0, 9), (4, 13), (8, 17)]
+    assert segment_plan(20, segment_len=9, overlap=5) == [(0, 9), (4, 13), (8, 17), (12, 21)]
 
 
 def test_history_mask():
     mask = history_mask(5, 3, 4, history_latents=latent_frames(5))
     assert mask.shape == (4, 5, 3, 4)
     assert mask[:, :2].min() == 1 and mask[:, 2:].max() == 0
+
+
+def test_extra_masks_know_background_and_character_views():
+    quarter = (slice(0, 16), slice(0, 16))
+    # a background view: white over the visible background (black where something hides it), no identity colour
+    assert check_extra_mask(painted("white", {}), 1) == []
+    assert check_extra_mask(painted("white", {"black": quarter}), 1) == []
+    # a character view: its identity colour on black
+    assert check_extra_mask(painted("black", {"red": quarter}), 2) == []
+    # identity colours on white (a primary reference mask in animation style): told what a view should be
+    warnings = check_extra_mask(painted("white", {"red": quarter}), 2)
+    assert len(warnings) == 1 and "extra reference 2 mask" in warnings[0] and "on black" in warnings[0]
+    # nothing visible at all
+    assert "all black" in check_extra_mask(painted("black", {}), 3)[0]
+    # blurred colours are reported like the primary's
+    noisy = painted("black", {"red": quarter})
+    noisy[:, 16:] = -0.3  # half of it dark grey
+    assert any("not pure colours" in w for w in check_extra_mask(noisy, 1))
+
+
+def test_additional_ref_masks_are_compressed_alone_without_zero_frames():
+    views = [painted("white", {}), painted("black", {"blue": (slice(0, 16), slice(0, 32))})]
+    out = additional_ref_mask_channels(views)
+    assert out.shape == (28, 2, 4, 4)
+    for k, view in enumerate(views):
+        one = compress_mask(view[:, None])[:, 0]
+        assert torch.equal(out[:, k], one)
+        assert torch.equal(one[:7].repeat(4, 1, 1), one)  # 4 identical copies of the 7 planes
+    assert out[0, 0].eq(1).all() and out[3, 1, :2].eq(1).all() and out[3, 1, 2:].eq(0).all()

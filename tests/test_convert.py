@@ -13,6 +13,7 @@ from scail2_lite.cli import app
 from scail2_lite.quantize_checkpoint import quantize_checkpoint
 from scail2_lite.errors import UserError
 from scail2_lite.loader import load_dit
+from scail2_lite.quantize.mixed import MixedPrecision
 from scail2_lite.synth import synth
 
 # Tiny-model bounds (documented in RESULTS.md's spirit: the full model is measured on the GPU): a 2-block DiT
@@ -63,6 +64,42 @@ def test_refusals_write_nothing(source, tmp_path):
         with pytest.raises(UserError, match=message):
             quantize_checkpoint(**{"dit": "fp8", "text_encoder": "bf16", **kwargs}, log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_mixed_precision_keeps_edges_and_sensitive_layers(source, tmp_path):
+    """--keep edges / sensitive: the chosen block Linears are stored in --keep-as, within --keep-share of the
+    parameters, recorded in the manifest and the report, and load as that format."""
+    out = tmp_path / "edges"
+    res = CliRunner().invoke(app, ["quantize", str(source), "-o", str(out), "--dit", "fp8", "--keep", "edges",
+                                   "--keep-as", "int8", "--keep-share", "0.5"])
+    assert res.exit_code == 0, res.output
+    kept = json.loads((out / "manifest.json").read_text())["dit"]["kept"]
+    assert kept and {n.split(".")[1] for n in kept} == {"0"} and set(kept.values()) == {"int8"}
+    model = load_dit(out)
+    assert model.blocks[0].ffn[0].weight.dtype == torch.int8
+    assert model.blocks[1].ffn[0].weight.dtype == torch.float8_e4m3fn
+
+    out = tmp_path / "sensitive"
+    report = quantize_checkpoint(source, out, dit="fp8", text_encoder="bf16", log=lambda _: None,
+                                 mixed=MixedPrecision("sensitive", "bf16", 0.3))
+    sens = report.sensitivity
+    assert len(sens) == 2 * 12 and all(v > 0 for v in sens.values())
+    kept = {n.removesuffix(".weight") for n in report.kept_layers}
+    model = load_dit(out)
+    sizes = {n: model.get_submodule(n).weight.numel() for n in sens}
+    assert sum(sizes[n] for n in kept) <= 0.3 * sum(sizes.values())
+    assert max(sens, key=sens.get) in kept  # the most sensitive Linear fits the share here
+    assert all(model.get_submodule(n).weight.dtype == torch.bfloat16 for n in kept)
+    assert report.dit_forward["rel_error"] < FORWARD_BOUND["fp8"]
+
+
+def test_mixed_precision_refusals(source, tmp_path):
+    res = CliRunner().invoke(app, ["quantize", str(source), "-o", str(tmp_path / "x"), "--dit", "int8", "--keep",
+                                   "edges", "--keep-as", "int8"])
+    assert res.exit_code == 2 and "already stores them" in res.output
+    res = CliRunner().invoke(app, ["quantize", str(source), "-o", str(tmp_path / "x"), "--keep", "middle"])
+    assert res.exit_code == 2 and "--keep" in res.output
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("quant,dit", [("mxfp8", "fp8"), ("int8_convrot", "int8"), ("mxfp8", "int8")])

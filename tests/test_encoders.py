@@ -226,3 +226,25 @@ def test_file_pages_are_given_back_and_tensors_stay_intact(tmp_path) -> None:
     pages.drop()
     assert touched - before > 48e6 and touched - rss_file() > 48e6
     assert torch.equal(sd["w"], weights["w"])  # faulted back in from the page cache, unchanged
+
+
+def test_streamed_umt5_is_bit_identical_and_keeps_blocks_in_ram():
+    """The default text-encoder path: blocks stay in RAM, their parameters point at a device copy only during
+    their own forward, and the embeddings equal the resident model's bit for bit."""
+    from scail2_lite.encoders import build_umt5, stream_blocks, umt5_config
+    from scail2_lite.synth import umt5_tensors
+
+    cfg = umt5_config("tiny")
+    resident = build_umt5(umt5_tensors(cfg, 3))
+    streamed = stream_blocks(build_umt5(umt5_tensors(cfg, 3)), "cpu")
+    host = [{n: p.data_ptr() for n, p in b.named_parameters()} for b in streamed.encoder.block]
+    ids = torch.randint(3, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        a = resident(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = streamed(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b)
+    for block, h in zip(streamed.encoder.block, host):  # one copy-in and one copy-back hook per block, and
+        assert len(block._forward_pre_hooks) == 1 and len(block._forward_hooks) == 1  # the RAM tensors stay
+        assert all(p.data_ptr() == h[n] for n, p in block.named_parameters())

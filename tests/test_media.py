@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+from pathlib import Path
+
 import av
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+from scail2_lite.conditioning import compress_mask, half_res
 from scail2_lite.errors import UserError
 from scail2_lite.media import (
     VideoWriter,
@@ -19,6 +26,12 @@ from scail2_lite.media import (
     side_by_side,
     write_video,
 )
+
+
+@pytest.fixture(scope="module")
+def upstream_resize() -> dict[str, torch.Tensor]:
+    """Upstream's preprocessing of small inputs, computed with torchvision (tests/data/make_upstream_resize.py)."""
+    return load_file(Path(__file__).parent / "data" / "upstream_resize.safetensors")
 
 
 def smooth_video(t: int = 9, h: int = 64, w: int = 64) -> torch.Tensor:
@@ -49,8 +62,10 @@ def test_video_round_trip(tmp_path):
 
 def test_read_video_resizes_while_decoding_and_keeps_fractional_fps(tmp_path):
     write_video(tmp_path / "a.mp4", smooth_video(t=5, h=64, w=96), fps=29.97)
-    frames, fps = read_video(tmp_path / "a.mp4", size=(32, 32), mode="area", max_frames=3)
+    frames, fps = read_video(tmp_path / "a.mp4", size=(32, 32), max_frames=3)
     assert frames.shape == (3, 3, 32, 32)
+    halved, _ = read_video(tmp_path / "a.mp4", size=(32, 32), max_frames=3, per_frame=half_res)
+    assert torch.equal(halved, half_res(frames))
     assert fps == pytest.approx(29.97, abs=1e-3)
 
 
@@ -100,11 +115,13 @@ def test_read_gif(tmp_path):
 def test_read_image_folder_natural_order_and_alpha(tmp_path):
     for i in (10, 2, 1):  # natural sort must give 1, 2, 10
         Image.new("RGBA", (16, 8), (i * 20, 0, 0, 128)).save(tmp_path / f"frame{i}.png")
-    frames, fps = read_video(tmp_path)
+    with pytest.raises(UserError, match="transparent"):  # half-transparent frames need a background
+        read_video(tmp_path)
+    frames, fps = read_video(tmp_path, background=(0, 0, 0))
     assert frames.shape == (3, 3, 8, 16) and fps == 16.0
     reds = ((frames[0, :, 0, 0] + 1) * 127.5).round().tolist()
-    assert reds == [20, 40, 200]
-    image = read_image(tmp_path / "frame2.png")
+    assert reds == [round(r * 128 / 255) for r in (20, 40, 200)]  # alpha 128 over black
+    image = read_image(tmp_path / "frame2.png", (255, 255, 255))
     assert image.shape == (3, 8, 16) and image.min() >= -1 and image.max() <= 1
 
 
@@ -126,36 +143,55 @@ def test_missing_and_unreadable_inputs_name_the_file(tmp_path):
         read_video(tmp_path / "empty")
 
 
-def test_resize_crop_covers_then_center_crops():
-    # 4 vertical stripes, 8 wide: a 16x32 picture into 16x16 keeps the middle two stripes.
-    x = torch.arange(4.0).repeat_interleave(8)[None, None].expand(3, 16, 32) / 4 - 0.5
-    out = resize_crop(x, (16, 16), "nearest")
-    assert out.shape == (3, 16, 16)
-    assert torch.equal(out[0, 0], x[0, 0, 8:24])
-    video = resize_crop(x[:, None].expand(3, 5, 16, 32), (8, 8), "area")
-    assert video.shape == (3, 5, 8, 8)
-    assert torch.allclose(video[0, 0, 0], x[0, 0, 8:24].reshape(8, 2).mean(1))  # area = box average
-    up = resize_crop(x, (64, 64), "bicubic")
-    assert up.shape == (3, 64, 64) and up.min() >= -1 and up.max() <= 1
+def eight_bit(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(127.5).sub(1.0)
 
 
-def test_nearest_keeps_palette_pure_and_bicubic_does_not():
-    palette = torch.tensor([[-1, -1, 1], [1, -1, -1], [-1, 1, -1], [1, 1, 1]], dtype=torch.float32)
-    labels = torch.randint(0, 4, (37, 53))
-    mask = palette[labels].permute(2, 0, 1)
-    for size in [(32, 32), (64, 96), (20, 44)]:
-        out = resize_crop(mask, size, "nearest")
-        colors = out.permute(1, 2, 0).reshape(-1, 3)
-        assert ((colors[:, None] == palette[None]).all(-1).any(-1)).all()
-    smooth = resize_crop(mask, (64, 96), "bicubic").permute(1, 2, 0).reshape(-1, 3)
-    assert not ((smooth[:, None] == palette[None]).all(-1).any(-1)).all()
+@pytest.mark.parametrize("name", ["image_up", "image_down"])
+def test_images_resize_as_upstream(upstream_resize, name):
+    """Float images: torchvision bicubic with antialias (also when enlarging), no clamp, center crop."""
+    x, want = upstream_resize[f"{name}.in"], upstream_resize[f"{name}.out"]
+    out = resize_crop(x, tuple(want.shape[1:]))
+    assert out.shape == want.shape
+    assert (out - want).abs().max() < 1e-5
+    if name == "image_up":
+        assert want.max() > 1 or want.min() < -1  # bicubic overshoots and upstream does not clamp images
 
 
-def test_output_size_presets_follow_orientation_and_explicit_sizes_are_checked():
+@pytest.mark.parametrize("name", ["video_up", "video_down"])
+def test_videos_resize_as_upstream_8_bit_frames_then_halve(upstream_resize, name):
+    """Videos: resized as uint8 (rounded and clamped), then halved with upstream's bilinear 0.5 = a 2x2 average."""
+    x, want = eight_bit(upstream_resize[f"{name}.in"]), eight_bit(upstream_resize[f"{name}.out"])
+    out = resize_crop(x, tuple(want.shape[2:]), eight_bit=True)
+    assert torch.equal(out, want)
+    assert (half_res(out) - upstream_resize[f"{name}.half"]).abs().max() < 1e-6
+
+
+def test_mask_video_thresholded_after_resize_and_halving(upstream_resize):
+    """A palette mask keeps its resized edge values until the colours are thresholded: same planes as upstream."""
+    mask = eight_bit(upstream_resize["mask.in"])
+    want = upstream_resize["mask.half"]
+    out = half_res(resize_crop(mask, (64, 96), eight_bit=True))
+    assert (out - want).abs().max() < 1e-6
+    assert out.unique().numel() > 3  # edge pixels are neither colour before thresholding
+    assert torch.equal(compress_mask(out[:, [0] * 5]), compress_mask(want[:, [0] * 5]))
+
+
+def test_resize_crop_size_and_crop_follow_upstream():
+    """The covering side is truncated (int), the crop centred with the odd pixel at the end; no resize when the
+    size already fits (torchvision returns the input as is)."""
+    x = torch.arange(4.0).repeat_interleave(8)[None, None].expand(3, 16, 32) / 4 - 0.5  # 4 stripes, 8 wide
+    assert torch.equal(resize_crop(x, (16, 16)), x[..., 8:24])
+    assert torch.equal(resize_crop(x, (16, 31)), x[..., :31])
+    odd = torch.rand(3, 30, 47) * 2 - 1
+    assert resize_crop(odd, (32, 32)).shape == (3, 32, 32)  # 47 * 32 / 30 = 50.13 -> 50 wide, 9 cut on the left
+
+
+def test_output_size_follows_the_reference_and_explicit_sizes_are_checked():
     assert output_size("512p", (720, 1280)) == (512, 896)
     assert output_size("512p", (1280, 720)) == (896, 512)
-    assert output_size("704p", (500, 500)) == (1280, 704)  # square -> portrait, as upstream
-    assert output_size((640, 384), (10, 10)) == (384, 640)
+    assert output_size("704p", (500, 500)) == (704, 1280)  # square keeps landscape, as upstream's swap rule
+    assert output_size((640, 384), (1000, 10)) == (384, 640)  # explicit: as given
     with pytest.raises(UserError, match="--width 500"):
         output_size((500, 384), (10, 10))
     with pytest.raises(UserError, match="--height 390"):
@@ -170,7 +206,7 @@ def test_save_frames_is_atomic_and_refuses_non_empty_folder(tmp_path):
     names = sorted(p.name for p in (tmp_path / "frames").iterdir())
     assert names == ["00000.png", "00001.png", "00002.png"]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "frames" / "00001.png")), as_uint8(video[:, 1]))
-    with pytest.raises(UserError, match="not an empty folder"):
+    with pytest.raises(UserError, match="already exists and is not empty"):
         save_frames(tmp_path / "frames", video)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
 
@@ -186,3 +222,76 @@ def test_side_by_side_matches_heights_and_keeps_even_width():
     assert torch.allclose(preview[:, :, :, 32:68], torch.ones(3, 5, 64, 36))
     assert torch.equal(preview[:, :, :, 68:], result)
     assert preview.shape[-1] % 2 == 0
+
+
+def _png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit PNG (grayscale, gray+alpha, RGB or RGBA by the channel count) written by hand: Pillow cannot
+    write them, and this is what 16-bit exports of photo editors look like."""
+    arr = np.asarray(values, dtype=">u2")
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    h, w, c = arr.shape
+    raw = b"".join(b"\0" + arr[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _as_255(image: torch.Tensor) -> list:
+    return ((image[:, 0, 0] + 1) * 127.5).round().tolist()
+
+
+def test_images_read_as_the_user_means_them(tmp_path):
+    """16-bit grayscale at its level (not clipped to white), 16-bit colour, palette (with and without a
+    transparent entry), grayscale, and alpha: opaque alpha dropped, real transparency composited over the
+    caller's background or refused with the reason."""
+    gray16 = _png16(tmp_path / "g16.png", np.full((4, 6), 30000))
+    assert _as_255(read_image(gray16)) == [117, 117, 117]  # 30000 / 257
+    rgb16 = _png16(tmp_path / "rgb16.png", np.tile(np.array([1000, 30000, 65535]), (4, 6, 1)))
+    assert np.allclose(_as_255(read_image(rgb16)), [1000 / 257, 30000 / 257, 255], atol=1)  # Pillow: high byte
+    palette = Image.new("P", (6, 4), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255])
+    palette.save(tmp_path / "p.png")
+    assert _as_255(read_image(tmp_path / "p.png")) == [255, 0, 0]
+    palette.save(tmp_path / "pt.png", transparency=1)  # the red entry is transparent
+    with pytest.raises(UserError, match="100% of the picture is transparent"):
+        read_image(tmp_path / "pt.png")
+    assert _as_255(read_image(tmp_path / "pt.png", (0, 0, 255))) == [0, 0, 255]
+    Image.new("L", (6, 4), 200).save(tmp_path / "l.png")
+    assert _as_255(read_image(tmp_path / "l.png")) == [200, 200, 200]
+    Image.new("RGBA", (6, 4), (10, 20, 30, 255)).save(tmp_path / "opaque.png")
+    assert _as_255(read_image(tmp_path / "opaque.png")) == [10, 20, 30]
+    Image.new("LA", (6, 4), (100, 0)).save(tmp_path / "la.png")
+    assert _as_255(read_image(tmp_path / "la.png", (255, 255, 255))) == [255, 255, 255]
+    ga16 = _png16(tmp_path / "ga16.png", np.stack([np.full((4, 6), 65535), np.full((4, 6), 32768)], -1))
+    assert _as_255(read_image(ga16, (0, 0, 0))) == [128, 128, 128]
+
+
+def test_paired_inputs_must_agree(tmp_path):
+    """A driving mask video of another size than the driving video is an error (as for the image pair); a
+    reference of another aspect than the output is cropped with a warning that says how much."""
+    from scail2_lite.inputs import InputFiles, load_inputs
+
+    drive = tmp_path / "d.mp4"
+    write_video(drive, torch.zeros(3, 5, 64, 64), fps=16)
+    small = tmp_path / "m.mp4"
+    write_video(small, torch.zeros(3, 5, 32, 32), fps=16)
+    mask = torch.full((3, 64, 64), -1.0)
+    mask[2, 20:40, 20:40] = 1.0  # a blue figure on black
+    Image.fromarray(as_uint8(mask)).save(tmp_path / "rm.png")
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "r.png")
+    with pytest.raises(UserError, match="driving mask video is 32x32 but the driving video is 64x64"):
+        load_inputs(InputFiles(tmp_path / "r.png", tmp_path / "rm.png", drive, small), size=(64, 64))
+    wide = Image.new("RGB", (128, 64), (90, 90, 90))
+    wide.save(tmp_path / "wide.png")
+    Image.fromarray(np.tile(as_uint8(mask), (1, 2, 1))).save(tmp_path / "widem.png")
+    blue_mask = torch.full((3, 5, 64, 64), -1.0)
+    blue_mask[2, :, 20:40, 20:40] = 1.0
+    write_video(tmp_path / "dm.mp4", blue_mask, fps=16)
+    loaded = load_inputs(InputFiles(tmp_path / "wide.png", tmp_path / "widem.png", drive, tmp_path / "dm.mp4"),
+                         size=(64, 64))
+    assert any("reference image (128x64)" in w and "50%" in w for w in loaded.warnings), loaded.warnings

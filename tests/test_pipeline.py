@@ -79,6 +79,31 @@ def test_replacement_mode_and_background_warnings(pipe, folder):
     assert any("replacement mode expects it on" in w for w in repl.warnings)
 
 
+@pytest.mark.parametrize("composite", [False, True])
+def test_replacement_reference_is_encoded_as_given_unless_composited(pipe, folder, monkeypatch, composite):
+    """Upstream VAE-encodes the reference as given; `composite_reference` (ComfyUI's) blacks out its background."""
+    import dataclasses
+
+    import scail2_lite.pipeline as pipeline
+    from scail2_lite.conditioning import composite_on_black
+    from scail2_lite.inputs import load_inputs
+
+    read = load_inputs(files(folder), size=SIZE, replace=True)
+    white = (read.ref_mask > 0.9).all(dim=0, keepdim=True)  # a replacement-mode mask: the figures on black
+    read = dataclasses.replace(read, ref_mask=torch.where(white, -1.0, read.ref_mask))
+    encoded = []
+    original = pipeline._encode
+    monkeypatch.setattr(pipeline, "_encode", lambda vae, video, device: encoded.append(video) or original(
+        vae, video, device))
+    settings = GenerationSettings(size=SIZE, steps=1, replace=True, composite_reference=composite, preset="lightx2v")
+    result = pipe(read, "a person dancing", settings=settings)
+    composited = composite_on_black(read.image, read.ref_mask)
+    assert not torch.equal(composited, read.image)
+    assert torch.equal(encoded[0][:, 0], composited if composite else read.image)
+    # A distill preset without its LoRA says so in the result (the CLI also prints it before loading).
+    assert any("--preset lightx2v" in w and "no LoRA is loaded" in w for w in result.warnings)
+
+
 def test_segments_carry_history(pipe, folder):
     result, latents = run(pipe, folder, segment_len=9, segment_overlap=5)
     assert result.settings["segments"] == 3 and len(latents) == 3
@@ -103,6 +128,59 @@ def test_guidance_one_runs_one_branch(pipe, folder, monkeypatch):
     calls.clear()
     run(pipe, folder, steps=3)
     assert len(calls) == 6
+
+
+def extra_refs(folder: Path) -> tuple[tuple[Path, Path], ...]:
+    from scail2_lite.synth import EXTRA_REFERENCES
+
+    return tuple((folder / "inputs" / image, folder / "inputs" / mask) for image, mask in EXTRA_REFERENCES)
+
+
+def test_extra_references_shared_by_every_segment_and_branch(pipe, folder, monkeypatch):
+    """Each extra view is VAE-encoded alone, its mask compressed alone; the same two tensors reach every DiT call
+    (2 segments x 2 CFG branches); the video changes, its length does not."""
+    from scail2_lite import conditioning
+
+    seen = []
+    original = pipe.dit.forward_with_context
+
+    def spying(x, t, context, cond, *args, **kwargs):
+        seen.append(cond)
+        return original(x, t, context, cond, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.dit, "forward_with_context", spying)
+    size = (64, 64)
+    base = GenerationSettings(size=size, steps=1, seed=3, frames=9, segment_len=5, segment_overlap=1)
+    plain = pipe(files(folder), "a person dancing", settings=base)
+    seen.clear()
+    multi = pipe(InputFiles(**inputs(folder), additional_refs=extra_refs(folder)), "a person dancing",
+                 settings=base)
+    assert len(seen) == 2 * 2 and multi.settings["extra_references"] == 2 and not multi.warnings
+    vae = pipe.vae(None)
+    pictures = [media.resize_crop(media.read_image(p), size) for p, _ in extra_refs(folder)]
+    colours = [media.resize_crop(media.read_image(m), size) for _, m in extra_refs(folder)]
+    latents = torch.cat([vae.encode(p[None, :, None]) for p in pictures], dim=2)
+    masks = torch.stack([conditioning.compress_mask(m[:, None])[:, 0] for m in colours], dim=1)[None]
+    assert latents.shape == (1, 16, 2, 8, 8) and masks.shape == (1, 28, 2, 8, 8)
+    for cond in seen:
+        dtype = cond.additional_ref_latents.dtype
+        assert torch.equal(cond.additional_ref_latents, latents.to(dtype))
+        assert torch.equal(cond.additional_ref_masks, masks.to(dtype))
+    assert multi.frames.shape == plain.frames.shape == (3, 9, *size)
+    assert (multi.frames - plain.frames).abs().max() > 1e-3
+
+
+def test_every_driving_frame_is_generated(pipe, folder, tmp_path):
+    """11 driving frames in segments of 5 (upstream: 9 frames out): the last segment reaches 2 frames past the
+    video (last driving frame repeated) and those are dropped; the segments before it are not touched."""
+    out = tmp_path / "long.mp4"
+    base = dict(size=(64, 64), steps=1, guidance=1.0, segment_len=5, segment_overlap=1)
+    full, full_latents = run(pipe, folder, frames=13, **base)
+    cut, cut_latents = run(pipe, folder, output=out, frames=11, **base)
+    assert cut.num_frames == 11 and cut.frames.shape == (3, 11, 64, 64) and cut.settings["segments"] == 3
+    assert media.read_video(out)[0].shape[1] == 11
+    assert torch.equal(cut_latents[0], full_latents[0]) and torch.equal(cut_latents[1], full_latents[1])
+    assert torch.equal(cut.frames[:, :9], full.frames[:, :9])
 
 
 @pytest.mark.parametrize("profile", ["8gb", "layers", "16gb", "lowram"])
@@ -136,8 +214,11 @@ def generate_args(folder: Path, out: Path, **over: str) -> list[str]:
 
 def test_cli_generate(folder, tmp_path):
     out = tmp_path / "cli.mp4"
-    res = cli(*generate_args(folder, out), "--preview", "--save-frames", str(tmp_path / "frames"))
+    res = cli(*generate_args(folder, out), "--preview", "--save-frames", str(tmp_path / "frames"), "--vae-dtype",
+              "bf16")
     assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # rich wraps long lines to the terminal's width
+    assert "outside" in text and "vae_decode untiled, bf16" in text
     assert out.is_file() and (tmp_path / "cli_preview.mp4").is_file()
     assert len(list((tmp_path / "frames").glob("*.png"))) == 17
 
@@ -147,7 +228,8 @@ def _short_video(path: Path, frames: int, size=(64, 64)) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "mask_size", "frame_count", "too_short", "size32", "solver"])
+@pytest.mark.parametrize("case", ["missing", "mask_size", "frame_count", "too_short", "size32", "solver",
+                                  "extra_unpaired", "extra_missing", "extra_mask_size", "vae_dtype"])
 def test_cli_bad_input(folder, tmp_path, case):
     out = tmp_path / "bad.mp4"
     args = generate_args(folder, out)
@@ -166,6 +248,17 @@ def test_cli_bad_input(folder, tmp_path, case):
         args[args.index("--width") + 1] = "100"
     elif case == "solver":
         args += ["--solver", "heun"]
+    elif case in ("extra_unpaired", "extra_missing", "extra_mask_size"):
+        (image, mask), (image2, _) = extra_refs(folder)
+        if case == "extra_mask_size":
+            Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "m.png")
+            mask = tmp_path / "m.png"
+        args += ["--additional-ref-image", str(image), "--additional-ref-mask", str(mask)]
+        args += {"extra_unpaired": ["--additional-ref-image", str(image2)],
+                 "extra_missing": ["--additional-ref-image", str(tmp_path / "nope.png"), "--additional-ref-mask",
+                                   str(mask)], "extra_mask_size": []}[case]
+    elif case == "vae_dtype":
+        args += ["--vae-dtype", "fp16"]
     res = cli(*args)
     assert res.exit_code == 2, res.output
     assert "error:" in res.output and "Traceback" not in res.output
@@ -199,6 +292,9 @@ def test_demo_command(tmp_path, monkeypatch):
     assert video.shape[1] == 17
     res = cli("demo", "-o", str(tmp_path / "fast.mp4"), "--preset", "fast", "--device", "cpu")
     assert res.exit_code == 0 and "steps 4" in res.output and "guidance 1.0" in res.output
+    res = cli("demo", "-o", str(tmp_path / "multi.mp4"), "--multi-ref", "--steps", "1", "--device", "cpu")
+    assert res.exit_code == 0 and "extra_references 2" in res.output and "warning" not in res.output, res.output
+    assert media.read_video(tmp_path / "multi.mp4")[0].shape[1] == 17
 
 
 def test_quantized_folder_runs_and_streams_from_disk(folder, tmp_path):

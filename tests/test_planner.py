@@ -11,12 +11,19 @@ import torch
 from scail2_lite import attention as attn
 from scail2_lite.config import SIZES, DiTConfig
 from scail2_lite.errors import UserError
+from scail2_lite.offload.card import CUDA_CONTEXT, DESKTOP_RESERVE, DeviceMemory, card_bytes
 from scail2_lite.offload.planner import (
-    PHASES, block_bytes, detect_memory, lighter, list_profiles, load_profile, plan, predict, tokens, unit_bytes,
+    PHASES, available_ram, block_bytes, lighter, list_profiles, load_profile, plan, predict, tokens, unit_bytes,
 )
 
 C14 = DiTConfig.preset("scail2-14b")
 GB = 10**9
+
+
+def card(gb: float) -> DeviceMemory:
+    """A card of `gb` GB as sold (GiB), nothing of ours on it yet."""
+    return DeviceMemory.card(card_bytes(gb))
+
 GOOD = """description = "test"
 speed_rank = 5
 resident_blocks = "auto"
@@ -35,6 +42,22 @@ def test_token_counts_match_the_spec() -> None:
     assert tokens(C14, *SIZES["704p"], 81) == 95_920
     assert block_bytes(C14, "bf16") == pytest.approx(0.81e9, rel=0.01)
     assert block_bytes(C14, "fp8") == pytest.approx(0.40e9, rel=0.02)
+
+
+def test_extra_references_add_one_reference_frame_of_tokens_each() -> None:
+    """SPEC section 6: +1,792 tokens per extra reference at 512p (+3.7%), +3,520 at 704p; every step carries them."""
+    for size, base, per_ref in (("512p", 48_832, 1_792), ("704p", 95_920, 3_520)):
+        assert tokens(C14, *SIZES[size], 81, extra_refs=1) - base == per_ref
+        assert tokens(C14, *SIZES[size], 81, extra_refs=3) - base == 3 * per_ref
+        assert per_ref / base == pytest.approx(0.037, abs=0.001)
+    plain = plan(C14, *SIZES["704p"], 81, 24 * GB, 64 * GB, profile="24gb", weights="fp8")
+    multi = plan(C14, *SIZES["704p"], 81, 24 * GB, 64 * GB, profile="24gb", weights="fp8", extra_refs=2)
+    assert multi.extra_refs == 2 and multi.tokens == plain.tokens + 2 * 3_520
+    assert multi.phases["dit_step"].vram > plain.phases["dit_step"].vram
+    assert multi.phases["vae_decode"].vram == plain.phases["vae_decode"].vram  # the VAE never sees them
+    assert lighter(multi) is None or lighter(multi).extra_refs == 2
+    with pytest.raises(UserError, match="extra references"):
+        tokens(C14, *SIZES["512p"], 81, extra_refs=-1)
 
 
 def test_shipped_profiles_load_and_share_the_numerics() -> None:
@@ -58,35 +81,36 @@ def test_shipped_profiles_load_and_share_the_numerics() -> None:
         ("704p", "fp8", 16, 16, "lowram", 0),  # pinned blocks do not fit 16 GB of RAM
         ("512p", "bf16", 16, 16, "lowram", 0),
         ("512p", "fp8", 24, 16, "resident", 40),  # the 8-bit model fits a 24 GB card whole
-        ("704p", "fp8", 7.6, 64, "layers", 0),  # one block slot is too much: layer streaming
+        ("704p", "fp8", 8.5, 64, "layers", 0),  # one block slot is too much: layer streaming
     ],
 )
 def test_choices_for_a_table_of_machines(size, weights, vram, ram, expected, resident) -> None:
-    p = plan(C14, *SIZES[size], 81, vram * GB, ram * GB, weights=weights)
+    p = plan(C14, *SIZES[size], 81, card(vram), ram * GB, weights=weights)
     assert p.profile.name == expected and p.fits
     if resident is not None:
         assert p.resident_blocks == resident
-    assert p.peak_vram_reserved <= vram * GB and p.peak_ram <= ram * GB
+    assert p.peak_vram_reserved <= card_bytes(vram) - CUDA_CONTEXT - DESKTOP_RESERVE and p.peak_ram <= ram * GB
+    assert p.peak_process_total <= card_bytes(vram) - DESKTOP_RESERVE  # what NVML will show fits the card
     assert set(p.phases) == set(PHASES)
 
 
 def test_auto_resident_blocks_are_the_most_that_fit() -> None:
-    p = plan(C14, *SIZES["704p"], 81, 16 * GB, 64 * GB, weights="fp8")
+    p = plan(C14, *SIZES["704p"], 81, card(16), 64 * GB, weights="fp8")
     assert 0 < p.resident_blocks < 40
     more = predict(p.profile, C14, *SIZES["704p"], 81, p.resident_blocks + 1, "fp8")
-    assert max(m.vram for m in more.values()) * 1.1 + 0.3e9 > 16 * GB
+    assert max(m.reserved for m in more.values()) > p.vram_budget >= p.peak_vram_reserved
 
 
 def test_vram_budget_caps_and_nothing_fitting_is_a_clear_error() -> None:
-    free = plan(C14, *SIZES["704p"], 81, 80 * GB, 64 * GB, weights="fp8")
-    capped = plan(C14, *SIZES["704p"], 81, 80 * GB, 64 * GB, vram_budget=12 * GB, weights="fp8")
-    assert capped.peak_vram_reserved <= 12 * GB < free.peak_vram_reserved
+    free = plan(C14, *SIZES["704p"], 81, card(80), 64 * GB, weights="fp8")
+    capped = plan(C14, *SIZES["704p"], 81, card(80), 64 * GB, vram_budget=card_bytes(12), weights="fp8")
+    assert capped.peak_vram_reserved <= card_bytes(12) - CUDA_CONTEXT - DESKTOP_RESERVE < free.peak_vram_reserved
     with pytest.raises(UserError, match="no profile fits 704x1280x81"):
-        plan(C14, *SIZES["704p"], 81, 4 * GB, 64 * GB)
+        plan(C14, *SIZES["704p"], 81, card(4), 64 * GB)
 
 
 def test_forced_profile_is_used_even_when_it_does_not_fit() -> None:
-    p = plan(C14, *SIZES["704p"], 81, 12 * GB, 64 * GB, profile="resident")
+    p = plan(C14, *SIZES["704p"], 81, card(12), 64 * GB, profile="resident")
     assert p.profile.name == "resident" and not p.fits and "--profile" in p.reason
 
 
@@ -100,7 +124,7 @@ def test_predictions_grow_with_resolution_and_frames() -> None:
 
 
 def test_fallback_order_gets_strictly_lighter_and_ends() -> None:
-    current = plan(C14, *SIZES["704p"], 81, 80 * GB, 64 * GB, weights="fp8")
+    current = plan(C14, *SIZES["704p"], 81, card(80), 64 * GB, weights="fp8")
     chain = [current]
     while (nxt := lighter(chain[-1])) is not None:
         assert nxt.peak_vram_reserved <= 0.8 * chain[-1].peak_vram_reserved
@@ -159,9 +183,8 @@ def test_custom_profile_file_and_unknown_name(tmp_path) -> None:
         load_profile("nope")
 
 
-def test_detect_memory_reports_ram() -> None:
-    free, total, ram = detect_memory()
-    assert 0 <= free <= total and ram > 0
+def test_available_ram_is_reported() -> None:
+    assert available_ram() > 0
 
 
 def test_attention_backend_is_an_argument() -> None:
@@ -187,26 +210,67 @@ def test_sage_backend_missing_or_cpu_is_a_user_error() -> None:
 
 def test_tiny_model_plans_too() -> None:
     tiny = dataclasses.replace(DiTConfig.preset("tiny"), num_layers=4)
-    p = plan(tiny, 64, 64, 5, 8 * GB, 16 * GB)
+    p = plan(tiny, 64, 64, 5, card(8), 16 * GB)
     assert p.profile.name == "resident" and p.resident_blocks == 4
 
 
 def test_weights_that_cannot_be_mapped_never_get_a_disk_streaming_profile() -> None:
-    low_ram = plan(C14, *SIZES["704p"], 81, 16 * GB, 12 * GB, weights="fp8")
+    low_ram = plan(C14, *SIZES["704p"], 81, card(16), 12 * GB, weights="fp8")
     assert low_ram.profile.weight_source == "mmap"
     with pytest.raises(UserError, match="no profile fits"):
-        plan(C14, *SIZES["704p"], 81, 16 * GB, 12 * GB, weights="fp8", mappable=False)
+        plan(C14, *SIZES["704p"], 81, card(16), 12 * GB, weights="fp8", mappable=False)
 
 
 def test_ram_follows_where_the_blocks_live() -> None:
     """From a quantized folder the blocks cost RAM only once pinned (or two blocks of staging when read from disk);
     a DiT that cannot be mapped (LoRAs merged, other formats) sits in RAM whole in every phase."""
     size = SIZES["704p"]
-    mapped = {p: plan(C14, *size, 81, 16 * GB, 64 * GB, profile=p, weights="fp8") for p in ("8gb", "lowram")}
-    whole = {p: plan(C14, *size, 81, 16 * GB, 64 * GB, profile=p, weights="fp8", mappable=False) for p in ("8gb",)}
+    mapped = {p: plan(C14, *size, 81, card(16), 64 * GB, profile=p, weights="fp8") for p in ("8gb", "lowram")}
+    whole = {p: plan(C14, *size, 81, card(16), 64 * GB, profile=p, weights="fp8", mappable=False) for p in ("8gb",)}
     blk = block_bytes(C14, "fp8")
     pinned, disk = mapped["8gb"].phases, mapped["lowram"].phases
     assert pinned["dit_step"].ram - disk["dit_step"].ram == (C14.num_layers - 2) * blk
     assert pinned["text_encoder"].ram == disk["text_encoder"].ram < pinned["dit_step"].ram  # before placement
     assert whole["8gb"].phases["text_encoder"].ram - pinned["text_encoder"].ram == C14.num_layers * blk
     assert mapped["8gb"].peak_ram <= 24 * GB and mapped["lowram"].peak_ram <= 12 * GB
+
+
+def test_budget_is_the_cards_total_less_context_and_desktop() -> None:
+    """`--vram-budget` is a card's total: the context and a desktop reserve come off it; the free memory the driver
+    reports caps it too, and a context that already exists is not taken twice."""
+    sixteen = card_bytes(16)
+    assert DeviceMemory.card(sixteen).allocator_budget() == sixteen - CUDA_CONTEXT - DESKTOP_RESERVE
+    h100 = DeviceMemory(total=card_bytes(80), free=card_bytes(79), context_in_use=CUDA_CONTEXT)
+    assert h100.allocator_budget(sixteen) == sixteen - CUDA_CONTEXT - DESKTOP_RESERVE
+    assert h100.allocator_budget() == card_bytes(79) - DESKTOP_RESERVE
+    made = DeviceMemory(total=sixteen, free=10 * GB, context_in_use=int(1.0e9))
+    assert made.allocator_budget() == 10 * GB - (CUDA_CONTEXT - int(1.0e9)) - DESKTOP_RESERVE
+    busy = DeviceMemory(total=sixteen, free=6 * GB)  # a desktop and another program already hold 10 GB
+    assert busy.allocator_budget(sixteen) == 6 * GB - CUDA_CONTEXT - DESKTOP_RESERVE
+    assert DeviceMemory(total=0, free=0).allocator_budget() == 0
+
+
+def test_plan_reports_the_process_total_as_nvml_will_show_it() -> None:
+    gpu = DeviceMemory(total=card_bytes(16), free=card_bytes(15), context_in_use=int(1.2e9), context=int(1.4e9))
+    p = plan(C14, *SIZES["704p"], 81, gpu, 64 * GB, weights="fp8")
+    assert p.vram_budget == gpu.allocator_budget() and p.outside_allocator == int(1.4e9)
+    for name, mem in p.phases.items():
+        assert mem.reserved >= mem.vram and p.process_total(name) == mem.reserved + int(1.4e9)
+    assert p.peak_process_total <= card_bytes(15) + int(1.2e9) - DESKTOP_RESERVE
+
+
+def test_smaller_free_memory_gives_a_lighter_plan() -> None:
+    """The same card with a desktop holding 3 GB: fewer resident blocks (or a lighter profile)."""
+    idle = plan(C14, *SIZES["704p"], 81, card(16), 64 * GB, weights="fp8")
+    desktop = plan(C14, *SIZES["704p"], 81, DeviceMemory(total=card_bytes(16), free=card_bytes(16) - 3 * GB),
+                   64 * GB, weights="fp8")
+    assert desktop.peak_vram_reserved < idle.peak_vram_reserved and desktop.fits
+
+
+def test_704p_needs_more_than_an_8gb_card_beside_a_desktop() -> None:
+    """The layer-streamed 704p steps (6.7 GB allocated) plus the CUDA context leave an 8 GiB card less than the
+    desktop reserve; without a desktop (a headless card) they fit."""
+    with pytest.raises(UserError, match="no profile fits 704x1280x81.*CUDA context"):
+        plan(C14, *SIZES["704p"], 81, card(8), 64 * GB, weights="fp8")
+    headless = plan(C14, *SIZES["704p"], 81, DeviceMemory.card(card_bytes(8), desktop=0), 64 * GB, weights="fp8")
+    assert headless.profile.name == "layers" and headless.peak_process_total <= card_bytes(8)

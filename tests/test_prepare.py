@@ -232,7 +232,7 @@ def test_replace_mode_picks_and_fits(src, tmp_path):
 
 def test_extra_references(src, tmp_path, animated):
     """A character view gets its identity colour on black; a picture with nobody in it is a background
-    reference, all white. generate is told it does not use them yet."""
+    reference, all white. generate takes them as its extra references, and their mask checks find nothing wrong."""
     video = animated.pose
     res = cli("prepare", "--image", src / "astronaut.png", "--video", video, "-o", tmp_path / "x", "--frames", "5",
               "--additional-ref-image", src / "grace_hopper.png", "--additional-ref-image", src / "empty.png")
@@ -243,8 +243,10 @@ def test_extra_references(src, tmp_path, animated):
     assert (char.kind, bg.kind) == ("character", "background")
     assert colours(rgb(char.mask)) == {BLUE, (0, 0, 0)}
     assert colours(rgb(bg.mask)) == {(255, 255, 255)}
-    *_, notes = generate_files(prepared.folder, None, None, None, None, False)
-    assert "extra reference" in notes[0]
+    files, _, notes = generate_files(prepared.folder, None, None, None, None, False)
+    assert files.additional_refs == ((char.image, char.mask), (bg.image, bg.mask)) and not notes
+    for number, extra in enumerate(prepared.extra_references, start=1):
+        assert conditioning.check_extra_mask(media.read_image(extra.mask), number) == []
 
 
 def test_generate_files_rules(animated, tmp_path):

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from scail2_lite import profiling
 from scail2_lite.cli import app
 from scail2_lite.config import SIZES
+from scail2_lite.offload.card import CUDA_CONTEXT, DESKTOP_RESERVE, DeviceMemory, card_bytes
 from scail2_lite.offload.planner import PHASES, list_profiles, plan
 from scail2_lite.loader import describe_model
 from scail2_lite.synth import dit_config, synth, tiny_config
@@ -44,10 +45,11 @@ def test_plan_mode_picks_the_planners_profile(tmp_path: Path, size, weights, vra
     data = plan_json(tmp_path, "--size", size, "--vram", str(vram), "--ram", str(ram), "--weights", weights)
     p = data["plan"]
     assert p["profile"] == expected and p["fits"]
-    assert p["peak_vram_reserved"] <= vram * 1e9 and p["peak_ram"] <= ram * 1e9
+    card = DeviceMemory.card(card_bytes(vram))
+    assert p["peak_vram_reserved"] <= card.allocator_budget() and p["peak_ram"] <= ram * 1e9
+    assert p["peak_process_total"] == p["peak_vram_reserved"] + CUDA_CONTEXT <= card.total - card.desktop
     # The CLI reports what the library plans: same choice, same figures.
-    direct = plan(C14, *SIZES[size], 81, int(vram * 1e9), int(ram * 1e9), weights=weights,
-                  mappable=weights != "bf16")
+    direct = plan(C14, *SIZES[size], 81, card, int(ram * 1e9), weights=weights, mappable=weights != "bf16")
     assert p == profiling.plan_to_json(direct)
 
 
@@ -56,21 +58,39 @@ def test_plan_json_structure_and_fits_on(tmp_path: Path) -> None:
     assert (data["height"], data["width"], data["frames"]) == (704, 1280, 81)
     assert set(data["plan"]["phases"]) == set(PHASES)
     for mem in data["plan"]["phases"].values():
-        assert set(mem) == {"vram", "vram_reserved", "ram"} and mem["vram_reserved"] >= mem["vram"]
+        assert set(mem) == {"vram", "vram_reserved", "process_total", "ram"} and mem["vram_reserved"] >= mem["vram"]
+        assert mem["process_total"] == mem["vram_reserved"] + CUDA_CONTEXT
     assert data["plan"]["resident_blocks"] + data["plan"]["streamed_blocks"] == 40
-    # 704p bf16 fits an 8 GB card only when streamed layer by layer; every larger common card fits.
-    assert data["fits_on"]["8"] == "layers"
+    # 704p bf16 does not fit an 8 GB card beside its CUDA context and a desktop (layer streaming would need
+    # 6.9 GB of the 6.7 left); every larger common card fits.
+    assert data["fits_on"]["8"] is None
     assert all(data["fits_on"][gb] not in (None, "layers") for gb in ("12", "16", "24", "32"))
     assert [p["profile"] for p in data["profiles"]] == [p.name for p in list_profiles()]
     for p in data["profiles"]:
-        assert p["fits"] == (p["peak_vram_reserved"] <= 16e9 and p["peak_ram"] <= 64e9)
+        budget = card_bytes(16) - CUDA_CONTEXT - DESKTOP_RESERVE
+        assert p["fits"] == (p["peak_vram_reserved"] <= budget and p["peak_ram"] <= 64e9)
 
 
 def test_plan_mode_printout(tmp_path: Path) -> None:
     result = runner.invoke(app, ["profile", "--synthetic", "full", "--size", "704p", "--vram", "16", "--ram", "64"])
     assert result.exit_code == 0, result.output
-    for text in ("profile 24gb", "fastest that fits", "dit_step", "fits on: 8 GB (layers), 12 GB (24gb)", "every profile"):
+    for text in ("profile 24gb", "fastest that fits", "dit_step", "fits on: 12 GB (24gb)", "(NVML)",
+                 "every profile"):
         assert text in result.output
+
+
+def test_plan_mode_counts_extra_references(tmp_path: Path) -> None:
+    plain = plan_json(tmp_path, "--size", "512p", "--vram", "16", "--ram", "64")
+    data = plan_json(tmp_path, "--size", "512p", "--vram", "16", "--ram", "64", "--extra-refs", "2")
+    assert data["extra_refs"] == 2 and data["plan"]["extra_refs"] == 2
+    assert data["plan"]["tokens"] == plain["plan"]["tokens"] + 2 * 1_792
+    direct = plan(C14, *SIZES["512p"], 81, 16 * 10**9, 64 * 10**9, mappable=False, extra_refs=2)
+    assert data["plan"] == profiling.plan_to_json(direct)
+    result = runner.invoke(app, ["profile", "--synthetic", "full", "--vram", "16", "--ram", "64", "--extra-refs", "2"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "2 extra references" in result.output and "(52,416 tokens)" in result.output
+    assert "dit_step (+3,584 tokens: 2 extra refs)" in result.output
 
 
 def test_nothing_fitting_is_an_answer_not_a_crash(tmp_path: Path) -> None:
@@ -101,6 +121,8 @@ def test_plan_mode_reads_a_model_folder(tmp_path: Path) -> None:
         (["--vram", "12"], "MODEL folder or --synthetic"),
         (["--synthetic", "full", "--vram", "12", "--weights", "fp4"], "unknown DiT quantization"),
         (["--synthetic", "full", "--run"], "--run needs weights"),
+        (["--synthetic", "full", "--vram", "12", "--extra-refs", "-1"], "--extra-refs must be"),
+        (["--synthetic", "tiny", "--run", "--extra-refs", "1"], "only plan"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
@@ -147,13 +169,13 @@ def test_recorder_save_and_plot(tmp_path: Path) -> None:
     saved = json.loads(rec.save(tmp_path / "r.json").read_text())
     assert saved["phases"].keys() == {"text encoder", "dit steps", "vae decode"}
     pytest.importorskip("matplotlib", reason="matplotlib not installed (the optional 'profile' extra)")
-    p = plan(tiny_config(), 128, 128, 5, int(8e9), int(32e9))
+    p = plan(tiny_config(), 128, 128, 5, DeviceMemory.card(card_bytes(8)), int(32e9))
     png = rec.plot(tmp_path / "r.png", p)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_compare_errors_per_phase() -> None:
-    p = plan(C14, *SIZES["704p"], 81, int(16e9), int(64e9))
+    p = plan(C14, *SIZES["704p"], 81, DeviceMemory.card(card_bytes(16)), int(64e9))
     pred = p.phases["dit_step"].vram
     measured = {"phases": {
         "dit steps": {"seconds": 1.0, "peak_allocated": pred // 2, "peak_reserved": None, "peak_nvml_used": None,
@@ -164,6 +186,7 @@ def test_compare_errors_per_phase() -> None:
     assert row["planner_phase"] == "dit_step" and row["predicted_allocated"] == pred
     assert row["error_allocated"] == pytest.approx(1.0, abs=1e-6)
     assert row["error_reserved"] is None
+    assert row["predicted_process_total"] == p.phases["dit_step"].reserved + CUDA_CONTEXT
     assert row["error_ram"] == pytest.approx(p.phases["dit_step"].ram / 1e9 - 1)
     assert profiling.PIPELINE_TO_PLANNER.keys() >= {"text encoder", "clip", "vae encode", "dit steps", "vae decode"}
     assert set(profiling.PIPELINE_TO_PLANNER.values()) == set(PHASES)
@@ -174,11 +197,18 @@ def test_compare_errors_per_phase() -> None:
 
 def test_profile_run_on_a_tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = synth(tmp_path / "m", scale="tiny")
-    monkeypatch.chdir(tmp_path)  # default outputs profile.json / profile.png land here
+    monkeypatch.chdir(tmp_path)  # files are written only when asked: nothing lands in the working folder
     result = runner.invoke(app, ["profile", str(folder), "--run", "--width", "64", "--height", "64", "--frames", "5",
-                                 "--steps", "1", "--vram", "24", "--device", "cpu"])
+                                 "--steps", "1", "--vram", "24", "--device", "cpu", "--json", "out/profile.json",
+                                 "--plot", "out/profile.png"])
+    assert result.exit_code == 2 and "out" in result.output  # the folder is checked before the run
+    (tmp_path / "out").mkdir()
+    result = runner.invoke(app, ["profile", str(folder), "--run", "--width", "64", "--height", "64", "--frames", "5",
+                                 "--steps", "1", "--vram", "24", "--device", "cpu", "--json", "out/profile.json",
+                                 "--plot", "out/profile.png"])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "profile.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+    report = json.loads((tmp_path / "out" / "profile.json").read_text())
     phases = report["measured"]["phases"]
     assert set(phases) >= {"load", "inputs", "text encoder", "clip", "vae encode", "dit placement", "dit steps",
                            "vae decode"}
@@ -192,7 +222,7 @@ def test_profile_run_on_a_tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.Mo
     except ImportError:
         assert "no plot" in result.output
     else:
-        assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "out" / "profile.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_comfy_fp8_file_is_planned_as_loaded_not_as_mapped(tmp_path: Path) -> None:
@@ -218,6 +248,6 @@ def test_a_comfy_fp8_file_is_planned_as_loaded_not_as_mapped(tmp_path: Path) -> 
     args = ["--width", "128", "--height", "128", "--frames", "5", "--vram", "24", "--ram", "32", "--json", str(out)]
     result = runner.invoke(app, ["profile", str(path), *args])
     assert result.exit_code == 0, result.output
-    expected = plan(tiny_config(), 128, 128, 5, int(24e9), int(32e9), weights="fp8", text_encoder="bf16",
-                    mappable=False)
+    expected = plan(tiny_config(), 128, 128, 5, DeviceMemory.card(card_bytes(24)), int(32e9), weights="fp8",
+                    text_encoder="bf16", mappable=False)
     assert json.loads(out.read_text())["plan"] == profiling.plan_to_json(expected)

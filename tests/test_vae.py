@@ -79,6 +79,26 @@ def test_tiled_decode_matches_diffusers_tiling(tiny):
     torch.testing.assert_close(tiled, ref, atol=1e-5, rtol=0)
 
 
+def test_bf16_decode_is_close_and_switches_nothing_for_the_caller(tiny):
+    """The decode in bf16 (autocast around each latent frame only): fp32 frames out, within bf16's rounding of the
+    fp32 decode, tiled or not; between frames the caller's code runs without autocast."""
+    z = torch.randn(1, 16, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    for tile in (None, 32):
+        tiny.set_tiling(tile, None if tile is None else 24)
+        try:
+            ref = tiny.decode(z)
+            groups = []
+            for g in tiny.decode_frames(z, torch.bfloat16):
+                assert not torch.is_autocast_enabled("cpu")
+                groups.append(g)
+        finally:
+            tiny.set_tiling(None)
+        low = torch.cat(groups, dim=2)
+        assert low.dtype == torch.float32 and low.shape == ref.shape
+        rel = ((low - ref).norm() / ref.norm()).item()
+        assert 0 < rel < 0.05
+
+
 def _pixel_local(model: AutoencoderKLWan) -> None:
     """Keep only the spatial centre tap of every conv and silence the mid attention: outputs become pixel-local,
     so a correctly placed and blended tiling must reproduce the untiled result."""

@@ -11,8 +11,10 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import UserError
+from ..outputs import Terminated, interruptible
 from ..quantize.schemes import QuantizeError
 
 app = typer.Typer(
@@ -31,36 +33,52 @@ for _noisy in _NOISY:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn UserError (and Ctrl-C) into one red line and a non-zero exit instead of a traceback. Under several
-    ranks (torchrun) the first rank to fail says why, whatever the error, and the others stay quiet."""
+    """Every command's guarantee: bad input (UserError) and any OS error (full disk, read-only folder, ...) are
+    one red line and exit 2, Ctrl-C exits 130 and SIGTERM 143, all after the clean-up of what was being written
+    (`outputs.interruptible` turns SIGTERM into an interrupt for the command's duration). Under several ranks
+    (torchrun) the first rank to fail says why, whatever the error, and the others stay quiet."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .. import distributed
 
         try:
-            return fn(*args, **kwargs)
+            with interruptible():
+                return fn(*args, **kwargs)
         except (UserError, QuantizeError) as e:
-            _say(distributed.claim_failure(), f"[red]error:[/red] {e}")
+            if distributed.claim_failure():
+                error(str(e))
             raise typer.Exit(UserError.exit_code) from None
+        except OSError as e:
+            error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+            raise typer.Exit(UserError.exit_code) from None
+        except Terminated:
+            console.print("[yellow]terminated[/yellow]")
+            raise typer.Exit(Terminated.exit_code) from None
         except KeyboardInterrupt:
-            _say(distributed.is_main_process(), "[yellow]interrupted[/yellow]")
+            if distributed.is_main_process():
+                console.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None
         except Exception as e:
             if not distributed.in_group():
                 raise
-            _say(distributed.claim_failure(), f"[red]error:[/red] {distributed.failure_prefix()}"
-                 f"{type(e).__name__}: {e}".replace("\n", " "))
+            if distributed.claim_failure():
+                error(f"{distributed.failure_prefix()}{type(e).__name__}: {e}".replace("\n", " "))
             raise typer.Exit(1) from None
 
     return wrapper
 
 
-def _say(shown: bool, line: str) -> None:
-    """One line on stderr, also from a rank whose console is otherwise quiet."""
-    if shown:
-        console.quiet = False
-        console.print(line, highlight=False, soft_wrap=True)
+def warn(message: str) -> None:
+    """One yellow 'warning:' line of user-facing text (not markup)."""
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    """One red 'error:' line, also from a rank whose console is otherwise quiet; the message is the user's text
+    (paths may hold brackets), never markup."""
+    console.quiet = False
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def lora_args(loras: list[str], full_patches: bool = False) -> list:

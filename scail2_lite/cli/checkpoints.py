@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from ..errors import UserError
 from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors
 
 
@@ -15,6 +16,7 @@ from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors
 @user_errors
 def inspect(path: str = typer.Argument(..., help="checkpoint file, index, or SCAIL-2 folder")) -> None:
     """Show a DiT checkpoint's format, tensor and parameter counts, dtypes, config and key problems."""
+    from rich.markup import escape
     from rich.table import Table
 
     from ..formats import describe
@@ -22,14 +24,22 @@ def inspect(path: str = typer.Argument(..., help="checkpoint file, index, or SCA
     info = describe(path)
     table = Table(show_header=False, box=None)
     table.add_row("format", info["format"])
-    table.add_row("file", info["file"])
+    table.add_row("file", escape(str(info["file"])))
     table.add_row("tensors", f"{info['tensors']:,}" + (f" (+{info['scale_tensors']} scales)" if info["scale_tensors"] else ""))
-    table.add_row("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)")
+    table.add_row("parameters", f"{info['parameters']:,} ({_count(info['parameters'])})")
     table.add_row("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
     cfg = info["config"]
     table.add_row("config", f"dim {cfg['dim']}, {cfg['num_layers']} layers, {cfg['num_heads']} heads ({info['config_source']})")
-    table.add_row("keys", "[green]ok[/green]" if not info["problems"] else "[red]" + "; ".join(info["problems"]) + "[/red]")
+    table.add_row("keys", "[green]ok[/green]" if not info["problems"] else "[red]" + escape("; ".join(info["problems"])) + "[/red]")
     Console().print(table)
+
+
+def _count(n: int) -> str:
+    """A parameter count in the unit that shows it: 14.29 B, 187.0 M, 52.3 k."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'B' else 1}f} {unit}"
+    return str(n)
 
 
 @app.command()
@@ -50,7 +60,7 @@ def synth(
         task = bar.add_task("synth", total=None)
         folder = write(out, scale=scale, fmt=fmt, seed=seed,
                        progress=lambda what: bar.update(task, description=f"writing {what}"))
-    console.print(f"wrote {folder} (inputs in {folder / 'inputs'})")
+    console.print(f"wrote {folder} (inputs in {folder / 'inputs'})", highlight=False, markup=False)
 
 
 @app.command()
@@ -60,19 +70,32 @@ def quantize(
     out: Path = typer.Option(..., "-o", "--out", help="quantized folder to write (self-contained)"),
     dit: str = typer.Option("fp8", "--dit", help="DiT block Linears: fp8 (fastest on RTX 40xx/50xx), int8 (closest "
                             "to bf16, fast on RTX 30xx too) or bf16"),
-    text_encoder: str = typer.Option("nf4", "--text-encoder", help="umT5 at load time: nf4 (smallest: 4.4 GB "
-                                     "of GPU memory while encoding), int8 (closest to bf16: 5.2 GB) or bf16 (9.8 GB)"),
+    text_encoder: str = typer.Option("bf16", "--text-encoder", help="umT5: bf16 (lossless, streamed through the GPU "
+                                     "block by block: about one block of GPU memory), int8 or nf4 (stored "
+                                     "quantized: smaller folder and RAM, for machines where those are the limit)"),
     compute: str = typer.Option("auto", "--compute", help="matmul path: auto, fp8, int8 or dequant"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
     export: Optional[str] = typer.Option(None, "--export", help="comfy: also write a ComfyUI fp8_scaled file"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA to merge (fp32) before quantizing: PATH[:STRENGTH]; "
                                    "repeatable"),
     lora_full_patches: bool = typer.Option(False, "--lora-full-patches", help=LORA_FULL_PATCHES_HELP),
+    keep: str = typer.Option("none", "--keep", help="mixed precision: keep some block Linears in --keep-as: none, "
+                             "edges (first/last blocks inwards) or sensitive (the Linears whose quantization alone "
+                             "costs the DiT forward most; measured on the bf16 DiT, needs it to fit the GPU)"),
+    keep_as: str = typer.Option("bf16", "--keep-as", help="format of the kept Linears: bf16 or int8"),
+    keep_share: float = typer.Option(0.05, "--keep-share", help="most of the block Linear parameters kept (0-1)"),
 ) -> None:
     """Quantize the DiT to FP8/INT8 (streamed, bounded RAM), copy the other components, report the fidelity."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+    from ..quantize.mixed import MixedPrecision
+    from ..quantize.schemes import QuantizeError
     from ..quantize_checkpoint import quantize_checkpoint
+
+    try:
+        mixed = MixedPrecision(keep, keep_as, keep_share)
+    except QuantizeError as e:
+        raise UserError(str(e)) from None
 
     bar = Progress(*Progress.get_default_columns()[:1], BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    console=console)
@@ -86,10 +109,10 @@ def quantize(
     try:
         report = quantize_checkpoint(
             src, out, dit=dit, text_encoder=text_encoder, compute=None if compute == "auto" else compute,
-            loras=lora_args(lora, lora_full_patches), export=export, force=force, progress=advance,
-            log=lambda msg: console.print(msg, highlight=False),
+            loras=lora_args(lora, lora_full_patches), export=export, mixed=mixed, force=force, progress=advance,
+            log=lambda msg: console.print(msg, highlight=False, markup=False),
         )
     finally:
         bar.stop()
     console.print(report.table())
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}", highlight=False, markup=False)

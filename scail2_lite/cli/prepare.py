@@ -98,5 +98,6 @@ def prepare_command(
         console.print(f"person {ident['number']}: [bold]{ident['colour']}[/bold] (driving person "
                       f"{ident['driving_person']} from the left)", highlight=False)
     console.print(f"wrote {result.folder}: {result.frames} frames at {result.fps:g} fps; check "
-                  f"{result.folder / record['files']['preview']}", highlight=False)
-    console.print(f"next: scail2-lite generate MODEL --inputs {result.folder} --prompt \"...\"", highlight=False)
+                  f"{result.folder / record['files']['preview']}", highlight=False, markup=False)
+    console.print(f"next: scail2-lite generate MODEL --inputs {result.folder} --prompt \"...\"", highlight=False,
+                  markup=False)

@@ -38,10 +38,11 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
     """Plan mode's printout: the chosen profile and why, its phases, the cards it fits, every profile here."""
     from rich.table import Table
 
-    from ..profiling import reserved_bytes
+    from ..offload.planner import tokens
+
 
     if chosen is None:
-        out.print(f"[red]no profile fits[/red] a {vram / 1e9:g} GB card with {ram / 1e9:.0f} GB RAM: {no_fit}",
+        out.print(f"[red]no profile fits[/red] a {vram / 1e9:.2f} GB card with {ram / 1e9:.0f} GB RAM: {no_fit}",
                   highlight=False)
     else:
         p = chosen.profile
@@ -51,18 +52,24 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
                   f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
                   f"({'layer by layer' if p.stream_unit == 'layer' else f'{p.prefetch} ahead'}); "
                   f"VAE tile {p.vae_tile or 'none'}", highlight=False)
+        out.print(f"allocator budget {_bytes(chosen.vram_budget)}: the card less {_bytes(chosen.outside_allocator)} "
+                  "of CUDA context and a desktop reserve", highlight=False)
         table = Table(title=f"predicted peaks per phase ({chosen.tokens:,} tokens)")
-        for col in ("phase", "VRAM allocated", "VRAM reserved", "RAM"):
+        for col in ("phase", "VRAM allocated", "VRAM reserved", "process total (NVML)", "RAM"):
             table.add_column(col, justify="left" if col == "phase" else "right")
+        extra = chosen.tokens - tokens(chosen.config, chosen.height, chosen.width, chosen.frames)
         for name, mem in chosen.phases.items():
-            table.add_row(name, _bytes(mem.vram), _bytes(reserved_bytes(mem.vram)), _bytes(mem.ram))
+            if name == "dit_step" and chosen.extra_refs:  # the only phase that sees the extra references
+                name += f" (+{extra:,} tokens: {chosen.extra_refs} extra ref{'s' if chosen.extra_refs > 1 else ''})"
+            table.add_row(name, _bytes(mem.vram), _bytes(mem.reserved), _bytes(chosen.process_total(name)),
+                          _bytes(mem.ram))
         table.add_row("[bold]peak[/bold]", _bytes(chosen.peak_vram), _bytes(chosen.peak_vram_reserved),
-                      _bytes(chosen.peak_ram))
+                      _bytes(chosen.peak_process_total), _bytes(chosen.peak_ram))
         out.print(table)
-    fits = [f"{gb} GB ({p.profile.name})" for gb, p in cards.items() if p is not None]
+    fits = [f"{gb} GB ({p.profile.name})" for gb, p in cards.items() if p is not None]  # GB as sold: GiB
     out.print("fits on: " + (", ".join(fits) if fits else "none of " + ", ".join(f"{gb} GB" for gb in cards))
               + f" [dim](with {ram / 1e9:.0f} GB RAM)[/dim]", highlight=False)
-    table = Table(title=f"every profile on a {vram / 1e9:g} GB card")
+    table = Table(title=f"every profile on a {vram / 1e9:.2f} GB card")
     for col in ("profile", "DiT", "resident", "streamed", "VRAM", "reserved", "RAM", "fits"):
         table.add_column(col, justify="left" if col in ("profile", "DiT", "fits") else "right")
     for p in table_plans:
@@ -87,7 +94,7 @@ def _print_measured(out: Console, report: dict) -> None:
     table = Table(title=f"measured ({report['measured']['device_name']}) vs predicted")
     cols = ["phase", "seconds"]
     if cuda:
-        cols += ["allocated", "predicted", "error", "reserved", "predicted", "error", "NVML used"]
+        cols += ["allocated", "predicted", "error", "reserved", "predicted", "error", "NVML used", "predicted"]
     cols += ["RSS", "predicted", "error"]
     for col in cols:
         table.add_column(col, justify="left" if col == "phase" else "right")
@@ -98,7 +105,7 @@ def _print_measured(out: Console, report: dict) -> None:
             cells += [_bytes(s["peak_allocated"]), _bytes(r.get("predicted_allocated")),
                       _error_cell(r.get("error_allocated")), _bytes(s["peak_reserved"]),
                       _bytes(r.get("predicted_reserved")), _error_cell(r.get("error_reserved")),
-                      _bytes(s["peak_nvml_used"])]
+                      _bytes(s["peak_nvml_used"]), _bytes(r.get("predicted_process_total"))]
         cells += [_bytes(s["peak_rss"]), _bytes(r.get("predicted_ram")), _error_cell(r.get("error_ram"))]
         table.add_row(*cells)
     out.print(table)
@@ -124,8 +131,12 @@ def profile(
     height: Optional[int] = typer.Option(None, "--height", help="explicit height (multiple of 32), with --width"),
     frames: Optional[int] = typer.Option(None, "--frames", help="frames per segment to plan for \\[default: 81]; "
                                          "with --run: use only the first N driving frames"),
-    vram: Optional[float] = typer.Option(None, "--vram", help="GB (1e9 bytes) of VRAM to plan for, e.g. 8, 12, 16, "
-                                         "24 \\[default: this GPU's free VRAM]; with --run the process is capped to it"),
+    extra_refs: int = typer.Option(0, "--extra-refs", help="extra reference images to plan for (multi-reference: "
+                                   "each adds one reference frame of tokens, +3.7% at 81 frames)"),
+    vram: Optional[float] = typer.Option(None, "--vram", help="the card to plan for, in GB as sold (16 = 16 GiB), "
+                                         "e.g. 8, 12, 16, 24; its CUDA context and a desktop reserve come off it "
+                                         "\\[default: this GPU as the driver reports it]; with --run the process is "
+                                         "capped as that card would be"),
     ram: Optional[float] = typer.Option(None, "--ram", help="GB of RAM to plan for \\[default: available RAM]"),
     profile_name: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml \\[default: "
                                                "the fastest that fits]"),
@@ -144,24 +155,34 @@ def profile(
     pose: Optional[Path] = typer.Option(None, "--pose", help="driving video \\[default: MODEL/inputs/driving.mp4]"),
     mask_video: Optional[Path] = typer.Option(None, "--mask-video", help="\\[default: MODEL/inputs/driving_mask.mp4]"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu for --run (default: cuda if available)"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON \\[default with --run: "
-                                             "profile.json]"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON (only when asked)"),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of memory over time with phase bands "
-                                             "(--run) \\[default: profile.png]"),
+                                             "(--run; only when asked)"),
 ) -> None:
     """Show where memory goes: the plan per phase and the cards it fits; with --run, measured against the plan."""
     from .. import profiling
     from ..config import SIZES
     from ..loader import describe_model
     from ..distributed import layout
-    from ..offload.planner import GB, detect_memory, plan
+    from ..offload.card import DeviceMemory, card_bytes, detect
+    from ..offload.planner import GB, available_ram, plan
 
+    if extra_refs < 0:
+        raise UserError(f"--extra-refs must be 0 or more, got {extra_refs}")
     if (model is None) == (synthetic is None):
         raise UserError("give a MODEL folder or --synthetic full|tiny (one of them)")
     if (width is None) != (height is None):
         raise UserError("give both --width and --height, or neither")
     if width is None and size not in SIZES:
         raise UserError(f"unknown size {size!r}; choose one of {', '.join(SIZES)} or give --width/--height")
+    from .. import outputs
+
+    written = {"--json": json_path, "--plot": plot_path}
+    outputs.check_separate(written, {"MODEL": model, "--image": image, "--mask-image": mask_image, "--pose": pose,
+                                     "--mask-video": mask_video})
+    for flag, path in written.items():
+        if path is not None:
+            outputs.check_file_target(path, flag)
     for flag, value in (("--vram", vram), ("--ram", ram)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number of GB, got {value:g}")
@@ -173,9 +194,9 @@ def profile(
         if synthetic == "full":
             raise UserError("--run needs weights: write them with `scail2-lite synth --scale full --format wan -o DIR`"
                             " and pass DIR as MODEL")
-        if ram is not None or weights is not None or text_encoder is not None:
-            raise UserError("--ram, --weights and --text-encoder only plan; --run uses this machine and the model "
-                            "as is")
+        if ram is not None or weights is not None or text_encoder is not None or extra_refs:
+            raise UserError("--ram, --weights, --text-encoder and --extra-refs only plan; --run uses this machine, "
+                            "the model and the inputs as they are")
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
         if synthetic is not None:
@@ -185,7 +206,7 @@ def profile(
             model = cached_demo_folder(progress=lambda what: console.print(f"making the demo checkpoint: {what}"))
         _profile_run(model, size=(width, height) if width else size, frames=frames, vram=vram,
                      profile_name=profile_name, steps=steps, files=(image, mask_image, pose, mask_video), device=device,
-                     json_path=json_path or Path("profile.json"), plot_path=plot_path or Path("profile.png"))
+                     json_path=json_path, plot_path=plot_path)
         return
     if plot_path is not None:
         raise UserError("--plot draws measured memory: add --run")
@@ -196,30 +217,32 @@ def profile(
         target = dataclasses.replace(target, mappable=target.dit_scheme != "bf16")
     h, w = (height, width) if width else SIZES[size]
     n_frames = frames if frames is not None else 81
-    free, _, ram_free = detect_memory()
-    if vram is None and not free:
+    gpu = DeviceMemory.card(card_bytes(vram)) if vram is not None else detect()
+    if gpu is None:
         raise UserError("no CUDA GPU here: pass --vram GB (e.g. 8, 12, 16, 24) to plan for a card")
-    vram_bytes = int(vram * GB) if vram is not None else free
-    host_ram = int(ram * GB) if ram is not None else ram_free
+    vram_bytes = gpu.total
+    host_ram = int(ram * GB) if ram is not None else available_ram()
     ram_bytes = host_ram // gpus  # ranks on one host share its RAM
     cfg, sequence = layout(parallel if gpus > 1 else "off", gpus, guidance != 1.0, target.config.num_heads)
     chosen, no_fit = None, None
     try:
-        chosen = plan(target.config, h, w, n_frames, vram_bytes, ram_bytes, profile=profile_name,
+        chosen = plan(target.config, h, w, n_frames, gpu, ram_bytes, profile=profile_name,
                       weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable,
-                      sequence_split=sequence)
+                      extra_refs=extra_refs, sequence_split=sequence)
     except UserError as e:
         if str(e).startswith("no profile fits"):
             no_fit = str(e)
         else:
             raise
-    cards = profiling.fits_on(target, h, w, n_frames, ram_bytes, sequence_split=sequence)
-    table_plans = profiling.all_profiles(target, h, w, n_frames, vram_bytes, ram_bytes, sequence)
+    cards = profiling.fits_on(target, h, w, n_frames, ram_bytes, extra_refs=extra_refs, sequence_split=sequence)
+    table_plans = profiling.all_profiles(target, h, w, n_frames, gpu, ram_bytes, extra_refs, sequence)
     out = Console()
     out.print(f"model: {target.source}; DiT {target.dit_scheme}, umT5 {target.text_encoder}", highlight=False,
               markup=False)
-    out.print(f"run: {w}x{h}, {n_frames} frames per segment; card: {vram_bytes / GB:g} GB VRAM"
-              f" ({'given' if vram is not None else 'free now'}), {ram_bytes / GB:.1f} GB RAM"
+    extras = f", {extra_refs} extra reference{'s' if extra_refs > 1 else ''}" if extra_refs else ""
+    out.print(f"run: {w}x{h}, {n_frames} frames per segment{extras}; card: {vram_bytes / GB:.2f} GB VRAM"
+              f" ({f'{vram:g} GB card as sold' if vram is not None else f'{gpu.free / GB:.2f} GB free now'}), "
+              f"{ram_bytes / GB:.1f} GB RAM"
               f" ({'given' if ram is not None else 'available now'})", highlight=False)
     if gpus > 1:
         split = " x ".join((["CFG branches over 2"] if cfg == 2 else [])
@@ -232,11 +255,12 @@ def profile(
         profiling.write_json(json_path, {
             "version": profiling.REPORT_VERSION, "model": target.source, "weights": target.dit_scheme,
             "text_encoder": target.text_encoder, "height": h, "width": w, "frames": n_frames,
-            "vram": vram_bytes, "ram": ram_bytes, "gpus": gpus, "cfg_split": cfg, "sequence_split": sequence, "plan": profiling.plan_to_json(chosen) if chosen else None,
+            "extra_refs": extra_refs, "vram": vram_bytes, "ram": ram_bytes, "gpus": gpus, "cfg_split": cfg,
+            "sequence_split": sequence, "plan": profiling.plan_to_json(chosen) if chosen else None,
             "no_fit": no_fit, "fits_on": {str(gb): p.profile.name if p else None for gb, p in cards.items()},
             "profiles": [profiling.plan_to_json(p) for p in table_plans],
         })
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", highlight=False, markup=False)
 
 
 def _synthetic_model(scale: str) -> ModelDescription:
@@ -251,16 +275,17 @@ def _synthetic_model(scale: str) -> ModelDescription:
 
 
 def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[float], profile_name: Optional[str],
-                 steps: int, files: tuple, device: Optional[str], json_path: Path, plot_path: Path) -> None:
+                 steps: int, files: tuple, device: Optional[str], json_path: Optional[Path],
+                 plot_path: Optional[Path]) -> None:
     """`profile --run`: load, run `steps` steps with a PhaseRecorder, compare with the pipeline's own plan."""
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .. import profiling
     from ..conditioning import segment_plan
     from ..inputs import InputFiles, load_inputs
     from ..loader import describe_model
-    from ..offload.planner import GB, detect_memory, plan
+    from ..offload import card
+    from ..offload.planner import available_ram, plan
     from ..pipeline import Pipeline, parse_device
     from ..settings import GenerationSettings, MemorySettings
 
@@ -271,10 +296,9 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         if not p.exists():
             raise UserError(f"{p} not found: pass {flag}")
     dev = parse_device(device)
-    budget = int(vram * GB) if vram is not None else None
+    budget = card.card_bytes(vram) if vram is not None else None
     if budget is not None and dev.type == "cuda":
-        total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))  # emulate the smaller card
+        card.emulate(dev, budget)  # the allocator capped as that card would leave it
     recorder = profiling.PhaseRecorder(dev)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
@@ -290,7 +314,7 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         predicted = pipe.make_plan(h, w, first[1] - first[0])
         if predicted is None and budget is not None:  # CPU: predict for the card asked for, to compare RAM
             target = describe_model(model)
-            predicted = plan(target.config, h, w, first[1] - first[0], budget, detect_memory()[2],
+            predicted = plan(target.config, h, w, first[1] - first[0], card.DeviceMemory.card(budget), available_ram(),
                              profile=profile_name, weights=target.dit_scheme, text_encoder=target.text_encoder,
                              mappable=target.mappable)
         result = pipe(inputs, "a person dancing", settings=GenerationSettings(steps=steps), keep_frames=False,
@@ -305,10 +329,16 @@ def _profile_run(model: Path, *, size, frames: Optional[int], vram: Optional[flo
         out.print(f"profile [bold]{predicted.profile.name}[/bold]: {predicted.reason or 'as given'}; "
                   f"{predicted.resident_blocks} blocks resident, {predicted.streamed_blocks} streamed", highlight=False)
     _print_measured(out, report)
-    profiling.write_json(json_path, report)
-    try:
-        recorder.plot(plot_path, predicted, title=f"scail2-lite profile: {w}x{h}, {result.num_frames} frames, "
-                                                  f"{steps} steps ({measured['device_name']})")
-        console.print(f"wrote {json_path} and {plot_path}")
-    except UserError as e:
-        console.print(f"wrote {json_path}; no plot: {e}")
+    written = []
+    if json_path is not None:
+        profiling.write_json(json_path, report)
+        written.append(str(json_path))
+    if plot_path is not None:
+        try:
+            recorder.plot(plot_path, predicted, title=f"scail2-lite profile: {w}x{h}, {result.num_frames} frames, "
+                                                      f"{steps} steps ({measured['device_name']})")
+            written.append(str(plot_path))
+        except UserError as e:
+            console.print(f"no plot: {e}", highlight=False, markup=False)
+    if written:
+        console.print(f"wrote {' and '.join(written)}", highlight=False, markup=False)

@@ -48,6 +48,10 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     """`PATH[:STRENGTH]` -> (path, strength). Only a trailing `:number` is a strength (Windows paths keep `C:`)."""
     m = re.match(r"^(?P<path>.*):(?P<s>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$", arg)
     path, strength = (m.group("path"), float(m.group("s"))) if m else (arg, 1.0)
+    head, sep, tail = arg.rpartition(":")
+    if not m and sep and len(head) > 1 and not Path(arg).exists():  # `C:\x` is a drive, not a strength
+        raise UserError(f"--lora {arg!r}: {tail!r} is not a strength (a number such as 0.8), and no file "
+                        f"{arg!r} exists")
     if not path or not math.isfinite(strength):
         raise UserError(f"--lora {arg!r}: expected PATH or PATH:STRENGTH, e.g. my_lora.safetensors:0.8")
     return path, strength

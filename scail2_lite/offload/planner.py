@@ -12,6 +12,10 @@ The encoders leave the GPU after their phase. The DiT's
 device weights are counted from the DiT phase on (the pipeline loads it after the encoders); the VAE leaves the
 GPU during DiT steps. Activation coefficients are per-element byte counts of `model.SCAIL2Block`'s forward; the
 VAE's are per output pixel. They are estimates until `scail2-lite profile --run` measures them (issue 7).
+
+The budget is the caching allocator's share of the card (card.py: the card or its free memory, minus the CUDA
+context and a desktop reserve), and each phase's reserved bytes are its allocated peak plus the excess the
+allocator was measured to keep in that phase, so a plan that fits also fits the card as NVML counts it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from ..config import DiTConfig
 from ..errors import UserError
+from .card import DeviceMemory
 from .profiles import Profile, StreamUnit, WeightSource, list_profiles, load_profile
 
 GB = 1e9
@@ -64,8 +69,13 @@ SAGE_BYTES = 3
 ALL_TO_ALL_BYTES = 4
 MODEL_DTYPE_BYTES = 2
 
-RESERVED_FACTOR = 1.10  # caching allocator: reserved / allocated at the peak
-VRAM_SAFETY = 0.3 * GB
+# Caching allocator, per phase: (reserved - allocated) / allocated at the phase's peak, the most measured with
+# expandable segments on the H100 (RESULTS.md, 2026-11-24/25 pipeline and `profile --run` tables): umT5 4.44 ->
+# 4.57 GB, CLIP 1.33 -> 1.37, tiled VAE encode 1.90 -> 2.26, DiT steps 10.24 -> 10.87 (13.88 -> 14.34), tiled VAE
+# decode 2.13 -> 2.59. The VAE's convolutions leave the most unused cache between frames.
+RESERVED_OVER_ALLOCATED: dict[str, float] = {
+    "text_encoder": 0.03, "clip": 0.03, "vae_encode": 0.19, "dit_step": 0.07, "vae_decode": 0.22,
+}
 BASE_RAM = 3.0 * GB  # Python, torch, CUDA libraries
 # Copies of the decoded fp32 frames at the end of a run (the kept groups, their concatenation, the writer's or
 # summary's conversion): 704p x 81 measured +3.0 GB over the DiT steps for 0.88 GB of frames.
@@ -76,8 +86,10 @@ LIGHTER_FACTOR = 0.8  # a step that ran out of memory is retried under a plan pr
 # ---- sizes ----------------------------------------------------------------------------------------------------
 
 
-def tokens(config: DiTConfig, height: int, width: int, frames: int) -> int:
-    """Packed sequence length `[ref | video | pose]` for an output of height x width x frames (SPEC section 3)."""
+def tokens(config: DiTConfig, height: int, width: int, frames: int, extra_refs: int = 0) -> int:
+    """Packed sequence length `[extra refs | ref | video | pose]` for an output of height x width x frames with
+    `extra_refs` extra references (SPEC sections 3 and 6: each adds one reference frame's tokens, +3.7% at 81
+    frames)."""
     if height % 32 or width % 32 or height <= 0 or width <= 0:
         raise UserError(f"size {height}x{width} must be positive multiples of 32")
     if frames < 1 or (frames - 1) % 4:
@@ -85,7 +97,9 @@ def tokens(config: DiTConfig, height: int, width: int, frames: int) -> int:
     _, ph, pw = config.patch_size
     per_frame = (height // 8 // ph) * (width // 8 // pw)
     latent_frames = (frames - 1) // 4 + 1
-    return per_frame + latent_frames * per_frame + latent_frames * per_frame // 4
+    if extra_refs < 0:
+        raise UserError(f"the number of extra references cannot be negative, got {extra_refs}")
+    return (1 + extra_refs) * per_frame + latent_frames * per_frame + latent_frames * per_frame // 4
 
 
 def _linear_bytes(fan_in: int, fan_out: int, quantization: str) -> int:
@@ -172,8 +186,10 @@ TEXT_ENCODERS: tuple[str, ...] = ("nf4", "int8", "bf16")  # quantize.text_encode
 
 
 def umt5_bytes(text_encoder: str) -> int:
+    """GPU bytes of umT5's weights while encoding: bf16 streams its blocks (encoders.stream_blocks), so one
+    block plus the block being dropped; 4/8-bit encoders are resident whole."""
     if text_encoder == "bf16":
-        return UMT5_LINEAR_PARAMS * 2
+        return 2 * (UMT5_LINEAR_PARAMS // UMT5_LAYERS) * 2
     if text_encoder == "nf4":
         return int(UMT5_WO_PARAMS * 2 + (UMT5_LINEAR_PARAMS - UMT5_WO_PARAMS) * NF4_BYTES_PER_PARAM)
     return int(UMT5_LINEAR_PARAMS * (1 + 4 / 4096))  # int8 + per-row scale
@@ -186,6 +202,12 @@ def umt5_bytes(text_encoder: str) -> int:
 class PhaseMemory:
     vram: int  # predicted peak allocated bytes
     ram: int  # predicted peak process RAM bytes
+    reserved: int = 0  # predicted peak reserved bytes (the allocated peak plus the allocator's measured excess)
+
+
+def reserved_bytes(phase: str, vram: int) -> int:
+    """A phase's predicted reserved bytes for `vram` allocated at its peak."""
+    return int(vram * (1 + RESERVED_OVER_ALLOCATED[phase]))
 
 
 @dataclass(frozen=True)
@@ -202,10 +224,12 @@ class Plan:
     resident_blocks: int
     tokens: int
     phases: dict[str, PhaseMemory]
-    vram_budget: int  # bytes the run may reserve (free VRAM, or the --vram-budget cap)
+    vram_budget: int  # bytes the caching allocator may reserve (DeviceMemory.allocator_budget)
     ram_available: int
     reason: str
     mappable: bool = True  # blocks read from the quantized shards (not held in RAM between uses)
+    extra_refs: int = 0  # extra references (multi-reference): their tokens are in `tokens`
+    outside_allocator: int = 0  # what NVML shows beyond the allocator's reserved bytes (the CUDA context)
     sequence_split: int = 1  # ranks sharing the tokens (Ulysses): this plan is one rank's
 
     @property
@@ -219,7 +243,15 @@ class Plan:
     @property
     def peak_vram_reserved(self) -> int:
         """What the caching allocator will hold at the peak (the figure a VRAM budget must cover)."""
-        return int(self.peak_vram * RESERVED_FACTOR + VRAM_SAFETY)
+        return max(p.reserved for p in self.phases.values())
+
+    def process_total(self, phase: str) -> int:
+        """The process's total in a phase as NVML will show it: reserved plus the context (0 off the GPU)."""
+        return self.phases[phase].reserved + self.outside_allocator if self.outside_allocator else 0
+
+    @property
+    def peak_process_total(self) -> int:
+        return max(self.process_total(p) for p in self.phases)
 
     @property
     def peak_ram(self) -> int:
@@ -232,7 +264,7 @@ class Plan:
 
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
-    text_encoder: str = "nf4", mappable: bool = True, sequence_split: int = 1,
+    text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0, sequence_split: int = 1,
 ) -> dict[str, PhaseMemory]:
     """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks.
 
@@ -243,7 +275,7 @@ def predict(
 
     Under a sequence split of N ranks (Ulysses) each rank's blocks hold 1/N of the tokens (its self-attention: all
     tokens with 1/N of the heads, the same bytes) plus the all-to-all buffers; weights are the same on every rank."""
-    n = -(-tokens(config, height, width, frames) // sequence_split)
+    n = -(-tokens(config, height, width, frames, extra_refs) // sequence_split)
     blk = block_bytes(config, quantization)
     streamed = config.num_layers - resident_blocks
     stages = block_activation_stages(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
@@ -282,23 +314,23 @@ def predict(
         "dit_step": PhaseMemory(dit_device + act, int(ram)),
         "vae_decode": PhaseMemory(vae + vae_dec, int(ram + frames_ram)),
     }
-    return {k: PhaseMemory(int(v.vram), int(v.ram)) for k, v in phases.items()}
+    return {k: PhaseMemory(int(v.vram), int(v.ram), reserved_bytes(k, int(v.vram))) for k, v in phases.items()}
 
 
 def resolve(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, vram_budget: int, ram_available: int,
-    weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True,
-    sequence_split: int = 1,
+    weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0,
+    outside_allocator: int = 0, sequence_split: int = 1,
 ) -> Plan:
     """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget."""
     quant = weights
-    n = tokens(config, height, width, frames)
+    n = tokens(config, height, width, frames, extra_refs)
 
     def make(resident: int, why: str) -> Plan:
-        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable,
+        phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, extra_refs,
                          sequence_split)
         return Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases, int(vram_budget),
-                    int(ram_available), why, mappable, sequence_split)
+                    int(ram_available), why, mappable, extra_refs, int(outside_allocator), sequence_split)
 
     if profile.resident_blocks == "all":
         return make(config.num_layers, reason)
@@ -320,48 +352,54 @@ def plan(
     height: int,
     width: int,
     frames: int,
-    vram_bytes: int,
+    device: DeviceMemory,
     ram_bytes: int,
     profile: str | Path | Profile | None = None,
     vram_budget: int | None = None,
     weights: str = "bf16",
     text_encoder: str = "nf4",
     mappable: bool = True,
+    extra_refs: int = 0,
     sequence_split: int = 1,
 ) -> Plan:
-    """The fastest profile that fits `vram_bytes` of free VRAM (capped by `vram_budget`) and `ram_bytes` of RAM.
+    """The fastest profile that fits the GPU `device` (card.py; `vram_budget`: the card's total when smaller,
+    `--vram-budget`) and `ram_bytes` of RAM.
 
-    `weights` / `text_encoder`: the quantization of the loaded DiT and of umT5. `mappable`: whether the DiT's blocks can be memory-mapped from disk (our quantized folder); if not,
-    profiles that stream from the mapped file are left out. `sequence_split`: ranks sharing the tokens (the plan
-    is one rank's; the caller divides the host's RAM among its ranks). With `profile` given the plan uses it even if it
-    does not fit (`plan.fits` says so)."""
+    `weights` / `text_encoder`: the quantization of the loaded DiT and of umT5. `mappable`: whether the DiT's
+    blocks can be memory-mapped from disk (our quantized folder); if not, profiles that stream from the mapped
+    file are left out. With `profile` given the plan uses it even if it does not fit (`plan.fits` says so).
+    `extra_refs`: extra references, whose tokens every DiT step carries. `sequence_split`: ranks sharing the
+    tokens (the plan is one rank's; the caller divides the host's RAM among its ranks)."""
     if weights not in QUANTIZATIONS:
         raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if text_encoder not in TEXT_ENCODERS:
         raise UserError(f"unknown text encoder quantization {text_encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
-    budget = min(vram_bytes, vram_budget) if vram_budget else vram_bytes
+    budget = device.allocator_budget(vram_budget)
+    outside = device.outside_allocator
     if profile is not None:
         chosen = profile if isinstance(profile, Profile) else load_profile(profile)
         return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
-                       text_encoder, mappable, sequence_split)
+                       text_encoder, mappable, extra_refs, outside,
+                       sequence_split)
     candidates = [p for p in list_profiles() if mappable or p.weight_source is not WeightSource.MMAP]
     for p in candidates:
         result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable,
-                         sequence_split)
+                         extra_refs, outside, sequence_split)
         if result.fits:
             faster = [c.name for c in candidates if c.speed_rank < p.speed_rank]
             why = "fastest profile" if not faster else f"fastest that fits ({', '.join(faster)} need more memory)"
             return dataclasses.replace(result, reason=why)
     lightest = min(
-        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable,
-                         sequence_split)
+        (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable, extra_refs,
+                 outside, sequence_split)
          for p in candidates),
         key=lambda r: (r.peak_vram_reserved > budget, r.peak_ram > ram_bytes, r.peak_vram_reserved),
     )
     raise UserError(
         f"no profile fits {height}x{width}x{frames}: the lightest ({lightest.profile.name}) needs "
         f"{lightest.peak_vram_reserved / GB:.1f} GB VRAM and {lightest.peak_ram / GB:.1f} GB RAM, "
-        f"have {budget / GB:.1f} GB and {ram_bytes / GB:.1f} GB"
+        f"have {budget / GB:.1f} GB (the card less {outside / GB:.2f} GB of CUDA context and a "
+        f"{device.desktop / GB:.1f} GB desktop reserve) and {ram_bytes / GB:.1f} GB"
     )
 
 
@@ -374,26 +412,21 @@ def lighter(current: Plan) -> Plan | None:
         candidate = resolve(p, current.config, current.height, current.width, current.frames, budget,
                             current.ram_available, current.quantization,
                             f"fallback after out of memory under {current.profile.name}", current.text_encoder,
-                            current.mappable, current.sequence_split)
+                            current.mappable, current.extra_refs, current.outside_allocator, current.sequence_split)
         if candidate.fits:
             return candidate
     return None
 
 
-def detect_memory() -> tuple[int, int, int]:
-    """(free VRAM, total VRAM, available RAM) in bytes; VRAM is 0 without CUDA."""
-    import torch
-
-    free = total = 0
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
+def available_ram() -> int:
+    """Available RAM in bytes (psutil, else /proc/meminfo)."""
     try:
         import psutil
 
-        ram = psutil.virtual_memory().available
+        return int(psutil.virtual_memory().available)
     except ImportError:
-        ram = 0
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                ram = int(line.split()[1]) * 1024
-    return int(free), int(total), int(ram)
+        pass
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
+from ..outputs import interruptible, temporary_folder
 from ..inputs import InputFiles
 from .settings import Mode
 
@@ -89,26 +88,32 @@ def read_inputs(folder: str | Path) -> PreparedInputs:
 
 
 def generate_files(inputs: Path | None, image: Path | None, mask_image: Path | None, pose: Path | None,
-                   mask_video: Path | None, replace: bool) -> tuple[InputFiles, bool, list[str]]:
-    """`generate`'s four files and mode: from a prepared folder (`--inputs`), where a file flag given replaces
-    its entry and the mode is the folder's; without a folder all four flags are needed. Returns the files,
-    the replace flag, and notes for the user."""
+                   mask_video: Path | None, replace: bool, extra_images: list[Path] = (),
+                   extra_masks: list[Path] = ()) -> tuple[InputFiles, bool, list[str]]:
+    """`generate`'s files and mode: from a prepared folder (`--inputs`), where a file flag given replaces
+    its entry (extra references given replace the folder's list) and the mode is the folder's; without a folder
+    all four flags are needed. Extra references (`--additional-ref-image` / `--additional-ref-mask`) pair by
+    position. Returns the files, the replace flag, and notes for the user."""
     given = {"--image": image, "--mask-image": mask_image, "--pose": pose, "--mask-video": mask_video}
     if inputs is None:
         missing = [flag for flag, value in given.items() if value is None]
         if missing:
             raise UserError(f"give {', '.join(missing)} (or --inputs DIR, a folder made by `scail2-lite prepare`)")
-        return InputFiles(image, mask_image, pose, mask_video), replace, []
+        return InputFiles.with_extra_references(image, mask_image, pose, mask_video, extra_images,
+                                                extra_masks), replace, []
     prepared = read_inputs(inputs)
     if replace and not prepared.replace:
         raise UserError(f"--inputs {inputs} was prepared for animation; prepare it with --mode replace "
                         "(its masks' backgrounds differ) or drop --replace")
     notes = []
-    if prepared.extra_references:
-        notes.append(f"{inputs} has {len(prepared.extra_references)} extra reference(s); generate does not take "
-                     "extra references yet, so they are not used")
-    files = InputFiles(image or prepared.image, mask_image or prepared.mask_image, pose or prepared.pose,
-                       mask_video or prepared.mask_video)
+    if not extra_images and not extra_masks:
+        extra_images = [e.image for e in prepared.extra_references]
+        extra_masks = [e.mask for e in prepared.extra_references]
+    elif prepared.extra_references:
+        notes.append(f"the extra references given replace the {len(prepared.extra_references)} of {inputs}")
+    files = InputFiles.with_extra_references(image or prepared.image, mask_image or prepared.mask_image,
+                                             pose or prepared.pose, mask_video or prepared.mask_video,
+                                             extra_images, extra_masks)
     return files, prepared.replace, notes
 
 
@@ -127,29 +132,11 @@ def check_output(out: Path) -> None:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt for the duration, so the clean-up below also runs when killed
-    politely. The previous handler comes back afterwards (main thread only: elsewhere signals are not ours)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
 def new_folder(out: Path) -> Iterator[Path]:
     """Yield a hidden staging folder beside `out`; on success it becomes `out` (an empty `out` is replaced by
     the rename), on any error it is removed."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    with _sigterm_as_interrupt():
+    staging = temporary_folder(out)
+    with interruptible():
         try:
             yield staging
             os.replace(staging, out)
@@ -164,7 +151,7 @@ def replaced_files(folder: Path) -> Iterator[Path]:
     same name in `folder` (old entries are moved aside first, then deleted: they are prepare's own outputs),
     on any error the staging folder is removed and `folder` is untouched."""
     staging = Path(tempfile.mkdtemp(prefix=".prepare.", suffix=".partial", dir=folder))
-    with _sigterm_as_interrupt():
+    with interruptible():
         try:
             yield staging
         except BaseException:

@@ -186,8 +186,20 @@ def write_safetensors(
 
 def _torch_save(obj: object, path: Path) -> None:
     tmp = temporary_path(path)
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (full disk) as a RuntimeError
+        raise UserError(f"{path}: cannot write it (disk full?): {e}") from None
     os.replace(tmp, path)
+
+
+def write_sat(folder: Path, sd: dict[str, torch.Tensor], num_layers: int) -> Path:
+    """Wan-named weights `sd` as the official SAT checkpoint (`{"module": ...}` pickle at model/1/ plus
+    model/latest); returns the pickle's path. Any weights: the synthetic ones, or a fixture's."""
+    path = Path(folder) / "model" / "1" / SAT_FILE
+    _torch_save({"module": wan_to_sat(sd, num_layers)}, path)
+    (Path(folder) / "model" / "latest").write_text("1\n")
+    return path
 
 
 def write_dit(folder: Path, config: DiTConfig, fmt: str, seed: int, dtype: torch.dtype | None = None,
@@ -208,10 +220,7 @@ def write_dit(folder: Path, config: DiTConfig, fmt: str, seed: int, dtype: torch
         sd = dict(dit_tensors(config, seed))
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
-        path = folder / "model" / "1" / SAT_FILE
-        _torch_save({"module": wan_to_sat(sd, config.num_layers)}, path)
-        (folder / "model" / "latest").write_text("1\n")
-        return path
+        return write_sat(folder, sd, config.num_layers)
     if fmt in ("comfy-mxfp8", "comfy-int8_convrot"):
         return _write_comfy_quant(folder, config, fmt.removeprefix("comfy-"), seed, progress)
     if fmt not in ("wan", "comfy"):
