@@ -15,6 +15,8 @@ from scail2_lite.blocks import Kernels
 from scail2_lite.model import Conditions, SCAIL2Model
 from scail2_lite.quantize.linear import swap_linears
 from scail2_lite.quantize.schemes import is_quantized_name
+from scail2_lite.offload.layout import ResidentSet
+from scail2_lite.offload.profiles import StreamUnit, WeightSource
 from scail2_lite.offload.streamer import BlockStreamer, StreamConfig
 
 LAYERS = 5
@@ -273,3 +275,26 @@ def test_weights_come_from_the_files_and_suspend_resume_keeps_them(tmp_path, sou
         assert streamer.layers == (unit == "layer") and not streamer.layers or streamer.strategy.held == {}
         streamer.resume()
         assert torch.equal(_run(fresh), expected)
+
+
+def test_stream_config_takes_strings_for_its_enums() -> None:
+    config = StreamConfig(resident_blocks=2, prefetch=0, source="pinned", unit="layer")
+    assert config.source is WeightSource.PINNED and config.unit is StreamUnit.LAYER
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.prefetch = 1  # type: ignore[misc]
+
+
+def test_resident_set_places_block_by_block_and_restores_the_originals() -> None:
+    model = _model()
+    named = dict([*model.named_parameters(), *model.named_buffers()])
+    data = {n: t.data for n, t in named.items()}
+    resident = ResidentSet(model, list(model.blocks[2:]))
+    calls = []
+    resident.place(torch.device("cpu"), between=lambda: calls.append(1))
+    resident.place(torch.device("cpu"), between=lambda: calls.append(1))  # placed already: nothing moves
+    assert len(calls) == 2 + 1  # after each resident block, then after the layers outside the blocks
+    for t in named.values():  # what a device would do: every tensor replaced by a copy
+        t.data = t.data.clone()
+    resident.restore()
+    streamed = ("blocks.2.", "blocks.3.", "blocks.4.")
+    assert all((named[n].data.data_ptr() == d.data_ptr()) != n.startswith(streamed) for n, d in data.items())
