@@ -16,7 +16,7 @@ layer streamer's contract), or until the module named beside it returns.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,6 @@ from .blocks import CLIP_TOKENS, Head, Kernels, MLPProj, SCAIL2Block, linear_fp3
 from .config import DiTConfig
 from .errors import UserError
 from .rope import rope_freqs
-
-if TYPE_CHECKING:
-    from .stepcache import StepCache
 
 LATENT_CHANNELS = 16
 
@@ -84,6 +81,13 @@ class Embedded:
     e0: torch.Tensor  # (B, 6, dim) float32 time projection (for the blocks)
     freqs: tuple[torch.Tensor, torch.Tensor]  # RoPE cos, sin: (L, head_dim/2) float32
     grid: tuple[int, int, int]  # video patch grid (f, h, w)
+
+
+class BlockCache(Protocol):
+    """What `forward_with_context` needs of a step cache (stepcache.StepCache): given this forward's embeddings and
+    the block stack as a thunk, return the stack's output, computed or reused."""
+
+    def run_blocks(self, emb: Embedded, run: Callable[[], torch.Tensor]) -> torch.Tensor: ...
 
 
 class SCAIL2Model(nn.Module):
@@ -196,7 +200,7 @@ class SCAIL2Model(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------------------
 
     def forward_with_context(self, x: torch.Tensor, t: torch.Tensor, context_emb: torch.Tensor, cond: Conditions,
-                             kernels: Kernels = Kernels(), cache: StepCache | None = None) -> torch.Tensor:
+                             kernels: Kernels = Kernels(), cache: BlockCache | None = None) -> torch.Tensor:
         """`forward` with the context already embedded by `embed_context` (cached across sampling steps). With a
         step `cache`, the block stack may be replaced by its cached residual (stepcache.py)."""
         emb = self.embed(x, t, cond)

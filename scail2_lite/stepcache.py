@@ -57,14 +57,12 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from .model import Embedded
+from .model import Embedded
 
 CACHE_MODES = ("off", "teacache", "magcache")
 # TeaCache's rescale polynomial for Wan2.1-I2V-14B 480P with retention steps (e0 probe), highest power first.
@@ -170,7 +168,7 @@ class StepCache:
             return TEACACHE_WARMUP_STEPS
         return math.ceil(MAGCACHE_WARMUP_RATIO * self._num_steps)
 
-    def run_blocks(self, emb: "Embedded", run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def run_blocks(self, emb: Embedded, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The block stack's output for `emb`: `run()` (the model's own block loop), or the input plus the branch's
         cached residual when the cache decides the step can be skipped. Mode "off" always runs."""
         if self.mode == "off":

@@ -193,3 +193,31 @@ def test_profile_run_on_a_tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.Mo
         assert "no plot" in result.output
     else:
         assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_comfy_fp8_file_is_planned_as_loaded_not_as_mapped(tmp_path: Path) -> None:
+    """load_dit copies a ComfyUI fp8_scaled file's blocks into RAM (they are rescaled, not views of the file): the
+    model description says so once, and `profile` plans what `generate` runs (issue 17: they used to disagree)."""
+    from safetensors.torch import save_file
+
+    from scail2_lite.formats import COMFY_PREFIX
+    from scail2_lite.synth import dit_tensors
+
+    sd = {}
+    for name, t in dit_tensors(tiny_config(), 0):
+        fp8 = name.startswith("blocks.") and t.ndim == 2
+        sd[COMFY_PREFIX + name] = t.to(torch.float8_e4m3fn) if fp8 else t.half()
+        if fp8:
+            sd[COMFY_PREFIX + name[: -len("weight")] + "scale_weight"] = torch.tensor(0.5)
+    sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    path = tmp_path / "scail2_fp8_scaled.safetensors"
+    save_file(sd, path)
+    target = describe_model(path)
+    assert (target.format, target.dit_scheme, target.mappable) == ("comfy-fp8_scaled", "fp8", False)
+    out = tmp_path / "p.json"
+    args = ["--width", "128", "--height", "128", "--frames", "5", "--vram", "24", "--ram", "32", "--json", str(out)]
+    result = runner.invoke(app, ["profile", str(path), *args])
+    assert result.exit_code == 0, result.output
+    expected = plan(tiny_config(), 128, 128, 5, int(24e9), int(32e9), weights="fp8", text_encoder="bf16",
+                    mappable=False)
+    assert json.loads(out.read_text())["plan"] == profiling.plan_to_json(expected)
