@@ -70,7 +70,7 @@ def main() -> None:
     shapes = {PREFIX + k: v.shape for k, v in dense.state_dict().items()}
     raw = make_synthetic_lora(shapes, "comfy", rank=args.rank, seed=0, include_diffs=True)
     # LoRA tensors resident on the GPU, as a streamer would keep them (rank 64: ~15 MB per block in bf16)
-    index = lora_index([(load_lora_state(raw, shapes, "synthetic").to("cuda"), 1.0)])
+    index = lora_index([(load_lora_state(raw, shapes, "synthetic", full_patches=True).to("cuda"), 1.0)])
 
     quant = copy.deepcopy(dense)
     swap_linears(quant, dict.fromkeys(BLOCK_LINEARS, args.scheme))
@@ -96,7 +96,7 @@ def main() -> None:
             side_ms = cuda_ms(lambda: side(inputs[0].clone(), *inputs[1:]))
         print(f"| {size} | {length} | {base_ms:.1f} | {side_ms:.1f} | {(side_ms - base_ms) / base_ms:+.1%} "
               f"| {merge_requant:.1f} | {merge_requant / base_ms:.1%} | {merge_dense:.1f} |")
-        del inputs
+        inputs = None  # freed before the next size (the lambdas above already ran)
         torch.cuda.empty_cache()
     print("\nPer step the side path costs its overhead on every block forward (x CFG branches); the merge costs "
           "once per block load (every step when blocks stream, unless merged blocks are cached).")

@@ -59,11 +59,18 @@ _DTYPE_NAMES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.int8: "int8", torch.
 
 @dataclass(frozen=True)
 class PreQuantized:
-    """A weight that arrives already quantized per output channel (e.g. from a ComfyUI fp8_scaled file)."""
+    """A weight that arrives already quantized per output channel in our layout (e.g. from a ComfyUI fp8_scaled
+    file): int8 ones with their column factors `smooth`; `error` is what converting the source file's own layout
+    into ours added (relative, measured), None when unknown."""
 
     qweight: torch.Tensor
     scale: torch.Tensor
     scheme: str
+    smooth: torch.Tensor | None = None
+    error: float | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scale, smooth=self.smooth)
 
 
 @dataclass
@@ -268,10 +275,13 @@ def _write_into(folder: Path, tensors: Iterable[tuple[str, torch.Tensor | PreQua
         if isinstance(item, PreQuantized):
             src_bytes = item.qweight.numel() * item.qweight.element_size()
             shape = tuple(item.qweight.shape)
-            if item.scheme == scheme and is_quantized_name(name) and scheme not in SMOOTHED_SCHEMES:
-                q, s, tensor = item.qweight, item.scale.to(torch.float32), None
+            passes = scheme not in SMOOTHED_SCHEMES or item.smooth is not None
+            if item.scheme == scheme and is_quantized_name(name) and passes:
+                q, s, smooth, tensor = item.qweight, item.scale.to(torch.float32), item.smooth, None
+                if item.error is not None:
+                    result.weight_errors[name] = item.error
             else:  # another scheme asked for: go back to floats and requantize (error measured vs that float)
-                tensor = dequantize(item.qweight, item.scale)
+                tensor = item.dequantized()
         else:
             tensor, src_bytes, shape = item, item.numel() * item.element_size(), tuple(item.shape)
             if tensor.dtype in (torch.int8, FP8_DTYPE):

@@ -1,7 +1,8 @@
 """`load_dit`: a checkpoint of any format -> a ready `SCAIL2Model`, holding one copy of the weights in RAM.
 
-Where `formats` (reading files) and `quantize` (quantized layers) meet: a quantized folder or a ComfyUI
-fp8_scaled file gets `QuantLinear` layers swapped in where the weights are 8-bit; LoRAs are merged here too.
+Where `formats` (reading files) and `quantize` (quantized layers) meet: a quantized folder or a ComfyUI 8-bit file
+(fp8_scaled, fp8, mxfp8 -> FP8; int8_convrot -> INT8, requantized into our rotation) gets `QuantLinear` layers
+swapped in where the weights are 8-bit; LoRAs are merged here too.
 """
 
 from __future__ import annotations
@@ -9,15 +10,29 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
 
 from . import formats
 from .config import DiTConfig
 from .errors import UserError
-from .quantize.schemes import QuantizeError, dequantize, is_quantized_name
+from .quantize.schemes import QuantizeError, is_quantized_name
 from .quantize.store import PreQuantized, iter_quantized, linear_schemes, read_manifest
+
+if TYPE_CHECKING:
+    from .lora import LoraSource
+    from .model import SCAIL2Model
+
+
+def comfy_8bit_scheme(fmt: str) -> str | None:
+    """The scheme a ComfyUI 8-bit file's block Linears are kept in (fp8_scaled, fp8, mxfp8: fp8; int8_convrot:
+    int8), None for any other format."""
+    from .quantize.comfy_quant import FILE_SCHEMES
+
+    if fmt == "comfy-fp8_scaled":
+        return "fp8"
+    return FILE_SCHEMES.get(fmt.removeprefix("comfy-")) if fmt.startswith("comfy-") else None
 
 
 def load_dit(
@@ -25,18 +40,19 @@ def load_dit(
     config: DiTConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
-    loras: Sequence[tuple[str | Path, float]] = (),
+    loras: Sequence[LoraSource] = (),
     compute: str | None = None,
     map_blocks: bool = False,
-) -> "SCAIL2Model":  # noqa: F821 (imported lazily below)
+) -> SCAIL2Model:
     """Build the model on the meta device, then assign each tensor (cast as it is read) so none is copied twice.
 
     Tensors are copied out of the file mapping into fresh, aligned memory: RAM holds one copy (the page cache
     is evictable) and kernels see the same alignment whatever the file format, so outputs match bit for bit.
 
     The config comes from `config`, else the quantized manifest or config.json beside the checkpoint, else
-    tensor shapes, else 14B. `loras` ((file, strength) pairs) are merged in fp32 before the cast; into 8-bit
-    weights by dequantize -> add -> requantize, once at load. `compute` forces the QuantLinear matmul path.
+    tensor shapes, else 14B. `loras` (`LoraFile`s, (file, strength) pairs, or already mapped (LoRA, strength)
+    pairs) are merged in fp32 before the cast; into 8-bit weights by dequantize -> add -> requantize, once at load.
+    `compute` forces the QuantLinear matmul path.
 
     `map_blocks` (quantized folders, no LoRAs): block tensors are left as read-only views of the mapped shards,
     read only when something copies them (to the GPU, or into the streamer's buffers), so loading takes no RAM
@@ -62,7 +78,11 @@ def load_dit(
             if fmt == "comfy-fp8_scaled":
                 from .quantize.comfy import from_comfy_fp8
 
-                items = _keep_fp8_linears(from_comfy_fp8(items), schemes)
+                items = _keep_quantized_linears(from_comfy_fp8(items), schemes)
+            elif comfy_8bit_scheme(fmt):
+                from .quantize.comfy_quant import from_comfy_quant
+
+                items = _keep_quantized_linears(from_comfy_quant(items, comfy_8bit_scheme(fmt)), schemes)
         state: dict[str, torch.Tensor] = {}
         for name, tensor in items:
             # A quantized folder's dtypes were chosen when it was written (fp32 modulation, bf16 rest), and the
@@ -101,9 +121,10 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype | 
     return dtype
 
 
-def _keep_fp8_linears(items: Iterable, schemes: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """ComfyUI fp8_scaled -> our layout: block Linears stay FP8 (per-tensor scale broadcast per channel, exact),
-    anything else that arrives FP8 is dequantized (we keep those layers in high precision)."""
+def _keep_quantized_linears(items: Iterable, schemes: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """ComfyUI 8-bit files -> our layout: block Linears that arrive in our layout (`PreQuantized`) stay 8-bit
+    (their scheme recorded in `schemes`), anything else that arrives 8-bit is dequantized (we keep those layers in
+    high precision)."""
     for name, item in items:
         if not isinstance(item, PreQuantized):
             yield name, item
@@ -112,16 +133,18 @@ def _keep_fp8_linears(items: Iterable, schemes: dict[str, str]) -> Iterator[tupl
             schemes[layer] = item.scheme
             yield name, item.qweight
             yield f"{layer}.scale", item.scale
+            if item.smooth is not None:
+                yield f"{layer}.smooth", item.smooth
         else:
-            yield name, dequantize(item.qweight, item.scale)
+            yield name, item.dequantized()
 
 
-def _merge_loras(state: dict[str, torch.Tensor], loras: Sequence[tuple[str | Path, float]], config: DiTConfig) -> None:
+def _merge_loras(state: dict[str, torch.Tensor], loras: Sequence[LoraSource], config: DiTConfig) -> None:
     """Merge LoRA deltas into `state` in place (fp32 math, cast back; 8-bit weights requantized)."""
-    from .lora import load_lora, lora_index, merge_block
+    from .lora import lora_index, merge_block, resolve_loras
 
     shapes = {k: torch.Size(v) for k, v in formats.wan_shapes(config).items()}
-    state.update(merge_block(state, lora_index([(load_lora(p, shapes), s) for p, s in loras])))
+    state.update(merge_block(state, lora_index(resolve_loras(loras, shapes))))
 
 
 @dataclass(frozen=True)
@@ -165,5 +188,5 @@ def describe_model(path: str | Path) -> ModelDescription:
                                 tuple(folder / f for f in manifest["dit"]["files"]), True,
                                 f"{path} (quantized, DiT {scheme}, umT5 {te})")
     config, where = formats.read_config(path, formats.read_shapes(path))
-    scheme = "fp8" if fmt == "comfy-fp8_scaled" else "bf16"  # load_dit keeps fp8_scaled block Linears in FP8
+    scheme = comfy_8bit_scheme(fmt) or "bf16"  # load_dit keeps a ComfyUI 8-bit file's block Linears 8-bit
     return ModelDescription(path, fmt, config, scheme, "bf16", source=f"{path} ({fmt}, config from {where})")

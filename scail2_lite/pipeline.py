@@ -31,8 +31,10 @@ from .cache import PromptCache, file_identity
 from .config import DEFAULT_NEGATIVE_PROMPT
 from .encoders import CLIP_FILE, UMT5_DIR, encode_image, encode_text, load_clip, load_text_encoder
 from .errors import UserError
+from .formats import wan_shapes
 from .inputs import InputFiles, Inputs, load_inputs
 from .loader import ModelDescription, describe_model
+from .lora import LoRA, LoraSource, resolve_loras
 from .model import LATENT_CHANNELS, Conditions
 from .offload.placement import DitPlacement, out_of_memory, release_cached_memory
 from .offload.planner import Plan
@@ -100,8 +102,9 @@ class Pipeline:
     """SCAIL-2 generation. Build with `from_pretrained`; call with the user's inputs."""
 
     def __init__(self, folder: ModelFolder, dit: torch.nn.Module, model: ModelDescription, memory: MemorySettings,
-                 device: torch.device) -> None:
+                 device: torch.device, loras: tuple[tuple[LoRA, float], ...] = ()) -> None:
         self.folder = folder
+        self.loras = loras  # merged into `dit`, with their match reports
         self.dit = dit
         self.model = model  # what the checkpoint is (after LoRAs: not mappable); text_encoder = the scheme used
         self.memory = memory
@@ -110,13 +113,15 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, memory: MemorySettings | None = None, *,
-                        loras: Sequence[tuple[str | Path, float]] = (), dtype: torch.dtype = torch.bfloat16,
+                        loras: Sequence[LoraSource] = (), dtype: torch.dtype = torch.bfloat16,
                         **memory_fields: object) -> "Pipeline":
         """Load a SCAIL-2 folder (official layout, or a `scail2-lite quantize` output).
 
         The DiT is loaded to CPU RAM; each call places it (all on the GPU, or streamed block by block) with the
         memory plan that fits the size asked for. `memory` (or its fields as keywords: `device="cpu"`,
         `profile="16gb"`, ...) says where and how; the encoders are loaded when needed and released after use.
+        `loras`: `LoraFile`s (file, strength, merge rule) or (file, strength) pairs; `Pipeline.loras` keeps them
+        mapped, each with its match report (`LoRA.report`).
         """
         from .loader import load_dit
 
@@ -130,11 +135,12 @@ class Pipeline:
         # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
         # them from the files, a resident placement copies them to the GPU): RAM holds only the non-block layers.
         # Not with LoRAs: they are merged into the RAM copy, the shards hold the weights without them.
-        if loras:
+        mapped = tuple(resolve_loras(loras, {k: torch.Size(v) for k, v in wan_shapes(model.config).items()}))
+        if mapped:
             model = model.without_mapping()
-        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=loras,
+        dit = load_dit(folder.root, dtype=dtype, device="cpu", loras=mapped,
                        map_blocks=device.type == "cuda" and model.mappable)
-        return cls(folder, dit, model, memory, device)
+        return cls(folder, dit, model, memory, device, mapped)
 
     # ---- phases ------------------------------------------------------------------------------------------------
 

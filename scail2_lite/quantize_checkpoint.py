@@ -15,10 +15,13 @@ import torch
 from . import formats
 from .encoders import CLIP_FILE, UMT5_DIR
 from .errors import UserError
+from .loader import comfy_8bit_scheme
+from .lora import LoRA, LoraFile, as_lora_file, resolve_loras
 from .quantize.comfy import export_comfy, from_comfy_fp8
+from .quantize.comfy_quant import from_comfy_quant
 from .quantize.linear import check_compute
 from .quantize.report import FidelityReport, compare
-from .quantize.schemes import QuantizeError, check_scheme, dequantize
+from .quantize.schemes import QuantizeError, check_scheme
 from .quantize.store import PreQuantized, fingerprint, is_quantized_folder, write_quantized
 from .quantize.text_encoder import quantize_block, text_encoder_backend
 from .vae import VAE_FILE
@@ -35,14 +38,14 @@ def quantize_checkpoint(
     dit: str = "fp8",
     text_encoder: str = "nf4",
     compute: str | None = None,
-    loras: Sequence[tuple[str | Path, float]] = (),
+    loras: Sequence[LoraFile | tuple[str | Path, float]] = (),
     export: str | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> FidelityReport:
-    """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras` in
-    fp32 first, and return the fidelity report (also saved as `fidelity.json` in `out`). `progress(done, total)`
+    """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras`
+    (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as `fidelity.json` in `out`). `progress(done, total)`
     counts source bytes. Bad input raises UserError before anything is written."""
     src, out = Path(src), Path(out)
     try:
@@ -58,10 +61,11 @@ def quantize_checkpoint(
         if fmt == "quantized" or is_quantized_folder(src):
             raise UserError(f"{src} is already quantized; quantize from the original checkpoint")
         dit_file = formats.find_dit(src)
-        shapes = {k: v for k, v in formats.read_shapes(src).items() if not k.endswith((".scale_weight", ".scale_input"))}
+        shapes = formats.read_shapes(src)
         config, _ = formats.read_config(src, shapes)
         formats.check_keys(shapes, config, src)
-        mapped = _load_loras(loras, config, log)
+        specs = [as_lora_file(x) for x in loras]
+        mapped = _load_loras(specs, config, log)
         root = src if src.is_dir() else dit_file.parent
         parts = {name: root / name for name in COMPONENTS if (root / name).exists()}
         if len(parts) < len(COMPONENTS):
@@ -80,6 +84,8 @@ def quantize_checkpoint(
         tensors: Iterable = formats.iter_tensors(src)
         if fmt == "comfy-fp8_scaled":
             tensors = from_comfy_fp8(tensors)
+        elif comfy_8bit_scheme(fmt):
+            tensors = from_comfy_quant(tensors, dit, measure=True)
         if mapped:
             tensors = _merged(tensors, mapped)
         result = write_quantized(
@@ -87,14 +93,14 @@ def quantize_checkpoint(
             copy_files=parts, force=force, progress=advance,
             text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
                           "quantized_at_load": text_encoder != "bf16"},
-            loras=[_lora_record(path, s, lo) for (path, s), (lo, _) in zip(loras, mapped)],
+            loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
         )
         if progress is not None:
             progress(total, total)
         report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized, text_encoder_scheme=text_encoder)
         try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
-            if fmt != "comfy-fp8_scaled":
-                report.dit_forward = _dit_check(src, out, config, compute, loras, log)
+            if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
+                report.dit_forward = _dit_check(src, out, config, compute, mapped, log)
             if text_encoder != "bf16" and UMT5_DIR in parts:
                 report.text_encoder_backend, report.text_encoder = _text_encoder_check(out / UMT5_DIR, text_encoder,
                                                                                        log)
@@ -115,15 +121,13 @@ def _dit_files(dit_file: Path) -> list[Path]:
     return formats.index_files(dit_file) if dit_file.name.endswith(".index.json") else [dit_file]
 
 
-def _load_loras(pairs: Sequence[tuple[str | Path, float]], config, log: Callable[[str], None]) -> list:
+def _load_loras(specs: Sequence[LoraFile], config, log: Callable[[str], None]) -> list[tuple[LoRA, float]]:
     """(LoRA, strength) pairs mapped onto the DiT of `config`: shape mismatches fail here, before anything is
     written; each LoRA's match report is logged."""
-    from .lora import load_lora
-
     shapes = {k: torch.Size(v) for k, v in formats.wan_shapes(config).items()}
-    loras = [(load_lora(path, shapes), strength) for path, strength in pairs]
+    loras = resolve_loras(specs, shapes)
     for lo, strength in loras:
-        log(f"{lo.report()} (strength {strength:g})")
+        log(lo.report(strength))
     return loras
 
 
@@ -136,15 +140,16 @@ def _merged(tensors: Iterable, loras: list) -> Iterator:
     for name, item in tensors:
         if name in index:
             if isinstance(item, PreQuantized):
-                item = dequantize(item.qweight, item.scale)
+                item = item.dequantized()
             item = merge_tensor(name, item.float(), index)
         yield name, item
 
 
-def _lora_record(path: str | Path, strength: float, lo) -> dict:
+def _lora_record(spec: LoraFile, lo) -> dict:
     """The manifest's entry for a LoRA merged at quantization time."""
-    return {**fingerprint(path), "strength": strength, "matched_keys": lo.matched_keys,
-            "updates": len(lo.updates), "unmatched": lo.unmatched, "merged": "fp32, before quantization"}
+    return {**fingerprint(spec.path), "strength": spec.strength, "full_patches": spec.full_patches,
+            "matched_keys": lo.matched_keys, "updates": len(lo.updates), "unmatched": lo.unmatched,
+            "skipped": lo.skipped, "merged": "fp32, before quantization"}
 
 
 def _check_device(nbytes: int, log: Callable[[str], None], what: str) -> str | None:
@@ -159,7 +164,7 @@ def _check_device(nbytes: int, log: Callable[[str], None], what: str) -> str | N
 
 
 @torch.no_grad()
-def _dit_check(src: Path, out: Path, config, compute: str | None, loras: Sequence[tuple[str | Path, float]],
+def _dit_check(src: Path, out: Path, config, compute: str | None, loras: Sequence[tuple[LoRA, float]],
                log: Callable[[str], None]) -> dict | None:
     """One DiT forward on random conditioning: the quantized folder vs the bf16 source (same LoRAs merged)."""
     from .loader import load_dit

@@ -63,3 +63,39 @@ def test_refusals_write_nothing(source, tmp_path):
         with pytest.raises(UserError, match=message):
             quantize_checkpoint(**{"dit": "fp8", "text_encoder": "bf16", **kwargs}, log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("quant,dit", [("mxfp8", "fp8"), ("int8_convrot", "int8"), ("mxfp8", "int8")])
+def test_quantize_accepts_comfy_8bit_repacks(tmp_path, quant, dit):
+    """Comfy-Org's mxfp8 / int8_convrot files as a source: `inspect` names them, `quantize` writes what `load_dit`
+    makes of the file directly (its own scheme) or requantizes from its dequantized weights (another scheme); the
+    weight errors it reports are what the conversion added."""
+    from scail2_lite.quantize.comfy_quant import dequantize_mxfp8
+    from scail2_lite.quantize.schemes import dequantize, is_quantized_name, relative_error
+    from scail2_lite.quantize.store import load_quantized
+    from scail2_lite.synth import tiny_config, write_dit
+
+    src = write_dit(tmp_path / "comfy", tiny_config(), f"comfy-{quant}", seed=2)
+    res = CliRunner().invoke(app, ["inspect", str(src)])
+    assert res.exit_code == 0 and f"comfy-{quant}" in res.output, res.output
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, ["quantize", str(src), "-o", str(out), "--dit", dit, "--text-encoder", "bf16"])
+    assert res.exit_code == 0, res.output
+    manifest, state = load_quantized(out)
+    errors = json.loads((out / "fidelity.json").read_text())["weight_errors"]
+    direct = load_dit(src, dtype=torch.float32).state_dict()
+    linears = [k for k in direct if is_quantized_name(k)]
+    assert manifest["dit"]["scheme"] == dit and set(errors) == set(linears)
+    for name in linears:
+        layer = name.removesuffix(".weight")
+        got = dequantize(state[name], state[f"{layer}.scale"], smooth=state.get(f"{layer}.smooth"))
+        if (quant, dit) != ("mxfp8", "int8"):  # the file's own scheme: the same conversion as loading it
+            assert torch.equal(state[name].view(torch.uint8), direct[name].view(torch.uint8)), name
+            assert errors[name] < (1e-4 if dit == "fp8" else 0.02), (name, errors[name])
+        else:
+            from safetensors.torch import load_file
+
+            raw = load_file(src)
+            prefix = "model.diffusion_model."
+            theirs = dequantize_mxfp8(raw[prefix + name], raw[prefix + layer + ".weight_scale"])
+            assert errors[name] == pytest.approx(relative_error(theirs, got), rel=1e-4) and errors[name] < 0.02

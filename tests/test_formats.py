@@ -231,3 +231,49 @@ def test_iter_tensors_hands_pages_back(tmp_path: Path, monkeypatch: pytest.Monke
     released, held = grown(8 * 2**20)
     assert kept > 80e6 and released < 24e6
     assert held.keys() == tensors.keys() and all(torch.equal(held[k], t) for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("quant", ["mxfp8", "int8_convrot"])
+def test_comfy_8bit_repacks_are_named_and_load_into_our_layouts(tmp_path: Path, reference: dict, quant: str) -> None:
+    """Comfy-Org's mxfp8 / int8_convrot single files (written by the synth tool in ComfyUI's comfy_quant
+    convention) load directly: mxfp8 into our FP8 layout, int8_convrot requantized into our INT8 layout."""
+    from safetensors import safe_open
+
+    from scail2_lite.loader import describe_model
+    from scail2_lite.quantize.comfy_quant import dequantize_int8_convrot, dequantize_mxfp8, parse_config
+    from scail2_lite.quantize.schemes import dequantize, is_quantized_name, relative_error
+
+    path = synth.write_dit(_with_config(tmp_path), CFG, f"comfy-{quant}", seed=3)
+    assert formats.detect_format(tmp_path) == f"comfy-{quant}"
+    info = formats.describe(path)
+    linears = [k for k in reference if is_quantized_name(k)]
+    assert info["problems"] == [] and info["tensors"] == len(reference) and info["scale_tensors"] == 2 * len(linears)
+    scheme = "fp8" if quant == "mxfp8" else "int8"
+    assert describe_model(tmp_path).dit_scheme == scheme
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["_quantization_metadata"])["layers"]
+        raw = {k.removeprefix(formats.COMFY_PREFIX): f.get_tensor(k) for k in f.keys()}
+    assert len(meta) == len(linears) and parse_config(raw["blocks.0.ffn.2.comfy_quant"])["format"] == (
+        "mxfp8" if quant == "mxfp8" else "int8_tensorwise")
+    model = load_dit(path, dtype=torch.float32)
+    state = model.state_dict()
+    for name in linears:
+        layer = name.removesuffix(".weight")
+        q, s = raw[name], raw[f"{layer}.weight_scale"]
+        if quant == "mxfp8":
+            theirs = dequantize_mxfp8(q, s)  # checked element by element in test_quantize
+        else:
+            theirs = dequantize_int8_convrot(q, s, parse_config(raw[f"{layer}.comfy_quant"])["convrot_groupsize"])
+        module = model.get_submodule(layer)
+        assert type(module).__name__ == "QuantLinear" and module.scheme == scheme
+        ours = dequantize(state[name], state[f"{layer}.scale"], smooth=state.get(f"{layer}.smooth"))
+        # mxfp8 -> per-row fp8: exact but for values pushed below e4m3's normal range; int8: one more rounding
+        assert relative_error(theirs, ours) < (1e-4 if quant == "mxfp8" else 0.02), name
+        assert relative_error(reference[name], ours) < (0.04 if quant == "mxfp8" else 0.03), name
+    for name, t in reference.items():
+        if not is_quantized_name(name):
+            assert torch.equal(state[name], t.to(torch.bfloat16).float()), name
+    ref_model = load_dit(synth.write_dit(_with_config(tmp_path / "wan"), CFG, "wan", seed=3), dtype=torch.float32)
+    with torch.no_grad():
+        got, want = run_model(model, _inputs(CFG)), run_model(ref_model, _inputs(CFG))
+    assert relative_error(want, got) < 0.05

@@ -15,22 +15,29 @@ from scail2_lite.config import DiTConfig
 from scail2_lite.errors import UserError
 from scail2_lite.lora import (
     BLOCK_LINEARS,
+    I2V_IN_CHANNELS,
+    SKIP_RULE,
+    SKIP_SHAPE,
+    LoraFile,
     LoraSidePath,
     apply_side_path,
     load_lora,
     load_lora_state,
     lora_index,
+    make_lightx2v_lora,
     make_synthetic_lora,
     merge_block,
     merge_into_model,
     merge_into_state_dict,
     parse_lora_arg,
+    read_lora_file,
+    resolve_loras,
 )
 from scail2_lite.model import SCAIL2Model
 from scail2_lite.quantize.linear import swap_linears
 from scail2_lite.quantize.schemes import dequantize, quantize_linear, relative_error, rotate_columns
 
-FORMATS = ("kohya", "comfy", "peft", "diffusers")
+FORMATS = ("kohya", "comfy", "peft", "diffusers", "wan")
 CFG = replace(DiTConfig.preset("tiny"), clip_dim=32)
 
 
@@ -64,19 +71,25 @@ def _forward(m: SCAIL2Model) -> torch.Tensor:
     return run_model(m, _inputs())
 
 
-def _predicted(base: dict[str, torch.Tensor], raw: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
-    """Weights predicted by hand from a comfy-format file: W + strength * alpha/rank * up @ down, diffs added."""
+def _predicted(base: dict[str, torch.Tensor], raw: dict[str, torch.Tensor], strength: float,
+               full_patches: bool = True) -> dict[str, torch.Tensor]:
+    """Weights predicted by hand from a comfy-format file: W + strength * alpha/rank * up @ down (alpha 1 per rank
+    without `.alpha`), diffs added (upstream's rule, `full_patches` False: only the `diff_b` of a paired layer)."""
     out = {k: v.clone().float() for k, v in base.items()}
     for key, t in raw.items():
         mod = key.removeprefix("diffusion_model.")
+        paired = key.replace(".diff_b", ".lora_down.weight") in raw
         if key.endswith(".lora_down.weight"):
             mod = mod.removesuffix(".lora_down.weight")
             up = raw[key.replace("lora_down", "lora_up")].float()
             down = t.float()
-            alpha = raw[key.replace("lora_down.weight", "alpha")].item()
+            alpha_key = key.replace("lora_down.weight", "alpha")
+            alpha = raw[alpha_key].item() if alpha_key in raw else down.shape[0]
             w = out[f"{mod}.weight"]
             d = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(w.shape)
             out[f"{mod}.weight"] = w + strength * alpha / down.shape[0] * d
+        elif not full_patches and not (key.endswith(".diff_b") and paired):
+            continue
         elif key.endswith(".diff_b"):
             out[mod.removesuffix(".diff_b") + ".bias"] += strength * t.float()
         elif key.endswith(".diff"):
@@ -88,11 +101,13 @@ def _predicted(base: dict[str, torch.Tensor], raw: dict[str, torch.Tensor], stre
 
 
 def test_every_format_maps_to_the_same_wan_updates(shapes):
-    ref = load_lora_state(make_synthetic_lora(shapes, "comfy", rank=4, seed=3, include_diffs=True), shapes)
+    ref = load_lora_state(make_synthetic_lora(shapes, "comfy", rank=4, seed=3, include_diffs=True), shapes,
+                          full_patches=True)
     ref_deltas = {u.target: u.delta(shapes[u.target]) for u in ref.updates}
     for fmt in FORMATS:
-        lora = load_lora_state(make_synthetic_lora(shapes, fmt, rank=4, seed=3, include_diffs=True), shapes, fmt)
-        assert not lora.unmatched, lora.report()
+        raw = make_synthetic_lora(shapes, fmt, rank=4, seed=3, include_diffs=True)
+        lora = load_lora_state(raw, shapes, fmt, full_patches=True)
+        assert not lora.unmatched and not lora.skipped, lora.report()
         low_rank = {u.target for u in lora.updates if u.diff is None}
         assert low_rank == {f"blocks.{b}.{t}.weight" for b in range(CFG.num_layers) for t in BLOCK_LINEARS}
         for u in lora.updates:
@@ -102,7 +117,7 @@ def test_every_format_maps_to_the_same_wan_updates(shapes):
 def test_merge_equals_prediction_and_changes_output_as_predicted(model, shapes):
     targets = BLOCK_LINEARS + ("head.head", "patch_embedding", "time_projection.1")
     raw = make_synthetic_lora(shapes, "comfy", rank=4, seed=5, targets=targets, include_diffs=True)
-    lora = load_lora_state(raw, shapes)
+    lora = load_lora_state(raw, shapes, full_patches=True)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     merged = merge_into_model(copy.deepcopy(model), [(lora, 0.7)])
     predicted = _predicted(base, raw, 0.7)
@@ -120,7 +135,7 @@ def test_strengths_and_several_loras_add(shapes):
     state = {k: torch.randn(s) for k, s in shapes.items()}
     raw1 = make_synthetic_lora(shapes, "comfy", rank=4, seed=1, include_diffs=True)
     raw2 = make_synthetic_lora(shapes, "comfy", rank=2, seed=2)
-    l1, l2 = load_lora_state(raw1, shapes), load_lora_state(raw2, shapes)
+    l1, l2 = load_lora_state(raw1, shapes, full_patches=True), load_lora_state(raw2, shapes)
     merged = merge_into_state_dict(dict(state), [(l1, 0.5), (l2, -1.0)])
     p1, p2 = _predicted(state, raw1, 0.5), _predicted(state, raw2, -1.0)
     for k in state:
@@ -130,7 +145,7 @@ def test_strengths_and_several_loras_add(shapes):
 def test_diffs_are_applied_to_norms_biases_and_modulation(shapes):
     raw = make_synthetic_lora(shapes, "kohya", rank=4, seed=7, include_diffs=True)
     state = {k: torch.zeros(s) for k, s in shapes.items()}
-    merged = merge_into_state_dict(dict(state), [(load_lora_state(raw, shapes), 2.0)])
+    merged = merge_into_state_dict(dict(state), [(load_lora_state(raw, shapes, full_patches=True), 2.0)])
     for wan, key in [
         ("blocks.1.norm3.weight", "lora_unet_blocks_1_norm3.diff"),
         ("blocks.1.norm3.bias", "lora_unet_blocks_1_norm3.diff_b"),
@@ -149,7 +164,7 @@ def test_lightx2v_style_raw_parameter_diff_and_diffusers_names(shapes):
         "transformer.condition_embedder.time_proj.lora_B.bias": torch.ones(shapes["time_projection.1.bias"]),
         "lora_unet__blocks_0_cross_attn_k_img.diff_b": torch.ones(shapes["blocks.0.cross_attn.k_img.bias"]),
     }
-    targets = sorted(u.target for u in load_lora_state(state, shapes).updates)
+    targets = sorted(u.target for u in load_lora_state(state, shapes, full_patches=True).updates)
     assert targets == [
         "blocks.0.cross_attn.k_img.bias", "blocks.0.modulation", "blocks.1.norm3.weight", "head.modulation",
         "time_projection.1.bias",
@@ -164,7 +179,9 @@ def test_unmatched_keys_are_reported(shapes):
     lora = load_lora_state(raw, shapes, "x.safetensors")
     assert lora.unmatched == sorted(k for k in raw if "lora_te_" in k or "blocks.99" in k)
     assert lora.matched_keys == len(raw) - 3
-    assert "not matched: diffusion_model.blocks.99" in lora.report() and f"{len(raw) - 3}/{len(raw)}" in lora.report()
+    report = lora.report(0.5)
+    assert report.startswith(f"LoRA x.safetensors at strength 0.5: {len(raw) - 3}/{len(raw)} keys applied")
+    assert "\n  3 not matched (no such tensor in the SCAIL-2 DiT): diffusion_model.blocks.99" in report
 
 
 def test_nothing_matching_is_an_error(shapes):
@@ -287,3 +304,128 @@ def test_requantized_merge_within_quantization_error(model, shapes, scheme):
     quant_err = relative_error(_forward(ref), _forward(direct_q))
     merged_err = relative_error(_forward(ref), _forward(merged_q))
     assert 0 < merged_err <= 2 * quant_err, (merged_err, quant_err)
+
+
+# ---- SCAIL-2's own LoRAs (SAT pickles), upstream's converter output, LightX2V's distill LoRA as people have it ----
+
+# SPEC section 7's table, written out independently of the loader's: SAT module (+ sub-LoRA index) -> Wan module.
+_SAT_TO_WAN = {
+    "attention.query_key_value.lora_layer.0": "self_attn.q", "attention.query_key_value.lora_layer.1": "self_attn.k",
+    "attention.query_key_value.lora_layer.2": "self_attn.v", "attention.dense.lora_layer": "self_attn.o",
+    "cross_attention.query.lora_layer": "cross_attn.q", "cross_attention.key_value.lora_layer.0": "cross_attn.k",
+    "cross_attention.key_value.lora_layer.1": "cross_attn.v", "cross_attention.dense.lora_layer": "cross_attn.o",
+    "mlp.dense_h_to_4h.lora_layer": "ffn.0", "mlp.dense_4h_to_h.lora_layer": "ffn.2",
+}  # fmt: skip
+
+
+def _convert_lora_by_hand(sat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What upstream `convert_lora.py` writes: `diffusion_model.blocks.N.<wan>.lora_down/lora_up.weight`, `diff_b`."""
+    out = {}
+    for key, t in sat.items():
+        rest = key.removeprefix("model.diffusion_model.transformer.layers.")
+        layer, _, rest = rest.partition(".")
+        for suffix, new in ((".down.weight", ".lora_down.weight"), (".up.weight", ".lora_up.weight"),
+                            (".diff_b", ".diff_b")):
+            if rest.endswith(suffix):
+                out[f"diffusion_model.blocks.{layer}.{_SAT_TO_WAN[rest.removesuffix(suffix)]}{new}"] = t
+    assert len(out) == len(sat)
+    return out
+
+
+def test_sat_dpo_lora_loads_safely_and_merges_with_upstreams_rule(model, shapes, tmp_path):
+    import numpy as np
+
+    sat = make_synthetic_lora(shapes, "sat", rank=4, seed=11, dtype=torch.float32)
+    assert "model.diffusion_model.transformer.layers.1.attention.query_key_value.lora_layer.2.up.weight" in sat
+    assert "model.diffusion_model.transformer.layers.0.mlp.dense_4h_to_h.lora_layer.down.weight" in sat
+    assert len(sat) == CFG.num_layers * 10 * 2  # 10 modules per layer, like the DPO file's 800 = 40 x 10 x 2
+    sat["model.diffusion_model.transformer.layers.0.cross_attention.key_value.lora_layer.1.diff_b"] = torch.full(
+        (CFG.dim,), 0.25)  # convert_lora maps a diff_b too; upstream adds it to the paired layer's bias
+    # as the SAT trainer saves it: tensors under "module", beside an iteration and NumPy's RNG state
+    torch.save({"module": sat, "iteration": 3, "np_rng_state": np.random.RandomState(0).get_state()},
+               tmp_path / "bias-aware-dpo-lora.pt")
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):  # plain weights_only needs the allow-list
+        torch.load(tmp_path / "bias-aware-dpo-lora.pt", weights_only=True)
+    lora = load_lora(tmp_path / "bias-aware-dpo-lora.pt", shapes)
+    assert lora.matched_keys == len(sat) and not lora.unmatched and not lora.skipped, lora.report()
+    torch.save({"module": sat}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # older torch.save
+    assert read_lora_file(tmp_path / "legacy.pt").keys() == sat.keys()
+    assert {u.scale for u in lora.updates} == {1.0}  # no alpha, no rank factor
+    assert not any("img" in u.target for u in lora.updates)
+
+    merged = merge_into_model(copy.deepcopy(model), [(lora, 0.8)])
+    expected = _predicted(model.state_dict(), _convert_lora_by_hand(sat), 0.8, full_patches=False)
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=k)
+    bias = "blocks.0.cross_attn.v.bias"
+    torch.testing.assert_close(merged.state_dict()[bias], model.state_dict()[bias] + 0.2, rtol=0, atol=1e-6)
+
+    # upstream convert_lora.py's safetensors output, and ComfyUI's bf16 repack of it: the same updates
+    converted = _convert_lora_by_hand(sat)
+    save_file(converted, tmp_path / "converted.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in converted.items()}, tmp_path / "repack_bf16.safetensors")
+    deltas = {u.target: u.delta(shapes[u.target]) for u in lora.updates}
+    for name, tol in (("converted.safetensors", 0.0), ("repack_bf16.safetensors", 1e-2)):  # bf16: ~0.4% off
+        other = load_lora(tmp_path / name, shapes)
+        assert other.matched_keys == len(sat) and not other.skipped and not other.unmatched
+        for u in other.updates:
+            assert relative_error(deltas[u.target], u.delta(shapes[u.target])) <= tol, (name, u.target)
+
+
+def test_lightx2v_lora_with_the_36_channel_entry(model, shapes):
+    raw = make_lightx2v_lora(shapes, rank=4, seed=2)
+    pe = "diffusion_model.patch_embedding.diff"
+    assert raw[pe].shape == (CFG.dim, I2V_IN_CHANNELS, 1, 2, 2) and shapes["patch_embedding.weight"][1] == 20
+    full_keys = [k for k in raw if k.endswith((".diff", ".diff_m"))]
+    unpaired_b = [k for k in raw if k.endswith(".diff_b") and k.replace(".diff_b", ".lora_down.weight") not in raw]
+    assert "diffusion_model.blocks.0.cross_attn.norm_k_img.diff" in full_keys and "diffusion_model.blocks.1.diff_m" in raw
+
+    # upstream's rule (the default): pairs and their diff_b merged, every other patch skipped and listed
+    lora = load_lora_state(raw, shapes, "lightx2v.safetensors")
+    assert lora.skipped == {SKIP_RULE: sorted(full_keys + unpaired_b)} and not lora.unmatched
+    assert {u.target for u in lora.updates if u.diff is None} == {
+        f"blocks.{b}.{t}.weight" for b in range(CFG.num_layers) for t in BLOCK_LINEARS}
+    report = lora.report(1.0)
+    skipped_line = report.splitlines()[1]
+    assert skipped_line.startswith(f"  {len(full_keys) + len(unpaired_b)} full-tensor patches skipped by upstream's")
+    assert f"diffusion_model.blocks.*.diff_m (x{CFG.num_layers})" in skipped_line and pe in skipped_line
+    merged = merge_into_model(copy.deepcopy(model), [(lora, 1.0)])
+    expected = _predicted(model.state_dict(), raw, 1.0, full_patches=False)
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=k)
+    assert torch.equal(merged.state_dict()["patch_embedding.weight"], model.state_dict()["patch_embedding.weight"])
+
+    # ComfyUI's rule (--lora-full-patches): the patches that fit are added, the 36-channel one is skipped, no error
+    full = load_lora_state(raw, shapes, "lightx2v.safetensors", full_patches=True)
+    assert full.skipped == {SKIP_SHAPE: [f"{pe} (64, 36, 1, 2, 2) vs patch_embedding.weight (64, 20, 1, 2, 2)"]}
+    merged = merge_into_model(copy.deepcopy(model), [(full, 1.0)])
+    expected = _predicted(model.state_dict(), {k: v for k, v in raw.items() if k != pe}, 1.0)
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=k)
+    assert "1 shaped for another model, skipped: " + pe in full.report()
+
+
+def test_wrong_shape_outside_the_blocks_is_skipped_and_nothing_to_apply_is_an_error(shapes):
+    raw = make_synthetic_lora(shapes, "comfy", rank=4, seed=0, targets=("ffn.0",))
+    raw["diffusion_model.patch_embedding.lora_down.weight"] = torch.zeros(4, I2V_IN_CHANNELS, 1, 2, 2)
+    raw["diffusion_model.patch_embedding.lora_up.weight"] = torch.zeros(CFG.dim, 4, 1, 1, 1)
+    lora = load_lora_state(raw, shapes)
+    assert [u.target for u in lora.updates] == ["blocks.0.ffn.0.weight", "blocks.1.ffn.0.weight"]
+    assert len(lora.skipped[SKIP_SHAPE]) == 2 and lora.skipped[SKIP_SHAPE][0].startswith(
+        "diffusion_model.patch_embedding.lora_down.weight (up (64, 4, 1, 1, 1), down (4, 36, 1, 2, 2)) vs")
+    only_patches = {"diffusion_model.blocks.0.norm3.diff": torch.zeros(CFG.dim)}
+    with pytest.raises(UserError, match="nothing to apply: 1 full-tensor patches skipped by upstream's rule"):
+        load_lora_state(only_patches, shapes, "patches.safetensors")
+    assert load_lora_state(only_patches, shapes, full_patches=True).updates[0].target == "blocks.0.norm3.weight"
+
+
+def test_lora_files_choose_the_rule_and_resolve(tmp_path, shapes):
+    save_file(make_lightx2v_lora(shapes, rank=4, seed=0), tmp_path / "lx.safetensors")
+    assert LoraFile.parse(f"{tmp_path / 'lx.safetensors'}:0.5", full_patches=True) == LoraFile(
+        tmp_path / "lx.safetensors", 0.5, True)
+    mapped = resolve_loras([LoraFile(tmp_path / "lx.safetensors", 0.5, True), (tmp_path / "lx.safetensors", 2.0)],
+                           shapes)
+    (full, s1), (upstream, s2) = mapped
+    assert (s1, s2) == (0.5, 2.0) and len(full.updates) > len(upstream.updates)
+    assert resolve_loras([(upstream, 0.3)], shapes)[0] == (upstream, 0.3)  # already mapped: kept
+    assert set(read_lora_file(tmp_path / "lx.safetensors")) == set(make_lightx2v_lora(shapes, rank=4, seed=0))

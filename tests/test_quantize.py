@@ -425,3 +425,121 @@ def test_report_json(tmp_path: Path) -> None:
     data = json.loads(rep.save(tmp_path).read_text())
     assert data["weight_error_by_kind"]["ffn.0"] == {"mean": pytest.approx(0.03), "max": 0.04, "layers": 2}
     assert data["dit_forward"]["cosine"] > 0.99 and rep.table().row_count == 2
+
+
+# ---- ComfyUI's comfy_quant files: mxfp8 and int8_convrot, each compared against dequantizing by hand ----------------
+
+def _comfy_config(conf: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+
+
+def _mxfp8_by_hand(q: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Dequantize element by element with cuBLAS's documented block-scaling layout: the scale of row i, block j
+    sits at tile (i // 128, j // 4), offset (i % 32) * 16 + (i % 128 // 32) * 4 + j % 4 inside its 512 entries;
+    E8M0 code e means 2^(e - 127) (0: a zero block)."""
+    rows, cols = q.shape
+    tiles_per_row = stored.shape[1] // 4
+    flat = stored.view(torch.uint8).flatten().tolist()
+    out = torch.empty(rows, cols)
+    for i in range(rows):
+        for j in range(cols // 32):
+            e = flat[((i // 128) * tiles_per_row + j // 4) * 512 + (i % 32) * 16 + (i % 128 // 32) * 4 + j % 4]
+            out[i, 32 * j:32 * j + 32] = q[i, 32 * j:32 * j + 32].float() * (0.0 if e == 0 else 2.0 ** (e - 127))
+    return out
+
+
+def test_comfy_mxfp8_by_hand_and_into_our_fp8_layout() -> None:
+    from scail2_lite.quantize.comfy_quant import (
+        dequantize_mxfp8,
+        from_comfy_quant,
+        mxfp8_to_rowwise,
+        quantize_mxfp8,
+        swizzle,
+        unswizzle,
+    )
+
+    w = heavy_tailed(200, 192)  # 200 rows: two 128-row tiles, the second padded; 6 blocks: padded to 8
+    w[3, 32:64] = 0.0  # a zero block
+    q, stored = quantize_mxfp8(w)
+    assert q.dtype == FP8_DTYPE and stored.dtype == torch.uint8 and stored.shape == (256, 8)
+    exps = torch.randint(0, 255, (200, 6), dtype=torch.uint8)
+    assert torch.equal(unswizzle(swizzle(exps), 200, 6), exps)
+    by_hand = _mxfp8_by_hand(q, stored)
+    assert torch.equal(dequantize_mxfp8(q, stored), by_hand) and (by_hand[3, 32:64] == 0).all()
+    assert relative_error(w, by_hand) < 0.04  # e4m3's 3 mantissa bits, ~2.5% on heavy-tailed rows
+    # our layout: one power-of-two scale per row; exact except values pushed below e4m3's normal range
+    rowwise, row, err = mxfp8_to_rowwise(q, stored)
+    ours = rowwise.float() * row[:, None]
+    assert torch.equal(torch.log2(row), torch.log2(row).round()) and err == relative_error(by_hand, ours)
+    assert err < 2e-3, err
+    big = by_hand.abs() >= by_hand.abs().amax(dim=1, keepdim=True) * 2**-6 * 16  # still normal after rescaling
+    assert torch.equal(ours[big], by_hand[big])
+
+    items = [("blocks.0.ffn.0.comfy_quant", _comfy_config({"format": "mxfp8"})), ("blocks.0.ffn.0.input_scale",
+             torch.tensor(1.0)), ("blocks.0.ffn.0.weight", q), ("blocks.0.ffn.0.weight_scale", stored),
+             ("blocks.0.ffn.0.bias", torch.ones(200)), ("head.head.comfy_quant", _comfy_config({"format": "mxfp8"})),
+             ("head.head.weight", q), ("head.head.weight_scale", stored)]
+    out = dict(from_comfy_quant(items, "fp8", measure=True))
+    assert set(out) == {"blocks.0.ffn.0.weight", "blocks.0.ffn.0.bias", "head.head.weight"}
+    pre = out["blocks.0.ffn.0.weight"]
+    assert pre.scheme == "fp8" and pre.error == err and torch.equal(pre.dequantized(), ours)
+    assert torch.equal(out["head.head.weight"], by_hand)  # layers we keep in high precision: dequantized
+    assert torch.equal(dict(from_comfy_quant(items, "int8"))["blocks.0.ffn.0.weight"], by_hand)
+
+
+def test_comfy_int8_convrot_by_hand_and_requantized_into_our_int8_layout() -> None:
+    from scail2_lite.quantize.comfy_quant import (
+        dequantize_int8_convrot,
+        from_comfy_quant,
+        quantize_int8_convrot,
+        regular_hadamard,
+    )
+    from scail2_lite.quantize.schemes import hadamard
+
+    h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float32) / 2
+    h16 = regular_hadamard(16)
+    for i in range(16):  # the Kronecker square of the 4x4 by hand
+        for j in range(16):
+            assert h16[i, j] == h4[i // 4, j // 4] * h4[i % 4, j % 4]
+    h = regular_hadamard(256)
+    torch.testing.assert_close(h @ h, torch.eye(256), rtol=0, atol=1e-5)
+    assert torch.equal(h, h.T)
+    # ConvRot's rotation is not ours (Sylvester blocks of 64 with column factors): its weights are requantized
+    assert not torch.equal(regular_hadamard(64), hadamard(64))
+
+    w = heavy_tailed(64, 512)
+    q, scale = quantize_int8_convrot(w, 256)
+    assert q.dtype == torch.int8 and scale.shape == (64, 1)
+    by_hand = torch.empty(64, 512)
+    for g in range(2):
+        by_hand[:, 256 * g:256 * g + 256] = (q[:, 256 * g:256 * g + 256].float() * scale) @ h
+    torch.testing.assert_close(dequantize_int8_convrot(q, scale, 256), by_hand, rtol=0, atol=1e-6)
+    assert relative_error(w, by_hand) < 0.015  # the rotation spreads the tails: INT8 ~1%
+
+    conf = _comfy_config({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256, "per_row": True})
+    items = [("blocks.1.self_attn.o.comfy_quant", conf), ("blocks.1.self_attn.o.weight", q),
+             ("blocks.1.self_attn.o.weight_scale", scale)]
+    pre = dict(from_comfy_quant(items, "int8", measure=True))["blocks.1.self_attn.o.weight"]
+    assert pre.scheme == "int8" and pre.smooth is not None
+    assert dict(from_comfy_quant(items, "int8"))["blocks.1.self_attn.o.weight"].error is None  # loading: not measured
+    assert pre.error == relative_error(by_hand, pre.dequantized()) and pre.error < 0.015
+    assert relative_error(w, pre.dequantized()) < 0.02  # two INT8 roundings, each ~1%
+    float_path = dict(from_comfy_quant(items, "fp8"))["blocks.1.self_attn.o.weight"]
+    torch.testing.assert_close(float_path, by_hand, rtol=0, atol=1e-6)
+
+
+def test_comfy_quant_stream_refusals() -> None:
+    from scail2_lite.quantize.comfy_quant import from_comfy_quant
+
+    fp8 = torch.zeros(4, 4, dtype=FP8_DTYPE)
+    nvfp4 = [("blocks.0.ffn.0.comfy_quant", _comfy_config({"format": "nvfp4"})), ("blocks.0.ffn.0.weight", fp8),
+             ("blocks.0.ffn.0.weight_scale", torch.ones(1))]
+    with pytest.raises(QuantizeError, match="'nvfp4' is not supported"):
+        list(from_comfy_quant(nvfp4, "fp8"))
+    with pytest.raises(QuantizeError, match="lacks its weight_scale"):
+        list(from_comfy_quant(nvfp4[:2], "fp8"))
+    per_tensor = [("blocks.0.ffn.0.comfy_quant", _comfy_config({"format": "float8_e4m3fn"})),
+                  ("blocks.0.ffn.0.weight", torch.ones(4, 4).to(FP8_DTYPE)),
+                  ("blocks.0.ffn.0.weight_scale", torch.tensor(0.5))]
+    pre = dict(from_comfy_quant(per_tensor, "fp8"))["blocks.0.ffn.0.weight"]
+    assert pre.error == 0.0 and torch.equal(pre.dequantized(), torch.full((4, 4), 0.5))

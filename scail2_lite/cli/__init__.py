@@ -47,11 +47,16 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def lora_args(loras: list[str]) -> list[tuple[str, float]]:
-    """`--lora PATH[:STRENGTH]` values as (path, strength) pairs."""
-    from ..lora import parse_lora_arg
+def lora_args(loras: list[str], full_patches: bool = False) -> list:
+    """`--lora PATH[:STRENGTH]` values (and `--lora-full-patches`) as `LoraFile`s."""
+    from ..lora import LoraFile
 
-    return [parse_lora_arg(a) for a in loras]
+    return [LoraFile.parse(a, full_patches) for a in loras]
+
+
+LORA_FULL_PATCHES_HELP = ("also add a LoRA's full-tensor patches (.diff, diff_m, a diff_b without a low-rank pair) "
+                          "where they fit, as ComfyUI does; by default only low-rank pairs and their diff_b are "
+                          "merged, as upstream SCAIL-2 does (skipped keys are listed)")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from . import app, console, lora_args, user_errors
+from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors
 
 
 @app.command()
@@ -37,7 +37,8 @@ def inspect(path: str = typer.Argument(..., help="checkpoint file, index, or SCA
 def synth(
     out: str = typer.Option(..., "-o", "--out", help="folder to write (Hugging Face SCAIL-2 layout + inputs/)"),
     scale: str = typer.Option("tiny", help="tiny (seconds, CPU) or full (the real 14B geometry, ~33 GB)"),
-    fmt: str = typer.Option("sat", "--format", help="DiT file format: sat, wan or comfy"),
+    fmt: str = typer.Option("sat", "--format", help="DiT file format: sat, wan, comfy (fp16), comfy-mxfp8 or "
+                            "comfy-int8_convrot (Comfy-Org's 8-bit repacks)"),
     seed: int = typer.Option(0, help="same seed, same bytes"),
 ) -> None:
     """Write a synthetic SCAIL-2 checkpoint folder and a matching input set (no download needed)."""
@@ -66,6 +67,7 @@ def quantize(
     export: Optional[str] = typer.Option(None, "--export", help="comfy: also write a ComfyUI fp8_scaled file"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA to merge (fp32) before quantizing: PATH[:STRENGTH]; "
                                    "repeatable"),
+    lora_full_patches: bool = typer.Option(False, "--lora-full-patches", help=LORA_FULL_PATCHES_HELP),
 ) -> None:
     """Quantize the DiT to FP8/INT8 (streamed, bounded RAM), copy the other components, report the fidelity."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -84,7 +86,7 @@ def quantize(
     try:
         report = quantize_checkpoint(
             src, out, dit=dit, text_encoder=text_encoder, compute=None if compute == "auto" else compute,
-            loras=lora_args(lora), export=export, force=force, progress=advance,
+            loras=lora_args(lora, lora_full_patches), export=export, force=force, progress=advance,
             log=lambda msg: console.print(msg, highlight=False),
         )
     finally:

@@ -12,7 +12,7 @@ from ..config import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SHIFT, D
 from ..errors import UserError
 from ..inputs import InputFiles
 from ..settings import GenerationSettings, MemorySettings
-from . import app, console, lora_args, user_errors
+from . import LORA_FULL_PATCHES_HELP, app, console, lora_args, user_errors
 
 
 class _SecondsPerIt:
@@ -34,7 +34,7 @@ class _SecondsPerIt:
 
 
 def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt: str,
-                    settings: GenerationSettings, memory: MemorySettings, loras: list[tuple[str, float]],
+                    settings: GenerationSettings, memory: MemorySettings, loras: list,
                     output: Path, save_frames: Optional[Path] = None, preview: bool = False) -> None:
     """Shared by `generate` and `demo`: load, generate into `output` with progress bars, print the summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -53,6 +53,8 @@ def _run_generation(model: Path, files: InputFiles, prompt: str, negative_prompt
         loading = bar.add_task("loading the DiT", total=None)
         pipe = Pipeline.from_pretrained(model, memory, loras=loras)
         bar.update(loading, description="DiT loaded", total=1, completed=1)
+        for lora, strength in pipe.loras:
+            console.print(lora.report(strength), highlight=False, markup=False)
         result = pipe(files, prompt, negative_prompt, settings, output=output, progress=bar,
                       keep_frames=save_frames is not None or preview)
     if save_frames is not None:
@@ -130,7 +132,9 @@ def generate(
                                             "efficient, math, sage, fp8 or int8 (default: the profile's; auto = by "
                                             "GPU: cuDNN fp8 on Hopper, our int8 kernel on Ampere, Ada and RTX 50xx, "
                                             "where it builds; else sdpa)"),
-    lora: list[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:STRENGTH; repeatable"),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:STRENGTH; repeatable (what "
+                                   "matched and what was skipped is printed)"),
+    lora_full_patches: bool = typer.Option(False, "--lora-full-patches", help=LORA_FULL_PATCHES_HELP),
     cache: str = typer.Option("off", "--cache", help="skip DiT forwards that change little: teacache, magcache "
                               "or off (judge quality on your own videos)"),
     cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", help="higher skips more "
@@ -157,8 +161,8 @@ def generate(
     memory = MemorySettings(device=device, profile=profile, attention=attention, text_encoder=text_encoder,
                             vae_tile=vae_tile, vram_budget=None if vram_budget is None else _gb(vram_budget),
                             prompt_cache=prompt_cache)
-    _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora), output, save_frames,
-                    preview)
+    _run_generation(model, files, prompt, negative_prompt, settings, memory, lora_args(lora, lora_full_patches),
+                    output, save_frames, preview)
 
 
 def _gb(value: float) -> int:

@@ -12,13 +12,14 @@ from ..errors import UserError
 COMFY_PREFIX = "model.diffusion_model."
 SAT_FILE = "fsdp2_rank_0000_checkpoint.pt"
 FP8_MARKER = "scaled_fp8"
+# Tensors beside a quantized weight in ComfyUI files (fp8_scaled; the comfy_quant convention) and in our folders:
+# not model tensors, no key of the contract.
+AUX_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant", ".scale", ".smooth")
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
     "BOOL": "bool",
 }
-
-
 
 
 def wan_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:

@@ -23,18 +23,34 @@ def _numpy_globals() -> list:
     return allowed
 
 
-def load_sat_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """Open a SAT pickle memory-mapped with weights_only: tensors stay on disk until read."""
+# Where a checkpoint pickle keeps its tensors: SAT/DeepSpeed ("module"), others ("state_dict", "model"), else flat.
+STATE_DICT_KEYS = ("module", "state_dict", "model")
+
+
+def load_safe_pickle(path: Path, mmap: bool = True) -> object:
+    """`torch.load` with weights_only=True and, beyond tensors and plain containers, only NumPy's array
+    reconstruction (a SAT checkpoint's extras, e.g. the NumPy RNG state, need it). Anything else is refused."""
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} refused: the pickle asks for something other than tensors ({first})") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable torch checkpoint (truncated or old format?): {first}") from None
-    sd = obj.get("module", obj) if isinstance(obj, dict) else None
+
+
+def state_dict_of(obj: object) -> dict | None:
+    """The state dict inside a loaded checkpoint (see STATE_DICT_KEYS), or None when there is no dict."""
+    if not isinstance(obj, dict):
+        return None
+    return next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), obj)
+
+
+def load_sat_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Open a SAT pickle memory-mapped with weights_only: tensors stay on disk until read."""
+    sd = state_dict_of(load_safe_pickle(path))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path} is not a state dict (expected {{'module': {{name: tensor}}}} or {{name: tensor}})")
     return sd

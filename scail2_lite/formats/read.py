@@ -1,9 +1,11 @@
 """Every DiT checkpoint format SCAIL-2 users have: detect it, read it lazily in Wan names, check its keys.
 
 Formats: the official SAT pickle (`model/1/fsdp2_rank_0000_checkpoint.pt`, or the SCAIL-2 folder), the
-upstream `convert.py` safetensors ("wan"), WanGP's file ("wangp"), ComfyUI single files ("comfy", and
-"comfy-fp8_scaled" whose raw fp8 tensors + `*.scale_weight` are exposed for `quantize` to dequantize),
-sharded safetensors with an index ("sharded"), and our quantized folder ("quantized", read by `quantize`).
+upstream `convert.py` safetensors ("wan"), WanGP's file ("wangp"), ComfyUI single files ("comfy", and the
+quantized ones: "comfy-fp8_scaled" (raw fp8 tensors + `*.scale_weight`), and the per-layer `comfy_quant`
+convention, "comfy-mxfp8", "comfy-int8_convrot", "comfy-fp8", whose raw tensors + `*.weight_scale` +
+`*.comfy_quant` are exposed for the loader and `quantize` to convert, see `quantize.comfy_quant`), sharded
+safetensors with an index ("sharded"), and our quantized folder ("quantized", read by `quantize`).
 Tensors are produced one at a time so a 65 GB fp32 SAT file never sits in RAM twice.
 """
 
@@ -23,7 +25,17 @@ from safetensors import SafetensorError, safe_open
 from ..config import PRESETS, DiTConfig
 from ..errors import UserError
 from .files import FilePages
-from .keys import COMFY_PREFIX, FP8_MARKER, SAFETENSORS_DTYPES, SAT_FILE, WANGP_RENAMES, key_problems, short_list, to_wan_names
+from .keys import (
+    AUX_SUFFIXES,
+    COMFY_PREFIX,
+    FP8_MARKER,
+    SAFETENSORS_DTYPES,
+    SAT_FILE,
+    WANGP_RENAMES,
+    key_problems,
+    short_list,
+    to_wan_names,
+)
 from .pickles import load_sat_pickle
 
 
@@ -139,8 +151,21 @@ def _safetensors_keys(path: Path) -> list[str]:
         raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def _comfy_quant_format(path: Path, keys: list[str]) -> str:
+    """comfy-<format> of a file in ComfyUI's per-layer comfy_quant convention (reads the small config tensors)."""
+    from ..quantize.comfy_quant import CONFIG_SUFFIX, file_format, parse_config
+    from ..quantize.schemes import QuantizeError
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return "comfy-" + file_format(parse_config(f.get_tensor(k)) for k in keys if k.endswith(CONFIG_SUFFIX))
+    except QuantizeError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
 def detect_format(path: str | Path) -> str:
-    """One of: sat, wan, wangp, comfy, comfy-fp8_scaled, sharded, quantized."""
+    """One of: sat, wan, wangp, comfy, comfy-fp8_scaled, comfy-fp8, comfy-mxfp8, comfy-int8_convrot, sharded,
+    quantized."""
     path = find_dit(path)
     if path.is_dir():
         return "quantized"
@@ -150,6 +175,8 @@ def detect_format(path: str | Path) -> str:
         keys = _safetensors_keys(path)
         if FP8_MARKER in keys or any(k.endswith(".scale_weight") for k in keys):
             return "comfy-fp8_scaled"
+        if any(k.endswith(".comfy_quant") for k in keys):
+            return _comfy_quant_format(path, keys)
         if any(k.startswith(COMFY_PREFIX) for k in keys):
             return "comfy"
         if any(k.startswith(tuple(WANGP_RENAMES)) for k in keys):
@@ -249,8 +276,9 @@ def read_config(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = No
 
 
 def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Wan name -> shape without reading tensor data."""
-    return {e.name: e.shape for e in _entries(Path(path)) if e.name != FP8_MARKER}
+    """Wan name -> shape without reading tensor data (model tensors only: scales and quantization configs beside
+    8-bit weights are left out)."""
+    return {e.name: e.shape for e in _entries(Path(path)) if e.name != FP8_MARKER and not e.name.endswith(AUX_SUFFIXES)}
 
 
 def describe(path: str | Path) -> dict:
@@ -258,7 +286,7 @@ def describe(path: str | Path) -> dict:
     path = Path(path)
     fmt = detect_format(path)
     entries = [e for e in _entries(path) if e.name != FP8_MARKER]
-    scales = [e for e in entries if e.name.endswith((".scale_weight", ".scale_input", ".scale", ".smooth"))]
+    scales = [e for e in entries if e.name.endswith(AUX_SUFFIXES)]
     tensors = [e for e in entries if e not in scales]
     shapes = {e.name: e.shape for e in tensors}
     config, config_source = read_config(path, shapes)

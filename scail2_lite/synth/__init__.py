@@ -19,6 +19,7 @@ from .inputs import write_inputs
 from .weights import (
     CLIP_FILE,
     COMFY_FILE,
+    COMFY_QUANT_FILE,
     DIT_FORMATS,
     FULL_SHARD_BYTES,
     LORA_DIR,
@@ -43,7 +44,7 @@ from .weights import (
 )
 
 __all__ = [
-    "CLIP_FILE", "COMFY_FILE", "DIT_FORMATS", "LORA_DIR", "LORA_FILES", "SCALES", "SHARD_STEM", "UMT5_FILE", "VAE_FILE",
+    "CLIP_FILE", "COMFY_FILE", "COMFY_QUANT_FILE", "DIT_FORMATS", "LORA_DIR", "LORA_FILES", "SCALES", "SHARD_STEM", "UMT5_FILE", "VAE_FILE",
     "WAN_FILE", "cached_demo_folder", "dit_config", "dit_tensors", "synth", "synth_tensor", "tiny_config",
     "umt5_tensors", "wan_to_sat", "write_dit", "write_encoders", "write_inputs", "write_loras", "write_safetensors",
     "write_tokenizer",

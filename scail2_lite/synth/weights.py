@@ -31,15 +31,17 @@ if TYPE_CHECKING:
 
 
 SCALES = ("tiny", "full")
-DIT_FORMATS = ("sat", "wan", "comfy")
+DIT_FORMATS = ("sat", "wan", "comfy", "comfy-mxfp8", "comfy-int8_convrot")
 UMT5_FILE = "umt5-xxl/models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14-onlyvisual.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAN_FILE = "dit.safetensors"
 COMFY_FILE = "dit_comfy_fp16.safetensors"
+COMFY_QUANT_FILE = "dit_comfy_{}.safetensors"  # Comfy-Org's 8-bit repacks: mxfp8, int8_convrot
 SHARD_STEM = "diffusion_pytorch_model"
 FULL_SHARD_BYTES = 5 * 2**30
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
+              torch.int8: "I8", torch.uint8: "U8"}
 Progress = Callable[[str], None]
 
 
@@ -194,7 +196,8 @@ def write_dit(folder: Path, config: DiTConfig, fmt: str, seed: int, dtype: torch
 
     sat: fp32 pickle `{"module": sd}` at model/1/ plus model/latest (all in RAM once). wan: Wan names, fp32 by
     default, one file or shards of `shard_bytes` with an index (streamed). comfy: `model.diffusion_model.`
-    prefix, fp16 by default (streamed).
+    prefix, fp16 by default (streamed). comfy-mxfp8, comfy-int8_convrot: Comfy-Org's 8-bit repacks, block Linears
+    in ComfyUI's comfy_quant convention, the rest bf16 (streamed, see `quantize.comfy_quant`).
     """
     folder = Path(folder)
     shapes = wan_shapes(config)
@@ -209,6 +212,8 @@ def write_dit(folder: Path, config: DiTConfig, fmt: str, seed: int, dtype: torch
         _torch_save({"module": wan_to_sat(sd, config.num_layers)}, path)
         (folder / "model" / "latest").write_text("1\n")
         return path
+    if fmt in ("comfy-mxfp8", "comfy-int8_convrot"):
+        return _write_comfy_quant(folder, config, fmt.removeprefix("comfy-"), seed, progress)
     if fmt not in ("wan", "comfy"):
         raise UserError(f"unknown DiT format {fmt!r}; choose one of {', '.join(DIT_FORMATS)}")
     dtype = dtype or (torch.float16 if fmt == "comfy" else torch.float32)
@@ -248,6 +253,35 @@ def write_dit(folder: Path, config: DiTConfig, fmt: str, seed: int, dtype: torch
     tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     os.replace(tmp, index)
     return index
+
+
+def _write_comfy_quant(folder: Path, config: DiTConfig, quant: str, seed: int, progress: Progress | None) -> Path:
+    """One safetensors file as Comfy-Org's `mxfp8` / `int8_convrot` repacks are laid out: block Linears quantized
+    in ComfyUI's comfy_quant convention (weight, weight_scale, comfy_quant per layer, `_quantization_metadata` in
+    the header), every other tensor bf16, keys with the `model.diffusion_model.` prefix. Streamed: one layer in RAM."""
+    from ..quantize.comfy_quant import (METADATA_KEY, comfy_quant_layout, comfy_quant_tensors, layer_config,
+                                        quantization_metadata)
+    from ..quantize.schemes import is_quantized_name
+
+    shapes = wan_shapes(config)
+    quantized = {name for name in shapes if is_quantized_name(name)}
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    for name, shape in shapes.items():
+        parts = comfy_quant_layout(name, shape, quant) if name in quantized else {name: (shape, torch.bfloat16)}
+        specs += [(COMFY_PREFIX + key, part_shape, dtype) for key, (part_shape, dtype) in parts.items()]
+    layers = {COMFY_PREFIX + name.removesuffix(".weight"): layer_config(quant, shapes[name][1]) for name in quantized}
+
+    def stream() -> Iterator[torch.Tensor]:
+        for name, shape in shapes.items():
+            if progress:
+                progress(name)
+            t = synth_tensor(name, shape, seed)
+            yield from comfy_quant_tensors(name, t, quant).values() if name in quantized else (t,)
+
+    path = folder / COMFY_QUANT_FILE.format(quant)
+    write_safetensors(path, specs, stream(), {"format": "pt", "synthetic": "scail2-lite",
+                                              METADATA_KEY: quantization_metadata(layers)})
+    return path
 
 
 # ---------------------------------------------------------------- encoders and VAE in their original naming
@@ -347,23 +381,37 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
 
 LORA_DIR = "loras"
 LORA_FILES = {"kohya": "kohya_lightx2v.safetensors", "peft": "peft.safetensors",
-              "diffusers": "diffusers.safetensors", "comfy": "comfy.safetensors"}
+              "diffusers": "diffusers.safetensors", "comfy": "comfy.safetensors",
+              "sat": "bias-aware-dpo-lora.pt", "wan": "scail2_dpo_converted.safetensors",
+              "lightx2v": "lightx2v_I2V_14B_480p_cfg_step_distill.safetensors"}
 
 
 def write_loras(folder: Path, config: DiTConfig, seed: int, rank: int = 4) -> dict[str, Path]:
-    """One small LoRA per format (LORA_FILES) for the DiT of `config`; the kohya one also carries LightX2V-style
-    full deltas (`diff`, `diff_b`, `diff_m`). Same seed, same low-rank deltas in every format."""
+    """One small LoRA per layout (LORA_FILES) for the DiT of `config`. "sat" is SCAIL-2's own DPO LoRA as the SAT
+    trainer saves it (a torch pickle: the state dict under "module", beside the iteration and a NumPy RNG state),
+    "wan" the same LoRA through upstream `convert_lora.py` (same seed, same deltas); "lightx2v" the distill LoRA
+    as people have it (full patches and a 36-channel patch-embedding entry); the kohya one also carries
+    LightX2V-style full deltas. Same seed, same low-rank deltas in kohya, peft, diffusers and comfy."""
+    import numpy as np
     from safetensors.torch import save_file
 
-    from ..lora import make_synthetic_lora
+    from ..lora import SAT_LORA_LINEARS, make_lightx2v_lora, make_synthetic_lora
 
     shapes = wan_shapes(config)
     paths = {}
     for fmt, name in LORA_FILES.items():
-        state = make_synthetic_lora(shapes, fmt, rank=rank, seed=seed, include_diffs=fmt == "kohya")
-        tmp = temporary_path(folder / name)
-        save_file(state, str(tmp), metadata={"format": "pt", "synthetic": "scail2-lite"})
-        os.replace(tmp, folder / name)
+        if fmt == "lightx2v":
+            state = make_lightx2v_lora(shapes, rank=rank, seed=seed)
+        else:
+            targets = SAT_LORA_LINEARS if fmt in ("sat", "wan") else None
+            state = make_synthetic_lora(shapes, fmt, rank=rank, seed=seed, targets=targets,
+                                        include_diffs=fmt == "kohya")
+        if fmt == "sat":
+            rng = np.random.RandomState(seed).get_state()  # SAT checkpoints carry one: needs NumPy's globals
+            _torch_save({"module": state, "iteration": 1, "np_rng_state": rng}, folder / name)
+        else:
+            tmp = temporary_path(folder / name)
+            save_file(state, str(tmp), metadata={"format": "pt", "synthetic": "scail2-lite"})
+            os.replace(tmp, folder / name)
         paths[fmt] = folder / name
     return paths
-
