@@ -72,7 +72,7 @@ from scail2_lite.blocks import CLIP_TOKENS, SCAIL2Block
 from scail2_lite.offload.planner import tokens
 from scail2_lite.quantize.report import compare
 from scail2_lite.rope import rope_freqs
-from scail2_lite.offload.streamer import BlockStreamer
+from scail2_lite.offload.streamer import BlockStreamer, StreamConfig
 
 GB = 1e9
 CAPS = {"none": None, "24GB": 24e9, "16GB": 16e9}
@@ -439,7 +439,7 @@ def main() -> None:
         scheme_caps = {name: cap for name, cap in caps.items() if scheme == "bf16" or name != "24GB"}
         kept_cap = next(iter(scheme_caps), None)  # outputs are compared under the first cap only
         for mode, backends in streamers:
-            with BlockStreamer(model, "cuda", resident_blocks=0, prefetch=mode[0], unit=mode[1]) as streamer:
+            with BlockStreamer(model, "cuda", StreamConfig(prefetch=mode[0], unit=mode[1])) as streamer:
                 for backend in backends:
                     for size in sizes:
                         for cap_name, cap in scheme_caps.items():

@@ -50,8 +50,8 @@ def test_extra_references_add_one_reference_frame_of_tokens_each() -> None:
         assert tokens(C14, *SIZES[size], 81, extra_refs=1) - base == per_ref
         assert tokens(C14, *SIZES[size], 81, extra_refs=3) - base == 3 * per_ref
         assert per_ref / base == pytest.approx(0.037, abs=0.001)
-    plain = plan(C14, *SIZES["704p"], 81, 24 * GB, 64 * GB, profile="24gb", weights="fp8")
-    multi = plan(C14, *SIZES["704p"], 81, 24 * GB, 64 * GB, profile="24gb", weights="fp8", extra_refs=2)
+    plain = plan(C14, *SIZES["704p"], 81, card(24), 64 * GB, profile="24gb", weights="fp8")
+    multi = plan(C14, *SIZES["704p"], 81, card(24), 64 * GB, profile="24gb", weights="fp8", extra_refs=2)
     assert multi.extra_refs == 2 and multi.tokens == plain.tokens + 2 * 3_520
     assert multi.phases["dit_step"].vram > plain.phases["dit_step"].vram
     assert multi.phases["vae_decode"].vram == plain.phases["vae_decode"].vram  # the VAE never sees them

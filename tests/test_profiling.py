@@ -84,7 +84,7 @@ def test_plan_mode_counts_extra_references(tmp_path: Path) -> None:
     data = plan_json(tmp_path, "--size", "512p", "--vram", "16", "--ram", "64", "--extra-refs", "2")
     assert data["extra_refs"] == 2 and data["plan"]["extra_refs"] == 2
     assert data["plan"]["tokens"] == plain["plan"]["tokens"] + 2 * 1_792
-    direct = plan(C14, *SIZES["512p"], 81, 16 * 10**9, 64 * 10**9, mappable=False, extra_refs=2)
+    direct = plan(C14, *SIZES["512p"], 81, DeviceMemory.card(card_bytes(16)), 64 * 10**9, mappable=False, extra_refs=2)
     assert data["plan"] == profiling.plan_to_json(direct)
     result = runner.invoke(app, ["profile", "--synthetic", "full", "--vram", "16", "--ram", "64", "--extra-refs", "2"],
                            env={"COLUMNS": "200"})

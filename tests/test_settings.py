@@ -90,10 +90,16 @@ def test_cli_warns_before_loading_when_a_preset_has_no_lora(tmp_path, monkeypatc
     def stop(*args, **kwargs):
         raise UserError("stopped before loading")
 
+    import torch
+
+    from scail2_lite import media
+
     monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", stop)
-    (tmp_path / "ref.png").touch()
-    args = ["generate", str(tmp_path), "--image", str(tmp_path / "ref.png"), "--mask-image", str(tmp_path / "ref.png"),
-            "--pose", str(tmp_path / "ref.png"), "--mask-video", str(tmp_path / "ref.png"), "--preset", "lightx2v",
+    (tmp_path / "model").mkdir()
+    media.save_frames(tmp_path / "frames", torch.zeros(3, 5, 32, 32))  # outputs are checked against real inputs
+    frame = next((tmp_path / "frames").iterdir())
+    args = ["generate", str(tmp_path / "model"), "--image", str(frame), "--mask-image", str(frame),
+            "--pose", str(tmp_path / "frames"), "--mask-video", str(tmp_path / "frames"), "--preset", "lightx2v",
             "-o", str(tmp_path / "out.mp4")]
     res = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     text = " ".join(res.output.split())

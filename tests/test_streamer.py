@@ -15,7 +15,9 @@ from scail2_lite.blocks import Kernels
 from scail2_lite.model import Conditions, SCAIL2Model
 from scail2_lite.quantize.linear import swap_linears
 from scail2_lite.quantize.schemes import is_quantized_name
-from scail2_lite.offload.streamer import BlockStreamer
+from scail2_lite.offload.layout import ResidentSet
+from scail2_lite.offload.profiles import StreamUnit, WeightSource
+from scail2_lite.offload.streamer import BlockStreamer, StreamConfig
 
 LAYERS = 5
 
@@ -51,7 +53,7 @@ def _run(model: SCAIL2Model, kernels: Kernels = Kernels()) -> torch.Tensor:
 def test_streamed_forward_is_bit_exact(scheme: str, resident: int, prefetch: int) -> None:
     model = _model(scheme)
     expected = _run(model)
-    with BlockStreamer(model, "cpu", resident_blocks=resident, prefetch=prefetch) as streamer:
+    with BlockStreamer(model, "cpu", StreamConfig(resident_blocks=resident, prefetch=prefetch)) as streamer:
         for _ in range(3):
             assert torch.equal(_run(model), expected)
         assert streamer.num_slots == min(prefetch + 1, LAYERS - resident)
@@ -66,13 +68,13 @@ def test_weights_run_from_fixed_slots_and_copies_are_counted() -> None:
         seen[-1].add(module.ffn[0].weight.data_ptr())
 
     handles = [b.register_forward_hook(record) for b in model.blocks]
-    with BlockStreamer(model, "cpu", resident_blocks=1, prefetch=1) as streamer:
-        slot_ptrs = {s.data_ptr() for s in streamer._slots}
-        slot_ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer._slots]
+    with BlockStreamer(model, "cpu", StreamConfig(resident_blocks=1, prefetch=1)) as streamer:
+        slot_ptrs = {s.data_ptr() for s in streamer.strategy.slots}
+        slot_ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer.strategy.slots]
         for forward in range(3):
             seen.append(set())
             _run(model)
-            assert {s.data_ptr() for s in streamer._slots} == slot_ptrs
+            assert {s.data_ptr() for s in streamer.strategy.slots} == slot_ptrs
             streamed = seen[-1] - {model.blocks[0].ffn[0].weight.data_ptr()}
             assert len(streamed) == 2 and all(any(a <= p < b for a, b in slot_ranges) for p in streamed)
             # 4 streamed blocks per forward, plus the first block of the next forward prefetched at the end.
@@ -101,7 +103,7 @@ def test_one_slot_copies_the_next_head_while_the_ffn_runs(chunk: int | None) -> 
                         and torch.equal(block.ffn[0].weight, tails[j]))
         return hook
 
-    with BlockStreamer(model, "cpu", prefetch=0) as streamer:
+    with BlockStreamer(model, "cpu", StreamConfig(prefetch=0)) as streamer:
         assert streamer.split and streamer.num_slots == 1
         handles = [b.ffn.register_forward_pre_hook(during_ffn(j)) for j, b in enumerate(model.blocks)]
         for _ in range(2):
@@ -118,7 +120,7 @@ def test_layer_streaming_is_bit_exact(scheme: str, resident: int, chunk: int | N
     model = _model(scheme)
     kernels = Kernels(attn_chunk=chunk or 0, ffn_chunk=chunk or 0)
     expected = _run(model, kernels)
-    with BlockStreamer(model, "cpu", resident_blocks=resident, unit="layer") as streamer:
+    with BlockStreamer(model, "cpu", StreamConfig(resident_blocks=resident, unit="layer")) as streamer:
         assert streamer.layers and streamer.num_slots == 0
         for forward in range(3):
             assert torch.equal(_run(model, kernels), expected)
@@ -136,8 +138,8 @@ def test_layer_streaming_holds_one_unit_at_the_attention(monkeypatch: pytest.Mon
     model = _model()
     kernels = Kernels(attn_chunk=chunk or 0, ffn_chunk=chunk or 0)
     expected = _run(model, kernels)
-    streamer = BlockStreamer(model, "cpu", unit="layer")
-    host = (streamer._host.data_ptr(), streamer._host.data_ptr() + streamer._host.numel())
+    streamer = BlockStreamer(model, "cpu", StreamConfig(unit="layer"))
+    host = (streamer.host.buffer.data_ptr(), streamer.host.buffer.data_ptr() + streamer.host.buffer.numel())
     on_host = lambda t: host[0] <= t.data_ptr() < host[1]  # noqa: E731
     attention_calls: list[tuple] = []
     ffn_calls: list[tuple] = []
@@ -147,13 +149,13 @@ def test_layer_streaming_holds_one_unit_at_the_attention(monkeypatch: pytest.Mon
     def spy(qkv, backend):
         j = running[0]
         block = model.blocks[j]
-        attention_calls.append((set(streamer._held), on_host(block.self_attn.v.weight), on_host(block.modulation),
-                                on_host(block.self_attn.norm_q.weight)))
+        attention_calls.append((set(streamer.strategy.held), on_host(block.self_attn.v.weight),
+                                on_host(block.modulation), on_host(block.self_attn.norm_q.weight)))
         return real(qkv, backend)
 
     def at_ffn(j: int):
         def hook(module, args):
-            ffn_calls.append((j, set(streamer._held), on_host(model.blocks[j].ffn[0].weight)))
+            ffn_calls.append((j, set(streamer.strategy.held), on_host(model.blocks[j].ffn[0].weight)))
         return hook
 
     def at_block(j: int):
@@ -175,7 +177,7 @@ def test_layer_streaming_holds_one_unit_at_the_attention(monkeypatch: pytest.Mon
 
 def test_blocks_that_fit_the_ring_are_copied_once() -> None:
     model = _model()
-    with BlockStreamer(model, "cpu", resident_blocks=3, prefetch=1) as streamer:
+    with BlockStreamer(model, "cpu", StreamConfig(resident_blocks=3, prefetch=1)) as streamer:
         for _ in range(3):
             _run(model)
         assert streamer.copies == 2
@@ -183,12 +185,12 @@ def test_blocks_that_fit_the_ring_are_copied_once() -> None:
 
 def test_detach_removes_every_hook() -> None:
     model = _model()
-    streamer = BlockStreamer(model, "cpu", resident_blocks=1, prefetch=1)
+    streamer = BlockStreamer(model, "cpu", StreamConfig(resident_blocks=1, prefetch=1))
     assert any(b._forward_pre_hooks for b in model.blocks)
     streamer.detach()
     streamer.detach()
     assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.blocks)
-    assert streamer._slots == []
+    assert streamer.strategy.slots == []
 
 
 @pytest.mark.parametrize("prefetch,unit", [(0, "block"), (1, "block"), (0, "layer")])
@@ -199,13 +201,13 @@ def test_forward_interrupted_inside_a_streamed_block_recovers(prefetch: int, uni
     def boom(module, args):  # after the streamer's own FFN hook: with one slot, block 3's head has replaced 2's
         raise RuntimeError("out of memory")
 
-    with BlockStreamer(model, "cpu", resident_blocks=0, prefetch=prefetch, unit=unit) as streamer:
+    with BlockStreamer(model, "cpu", StreamConfig(resident_blocks=0, prefetch=prefetch, unit=unit)) as streamer:
         handle = model.blocks[2].ffn.register_forward_pre_hook(boom)
         with pytest.raises(RuntimeError):
             _run(model)
         handle.remove()
         assert torch.equal(_run(model), expected)
-        assert not streamer.layers or set(streamer._held) == {(0, 0)}
+        assert not streamer.layers or set(streamer.strategy.held) == {(0, 0)}
 
 
 def _saved_then_wrecked(tmp_path, scheme: str) -> tuple[SCAIL2Model, torch.Tensor, object]:
@@ -226,7 +228,8 @@ def _saved_then_wrecked(tmp_path, scheme: str) -> tuple[SCAIL2Model, torch.Tenso
 @pytest.mark.parametrize("scheme", ["bf16", "fp8"])
 def test_mmap_source_streams_from_the_file(tmp_path, scheme: str) -> None:
     fresh, expected, path = _saved_then_wrecked(tmp_path, scheme)
-    with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=1, source="mmap", weights=path) as streamer:
+    config = StreamConfig(resident_blocks=1, prefetch=1, source="mmap")
+    with BlockStreamer(fresh, "cpu", config, weights=path) as streamer:
         assert streamer.host_bytes == 0
         for _ in range(2):
             assert torch.equal(_run(fresh), expected)
@@ -235,26 +238,26 @@ def test_mmap_source_streams_from_the_file(tmp_path, scheme: str) -> None:
 def test_bad_arguments_are_user_errors(tmp_path) -> None:
     model = _model()
     with pytest.raises(UserError, match="resident_blocks"):
-        BlockStreamer(model, "cpu", resident_blocks=LAYERS + 1)
+        BlockStreamer(model, "cpu", StreamConfig(resident_blocks=LAYERS + 1))
     with pytest.raises(UserError, match="prefetch"):
-        BlockStreamer(model, "cpu", prefetch=-1)
+        BlockStreamer(model, "cpu", StreamConfig(prefetch=-1))
     with pytest.raises(UserError, match="mmap"):
-        BlockStreamer(model, "cpu", source="mmap")
+        BlockStreamer(model, "cpu", StreamConfig(source="mmap"))
     with pytest.raises(UserError, match="stream unit"):
-        BlockStreamer(model, "cpu", unit="leaf")
+        BlockStreamer(model, "cpu", StreamConfig(unit="leaf"))
     with pytest.raises(UserError, match="pinned"):
-        BlockStreamer(model, "cpu", source="mmap", weights=tmp_path / "x.safetensors", unit="layer")
+        BlockStreamer(model, "cpu", StreamConfig(source="mmap", unit="layer"), weights=tmp_path / "x.safetensors")
     plain = _model()
     for block in plain.blocks:
         block.STREAM_UNITS = (("self_attn.nothing", None),)
     with pytest.raises(UserError, match="STREAM_UNITS"):
-        BlockStreamer(plain, "cpu", unit="layer")
+        BlockStreamer(plain, "cpu", StreamConfig(unit="layer"))
     path = tmp_path / "partial.safetensors"
     save_file({"blocks.1.modulation": torch.zeros(1, 6, 3)}, str(path))
     with pytest.raises(UserError, match="blocks.1.modulation"):
-        BlockStreamer(_model(), "cpu", resident_blocks=1, source="mmap", weights=path)
+        BlockStreamer(_model(), "cpu", StreamConfig(resident_blocks=1, source="mmap"), weights=path)
     with pytest.raises(UserError, match="missing"):
-        BlockStreamer(_model(), "cpu", resident_blocks=2, source="mmap", weights=path)
+        BlockStreamer(_model(), "cpu", StreamConfig(resident_blocks=2, source="mmap"), weights=path)
 
 
 @pytest.mark.parametrize("source,prefetch,unit", [("pinned", 1, "block"), ("mmap", 1, "block"),
@@ -262,13 +265,36 @@ def test_bad_arguments_are_user_errors(tmp_path) -> None:
 def test_weights_come_from_the_files_and_suspend_resume_keeps_them(tmp_path, source: str, prefetch: int,
                                                                     unit: str) -> None:
     fresh, expected, path = _saved_then_wrecked(tmp_path, "fp8")
-    with BlockStreamer(fresh, "cpu", resident_blocks=1, prefetch=prefetch, source=source, weights=path,
-                       unit=unit) as streamer:
+    config = StreamConfig(resident_blocks=1, prefetch=prefetch, source=source, unit=unit)
+    with BlockStreamer(fresh, "cpu", config, weights=path) as streamer:
         assert streamer.split == (prefetch == 0 and unit == "block")
         assert torch.equal(_run(fresh), expected)
         streamer.suspend()
-        assert streamer._slots == [] and not any(b._forward_pre_hooks for b in fresh.blocks)
+        assert streamer.strategy.slots == [] and not any(b._forward_pre_hooks for b in fresh.blocks)
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in fresh.modules())
-        assert streamer.layers == (unit == "layer") and not streamer.layers or streamer._held == {}
+        assert streamer.layers == (unit == "layer") and not streamer.layers or streamer.strategy.held == {}
         streamer.resume()
         assert torch.equal(_run(fresh), expected)
+
+
+def test_stream_config_takes_strings_for_its_enums() -> None:
+    config = StreamConfig(resident_blocks=2, prefetch=0, source="pinned", unit="layer")
+    assert config.source is WeightSource.PINNED and config.unit is StreamUnit.LAYER
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.prefetch = 1  # type: ignore[misc]
+
+
+def test_resident_set_places_block_by_block_and_restores_the_originals() -> None:
+    model = _model()
+    named = dict([*model.named_parameters(), *model.named_buffers()])
+    data = {n: t.data for n, t in named.items()}
+    resident = ResidentSet(model, list(model.blocks[2:]))
+    calls = []
+    resident.place(torch.device("cpu"), between=lambda: calls.append(1))
+    resident.place(torch.device("cpu"), between=lambda: calls.append(1))  # placed already: nothing moves
+    assert len(calls) == 2 + 1  # after each resident block, then after the layers outside the blocks
+    for t in named.values():  # what a device would do: every tensor replaced by a copy
+        t.data = t.data.clone()
+    resident.restore()
+    streamed = ("blocks.2.", "blocks.3.", "blocks.4.")
+    assert all((named[n].data.data_ptr() == d.data_ptr()) != n.startswith(streamed) for n, d in data.items())

@@ -59,9 +59,10 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
             table.add_column(col, justify="left" if col == "phase" else "right")
         extra = chosen.tokens - tokens(chosen.config, chosen.height, chosen.width, chosen.frames)
         for name, mem in chosen.phases.items():
+            label = name
             if name == "dit_step" and chosen.extra_refs:  # the only phase that sees the extra references
-                name += f" (+{extra:,} tokens: {chosen.extra_refs} extra ref{'s' if chosen.extra_refs > 1 else ''})"
-            table.add_row(name, _bytes(mem.vram), _bytes(mem.reserved), _bytes(chosen.process_total(name)),
+                label += f" (+{extra:,} tokens: {chosen.extra_refs} extra ref{'s' if chosen.extra_refs > 1 else ''})"
+            table.add_row(label, _bytes(mem.vram), _bytes(mem.reserved), _bytes(chosen.process_total(name)),
                           _bytes(mem.ram))
         table.add_row("[bold]peak[/bold]", _bytes(chosen.peak_vram), _bytes(chosen.peak_vram_reserved),
                       _bytes(chosen.peak_process_total), _bytes(chosen.peak_ram))

@@ -14,8 +14,9 @@ from ..blocks import Kernels
 from ..errors import UserError
 from ..formats import FilePages
 from .planner import Plan, lighter
+from .layout import ResidentSet
 from .profiles import WeightSource
-from .streamer import BlockStreamer, resident_tensors
+from .streamer import BlockStreamer, StreamConfig
 
 
 class DitPlacement:
@@ -34,7 +35,7 @@ class DitPlacement:
         self.fallbacks: list[str] = []
         self.on_fallback = on_fallback  # told each "old -> new" re-plan as it happens
         self.streamers_built = 0  # host buffers set up (a later segment under the same plan reuses the last)
-        self._saved: list[tuple[torch.nn.Module, str, bool, torch.Tensor]] = []
+        self.resident: ResidentSet | None = None  # what moved to the device when no streamer runs
 
     def __enter__(self) -> "DitPlacement":
         self.apply()
@@ -65,42 +66,32 @@ class DitPlacement:
 
     def _place(self) -> None:
         plan = self.plan
-        resident = len(self.model.blocks) if plan is None else plan.resident_blocks
-        # What moves to the device is remembered, so `release` re-points it instead of copying it back (mapped
-        # blocks stay mapped, and RAM gains no second copy of the model).
-        self._saved = resident_tensors(self.model, self.model.blocks[resident:])
-        # Resident blocks move one at a time and the mapped shards' pages are given back after each, so RAM never
-        # holds their file pages beside the pinned buffer.
-        pages = FilePages(self.weight_files)
         if self.streamer is not None:  # a later segment under the same plan: the host side is still in place
             self.streamer.resume()
-            pages.drop()
             return
-        for block in self.model.blocks[:resident]:
-            block.to(self.device)
-            pages.drop()
         if plan is None or plan.streamed_blocks == 0:
-            self.model.to(self.device)
+            # The resident set remembers the host tensors, so `release` re-points them instead of copying them back
+            # (mapped blocks stay mapped); blocks move one at a time and the mapped shards' pages are given back
+            # after each, so RAM never holds them all.
+            self.resident = ResidentSet(self.model, ())
+            self.resident.place(self.device, FilePages(self.weight_files).drop)
         else:
             source = plan.profile.weight_source if self.weight_files else WeightSource.PINNED
+            config = StreamConfig(resident_blocks=plan.resident_blocks, prefetch=plan.profile.prefetch, source=source,
+                                  unit=plan.profile.stream_unit)
             self.streamers_built += 1
-            self.streamer = BlockStreamer(self.model, self.device, resident_blocks=plan.resident_blocks,
-                                          prefetch=plan.profile.prefetch, source=source,
-                                          weights=self.weight_files or None, unit=plan.profile.stream_unit)
-        pages.drop()
+            self.streamer = BlockStreamer(self.model, self.device, config, weights=self.weight_files or None)
 
     def release(self) -> None:
         """Give the GPU back (the VAE decodes a 704p segment in about as much memory as the DiT steps take). A
-        streamer is only suspended: the next segment under the same plan reuses its pinned buffer."""
+        streamer is only suspended (it points the resident layers back at their host tensors): the next segment
+        under the same plan reuses its pinned buffer."""
         self.placed = False
         if self.streamer is not None:
             self.streamer.suspend()
-        for owner, name, is_param, tensor in self._saved:
-            if is_param:
-                owner._parameters[name].data = tensor
-            else:
-                owner._buffers[name] = tensor
-        self._saved = []
+        if self.resident is not None:
+            self.resident.restore()
+            self.resident = None
         release_cached_memory()
 
     def close(self) -> None:

@@ -166,7 +166,7 @@ def block_activation_stages(config: DiTConfig, n_tokens: int, ffn_chunk: int, at
 
 
 def layer_stream_held(config: DiTConfig, quantization: str) -> dict[str, int]:
-    """Weights on the device during each stage under layer streaming (streamer.py): v alone at the attention (o
+    """Weights on the device during each stage under layer streaming (LayerUnits): v alone at the attention (o
     is fetched when v returns), o and the fetched cross-attention, the cross-attention and the fetched FFN, the
     FFN and the next block's q."""
     u = unit_bytes(config, quantization)
