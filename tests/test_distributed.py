@@ -28,7 +28,7 @@ from scail2_lite.offload.planner import block_bytes, nonblock_bytes, plan
 from scail2_lite.pipeline import Pipeline
 from scail2_lite.settings import MemorySettings
 from scail2_lite.model import SCAIL2Model
-from scail2_lite.offload.streamer import BlockStreamer
+from scail2_lite.offload.streamer import BlockStreamer, StreamConfig
 from scail2_lite.synth import synth, tiny_config
 
 from conftest import run_model
@@ -92,7 +92,7 @@ def _model_forward(rank: int, world: int, out: Path) -> None:
     model, inputs = _model_inputs()
     ranks = Ranks(rank, world)
     split = ranks.split("ulysses", True, model.config.num_heads)
-    with BlockStreamer(model, "cpu", resident_blocks=1, prefetch=0):
+    with BlockStreamer(model, "cpu", StreamConfig(resident_blocks=1, prefetch=0)):
         got = [run_model(model, inputs, replace, Kernels(attn_chunk=40, ffn_chunk=30, split=split.tokens))
                for replace in (False, True)]
     torch.save(got, out / f"model.{rank}.pt")
