@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import sys
@@ -42,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peer_formats as P  # noqa: E402
+from bench_fidelity import Results  # noqa: E402
 
 T0 = time.time()
 GB = 1e9
@@ -69,18 +69,6 @@ def table(header: list[str], rows: list[list]) -> str:
 def compare(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     r, o = ref.double().flatten(), out.double().flatten()
     return float((o - r).norm() / r.norm()), float(r @ o / (r.norm() * o.norm()))
-
-
-class Results:
-    def __init__(self, path: Path | None) -> None:
-        self.path, self.data = path, {}
-
-    def put(self, key: str, value) -> None:
-        self.data[key] = value
-        if self.path is not None:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            tmp.replace(self.path)
 
 
 @dataclass(frozen=True)
