@@ -168,7 +168,10 @@ def test_splits_that_cannot_be_made_are_one_line():
 
 def test_planner_plans_one_rank_share_of_the_activations():
     config = DiTConfig.preset("scail2-14b")
-    one, two = (plan(config, 704, 1280, 81, 10**12, 10**12, profile="resident", weights="fp8", sequence_split=n)
+    from scail2_lite.offload.card import DeviceMemory
+
+    gpu = DeviceMemory.card(10**12)
+    one, two = (plan(config, 704, 1280, 81, gpu, 10**12, profile="resident", weights="fp8", sequence_split=n)
                 for n in (1, 2))
     weights = nonblock_bytes(config) + config.num_layers * block_bytes(config, "fp8")
     act1, act2 = (p.phases["dit_step"].vram - weights for p in (one, two))
