@@ -8,7 +8,8 @@ One code path for the Python API and the CLI:
 
 Memory order, so that a 16 GB card never holds two big things at once: umT5 runs and is released, then CLIP,
 then the VAE encodes the conditions (and stays, it is small), then the DiT runs every step of a segment, then the
-VAE decodes that segment straight into the video writer. CFG branches run one after the other with batch 1:
+VAE decodes that segment straight into the video writer. While the encoders run, a worker thread reads the DiT's
+streamed blocks into pinned RAM when the RAM plan has room for it then (offload/placement.py). CFG branches run one after the other with batch 1:
 it bounds activation memory and makes the numbers independent of the memory profile.
 """
 
@@ -283,33 +284,41 @@ class Pipeline:
         vae_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
             mem_plan.profile.vae_tile if mem_plan else None)
 
-        with timer("text encoder"), tasks.phase("umT5 text encoder"):
-            contexts = self.encode_prompts([prompt, negative_prompt] if s.uses_cfg else [prompt])
-        with timer("clip"), tasks.phase("CLIP image encoder"):
-            clip_fea = self.encode_clip(inputs.image)
-        with timer("vae encode"), tasks.phase("VAE encode"):
-            # every reference view alone, as a one-frame video (the extra ones too: SPEC section 6); composited on
-            # black only with --composite-reference (ComfyUI's variant; upstream encodes them as given)
-            composite = s.replace and s.composite_reference
-            views = [cond.composite_on_black(image, mask) if composite else image
-                     for image, mask in [(inputs.image, inputs.ref_mask), *inputs.additional_refs]]
-            vae = self.vae(vae_tile)
-            ref_latents, *extra_latents = (_encode(vae, view[:, None], self.device) for view in views)
-            pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device) for a, b in segments]
-            self.park_vae()
-        extras = None
-        if extra_latents:
-            extras = (torch.cat(extra_latents, dim=2),
-                      cond.additional_ref_mask_channels([mask for _, mask in inputs.additional_refs])[None])
-        dit_dtype = self.dit.dtype
-        kept: list[torch.Tensor] = []
-        step_seconds: list[float] = []
         with ExitStack() as stack:
+            # The DiT's host side (its streamed blocks read into pinned RAM and page-locked) is built on a worker
+            # thread while the encoders hold the GPU, where the RAM plan allows it (`Plan.overlap_placement`); the
+            # device side waits for them below. On any error or Ctrl-C the stack stops the worker.
+            placement = stack.enter_context(DitPlacement(
+                self.dit, self.device, mem_plan, self.memory.attention,
+                self.model.shard_files if self.model.mappable else (), on_fallback=timer.note))
+            if mem_plan is not None and mem_plan.overlap_placement:
+                placement.prepare(tasks.beside("DiT to pinned RAM, beside the encoders"))
+            with timer("text encoder"), tasks.phase("umT5 text encoder"):
+                contexts = self.encode_prompts([prompt, negative_prompt] if s.uses_cfg else [prompt])
+            with timer("clip"), tasks.phase("CLIP image encoder"):
+                clip_fea = self.encode_clip(inputs.image)
+            with timer("vae encode"), tasks.phase("VAE encode"):
+                # every reference view alone, as a one-frame video (the extra ones too: SPEC section 6); composited on
+                # black only with --composite-reference (ComfyUI's variant; upstream encodes them as given)
+                composite = s.replace and s.composite_reference
+                views = [cond.composite_on_black(image, mask) if composite else image
+                         for image, mask in [(inputs.image, inputs.ref_mask), *inputs.additional_refs]]
+                vae = self.vae(vae_tile)
+                ref_latents, *extra_latents = (_encode(vae, view[:, None], self.device) for view in views)
+                pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device) for a, b in segments]
+                self.park_vae()
+            extras = None
+            if extra_latents:
+                extras = (torch.cat(extra_latents, dim=2),
+                          cond.additional_ref_mask_channels([mask for _, mask in inputs.additional_refs])[None])
+            dit_dtype = self.dit.dtype
+            kept: list[torch.Tensor] = []
+            step_seconds: list[float] = []
             writer = stack.enter_context(media.VideoWriter(output, fps, (h, w))) if output is not None else None
             with timer("dit placement"), tasks.phase("placing the DiT"):
-                placement = stack.enter_context(DitPlacement(
-                    self.dit, self.device, mem_plan, self.memory.attention,
-                    self.model.shard_files if self.model.mappable else (), on_fallback=timer.note))
+                placement.apply()
+            if placement.host_side is not None:
+                timer.beside("dit placement (host side)", placement.host_side.seconds, placement.host_side.waited)
             ctx = [self.dit.embed_context(c[None].to(self.device, dit_dtype), clip_fea.to(self.device, dit_dtype))
                    for c in contexts]
             history_pixels: torch.Tensor | None = None
@@ -361,7 +370,7 @@ class Pipeline:
                     self.park_vae()
                     history_pixels = tail if k + 1 < len(segments) else None
             final_plan, fallbacks, attention = placement.plan, placement.fallbacks, placement.kernels.attention
-            streamers_built = placement.streamers_built
+            streamers_built, placement_note = placement.streamers_built, placement.overlap_note
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
                    text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
                    parallel=split.describe(),
@@ -371,7 +380,7 @@ class Pipeline:
             run["extra_references"] = len(inputs.additional_refs)
         if final_plan is not None:
             run.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
-                       plan=final_plan.reason, streamers_built=streamers_built)
+                       plan=final_plan.reason, streamers_built=streamers_built, dit_placement=placement_note)
         if fallbacks:
             run["out_of_memory_fallbacks"] = "; ".join(fallbacks)
         if s.cache != "off":

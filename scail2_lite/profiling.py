@@ -7,7 +7,9 @@ planner's per-phase model is only trusted once measured against it (`scail2-lite
 time and takes, per phase name, the max of PyTorch's peak allocated and reserved bytes (exact, from the caching
 allocator's peak counters, reset at each phase entry), of NVML's device-used bytes and of process RSS (sampled).
 While a phase runs, a daemon thread samples every `interval` seconds into a timeline for the plot; between phases
-nothing runs. Phases do not nest (each entry resets the allocator's peak counters).
+nothing runs. Phases do not nest (each entry resets the allocator's peak counters). Work done on another thread
+beside the phases is recorded apart (`beside`): its own seconds and how long the main thread waited for it (the part
+of it that a phase's seconds include).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class PhaseRecorder:
         self.stats: dict[str, PhaseStats] = {}
         self.intervals: list[tuple[str, float, float]] = []
         self.events: list[tuple[float, str]] = []  # (seconds since start, what happened): e.g. OOM re-plans
+        self.background: dict[str, dict[str, float | None]] = {}  # work beside the phases: seconds, waited
         self.samples: list[Sample] = []
         self._nvml, self.nvml_note = nvml_handle(device.index) if self.cuda else (None, "NVML: no CUDA device")
         self._t0 = time.perf_counter()
@@ -174,6 +177,11 @@ class PhaseRecorder:
         self.seconds[name] = s.seconds
         self.intervals.append((name, start - self._t0, end - self._t0))
 
+    def beside(self, name: str, seconds: float | None, waited: float) -> None:
+        """Record work that ran on another thread beside the phases: it took `seconds` there (None: unfinished) and
+        the main thread waited `waited` of them inside a phase (its visible cost)."""
+        self.background[name] = {"seconds": seconds, "waited": waited}
+
     def note(self, what: str) -> None:
         """Record an event at this moment (shown in the JSON beside the phases)."""
         self.events.append((time.perf_counter() - self._t0, what))
@@ -192,6 +200,7 @@ class PhaseRecorder:
             "phases": {name: dict(vars(s)) for name, s in self.stats.items()},
             "intervals": [list(i) for i in self.intervals],
             "events": [list(e) for e in self.events],
+            "background": self.background,
             "timeline": {field: [getattr(s, field) for s in samples] for field in Sample._fields},
         }
 
@@ -282,6 +291,7 @@ def plan_to_json(p: Plan) -> dict:
         "text_encoder": p.text_encoder,
         "resident_blocks": p.resident_blocks,
         "streamed_blocks": p.streamed_blocks,
+        "overlap_placement": p.overlap_placement,
         "height": p.height,
         "width": p.width,
         "frames": p.frames,

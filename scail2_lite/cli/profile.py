@@ -51,7 +51,9 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
         out.print(f"DiT {chosen.quantization}: {chosen.resident_blocks} blocks resident, {chosen.streamed_blocks} "
                   f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
                   f"({'layer by layer' if p.stream_unit == 'layer' else f'{p.prefetch} ahead'}); "
-                  f"VAE tile {p.vae_tile or 'none'}", highlight=False)
+                  f"VAE tile {p.vae_tile or 'none'}"
+                  + ("; the pinned buffer fills beside the encoders" if chosen.overlap_placement else ""),
+                  highlight=False)
         out.print(f"allocator budget {_bytes(chosen.vram_budget)}: the card less {_bytes(chosen.outside_allocator)} "
                   "of CUDA context and a desktop reserve", highlight=False)
         table = Table(title=f"predicted peaks per phase ({chosen.tokens:,} tokens)")

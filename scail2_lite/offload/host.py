@@ -15,7 +15,7 @@ events on CUDA, synchronous copies and no events on a CPU device (used by the te
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -68,9 +68,12 @@ class Copier:
 class PinnedHost:
     """Every streamed block in one flat host buffer, block after block in its slot layout, page-locked in place on
     CUDA. From the weight files when given (read straight into the buffer), else from the model's tensors (each
-    original is freed as it is replaced, so RAM peaks at the model plus one block)."""
+    original is freed as it is replaced, so RAM peaks at the model plus one block). Each entry is re-pointed only
+    once its bytes are in, so a fill stopped half way (`on_block` raising) leaves every block whole. Needs no device
+    memory: it may be built on a worker thread while the GPU runs something else (placement.py)."""
 
-    def __init__(self, layouts: Sequence[BlockLayout], files: WeightFiles | None, cuda: bool) -> None:
+    def __init__(self, layouts: Sequence[BlockLayout], files: WeightFiles | None, cuda: bool,
+                 on_block: Callable[[int], None] | None = None) -> None:
         self.layouts = layouts
         self.starts: list[int] = []  # per block: its byte offset in the buffer
         total = 0
@@ -91,6 +94,8 @@ class PinnedHost:
                 e.tensor.data = v
                 views.append(v)
             self.rest.append(views)
+            if on_block is not None:
+                on_block(len(self.rest))  # blocks in place so far (progress; raises to stop the fill)
         if cuda and total:
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), total, 0)
             if int(err) != 0:

@@ -10,7 +10,9 @@ where their memory goes (`scail2-lite profile`). The model counts what the runti
   vae_decode    VAE weights + activations of one tile (one latent frame -> 4 frames at a time)
 The encoders leave the GPU after their phase. The DiT's
 device weights are counted from the DiT phase on (the pipeline loads it after the encoders); the VAE leaves the
-GPU during DiT steps. Activation coefficients are per-element byte counts of `model.SCAIL2Block`'s forward; the
+GPU during DiT steps. The DiT's host side (the streamed blocks read into their pinned buffer and page-locked: no
+device memory) is built beside the encoders when the RAM plan has room for it then (`Plan.overlap_placement`), else
+after them. Activation coefficients are per-element byte counts of `model.SCAIL2Block`'s forward; the
 VAE's are per output pixel. They are estimates until `scail2-lite profile --run` measures them (issue 7).
 
 The budget is the caching allocator's share of the card (card.py: the card or its free memory, minus the CUDA
@@ -231,6 +233,7 @@ class Plan:
     extra_refs: int = 0  # extra references (multi-reference): their tokens are in `tokens`
     outside_allocator: int = 0  # what NVML shows beyond the allocator's reserved bytes (the CUDA context)
     sequence_split: int = 1  # ranks sharing the tokens (Ulysses): this plan is one rank's
+    overlap_placement: bool = False  # the DiT's host side is built beside the encoders (`overlapped`)
 
     @property
     def streamed_blocks(self) -> int:
@@ -265,13 +268,15 @@ class Plan:
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
     text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0, sequence_split: int = 1,
+    overlap: bool = False,
 ) -> dict[str, PhaseMemory]:
     """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks.
 
     RAM (resident set, file pages included): the non-block layers; the blocks only when they cannot be read from
     a quantized folder's shards (`mappable` False: the whole DiT stays in RAM, the pinned buffer replacing the
     streamed blocks' copies); else the pinned buffer of the streamed blocks (or the two-block staging ring of
-    disk-mapped profiles) once the DiT is placed.
+    disk-mapped profiles) once the DiT is placed, and already while the encoders run with `overlap` (the buffer
+    fills beside them: `overlapped`).
 
     Under a sequence split of N ranks (Ulysses) each rank's blocks hold 1/N of the tokens (its self-attention: all
     tokens with 1/N of the heads, the same bytes) plus the all-to-all buffers; weights are the same on every rank."""
@@ -304,17 +309,43 @@ def predict(
     umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS
     vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
     vae_dec = _vae_activation_bytes(height, width, profile.vae_tile, VAE_DECODE_BYTES_PER_PIXEL)
+    # The encoders run before the first placement: no pinned buffer yet, unless it fills beside them (`overlap`;
+    # counted whole in every encoder phase: it may be full before the first one ends). Not the mapped profiles'
+    # staging ring: it is allocated by the device side, after the encoders.
+    early = host if overlap and host_side_overlaps(profile, streamed, mappable) else 0
     phases = {
-        # The encoders run before the first placement: no pinned buffer yet.
-        "text_encoder": PhaseMemory(umt5 + ENCODER_ACTIVATIONS, int(rest + umt5_file)),
-        "clip": PhaseMemory(clip + CLIP_ACTIVATIONS, int(rest + clip)),
+        "text_encoder": PhaseMemory(umt5 + ENCODER_ACTIVATIONS, int(rest + early + umt5_file)),
+        "clip": PhaseMemory(clip + CLIP_ACTIVATIONS, int(rest + early + clip)),
         # The pipeline encodes before placing the DiT and releases the DiT before decoding: the VAE runs alone.
         # First segment: before the first placement (a later segment's encode holds the host buffer, as its steps do).
-        "vae_encode": PhaseMemory(vae + vae_enc, int(rest)),
+        "vae_encode": PhaseMemory(vae + vae_enc, int(rest + early)),
         "dit_step": PhaseMemory(dit_device + act, int(ram)),
         "vae_decode": PhaseMemory(vae + vae_dec, int(ram + frames_ram)),
     }
     return {k: PhaseMemory(int(v.vram), int(v.ram), reserved_bytes(k, int(v.vram))) for k, v in phases.items()}
+
+
+def host_side_overlaps(profile: Profile, streamed_blocks: int, mappable: bool) -> bool:
+    """Whether a placement has host work worth a worker thread beside the encoders: reading the streamed blocks into
+    a pinned buffer and page-locking it (pinned source; a DiT that cannot be mapped always streams from pinned RAM).
+    Blocks mapped from disk are read at each use and resident blocks go straight to the device: nothing to do early."""
+    return streamed_blocks > 0 and (profile.weight_source is WeightSource.PINNED or not mappable)
+
+
+def overlapped(plain: Plan) -> Plan:
+    """`plain` with its DiT host side built beside the encoders (`Plan.overlap_placement`) when that is worth doing and
+    the RAM plan still holds: the encoder phases then carry the pinned buffer too (`predict`'s `overlap`). Only on
+    RAM: VRAM is the same either way (page-locking takes no device memory, the device side still waits for the
+    encoders to leave the GPU). A plan whose RAM holds the buffer only after the encoders have gone (a 32 GB
+    machine under a pinned profile at short segments) or that does not fit RAM at all places after the encoders,
+    as before: RAM the plan did not count is swap, slower than the seconds an overlap saves."""
+    if not host_side_overlaps(plain.profile, plain.streamed_blocks, plain.mappable):
+        return plain
+    p = plain
+    phases = predict(p.profile, p.config, p.height, p.width, p.frames, p.resident_blocks, p.quantization,
+                     p.text_encoder, p.mappable, p.extra_refs, p.sequence_split, overlap=True)
+    candidate = dataclasses.replace(p, phases=phases, overlap_placement=True)
+    return candidate if candidate.peak_ram <= candidate.ram_available else plain
 
 
 def resolve(
@@ -329,8 +360,9 @@ def resolve(
     def make(resident: int, why: str) -> Plan:
         phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, extra_refs,
                          sequence_split)
-        return Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases, int(vram_budget),
-                    int(ram_available), why, mappable, extra_refs, int(outside_allocator), sequence_split)
+        return overlapped(Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases,
+                               int(vram_budget), int(ram_available), why, mappable, extra_refs, int(outside_allocator),
+                               sequence_split))
 
     if profile.resident_blocks == "all":
         return make(config.num_layers, reason)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -69,10 +69,16 @@ class BlockStreamer:
 
     Use as a context manager or call `detach()`. `suspend()` gives the GPU back between segments (device buffers
     freed, resident layers pointed back at their host tensors) while the host side stays ready for `resume()`.
+
+    `attach=False` builds the host side only (the streamed blocks in their pinned buffer or mapped files: no device
+    memory) and leaves the device side to a later `resume()`, so the host side can be built beside other GPU work
+    (placement.py). `on_block(n)` is told each streamed block put in the pinned buffer; an exception it raises stops
+    the build (the model keeps whole blocks).
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, config: StreamConfig = StreamConfig(),
-                 weights: str | Path | Sequence[str | Path] | WeightFiles | None = None) -> None:
+                 weights: str | Path | Sequence[str | Path] | WeightFiles | None = None, *, attach: bool = True,
+                 on_block: Callable[[int], None] | None = None) -> None:
         self.device = torch.device(device)
         self.config = config
         blocks = getattr(model, "blocks", None)
@@ -103,12 +109,11 @@ class BlockStreamer:
         self.host: PinnedHost | MappedHost | None = None
         self._hooks: list = []  # non-empty while attached
         try:
-            # Resident layers first (their mapped pages dropped as they go), so RAM never holds them beside the host
-            # buffer while it fills.
-            self._place_resident()
+            # Host side first; `resume` moves the resident layers (their mapped pages dropped block by block, so RAM
+            # holds at most one of them beside the full host buffer).
             cuda = self.device.type == "cuda"
             if config.source is WeightSource.PINNED:
-                self.host = PinnedHost(self.layouts, self.files, cuda)
+                self.host = PinnedHost(self.layouts, self.files, cuda, on_block)
             else:
                 self.host = MappedHost(self.layouts, self.files, cuda)
             if layers:
@@ -117,7 +122,8 @@ class BlockStreamer:
                 self.strategy = SplitSlot(self.layouts, self.host, self.device)
             else:
                 self.strategy = SlotRing(self.layouts, self.host, self.device, config.prefetch)
-            self.resume()
+            if attach:
+                self.resume()
         except BaseException:
             self.detach()
             raise
