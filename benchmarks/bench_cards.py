@@ -39,7 +39,7 @@ from _cards import GB, Emulator  # noqa: E402
 from _workdir import input_files  # noqa: E402
 
 from scail2_lite import synth  # noqa: E402
-from scail2_lite.config import FAST_PRESET  # noqa: E402
+from scail2_lite.config import GENERATION_PRESETS  # noqa: E402
 from scail2_lite.errors import UserError  # noqa: E402
 from scail2_lite.offload.card import card_bytes  # noqa: E402
 
@@ -108,7 +108,7 @@ def vae_part(s: bp.Setup, src: Path, res: bp.Results, frames: int) -> str:
 
 
 def fast(steps: int) -> dict:
-    return {**FAST_PRESET, "steps": steps}
+    return {**GENERATION_PRESETS["fast"].settings(), "steps": steps}
 
 
 def headline(s: bp.Setup, st: bp.State, dst: Path, src: Path, res: bp.Results) -> str:
