@@ -134,8 +134,7 @@ class Pipeline:
         folder.check()
         ranks = Ranks.join(memory.parallel, parse_device(memory.device))
         device = ranks.device
-        model = describe_model(folder.root)
-        model = dataclasses.replace(model, text_encoder=memory.text_encoder or model.text_encoder)
+        model = describe_model(folder.root).with_text_encoder(memory.text_encoder)
         # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
         # them from the files, a resident placement copies them to the GPU): RAM holds only the non-block layers.
         # Not with LoRAs: they are merged into the RAM copy, the shards hold the weights without them.
@@ -160,7 +159,8 @@ class Pipeline:
             cache = PromptCache(file_identity(files), scheme)
             if (hit := cache.get(prompts)) is not None:
                 return hit
-        quant = None if scheme == "bf16" else (lambda block: quantize_block(block, scheme))
+        stored = self.model.text_encoder_stored != "bf16"  # loads as stored, nothing to quantize
+        quant = None if scheme == "bf16" or stored else (lambda block: quantize_block(block, scheme))
         # bf16 streams its blocks through the GPU (lossless at about one block of memory); 4/8-bit load whole.
         tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant,
                                              stream=scheme == "bf16")
@@ -199,7 +199,7 @@ class Pipeline:
     def with_memory(self, memory: MemorySettings) -> "Pipeline":
         """The same loaded model under other memory settings (profile, budget, attention, VAE tiles): runs that
         compare plans need not load the DiT again. The device and the DiT's placement on disk stay."""
-        model = dataclasses.replace(self.model, text_encoder=memory.text_encoder or self.model.text_encoder)
+        model = self.model.with_text_encoder(memory.text_encoder)
         return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
                         self.device, self.loras, self.ranks)
 
