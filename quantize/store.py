@@ -8,7 +8,8 @@ Layout of a folder written by `write_quantized`:
                                `<layer>.smooth` float32 per input column; int8 weights are stored rotated,
                                see schemes.py), everything else bf16 (fp32 for
                                modulation tables)
-    <copied files>             VAE, CLIP, tokenizer, umT5, under the names the caller chose
+    <copied files>             VAE, CLIP, tokenizer, umT5 (the bf16 file, or a folder of it stored quantized:
+                               text_encoder.py), under the names the caller chose
 The folder is built under a hidden temporary name and renamed at the end; `manifest.json` is written last, so
 an interrupted run never leaves a folder that `is_quantized_folder` accepts.
 
