@@ -115,12 +115,12 @@ def build_model(s: Setup, device: torch.device) -> nn.Module:
     from scail2_lite.model import SCAIL2Model
     from scail2_lite.formats import wan_shapes
     from scail2_lite.quantize.linear import swap_linears
-    from scail2_lite.quantize.schemes import is_quantized_name
+    from scail2_lite.quantize.schemes import is_quantized_name, kept_dtype
 
     config = s.config()
     with torch.device("meta"):
         model = SCAIL2Model(config)
-    state = {k: synth_tensor(k, shape, SEED, "dit", device=device).to(torch.bfloat16)
+    state = {k: synth_tensor(k, shape, SEED, "dit", device=device).to(kept_dtype(k))
              for k, shape in wan_shapes(config).items()}
     model.load_state_dict(state, assign=True)
     del state

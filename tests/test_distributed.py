@@ -221,7 +221,7 @@ def _torchrun(folder: Path, out: Path, *args: str) -> subprocess.CompletedProces
     cli = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
            shutil.which("scail2-lite", path=str(Path(sys.executable).parent)), "generate", str(folder),
            "--image", str(files.image), "--mask-image", str(files.mask_image), "--pose", str(files.pose),
-           "--mask-video", str(files.mask_video), "--width", "128", "--height", "128", "--steps", "1",
+           "--mask-video", str(files.mask_video), "--width", "64", "--height", "64", "--steps", "1",
            "--frames", "5", "--device", "cpu", "--no-prompt-cache", "-o", str(out), *args]
     return subprocess.run(cli, capture_output=True, text=True, timeout=300, env=env)
 
