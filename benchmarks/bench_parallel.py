@@ -48,16 +48,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from scail2_lite.attention import resolve  # noqa: E402
-from scail2_lite.blocks import CLIP_TOKENS, Kernels  # noqa: E402
-from scail2_lite.config import SIZES, DiTConfig  # noqa: E402
-from scail2_lite.distributed import Ranks, Split, shares  # noqa: E402
-from scail2_lite.model import LATENT_CHANNELS, Conditions  # noqa: E402
-from scail2_lite.quantize.report import compare  # noqa: E402
-from scail2_lite.sampling import cfg, make_scheduler  # noqa: E402
-from scail2_lite.synth import synth_tensor, tiny_config  # noqa: E402
+from scail2_lite.attention import resolve
+from scail2_lite.blocks import CLIP_TOKENS, Kernels
+from scail2_lite.config import SIZES, DiTConfig
+from scail2_lite.distributed import Ranks, Split, shares
+from scail2_lite.formats import wan_shapes
+from scail2_lite.model import LATENT_CHANNELS, Conditions, SCAIL2Model
+from scail2_lite.quantize.linear import swap_linears
+from scail2_lite.quantize.report import compare
+from scail2_lite.quantize.schemes import is_quantized_name, kept_dtype
+from scail2_lite.sampling import cfg, make_scheduler
+from scail2_lite.synth import synth_tensor, tiny_config
 
 GB = 1e9
 SEED = 0
@@ -112,11 +113,6 @@ def runs_for(world: int) -> list[tuple[str, float]]:
 
 def build_model(s: Setup, device: torch.device) -> nn.Module:
     """The DiT of `s.config()` with synth's weights drawn on `device` (same on every rank), Linears in s.scheme."""
-    from scail2_lite.model import SCAIL2Model
-    from scail2_lite.formats import wan_shapes
-    from scail2_lite.quantize.linear import swap_linears
-    from scail2_lite.quantize.schemes import is_quantized_name, kept_dtype
-
     config = s.config()
     with torch.device("meta"):
         model = SCAIL2Model(config)
@@ -225,7 +221,9 @@ def measure_all_to_all(s: Setup, config: DiTConfig, rank: int, world: int, devic
 
 
 def _worker(rank: int, world: int, port: int, s: Setup, out: str, a2a_only: bool) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    # Forked CPU ranks stay on one thread: an OpenMP pool the parent used does not survive fork (a parallel region
+    # in the child can hang), and the ranks share the cores anyway.
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world) if s.cuda else 1)
     device = torch.device("cuda", 0 if s.share_gpu else rank) if s.cuda else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
