@@ -23,6 +23,7 @@ if "--tiny" in sys.argv:  # Triton reads this when imported
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -41,21 +42,29 @@ from scail2_lite.offload.planner import tokens  # noqa: E402
 from scail2_lite.profiling import write_json  # noqa: E402
 
 H = a.HopperOptions
-FAST = dict(magic_convert=True, fold_448=True)
-# Today's sm90 kernel first (the baseline every other candidate's "vs current" column compares with).
+FAST = dict(magic_convert=True, fold_448=True)  # exact int->float, 448 folded into exp2
+LEAN = dict(int_max=True, fold_448=True, fma_magic=True)  # 64-key tiles: one FMA per score before exp2
+# Today's sm90 kernel first (the baseline every other candidate's "vs current" column compares with), then the
+# likeliest winners, then the attribution rows (which option buys what); --budget-s cuts from the end.
 CANDIDATES: list[a.KernelConfig] = [
     a.CONFIGS[90],
-    a.KernelConfig(128, 128, 8, 3, H()),  # the Hopper form with every option off: must match today's kernel
-    a.KernelConfig(128, 128, 8, 3, H(magic_convert=True)),
-    a.KernelConfig(128, 128, 8, 3, H(fold_448=True)),
+    a.KernelConfig(128, 128, 8, 3, H(tma=True, split_qk=True)),
+    a.KernelConfig(128, 128, 8, 4, H(tma=True, split_qk=True)),
+    a.KernelConfig(128, 128, 8, 3, H(tma=True, split_qk=True, fma_magic=True)),
+    a.KernelConfig(128, 128, 8, 4, H(tma=True, split_qk=True, fma_magic=True)),
+    a.KernelConfig(128, 128, 8, 3, H(tma=True, warp_specialize=True, split_qk=True)),
+    a.KernelConfig(128, 64, 8, 3, H(tma=True, **LEAN)),
+    a.KernelConfig(128, 64, 8, 4, H(tma=True, **LEAN)),
+    a.KernelConfig(64, 64, 4, 4, H(tma=True, **LEAN)),
+    a.KernelConfig(128, 128, 8, 3, H(tma=True, **FAST, fma_exp=True)),
+    a.KernelConfig(128, 128, 8, 4, H(tma=True, **FAST, fma_exp=True)),
+    a.KernelConfig(128, 128, 8, 3, H(tma=True, acc_in_dot=True, **FAST, fma_exp=True)),
+    a.KernelConfig(128, 128, 8, 3, H()),  # the Hopper form with every option off: today's arithmetic
     a.KernelConfig(128, 128, 8, 3, H(**FAST)),
-    a.KernelConfig(128, 128, 8, 3, H(tma=True)),
-    a.KernelConfig(128, 128, 8, 2, H(tma=True, **FAST)),
+    a.KernelConfig(128, 128, 8, 3, H(**FAST, fma_exp=True)),
     a.KernelConfig(128, 128, 8, 3, H(tma=True, **FAST)),
-    a.KernelConfig(128, 128, 8, 4, H(tma=True, **FAST)),
-    a.KernelConfig(128, 64, 8, 4, H(tma=True, **FAST)),
-    a.KernelConfig(128, 128, 8, 3, H(tma=True, warp_specialize=True, **FAST)),
-    a.KernelConfig(128, 128, 8, 3, H(tma=True, acc_in_dot=True, **FAST)),
+    a.KernelConfig(128, 128, 8, 3, H(split_qk=True)),
+    a.KernelConfig(128, 64, 8, 3, H(int_max=True, **FAST, fma_exp=True)),
 ]
 TINY = (333, 2, 128)  # tokens, heads, head dim: a tail in every block size
 MIN_COSINE = 0.999  # issue 19's per-call gate: a candidate below it is never the default
@@ -83,7 +92,7 @@ def flops(length: int, heads: int, dim: int, ms: float) -> float:
 
 @torch.no_grad()
 def run_size(size: str, length: int, heads: int, dim: int, device: str, pv: torch.dtype, reps: int,
-             peers: list[str], candidates: list[a.KernelConfig], record) -> None:
+             peers: list[str], candidates: list[a.KernelConfig], deadline: float, record) -> None:
     q, k, v = inputs(length, heads, dim, device)
     rows = torch.linspace(0, length - 1, min(ACCURACY_QUERIES, length), device=device).long()
     exact = exact_rows(q, k, v, rows)
@@ -104,6 +113,10 @@ def run_size(size: str, length: int, heads: int, dim: int, device: str, pv: torc
     current = None
     for config in candidates:
         row = {"size": size, "tokens": length, "kernel": "int8 " + config.label(), "config": repr(config)}
+        if time.perf_counter() > deadline:
+            row["error"] = "skipped: --budget-s spent"
+            record(row)
+            continue
         try:
             out = a.attend(x, torch.empty_like(q), config)
             row.update(compare(exact, out[:, rows]))
@@ -193,6 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="704p,512p", help="comma list of " + ", ".join(GPU_SIZES))
     parser.add_argument("--reps", type=int, default=3, help="timed calls per row (median)")
+    parser.add_argument("--budget-s", type=float, default=170, help="no new candidate timed after this many "
+                        "seconds (the reference checks and the table still run)")
     parser.add_argument("--only", default="", help="comma list of candidate indices (default: all)")
     parser.add_argument("--tiny", action="store_true", help="CPU, Triton's interpreter, a tiny shape")
     parser.add_argument("--aot", action="store_true", help="CPU: build each candidate for sm90 and report")
@@ -224,8 +239,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if out_dir := os.environ.get("OUT"):
             write_json(Path(out_dir) / "tune_int8_attention.json", rows)
 
+    deadline = time.perf_counter() + args.budget_s
     for size, length in sizes.items():
-        run_size(size, length, heads, dim, device, pv, args.reps, peers, candidates, record)
+        run_size(size, length, heads, dim, device, pv, args.reps, peers, candidates, deadline, record)
     reference_checks(device, pv, heads, dim, check_tokens, candidates, record)
     print(report_table(rows, heads, dim))
     print(winner(rows))

@@ -67,6 +67,10 @@ class HopperOptions:
     magic_convert: bool = False
     fold_448: bool = False
     acc_in_dot: bool = False
+    int_max: bool = False
+    fma_exp: bool = False
+    fma_magic: bool = False
+    split_qk: bool = False
 
     def label(self) -> str:
         return "+".join(name for name, on in vars(self).items() if on) or "plain"
@@ -139,7 +143,8 @@ def describe(device: torch.device | None = None) -> str:
     capability = capability_number(device)
     config = kernel_config(capability)
     pv = "FP8" if pv_dtype(capability) == FP8 else "fp16"
-    return f"INT8 QK^T + {pv} P.V, sm{capability}, {config.block_m}x{config.block_n} tiles"
+    hopper = f", Hopper form ({config.hopper.label()})" if config.hopper else ""
+    return f"INT8 QK^T + {pv} P.V, sm{capability}, {config.block_m}x{config.block_n} tiles{hopper}"
 
 
 def kernel_config(capability: int) -> KernelConfig:
