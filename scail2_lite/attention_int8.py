@@ -199,7 +199,9 @@ def _quantize_blocks_reference(x: torch.Tensor, block: int, mean: torch.Tensor |
     amax = tiles.abs().amax(dim=(-2, -1))
     safe = amax.clamp_min(1e-30)
     q8 = _round_int8(tiles * (INT8_MAX / safe)[..., None, None]).flatten(2, 3)
-    return q8, (safe / INT8_MAX) * torch.tensor(multiplier, dtype=torch.float32)
+    # A tensor divisor, not a Python number: CUDA torch turns `x / number` into `x * (1 / number)`, which rounds
+    # differently from the kernel's (and the CPU's) correctly rounded division.
+    return q8, (safe / safe.new_tensor(INT8_MAX)) * safe.new_tensor(multiplier)
 
 
 def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: torch.dtype) -> Quantized:
