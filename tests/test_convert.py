@@ -99,6 +99,20 @@ def test_old_folder_quantizes_text_encoder_at_load(source, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_interrupted_text_encoder_store_leaves_nothing(source, tmp_path, monkeypatch):
+    """Ctrl-C while umT5 is being stored quantized: neither the folder nor any staging folder is left."""
+    import scail2_lite.quantize_checkpoint as qc
+
+    def interrupted(src, dest, scheme, device, progress):
+        (dest / "umt5-nf4-block00.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qc, "write_quantized_text_encoder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(source, tmp_path / "q", dit="fp8", text_encoder="nf4", log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_load_roundtrip_is_bit_exact(source, tmp_path):
     out = tmp_path / "q"
     quantize_checkpoint(source, out, dit="int8", text_encoder="bf16", log=lambda _: None)
