@@ -46,6 +46,7 @@ from .sampling import cfg, make_scheduler
 from .settings import GenerationSettings, MemorySettings
 from .stepcache import StepCache
 from .vae import VAE_FILE, WanVAE, load_vae
+from .vae_tiles import Tiling, from_setting
 
 # Streaming blocks through fixed slots while activations come and go fragments the caching allocator: growable
 # segments keep reserved memory near allocated. Read when CUDA first allocates, so it is set on import, for the
@@ -183,8 +184,9 @@ class Pipeline:
             del model
             release_cached_memory()
 
-    def vae(self, tile: int | None) -> WanVAE:
-        """The VAE on the device with the tiling asked for (loaded once, kept in RAM between uses)."""
+    def vae(self, tile: int | Tiling | None) -> WanVAE:
+        """The VAE on the device with the tiling asked for (square tiles of `tile` pixels, 0 or None untiled; loaded
+        once, kept in RAM between uses)."""
         if self._vae is None:
             self._vae = load_vae(self.folder.vae, device="cpu")
         self._vae.set_tiling(tile or None)
@@ -219,7 +221,7 @@ class Pipeline:
         return plan(m.config, height, width, frames, gpu, available_ram() // self.ranks.local_world,
                     profile=self.memory.profile, vram_budget=self.memory.vram_budget, weights=m.dit_scheme,
                     text_encoder=m.text_encoder, mappable=m.mappable, extra_refs=extra_refs,
-                    sequence_split=split.sequence)
+                    sequence_split=split.sequence, vae_tile=self.memory.vae_tile)
 
     @property
     def vae_dtype(self) -> torch.dtype | None:
@@ -348,10 +350,11 @@ class Pipeline:
                     placement.release()
                 drop = s.segment_overlap if k > 0 else 0
                 stop = min(end, total_frames) - start  # frames past the driving video are padding
+                decode_tiles = _decode_tiling(placement.plan, self.memory.vae_tile)
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
                                                       total=stop - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
-                    for group in _decode(self.vae(vae_tile), latents, drop, stop, self.device, self.vae_dtype):
+                    for group in _decode(self.vae(decode_tiles), latents, drop, stop, self.device, self.vae_dtype):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
@@ -365,7 +368,7 @@ class Pipeline:
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
                    text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
                    parallel=split.describe(),
-                   vae_decode=f"{f'{vae_tile} px tiles' if vae_tile else 'untiled'}, "
+                   vae_decode=f"{decode_tiles.describe(h, w) if decode_tiles else 'untiled'}, "
                               f"{'bf16' if self.vae_dtype is torch.bfloat16 else 'fp32'}")
         if inputs.additional_refs:
             run["extra_references"] = len(inputs.additional_refs)
@@ -411,6 +414,12 @@ class Pipeline:
 def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1] -> normalised latents (1, 16, Tl, H/8, W/8) on CPU, fp32."""
     return vae.encode(video[None].to(device)).cpu()
+
+
+def _decode_tiling(plan: Plan | None, vae_tile: int | None) -> Tiling | None:
+    """The decode's tiles: the plan's (the largest that fit the card, or `--vae-tile`: planner.decode_tiling);
+    without a plan (CPU), `--vae-tile` or untiled."""
+    return plan.vae_decode_tiling if plan is not None else from_setting(vae_tile)
 
 
 def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, stop: int, device: torch.device,
