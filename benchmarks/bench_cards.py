@@ -55,6 +55,7 @@ from scail2_lite.offload.card import card_bytes  # noqa: E402
 log = bp.log
 gb = bp.gb
 # (size, card GiB), most telling first: the cards where fit is tight come before the roomy ones.
+SCALING_FRAMES = "81,161,321"
 CASES: tuple[tuple[str, int], ...] = (("512p", 8), ("704p", 8), ("704p", 12), ("512p", 12), ("704p", 24),
                                       ("512p", 16), ("512p", 24))
 
@@ -297,7 +298,7 @@ def main() -> None:
     ap.add_argument("--vae-frames", type=int, default=21, help="frames of the VAE-alone comparison (4k+1)")
     ap.add_argument("--parts", default="vae,headline,cards", help="comma list of vae, headline, cards, decode, trace, "
                     "scaling, long")
-    ap.add_argument("--scaling-frames", default="81,161,321", help="frame counts of the scaling part")
+    ap.add_argument("--scaling-frames", default=SCALING_FRAMES, help="frame counts of the scaling part (4k+1)")
     ap.add_argument("--detach", metavar="NAME", help="run the parts as a setsid child in WORKDIR/detached/NAME")
     ap.add_argument("--collect", metavar="NAME", help="wait for a detached part (--wait) and copy its results to $OUT")
     ap.add_argument("--wait", type=float, default=480.0, help="seconds --collect waits at most")
@@ -367,8 +368,8 @@ def run(args: argparse.Namespace) -> None:
             bp.guarded("cards", lambda: card_table(s, st, dst, src, res, cases, s.deadline), res, tables)
         if "scaling" in parts:
             counts = [int(n) for n in args.scaling_frames.split(",")]
-            if tiny:
-                counts = [17, 33, 65][: len(counts)]
+            if tiny and args.scaling_frames == SCALING_FRAMES:
+                counts = [17, 33, 65]
             bp.guarded("scaling", lambda: scaling(s, st, dst, src, work, res, counts), res, tables)
         if "long" in parts:
             bp.guarded("long", lambda: long_run(s, st, dst, src, res), res, tables)

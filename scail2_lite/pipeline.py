@@ -306,6 +306,7 @@ class Pipeline:
         dit_dtype = self.dit.dtype
         kept: list[torch.Tensor] = []
         step_seconds: list[float] = []
+        decode_fallbacks: list[str] = []
         with ExitStack() as stack:
             writer = stack.enter_context(media.VideoWriter(output, fps, (h, w))) if output is not None else None
             with timer("dit placement"), tasks.phase("placing the DiT"):
@@ -354,7 +355,8 @@ class Pipeline:
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
                                                       total=stop - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
-                    for group in _decode(self.vae(decode_tiles), latents, drop, stop, self.device, self.vae_dtype):
+                    for group in self._decode_segment(decode_tiles, placement.plan, latents, drop, stop,
+                                                      decode_fallbacks, timer.note):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
@@ -375,14 +377,38 @@ class Pipeline:
         if final_plan is not None:
             run.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
                        plan=final_plan.reason, streamers_built=streamers_built)
-        if fallbacks:
-            run["out_of_memory_fallbacks"] = "; ".join(fallbacks)
+        if fallbacks or decode_fallbacks:
+            run["out_of_memory_fallbacks"] = "; ".join([*fallbacks, *decode_fallbacks])
         if s.cache != "off":
             run["cache"] = f"{s.cache}: {step_cache.stats}"
         recorded = {k: v for k, v in dataclasses.asdict(s).items() if k not in run}
         return Result(torch.cat(kept, dim=1) if keep_frames else None, total_frames, fps, (h, w), timer.seconds,
                       step_seconds, timer.peaks, {**recorded, **run}, warnings + inputs.warnings,
                       Path(output) if output is not None else None)
+
+    def _decode_segment(self, tiles: Tiling | None, plan: Plan | None, latents: torch.Tensor, drop: int, stop: int,
+                        fallbacks: list[str], note: Callable[[str], None]) -> Iterator[torch.Tensor]:
+        """The segment's decoded frame groups (`_decode`). On CUDA out-of-memory the decode starts again in the
+        profile's tiles, skipping the frames already delivered (written frames stay; later ones may differ at the
+        new tiles' seams): the predicted tiles should fit, but a run must not be lost to a misjudged decode."""
+        delivered = 0
+        while True:
+            try:
+                for group in _decode(self.vae(tiles), latents, drop + delivered, stop, self.device, self.vae_dtype):
+                    delivered += group.shape[1]
+                    yield group
+                return
+            except torch.cuda.OutOfMemoryError:
+                release_cached_memory()
+                lighter = from_setting(plan.profile.vae_tile) if plan is not None and plan.vae_tile is None else None
+                h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+                if lighter is None or lighter == tiles or lighter.covers(h, w):
+                    raise out_of_memory() from None
+                what = (f"VAE decode {tiles.describe(h, w) if tiles else 'untiled'} -> {lighter.describe(h, w)} "
+                        f"after {delivered} frames")
+                fallbacks.append(what)
+                note(what)
+                tiles = lighter
 
     def _velocity_with_fallback(self, placement: DitPlacement, *args) -> torch.Tensor:
         """One step's velocity; on CUDA out-of-memory the DiT is re-placed under a lighter plan and the same step

@@ -205,7 +205,8 @@ def generate(
                                         help="history frames carried between segments"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="bf16, int8 or nf4 (default: as quantized)"),
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="VAE tile size in pixels, 0 = untiled "
-                                           "(default: the memory profile's)"),
+                                           "(default: encode in the profile's tiles, decode in the largest tiles that "
+                                           "fit the card, see `scail2-lite profile`)"),
     profile: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml (default: the "
                                           "fastest that fits this GPU and RAM; see `scail2-lite profile`)"),
     vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="plan for a card of this size in GB "

@@ -199,8 +199,10 @@ def profile(
             raise UserError(f"{flag} must be a positive number of GB, got {value:g}")
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}")
-    if vae_tile is not None and vae_tile < 0:
-        raise UserError(f"--vae-tile must be 0 (untiled) or a positive number of pixels, got {vae_tile}")
+    if vae_tile is not None:
+        from ..settings import MemorySettings
+
+        MemorySettings(vae_tile=vae_tile)  # its checks: 0 or more, a multiple of 8
     if run and gpus > 1:
         raise UserError("--run measures this process alone; --gpus only plans (run generate under torchrun)")
     if run:

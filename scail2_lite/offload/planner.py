@@ -387,29 +387,33 @@ def resolve(
     that fit the budget (`decode_tiling`)."""
     quant = weights
     n = tokens(config, height, width, frames, extra_refs)
-    decode = (from_setting(vae_tile) if vae_tile is not None
-              else decode_tiling(height, width, frames, int(vram_budget), profile.vae_tile))
+    auto = decode_tiling(height, width, frames, int(vram_budget), profile.vae_tile)
+    forced = vae_tile is not None
 
-    def make(resident: int, why: str) -> Plan:
+    def make(resident: int, why: str, decode: Tiling | None) -> Plan:
         phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, extra_refs,
                          sequence_split, decode)
         return Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases, int(vram_budget),
                     int(ram_available), why, mappable, extra_refs, int(outside_allocator), sequence_split, decode,
                     vae_tile)
 
+    def final(resident: int) -> Plan:
+        """The plan with the decode's tiles as `--vae-tile` says (which the DiT's blocks never depend on)."""
+        return make(resident, reason, from_setting(vae_tile)) if forced else make(resident, reason, auto)
+
     if profile.resident_blocks == "all":
-        return make(config.num_layers, reason)
+        return final(config.num_layers)
     if profile.resident_blocks != "auto":
-        return make(min(int(profile.resident_blocks), config.num_layers), reason)
+        return final(min(int(profile.resident_blocks), config.num_layers))
     # Resident blocks only add VRAM and remove RAM, so the count that fits is found by bisection.
     lo, hi = 0, config.num_layers
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if make(mid, reason).fits:
+        if make(mid, reason, auto).fits:
             lo = mid
         else:
             hi = mid - 1
-    return make(lo, reason)
+    return final(lo)
 
 
 def plan(
@@ -449,15 +453,20 @@ def plan(
                        text_encoder, mappable, extra_refs, outside, sequence_split, vae_tile)
     candidates = [p for p in list_profiles() if mappable or p.weight_source is not WeightSource.MMAP]
     for p in candidates:
+        # chosen with the decode's tiles that fit: `--vae-tile` applies to the chosen plan (and may not fit)
         result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable,
-                         extra_refs, outside, sequence_split, vae_tile)
+                         extra_refs, outside, sequence_split)
         if result.fits:
             faster = [c.name for c in candidates if c.speed_rank < p.speed_rank]
             why = "fastest profile" if not faster else f"fastest that fits ({', '.join(faster)} need more memory)"
+            if vae_tile is not None:
+                result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder,
+                                 mappable, extra_refs, outside, sequence_split, vae_tile)
+                why += "" if result.fits else "; the VAE decode in --vae-tile's tiles does not fit"
             return dataclasses.replace(result, reason=why)
     lightest = min(
         (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable, extra_refs,
-                 outside, sequence_split, vae_tile)
+                 outside, sequence_split)
          for p in candidates),
         key=lambda r: (r.peak_vram_reserved > budget, r.peak_ram > ram_bytes, r.peak_vram_reserved),
     )
