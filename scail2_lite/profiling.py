@@ -12,6 +12,7 @@ nothing runs. Phases do not nest (each entry resets the allocator's peak counter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -289,6 +290,7 @@ def plan_to_json(p: Plan) -> dict:
         "tokens": p.tokens,
         "vram_budget": p.vram_budget,
         "outside_allocator": p.outside_allocator,
+        "vae_decode_tiling": None if p.vae_decode_tiling is None else dataclasses.asdict(p.vae_decode_tiling),
         "ram_available": p.ram_available,
         "peak_vram": p.peak_vram,
         "peak_vram_reserved": p.peak_vram_reserved,
