@@ -5,6 +5,8 @@ Run on the GPU machine from the repository root (~6-8 minutes on an H100; `--bud
     PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python benchmarks/bench_cards.py
 Proof run of the same code on a CPU (tiny model, no NVML, no cards: ~2 minutes):
     python benchmarks/bench_cards.py --tiny
+Parts longer than one call run detached (`--detach NAME`: a `setsid` child writing to WORKDIR/detached/NAME/) and
+are collected by a later call (`--collect NAME --wait SECONDS`: waits for the child's result, copies it to $OUT).
 
 Every card is emulated by `_cards.Emulator` (allocator cap = card - measured CUDA context - 0.5 GB desktop
 reserve; the planner gets the card's total as `--vram-budget` does). Parts, each guarded (a failure is recorded,
@@ -18,6 +20,12 @@ the next part runs); `$OUT/cards.json` is rewritten after each run, so a timeout
    of a step does not depend on how many run) with the VAE decode: per run the plan, peak allocated, reserved,
    NVML's process total against the card's size less the desktop reserve, OOM fallbacks. A card the planner
    refuses is recorded with its message. Runs are ordered by interest and skipped when the budget runs out.
+5. `decode` / `trace` (no model folder needed): _vae_decode.py, the VAE decode at the 704p output size in each
+   tiling the planner may choose against its prediction; the CPU trace of the decode's tensors per pixel.
+6. `scaling`: 81, 161, 321 frames (`--scaling-frames`) at 704p, fast preset, 16 GiB card, end to end: seconds per
+   frame and peak memory (target: 321 frames <= 4.1x the time of 81, the same peak). The driving video is the
+   synthetic one played forwards and backwards to the length asked.
+7. `long`: one 40-step CFG (upstream's sampler) 704p x 81 run on a 16 GiB card, end to end (~1000 s: detach it).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_pipeline as bp  # noqa: E402
 from _cards import GB, Emulator  # noqa: E402
+from _vae_decode import decode_part, trace_part  # noqa: E402
 from _workdir import input_files  # noqa: E402
 
 from scail2_lite import synth  # noqa: E402
@@ -46,6 +55,7 @@ from scail2_lite.offload.card import card_bytes  # noqa: E402
 log = bp.log
 gb = bp.gb
 # (size, card GiB), most telling first: the cards where fit is tight come before the roomy ones.
+SCALING_FRAMES = "81,161,321"
 CASES: tuple[tuple[str, int], ...] = (("512p", 8), ("704p", 8), ("704p", 12), ("512p", 12), ("704p", 24),
                                       ("512p", 16), ("512p", 24))
 
@@ -182,6 +192,102 @@ def card_table(s: bp.Setup, st: bp.State, dst: Path, src: Path, res: bp.Results,
             + "\n".join(rows))
 
 
+def long_inputs(src: Path, work: Path, frames: int) -> Path:
+    """A source folder whose inputs are stage 1's with the driving video and its mask `frames` long (played forwards
+    and backwards, as links to stage 1's frames)."""
+    folder = work / f"src_{frames}"
+    inputs = folder / "inputs"
+    if (inputs / ".complete").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    inputs.mkdir(parents=True)
+    for item in (src / "inputs").iterdir():
+        if item.name not in ("driving", "driving_mask"):
+            (inputs / item.name).symlink_to(item.resolve())
+    for name in ("driving", "driving_mask"):
+        given = sorted((src / "inputs" / name).iterdir())
+        cycle = given + given[-2:0:-1]
+        (inputs / name).mkdir()
+        for i in range(frames):
+            (inputs / name / f"{i:04d}.png").symlink_to(cycle[i % len(cycle)].resolve())
+    (inputs / ".complete").touch()
+    return folder
+
+
+def scaling(s: bp.Setup, st: bp.State, dst: Path, src: Path, work: Path, res: bp.Results,
+            frame_counts: list[int]) -> str:
+    """Fast preset at 704p on a 16 GiB card for each frame count, end to end: seconds per frame, peak memory."""
+    rows, first = [], None
+    for n in frame_counts:
+        if time.perf_counter() + (first or 60.0) * n / frame_counts[0] > s.deadline:
+            rows.append(f"| {n} | not run (budget) | | | | | | |")
+            continue
+        rep = bp.run_case(s, st, dst, long_inputs(src, work, n), res, f"scaling_{n}", size=s.size_704, frames=n,
+                          profile=s.profile_704, card_gib=16 if s.device.type == "cuda" else None, decode=True,
+                          sampling=fast(4))
+        wall = rep["wall_seconds"]
+        first = first or wall
+        phases = rep["measured"]["phases"]
+        decode = phases.get("vae decode", {}).get("seconds")
+        rows.append(f"| {n} | {wall:.1f} | {wall / n:.3f} | {wall / first:.2f} | "
+                    f"{decode if decode is None else round(decode, 1)} | {gb(rep['peak_allocated'])} | "
+                    f"{gb(rep['peak_reserved'])} | {gb(rep['peak_process_total'])} |")
+        print("\n" + bp.phase_table(f"scaling_{n}", rep, st.emulator) + "\n", flush=True)
+    return ("### Scaling: --preset fast, 704p, 16 GiB card, end to end (target: the last <= 4.1x the first, same "
+            "peak)\n| frames | s | s/frame | x first | VAE decode s | peak alloc GB | peak reserved GB | NVML "
+            "process total GB |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def long_run(s: bp.Setup, st: bp.State, dst: Path, src: Path, res: bp.Results) -> str:
+    """Upstream's sampling (40 steps unipc, CFG 5) at 704p x 81 on a 16 GiB card, end to end."""
+    from scail2_lite.config import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS
+
+    steps = 2 if s.tiny else DEFAULT_STEPS
+    sampling = {"steps": steps, "guidance": DEFAULT_GUIDANCE, "solver": DEFAULT_SOLVER}
+    rep = bp.run_case(s, st, dst, src, res, "long_704p_40_steps", size=s.size_704, frames=s.frames,
+                      profile=s.profile_704, card_gib=16 if s.device.type == "cuda" else None, decode=True,
+                      sampling=sampling)
+    steps_s = rep["measured"]["phases"].get("dit steps", {}).get("seconds", 0.0)
+    return (bp.phase_table(f"Long run: {steps} steps {DEFAULT_SOLVER}, CFG {DEFAULT_GUIDANCE}, 704p x 81, 16 GiB "
+                           "card", rep, st.emulator)
+            + f"\n\nend to end {rep['wall_seconds']:.1f} s; DiT steps {steps_s:.1f} s "
+              f"({steps_s / steps:.1f} s per step with both CFG branches)")
+
+
+def detach(args: list[str], work: Path, name: str) -> None:
+    """Start this script again as a `setsid` child with `args` (no --detach), writing its results and log to
+    WORKDIR/detached/NAME/ and `done` there when it ends; returns at once."""
+    import subprocess
+
+    folder = work / "detached" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    log_file = open(folder / "log.txt", "w")
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--keep", "--done-file", str(folder / "done")]
+    child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, "OUT": str(folder), "PYTHONUNBUFFERED": "1"})
+    log(f"detached {name}: pid {child.pid}, {' '.join(cmd)}; collect with --collect {name} --wait SECONDS")
+
+
+def collect(work: Path, name: str, wait: float) -> None:
+    """Wait up to `wait` seconds for a detached part to finish, then copy its files to $OUT; print its log tail."""
+    folder = work / "detached" / name
+    if not folder.is_dir():
+        raise SystemExit(f"nothing detached as {name} in {work}")
+    end = time.perf_counter() + wait
+    while not (folder / "done").exists() and time.perf_counter() < end:
+        time.sleep(5)
+    finished = (folder / "done").exists()
+    out = os.environ.get("OUT")
+    if out:
+        for f in folder.iterdir():
+            if f.is_file():
+                shutil.copy2(f, Path(out) / f.name)
+    tail = (folder / "log.txt").read_text().splitlines()[-60:]
+    print("\n".join(tail), flush=True)
+    log(f"{name}: {'finished' if finished else f'still running after {wait:.0f} s'}")
+
+
 def prefill_prompt(s: bp.Setup, st: bp.State, dst: Path, res: bp.Results) -> str:
     """Without bitsandbytes (NF4 umT5) on the device: the prompt is encoded once by the bf16 umT5 and stored in the
     NF4 prompt cache, so every run's text encoder phase is a cache hit (marked "cached" in the tables)."""
@@ -207,8 +313,30 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU proof run on the tiny model")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds this call may take")
     ap.add_argument("--vae-frames", type=int, default=21, help="frames of the VAE-alone comparison (4k+1)")
-    ap.add_argument("--parts", default="vae,headline,cards", help="comma list of vae, headline, cards")
+    ap.add_argument("--parts", default="vae,headline,cards", help="comma list of vae, headline, cards, decode, trace, "
+                    "scaling, long")
+    ap.add_argument("--scaling-frames", default=SCALING_FRAMES, help="frame counts of the scaling part (4k+1)")
+    ap.add_argument("--detach", metavar="NAME", help="run the parts as a setsid child in WORKDIR/detached/NAME")
+    ap.add_argument("--collect", metavar="NAME", help="wait for a detached part (--wait) and copy its results to $OUT")
+    ap.add_argument("--wait", type=float, default=480.0, help="seconds --collect waits at most")
+    ap.add_argument("--done-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.collect:
+        collect(args.workdir, args.collect, args.wait)
+        return
+    if args.detach:
+        argv = sys.argv[1:]
+        i = argv.index("--detach")
+        detach(argv[:i] + argv[i + 2:], args.workdir, args.detach)
+        return
+    try:
+        run(args)
+    finally:
+        if args.done_file is not None:  # a detached child says it ended, results or not
+            args.done_file.touch()
+
+
+def run(args: argparse.Namespace) -> None:
     tiny = args.tiny
     device = torch.device("cpu" if tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -233,12 +361,19 @@ def main() -> None:
     from scail2_lite.quantize.store import is_quantized_folder
 
     tables: list[str] = []
-    if not (src / ".complete").is_file():
-        bp.guarded("stage 1", lambda: bp.stage_sources(s, src, res), res, tables)
-    if (src / ".complete").is_file() and not is_quantized_folder(dst):
-        bp.guarded("stage 2", lambda: bp.stage_quantize(s, src, dst, res), res, tables)
     parts = {p.strip() for p in args.parts.split(",")}
-    if is_quantized_folder(dst) and not tiny and importlib.util.find_spec("bitsandbytes") is None:
+    if "trace" in parts:
+        bp.guarded("decode trace", lambda: trace_part(tiny, res), res, tables)
+    if "decode" in parts:
+        bp.guarded("decode", lambda: decode_part(tiny, device, st.emulator, res, s.deadline), res, tables)
+    if not parts & {"vae", "headline", "cards", "scaling", "long"}:
+        parts = set()
+    elif not (src / ".complete").is_file():
+        bp.guarded("stage 1", lambda: bp.stage_sources(s, src, res), res, tables)
+    if parts and (src / ".complete").is_file() and not is_quantized_folder(dst):
+        bp.guarded("stage 2", lambda: bp.stage_quantize(s, src, dst, res), res, tables)
+    if (parts & {"headline", "cards", "scaling", "long"} and is_quantized_folder(dst) and not tiny
+            and importlib.util.find_spec("bitsandbytes") is None):
         bp.guarded("prompt prefill", lambda: prefill_prompt(s, st, dst, res), res, tables)
     if "vae" in parts and (src / ".complete").is_file():
         bp.guarded("VAE decode", lambda: vae_part(s, src, res, 9 if tiny else args.vae_frames), res, tables)
@@ -248,12 +383,21 @@ def main() -> None:
         if "cards" in parts:
             cases = CASES[:2] if tiny else CASES
             bp.guarded("cards", lambda: card_table(s, st, dst, src, res, cases, s.deadline), res, tables)
+        if "scaling" in parts:
+            counts = [int(n) for n in args.scaling_frames.split(",")]
+            if tiny and args.scaling_frames == SCALING_FRAMES:
+                counts = [17, 33, 65]
+            bp.guarded("scaling", lambda: scaling(s, st, dst, src, work, res, counts), res, tables)
+        if "long" in parts:
+            bp.guarded("long", lambda: long_run(s, st, dst, src, res), res, tables)
     if st.emulator is not None:
         tables.insert(0, st.emulator.describe())
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print("\n## Results\n", flush=True)
     print("\n\n".join(tables), flush=True)
+    if out is not None:
+        (out / "tables.md").write_text("\n\n".join(tables) + "\n")
     log("done")
 
 

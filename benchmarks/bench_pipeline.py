@@ -22,7 +22,7 @@ Stages (`--stages`, each guarded: a failure is logged and recorded, the next sta
    81 frames at full scale).
 2. The DiT straight into the FP8 folder <workdir>/fp8: `write_quantized` on tensors drawn on the device one at a
    time (bf16, synth's recipe). No bf16 DiT is written: its 33 GB shards + 12.8 GB of encoders + the 17 GB FP8
-   folder would not fit the 64 GB disk. The encoders are hard-linked into the folder (`_place`), umT5 recorded
+   folder would not fit the 64 GB disk. The encoders are hard-linked into the folder (`place`), umT5 recorded
    as NF4. Stages 1-2 are skipped when <workdir> already holds a complete folder (a second call with --keep).
 3. 704p x 81 frames, 2 steps with CFG, on an emulated 16 GiB card (_cards.py: the allocator capped at the card
    minus the measured CUDA context minus a 0.5 GB desktop reserve, `vram_budget` = the card's total; the planner

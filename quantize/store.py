@@ -8,7 +8,8 @@ Layout of a folder written by `write_quantized`:
                                `<layer>.smooth` float32 per input column; int8 weights are stored rotated,
                                see schemes.py), everything else bf16 (fp32 for
                                modulation tables)
-    <copied files>             VAE, CLIP, tokenizer, umT5, under the names the caller chose
+    <copied files>             VAE, CLIP, tokenizer, umT5 (the bf16 file, or a folder of it stored quantized:
+                               text_encoder.py), under the names the caller chose
 The folder is built under a hidden temporary name and renamed at the end; `manifest.json` is written last, so
 an interrupted run never leaves a folder that `is_quantized_folder` accepts.
 
@@ -156,11 +157,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def _place(src: Path, dest: Path) -> None:
+def place(src: Path, dest: Path) -> None:
     """Hard-link when possible (same filesystem, no extra disk), else copy; directories recursively."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if src.is_dir():
-        shutil.copytree(src, dest, copy_function=lambda s, d: _place(Path(s), Path(d)))
+        shutil.copytree(src, dest, copy_function=lambda s, d: place(Path(s), Path(d)))
         return
     try:
         os.link(src, dest)
@@ -237,7 +238,7 @@ def write_quantized(
     try:
         result = _write_into(tmp, tensors, scheme, expected_shapes, progress, shard_bytes, layer_schemes)
         for rel, src in (copy_files or {}).items():
-            _place(Path(src), tmp / rel)
+            place(Path(src), tmp / rel)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

@@ -111,14 +111,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     return self_attention([q, k, v], backend)
 
 
-def self_attention(qkv: list[torch.Tensor], backend: str = "sdpa") -> torch.Tensor:
+def self_attention(qkv: list[torch.Tensor], backend: str = "sdpa", heads_group: object | None = None) -> torch.Tensor:
     """`attention(*qkv)` that takes q, k and v over (the list is emptied), so that a backend which converts them
-    can free each one as soon as its copy exists: the fp8 backend then needs no more memory than SDPA."""
+    can free each one as soon as its copy exists: the fp8 backend then needs no more memory than SDPA.
+
+    `heads_group`: under Ulysses, the process group whose ranks hold the other heads of this attention. Only fp8
+    needs it (per-tensor scales, reduced over the group); every other backend is per head (sdpa; int8's and sage's
+    scales are per block of tokens and head, their means per head and lane), so N ranks compute what one does."""
     quantized = backend in QUANTIZED and qkv[1].shape[1] >= QUANTIZED_MIN_KEYS
     if backend in QUANTIZED and not qkv[0].is_cuda:
         raise UserError(f"attention backend '{backend}' needs a CUDA GPU; use --attention sdpa")
     if quantized and backend == "fp8":
-        return attention_fp8.fp8_attention(qkv)
+        return attention_fp8.fp8_attention(qkv, heads_group)
     if quantized and backend == "int8":
         return attention_int8.int8_attention(qkv)
     q, k, v = qkv

@@ -11,7 +11,10 @@ The kernel's contract is per-tensor scaling, and this module picks the scales so
   P      the softmax probabilities, relative to the running row max, lie in [0, 1]: fixed scale 448.
   O      every output row is a convex combination of v's rows, so |O| <= absmax(v): O is written in FP8 with v's
          scale (on Hopper cuDNN writes FP8 outputs only) and dequantized to bf16 here.
-Scales stay on the GPU (no host sync). `emulate` computes the same quantization in plain PyTorch on any device:
+Scales stay on the GPU (no host sync). Under Ulysses (distributed.py) each rank holds the whole sequence for 1/N of
+the heads: the per-tensor maxima are then all-reduced (MAX, four floats) over the ranks that share the attention, so
+every rank quantizes with the scales one process computes over all heads, and the numbers do not depend on N (the
+token mean of k is per head already). `emulate` computes the same quantization in plain PyTorch on any device:
 it is what the CPU tests check the scale logic with, and the device benchmark compares the kernel against it.
 """
 
@@ -22,6 +25,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .errors import UserError
 
@@ -70,15 +74,19 @@ def usable() -> bool:
     return True
 
 
-def scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(k's token mean (B, 1, H, D) float32, and the float32 quantization scales of q, smoothed k and v)."""
+def scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           group: object | None = None) -> tuple[torch.Tensor, ...]:
+    """(k's token mean (B, 1, H, D) float32, and the float32 quantization scales of q, smoothed k and v). With a
+    process `group` whose ranks hold the other heads of the same attention, the maxima are those over all its heads
+    (exact: a maximum does not depend on the order it is taken in)."""
     k_mean = k.mean(dim=1, keepdim=True, dtype=torch.float32)
     inf = float("inf")
-    bounds = (
-        torch.linalg.vector_norm(q, inf).float(),
-        torch.linalg.vector_norm(k, inf).float() + torch.linalg.vector_norm(k_mean, inf),
-        torch.linalg.vector_norm(v, inf).float(),
-    )
+    maxima = torch.stack([torch.linalg.vector_norm(q, inf).float(), torch.linalg.vector_norm(k, inf).float(),
+                          torch.linalg.vector_norm(k_mean, inf), torch.linalg.vector_norm(v, inf).float()])
+    if group is not None:
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    q_max, k_max, k_mean_max, v_max = maxima
+    bounds = (q_max, k_max + k_mean_max, v_max)
     return (k_mean, *(FP8_MAX / b.clamp_min(1e-12) for b in bounds))
 
 
@@ -132,10 +140,11 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None = N
     return out
 
 
-def emulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def emulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: object | None = None) -> torch.Tensor:
     """The kernel's numerics in plain PyTorch (float32 math, e4m3 rounding where the kernel rounds): q, k, v, the
-    probabilities relative to the row max, and the output. (B, L, H, D) -> (B, L, H, D) in q's dtype."""
-    k_mean, sq, sk, sv = scales(q, k, v)
+    probabilities relative to the row max, and the output. (B, L, H, D) -> (B, L, H, D) in q's dtype; `group` as
+    in `scales`."""
+    k_mean, sq, sk, sv = scales(q, k, v, group)
     q8, k8, v8 = quantize(q, sq).float(), quantize(k, sk, k_mean).float(), quantize(v, sv).float()
     s = torch.einsum("blhd,bmhd->bhlm", q8, k8) / (sq * sk * math.sqrt(q.shape[-1]))
     p = torch.exp(s - s.amax(-1, keepdim=True))
@@ -195,14 +204,15 @@ def _build(cudnn: Any, shape_q: torch.Size, length_kv: int, device: torch.device
     return graph, (q, k, v, o, amax_s, amax_o), scalar, workspace
 
 
-def fp8_attention(qkv: list[torch.Tensor]) -> torch.Tensor:
+def fp8_attention(qkv: list[torch.Tensor], group: object | None = None) -> torch.Tensor:
     """Unmasked attention through cuDNN's FP8 kernel. qkv: [q, k, v], each (B, L, heads, head_dim) on CUDA; the
     list is emptied and each input is dropped once its e4m3 copy exists (the caller holding no other reference,
-    the peak stays below SDPA's). Returns (B, L, heads, head_dim) in q's dtype."""
+    the peak stays below SDPA's). `group`: the Ulysses ranks holding the other heads (`scales`). Returns
+    (B, L, heads, head_dim) in q's dtype."""
     q = qkv[0]
     shape, dtype, device = q.shape, q.dtype, q.device
     graph, (tq, tk, tv, to, tamax_s, tamax_o), scalar, workspace = _graph(shape, qkv[1].shape[1], device)
-    k_mean, sq, sk, sv = scales(*qkv)
+    k_mean, sq, sk, sv = scales(*qkv, group)
     del q
     q8 = quantize(qkv.pop(0), sq)
     k8 = quantize(qkv.pop(0), sk, k_mean)

@@ -59,14 +59,38 @@ PROBE_TOKENS = 300  # `usable`'s test shape: a tail in every block size
 
 
 @dataclass(frozen=True)
+class HopperOptions:
+    """Which of Hopper's levers the sm90 kernel form uses (`attention_int8_hopper` says what each does)."""
+
+    tma: bool = False
+    warp_specialize: bool = False
+    magic_convert: bool = False
+    fold_448: bool = False
+    acc_in_dot: bool = False
+    int_max: bool = False
+    fma_exp: bool = False
+    fma_magic: bool = False
+    split_qk: bool = False
+
+    def label(self) -> str:
+        return "+".join(name for name, on in vars(self).items() if on) or "plain"
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     """Tile and launch parameters of the attention kernel (fixed per architecture: no autotuning, so the same
-    machine always computes the same numbers). block_m must divide Q_BLOCK, block_n be a multiple of K_BLOCK."""
+    machine always computes the same numbers). block_m must divide Q_BLOCK, block_n be a multiple of K_BLOCK.
+    `hopper` set: the sm90 form of the kernel (`attention_int8_hopper`) with those options."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    hopper: HopperOptions | None = None
+
+    def label(self) -> str:
+        tiles = f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
+        return tiles if self.hopper is None else f"{tiles} hopper:{self.hopper.label()}"
 
 
 # Per compute capability (major * 10 + minor). sm90's is the fastest of `bench_attention.py --int8-sweep`'s configs on
@@ -119,7 +143,8 @@ def describe(device: torch.device | None = None) -> str:
     capability = capability_number(device)
     config = kernel_config(capability)
     pv = "FP8" if pv_dtype(capability) == FP8 else "fp16"
-    return f"INT8 QK^T + {pv} P.V, sm{capability}, {config.block_m}x{config.block_n} tiles"
+    hopper = f", Hopper form ({config.hopper.label()})" if config.hopper else ""
+    return f"INT8 QK^T + {pv} P.V, sm{capability}, {config.block_m}x{config.block_n} tiles{hopper}"
 
 
 def kernel_config(capability: int) -> KernelConfig:
@@ -174,7 +199,9 @@ def _quantize_blocks_reference(x: torch.Tensor, block: int, mean: torch.Tensor |
     amax = tiles.abs().amax(dim=(-2, -1))
     safe = amax.clamp_min(1e-30)
     q8 = _round_int8(tiles * (INT8_MAX / safe)[..., None, None]).flatten(2, 3)
-    return q8, (safe / INT8_MAX) * torch.tensor(multiplier, dtype=torch.float32)
+    # A tensor divisor, not a Python number: CUDA torch turns `x / number` into `x * (1 / number)`, which rounds
+    # differently from the kernel's (and the CPU's) correctly rounded division.
+    return q8, (safe / safe.new_tensor(INT8_MAX)) * safe.new_tensor(multiplier)
 
 
 def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: torch.dtype) -> Quantized:
@@ -375,6 +402,10 @@ def attend(x: Quantized, out: torch.Tensor, config: KernelConfig) -> torch.Tenso
     batch, heads, _, dim = x.q8.shape
     if Q_BLOCK % config.block_m or config.block_n % K_BLOCK or PAD % config.block_n:
         raise ValueError(f"{config}: block_m must divide {Q_BLOCK}, block_n be a multiple of {K_BLOCK} dividing {PAD}")
+    if config.hopper is not None:
+        from . import attention_int8_hopper
+
+        return attention_int8_hopper.attend(x, out, config, Q_BLOCK, K_BLOCK)
     grid = (triton.cdiv(x.q_len, config.block_m), batch * heads)
     _attention_kernel[grid](
         x.q8, x.q_scale, x.k8, x.k_scale, x.v8, x.v_scale, x.v_mean, out, x.q_len, x.k_len, x.q8.shape[2],
@@ -438,9 +469,16 @@ def aot_build(capability: int, head_dim: int = 128, config: KernelConfig | None 
     signature = _aot_signature(pv)
     constexprs = {"D": head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "Q_BLOCK": Q_BLOCK,
                   "K_BLOCK": K_BLOCK}
+    kernel = _attention_kernel
+    if config.hopper is not None:
+        from . import attention_int8_hopper
+
+        kernel, signature, constexprs = attention_int8_hopper.aot_source(config, head_dim, signature["v_ptr"][1:],
+                                                                         constexprs)
     names = list(signature)
-    aligned = [n for n in names if n.endswith("_ptr")] + ["LPQ", "LPK", "stride_ob", "stride_ol"]
-    source = ASTSource(fn=_attention_kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
+    aligned = [n for n in names if n.endswith(("_ptr", "_src")) and signature[n].startswith("*")]
+    aligned += ["LPQ", "LPK", "stride_ob", "stride_ol"]
+    source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
                        constexprs=constexprs, attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -453,7 +491,8 @@ def aot_build(capability: int, head_dim: int = 128, config: KernelConfig | None 
     registers = re.search(r"REG:(\d+)", usage)
     spills = re.search(r"LOCAL:(\d+)", usage)
     return {"target": f"sm{capability}", "pv": "e4m3" if pv == FP8 else "fp16", "head_dim": head_dim,
-            "config": f"{config.block_m}x{config.block_n}, {config.num_warps} warps, {config.num_stages} stages",
+            "config": f"{config.block_m}x{config.block_n}, {config.num_warps} warps, {config.num_stages} stages"
+                      + (f", hopper {config.hopper.label()}" if config.hopper else ""),
             "cubin_bytes": len(cubin), "registers": int(registers.group(1)) if registers else None,
             "local_bytes": int(spills.group(1)) if spills else None, "shared_bytes": compiled.metadata.shared,
             "max_shared_bytes": MAX_SHARED.get(capability)}

@@ -227,7 +227,9 @@ class Ulysses:
     head split (all-to-all), attends over every token with heads/size heads, and trades back.
 
     Uneven shares need no padding: all-to-all takes per-rank sizes. Every op outside self-attention is per token,
-    and self-attention per head, so the numbers are those of one process (tests/test_distributed.py)."""
+    and self-attention per head, so the numbers are those of one process (tests/test_distributed.py); the one
+    quantity not per head, the fp8 backend's per-tensor scales, is reduced over the group
+    (`attention.self_attention`'s `heads_group`)."""
 
     def __init__(self, group: object, size: int, index: int) -> None:
         self.group, self.size, self.index = group, size, index
@@ -257,7 +259,7 @@ class Ulysses:
         sizes = shares(self._length, self.size)
         for i in range(3):
             qkv[i] = self._to_heads(qkv[i], sizes)
-        return self._to_tokens(self_attention(qkv, backend), sizes)
+        return self._to_tokens(self_attention(qkv, backend, self.group), sizes)
 
     def _to_heads(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """(B, share, H, D) -> (B, L, H/size, D): head group g goes to rank g, tokens arrive in sequence order."""

@@ -23,7 +23,17 @@ from .errors import UserError
 from .formats import FilePages
 from .formats.assign import assign_state_dict
 from .formats.pickles import load_pth
-from .quantize.text_encoder import move_in_pieces
+from .quantize.schemes import QuantizeError
+from .quantize.store import place
+from .quantize.text_encoder import (
+    block_state,
+    load_block,
+    move_in_pieces,
+    quantize_block,
+    read_stored,
+    read_stored_index,
+    write_stored,
+)
 
 UMT5_DIR = "umt5-xxl"  # the umT5 folder of a SCAIL-2 download: weights + tokenizer files
 UMT5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -140,7 +150,9 @@ def load_text_encoder(
     quantize: Callable[[nn.Module], None] | None = None,
     stream: bool = False,
 ) -> tuple[object, nn.Module]:
-    """(tokenizer, encoder) from a `umt5-xxl/` folder: Wan weights file + tokenizer files, no hub access.
+    """(tokenizer, encoder) from a `umt5-xxl/` folder: Wan weights file + tokenizer files, no hub access; or, in a
+    quantized folder made with `--text-encoder nf4|int8`, the blocks stored already quantized
+    (`stored_text_encoder`), which load as they are (`quantize` and `stream` do not apply to them).
 
     `stream` (bf16 only): the encoder blocks stay in RAM and each one's weights visit `device` only during its
     own forward (`stream_blocks`): lossless at about one block of GPU memory instead of the whole 9.8 GB.
@@ -151,13 +163,18 @@ def load_text_encoder(
     (`FilePages`).
     """
     folder = Path(folder)
+    stored = stored_text_encoder(folder)
     weights = folder / UMT5_FILE
-    if not weights.is_file():
+    if stored is None and not weights.is_file():
         raise UserError(f"umT5 weights missing: expected {weights}")
+    if stored is not None and quantize is not None:
+        raise UserError(f"{folder} stores umT5 already quantized ({stored}); it is not quantized again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the umT5 tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
+    if stored is not None:
+        return tokenizer, _load_stored(folder, device)
     model: nn.Module = build_umt5(load_pth(weights))
     pages = FilePages([weights])
 
@@ -172,6 +189,75 @@ def load_text_encoder(
         model = move_in_pieces(model.to(dtype=torch.bfloat16 if quantize else dtype), device, after_each, quantize)
     model.set_input_embeddings(embedding.to(dtype=next(model.encoder.final_layer_norm.parameters()).dtype))
     return tokenizer, model
+
+
+def stored_text_encoder(folder: str | Path) -> str | None:
+    """The scheme a umT5 folder stores its encoder quantized in (nf4, int8), None for the bf16 download file."""
+    try:
+        index = read_stored_index(folder)
+    except QuantizeError as e:
+        raise UserError(str(e)) from None
+    return None if index is None else index["scheme"]
+
+
+def _load_stored(folder: Path, device: str | torch.device) -> nn.Module:
+    """The encoder from its stored quantized blocks: built on the meta device, each block read onto `device`
+    and rebuilt from its codes (`quantize.text_encoder.load_block`), the token embedding kept in RAM."""
+    index = read_stored_index(folder)
+    dims = dict(index["config"])
+    buckets = dims.pop("relative_attention_num_buckets")
+    config = _umt5(**dims)
+    config.relative_attention_num_buckets = buckets
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config).to(torch.bfloat16).eval()
+    try:
+        for block, name in zip(model.encoder.block, index["blocks"]):
+            load_block(block, read_stored(folder, name, device), index["scheme"], device)
+        rest = read_stored(folder, index["rest"])
+    except QuantizeError as e:
+        raise UserError(str(e)) from None
+    norm = model.encoder.final_layer_norm
+    norm.weight = nn.Parameter(rest["encoder.final_layer_norm.weight"].to(device), requires_grad=False)
+    model.set_input_embeddings(nn.Embedding.from_pretrained(rest["shared.weight"], freeze=True))
+    return model
+
+
+def write_quantized_text_encoder(src: str | Path, dest: str | Path, scheme: str,
+                                 device: str | torch.device = "cpu",
+                                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Store the bf16 umT5 of the folder `src` quantized to `scheme` (nf4, int8) in the folder `dest`, with its
+    tokenizer files: each block is moved to `device`, quantized exactly as the loader's hook does
+    (`quantize_block`: on the GPU the GPU load path's arithmetic, on the CPU the CPU's) and written before the
+    next is read, so RAM holds about one block beyond the mapped file. `progress`: as `write_stored`'s.
+    Returns the stored index (`quantize.text_encoder.write_stored`)."""
+    src, dest = Path(src), Path(dest)
+    weights = src / UMT5_FILE
+    if not weights.is_file():
+        raise UserError(f"umT5 weights missing: expected {weights}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.name != UMT5_FILE:
+            place(path, dest / path.name)
+    model = build_umt5(load_pth(weights))
+    pages = FilePages([weights])
+    c = model.config
+    dims = dict(vocab_size=c.vocab_size, d_model=c.d_model, d_ff=c.d_ff, num_heads=c.num_heads, d_kv=c.d_kv,
+                num_layers=c.num_layers, relative_attention_num_buckets=c.relative_attention_num_buckets)
+
+    def blocks():
+        for i in range(len(model.encoder.block)):
+            block = model.encoder.block[i].to(device=device, dtype=torch.bfloat16)
+            quantize_block(block, scheme)
+            yield block_state(block)
+            model.encoder.block[i] = nn.Module()  # let the quantized block and its bf16 pages go
+            pages.drop()
+
+    rest = {"shared.weight": model.shared.weight.to(torch.bfloat16),
+            "encoder.final_layer_norm.weight": model.encoder.final_layer_norm.weight.to(torch.bfloat16)}
+    try:
+        return write_stored(dest, scheme, dims, blocks(), rest, progress)
+    except QuantizeError as e:
+        raise UserError(str(e)) from None
 
 
 def stream_blocks(model: nn.Module, device: str | torch.device) -> nn.Module:

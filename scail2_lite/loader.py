@@ -153,7 +153,8 @@ class ModelDescription:
     and in `profile` alike), the pipeline and the reports.
 
     `dit_scheme`: what the DiT's block Linears hold once loaded (bf16, fp8, int8); `text_encoder`: umT5's scheme
-    (a quantized folder's recorded one, else bf16); `shard_files`: our quantized folder's DiT shards, the only
+    (a quantized folder's recorded one, else bf16); `text_encoder_stored`: what the umT5 files hold (bf16, or
+    nf4/int8 stored quantized by `quantize --text-encoder`); `shard_files`: our quantized folder's DiT shards, the only
     files whose blocks can be mapped from disk as they are (none for other formats, or with LoRAs merged, which
     live in RAM); `mappable` whether the blocks are read from them (a plan for a geometry without files may
     assume our quantized folder)."""
@@ -166,6 +167,19 @@ class ModelDescription:
     shard_files: tuple[Path, ...] = ()
     mappable: bool = False
     source: str = ""  # where the figures came from, for printouts
+    text_encoder_stored: str = "bf16"
+
+    def with_text_encoder(self, scheme: str | None) -> "ModelDescription":
+        """The model with umT5 run in `scheme` (None: as recorded). A bf16 file can be quantized at load to any
+        scheme; an encoder stored quantized only runs as stored: its bf16 weights are not in the folder, and
+        re-quantizing 4-bit codes to 8 bits would add error without saving anything."""
+        if scheme is None or scheme == self.text_encoder:
+            return self
+        if self.text_encoder_stored != "bf16":
+            raise UserError(f"{self.path} stores umT5 quantized to {self.text_encoder_stored}: it runs only as "
+                            f"{self.text_encoder_stored}, not --text-encoder {scheme} (drop --text-encoder, or "
+                            f"quantize again with --text-encoder {scheme})")
+        return dataclasses.replace(self, text_encoder=scheme)
 
     def without_mapping(self) -> "ModelDescription":
         """The same model with its blocks held in RAM (LoRAs merged: the shards lack them)."""
@@ -182,11 +196,13 @@ def describe_model(path: str | Path) -> ModelDescription:
             manifest = read_manifest(folder)
         except QuantizeError as e:
             raise UserError(str(e)) from None
-        te = (manifest.get("text_encoder") or {}).get("scheme", "bf16")
+        record = manifest.get("text_encoder") or {}
+        te, stored = record.get("scheme", "bf16"), record.get("stored") or "bf16"
         scheme = manifest["dit"]["scheme"]
+        kept = f"umT5 {te}" + (", stored quantized" if stored != "bf16" else "")
         return ModelDescription(path, fmt, DiTConfig.from_dict(manifest["config"]), scheme, te,
                                 tuple(folder / f for f in manifest["dit"]["files"]), True,
-                                f"{path} (quantized, DiT {scheme}, umT5 {te})")
+                                f"{path} (quantized, DiT {scheme}, {kept})", stored)
     config, where = formats.read_config(path, formats.read_shapes(path))
     scheme = comfy_8bit_scheme(fmt) or "bf16"  # load_dit keeps a ComfyUI 8-bit file's block Linears 8-bit
     return ModelDescription(path, fmt, config, scheme, "bf16", source=f"{path} ({fmt}, config from {where})")

@@ -9,8 +9,8 @@ One code path for the Python API and the CLI:
 Memory order, so that a 16 GB card never holds two big things at once: umT5 runs and is released, then CLIP,
 then the VAE encodes the conditions (and stays, it is small), then the DiT runs every step of a segment, then the
 VAE decodes that segment straight into the video writer. While the encoders run, a worker thread reads the DiT's
-streamed blocks into pinned RAM when the RAM plan has room for it then (offload/placement.py). CFG branches run one after the other with batch 1:
-it bounds activation memory and makes the numbers independent of the memory profile.
+streamed blocks into pinned RAM when the RAM plan has room for it then (offload/placement.py). CFG branches run one
+after the other with batch 1: it bounds activation memory and makes the numbers independent of the memory profile.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from .sampling import cfg, make_scheduler
 from .settings import GenerationSettings, MemorySettings
 from .stepcache import StepCache
 from .vae import VAE_FILE, WanVAE, load_vae
+from .vae_tiles import Tiling, from_setting
 
 # Streaming blocks through fixed slots while activations come and go fragments the caching allocator: growable
 # segments keep reserved memory near allocated. Read when CUDA first allocates, so it is set on import, for the
@@ -135,8 +136,7 @@ class Pipeline:
         folder.check()
         ranks = Ranks.join(memory.parallel, parse_device(memory.device))
         device = ranks.device
-        model = describe_model(folder.root)
-        model = dataclasses.replace(model, text_encoder=memory.text_encoder or model.text_encoder)
+        model = describe_model(folder.root).with_text_encoder(memory.text_encoder)
         # On a GPU the blocks of a quantized folder stay in the mapped shards until placed (the streamer reads
         # them from the files, a resident placement copies them to the GPU): RAM holds only the non-block layers.
         # Not with LoRAs: they are merged into the RAM copy, the shards hold the weights without them.
@@ -161,7 +161,8 @@ class Pipeline:
             cache = PromptCache(file_identity(files), scheme)
             if (hit := cache.get(prompts)) is not None:
                 return hit
-        quant = None if scheme == "bf16" else (lambda block: quantize_block(block, scheme))
+        stored = self.model.text_encoder_stored != "bf16"  # loads as stored, nothing to quantize
+        quant = None if scheme == "bf16" or stored else (lambda block: quantize_block(block, scheme))
         # bf16 streams its blocks through the GPU (lossless at about one block of memory); 4/8-bit load whole.
         tokenizer, model = load_text_encoder(self.folder.umt5, device=self.device, quantize=quant,
                                              stream=scheme == "bf16")
@@ -184,8 +185,9 @@ class Pipeline:
             del model
             release_cached_memory()
 
-    def vae(self, tile: int | None) -> WanVAE:
-        """The VAE on the device with the tiling asked for (loaded once, kept in RAM between uses)."""
+    def vae(self, tile: int | Tiling | None) -> WanVAE:
+        """The VAE on the device with the tiling asked for (square tiles of `tile` pixels, 0 or None untiled; loaded
+        once, kept in RAM between uses)."""
         if self._vae is None:
             self._vae = load_vae(self.folder.vae, device="cpu")
         self._vae.set_tiling(tile or None)
@@ -200,7 +202,7 @@ class Pipeline:
     def with_memory(self, memory: MemorySettings) -> "Pipeline":
         """The same loaded model under other memory settings (profile, budget, attention, VAE tiles): runs that
         compare plans need not load the DiT again. The device and the DiT's placement on disk stay."""
-        model = dataclasses.replace(self.model, text_encoder=memory.text_encoder or self.model.text_encoder)
+        model = self.model.with_text_encoder(memory.text_encoder)
         return Pipeline(self.folder, self.dit, model, dataclasses.replace(memory, device=str(self.device)),
                         self.device, self.loras, self.ranks)
 
@@ -220,7 +222,7 @@ class Pipeline:
         return plan(m.config, height, width, frames, gpu, available_ram() // self.ranks.local_world,
                     profile=self.memory.profile, vram_budget=self.memory.vram_budget, weights=m.dit_scheme,
                     text_encoder=m.text_encoder, mappable=m.mappable, extra_refs=extra_refs,
-                    sequence_split=split.sequence)
+                    sequence_split=split.sequence, vae_tile=self.memory.vae_tile)
 
     @property
     def vae_dtype(self) -> torch.dtype | None:
@@ -314,6 +316,7 @@ class Pipeline:
             dit_dtype = self.dit.dtype
             kept: list[torch.Tensor] = []
             step_seconds: list[float] = []
+            decode_fallbacks: list[str] = []
             writer = stack.enter_context(media.VideoWriter(output, fps, (h, w))) if output is not None else None
             with timer("dit placement"), tasks.phase("placing the DiT"):
                 placement.apply()
@@ -357,10 +360,12 @@ class Pipeline:
                     placement.release()
                 drop = s.segment_overlap if k > 0 else 0
                 stop = min(end, total_frames) - start  # frames past the driving video are padding
+                decode_tiles = _decode_tiling(placement.plan, self.memory.vae_tile)
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
                                                       total=stop - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
-                    for group in _decode(self.vae(vae_tile), latents, drop, stop, self.device, self.vae_dtype):
+                    for group in self._decode_segment(decode_tiles, placement.plan, latents, drop, stop,
+                                                      decode_fallbacks, timer.note):
                         if writer is not None:
                             writer.write(group)
                         if keep_frames:
@@ -374,21 +379,45 @@ class Pipeline:
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
                    text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
                    parallel=split.describe(),
-                   vae_decode=f"{f'{vae_tile} px tiles' if vae_tile else 'untiled'}, "
+                   vae_decode=f"{decode_tiles.describe(h, w) if decode_tiles else 'untiled'}, "
                               f"{'bf16' if self.vae_dtype is torch.bfloat16 else 'fp32'}")
         if inputs.additional_refs:
             run["extra_references"] = len(inputs.additional_refs)
         if final_plan is not None:
             run.update(profile=final_plan.profile.name, resident_blocks=final_plan.resident_blocks,
                        plan=final_plan.reason, streamers_built=streamers_built, dit_placement=placement_note)
-        if fallbacks:
-            run["out_of_memory_fallbacks"] = "; ".join(fallbacks)
+        if fallbacks or decode_fallbacks:
+            run["out_of_memory_fallbacks"] = "; ".join([*fallbacks, *decode_fallbacks])
         if s.cache != "off":
             run["cache"] = f"{s.cache}: {step_cache.stats}"
         recorded = {k: v for k, v in dataclasses.asdict(s).items() if k not in run}
         return Result(torch.cat(kept, dim=1) if keep_frames else None, total_frames, fps, (h, w), timer.seconds,
                       step_seconds, timer.peaks, {**recorded, **run}, warnings + inputs.warnings,
                       Path(output) if output is not None else None)
+
+    def _decode_segment(self, tiles: Tiling | None, plan: Plan | None, latents: torch.Tensor, drop: int, stop: int,
+                        fallbacks: list[str], note: Callable[[str], None]) -> Iterator[torch.Tensor]:
+        """The segment's decoded frame groups (`_decode`). On CUDA out-of-memory the decode starts again in the
+        profile's tiles, skipping the frames already delivered (written frames stay; later ones may differ at the
+        new tiles' seams): the predicted tiles should fit, but a run must not be lost to a misjudged decode."""
+        delivered = 0
+        while True:
+            try:
+                for group in _decode(self.vae(tiles), latents, drop + delivered, stop, self.device, self.vae_dtype):
+                    delivered += group.shape[1]
+                    yield group
+                return
+            except torch.cuda.OutOfMemoryError:
+                release_cached_memory()
+                lighter = from_setting(plan.profile.vae_tile) if plan is not None and plan.vae_tile is None else None
+                h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+                if lighter is None or lighter == tiles or lighter.covers(h, w):
+                    raise out_of_memory() from None
+                what = (f"VAE decode {tiles.describe(h, w) if tiles else 'untiled'} -> {lighter.describe(h, w)} "
+                        f"after {delivered} frames")
+                fallbacks.append(what)
+                note(what)
+                tiles = lighter
 
     def _velocity_with_fallback(self, placement: DitPlacement, *args) -> torch.Tensor:
         """One step's velocity; on CUDA out-of-memory the DiT is re-placed under a lighter plan and the same step
@@ -420,6 +449,12 @@ class Pipeline:
 def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1] -> normalised latents (1, 16, Tl, H/8, W/8) on CPU, fp32."""
     return vae.encode(video[None].to(device)).cpu()
+
+
+def _decode_tiling(plan: Plan | None, vae_tile: int | None) -> Tiling | None:
+    """The decode's tiles: the plan's (the largest that fit the card, or `--vae-tile`: planner.decode_tiling);
+    without a plan (CPU), `--vae-tile` or untiled."""
+    return plan.vae_decode_tiling if plan is not None else from_setting(vae_tile)
 
 
 def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, stop: int, device: torch.device,

@@ -14,6 +14,7 @@ of it that a phase's seconds include).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -299,6 +300,7 @@ def plan_to_json(p: Plan) -> dict:
         "tokens": p.tokens,
         "vram_budget": p.vram_budget,
         "outside_allocator": p.outside_allocator,
+        "vae_decode_tiling": None if p.vae_decode_tiling is None else dataclasses.asdict(p.vae_decode_tiling),
         "ram_available": p.ram_available,
         "peak_vram": p.peak_vram,
         "peak_vram_reserved": p.peak_vram_reserved,

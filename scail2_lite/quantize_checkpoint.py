@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from . import formats, outputs
-from .encoders import CLIP_FILE, UMT5_DIR
+from .encoders import CLIP_FILE, UMT5_DIR, UMT5_FILE, write_quantized_text_encoder
 from .errors import UserError
 from .loader import comfy_8bit_scheme
 from .lora import LoRA, LoraFile, as_lora_file, resolve_loras
@@ -33,7 +34,7 @@ from .quantize.store import (
     is_quantized_folder,
     write_quantized,
 )
-from .quantize.text_encoder import quantize_block, text_encoder_backend
+from .quantize.text_encoder import text_encoder_backend
 from .vae import VAE_FILE
 
 COMPONENTS = (VAE_FILE, CLIP_FILE, UMT5_DIR)
@@ -56,7 +57,8 @@ def quantize_checkpoint(
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> FidelityReport:
-    """Quantize `src`'s DiT to `dit` (fp8, int8, bf16), record the umT5 scheme applied at load, merge `loras`
+    """Quantize `src`'s DiT to `dit` (fp8, int8, bf16) and its umT5 to `text_encoder` (nf4 and int8 are stored
+    quantized, block by block, in place of the bf16 file; bf16 is linked as downloaded), merge `loras`
     (`LoraFile`s or (path, strength) pairs) in fp32 first, and return the fidelity report (also saved as
     `fidelity.json` in `out`). `mixed` keeps some block Linears in int8 or bf16 (`quantize.mixed`; "sensitive"
     runs the per-Linear sensitivity pass on the bf16 DiT first). `progress(done, total)` counts source bytes.
@@ -90,14 +92,18 @@ def quantize_checkpoint(
             log(f"note: {root} lacks {len(COMPONENTS) - len(parts)} of {', '.join(COMPONENTS)}; the output will hold "
                 "only what was found")
         expected = formats.wan_shapes(config)
+        umt5_src = parts.pop(UMT5_DIR) if text_encoder != "bf16" and UMT5_DIR in parts else None
         needed = folder_bytes(expected, dit, parts, out.parent)
+        if umt5_src is not None:  # written anew, smaller than the bf16 file: that size bounds it
+            needed += sum(p.stat().st_size for p in umt5_src.iterdir() if p.is_file())
         if export == "comfy":
             needed += estimate_output_bytes(expected, dit)
         outputs.check_folder_target(out, "-o", needed, replace=force, ours=is_quantized_folder,
                                     what="scail2-lite quantized folder")
         kept, sensitivity = _choose_kept(src, config, dit, mixed, mapped, log)
         sources = _dit_files(dit_file)
-        total = sum(p.stat().st_size for p in sources)
+        umt5_bytes = (umt5_src / UMT5_FILE).stat().st_size if umt5_src is not None else 0
+        total = sum(p.stat().st_size for p in sources) + umt5_bytes
         done = 0
 
         def advance(n: int) -> None:
@@ -114,14 +120,24 @@ def quantize_checkpoint(
         if mapped:
             tensors = _merged(tensors, mapped)
         with outputs.new_folder(out) as staging:
-            result = write_quantized(
-                tensors, staging, dit, config=config.to_dict(), sources=sources, expected_shapes=expected,
-                copy_files=parts, progress=advance,
-                text_encoder={"scheme": text_encoder, "file": UMT5_DIR, "stored": "bf16",
-                              "quantized_at_load": text_encoder != "bf16"},
-                loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
-                layer_schemes=kept,
-            )
+            umt5_stage = outputs.temporary_folder(out)
+            try:
+                if umt5_src is not None:
+                    parts[UMT5_DIR] = umt5_stage
+                    layers = _store_text_encoder(umt5_src, umt5_stage, text_encoder, umt5_bytes, advance, log)
+                result = write_quantized(
+                    tensors, staging, dit, config=config.to_dict(), sources=sources, expected_shapes=expected,
+                    copy_files=parts, progress=advance,
+                    text_encoder={"scheme": text_encoder, "file": UMT5_DIR,
+                                  "stored": text_encoder if UMT5_DIR in parts else None,
+                                  "quantized_at_load": False,
+                                  **({"backend": text_encoder_backend(text_encoder, "cpu"), "blocks": layers}
+                                     if umt5_src is not None else {})},
+                    loras=[_lora_record(spec, lo) for spec, (lo, _) in zip(specs, mapped)],
+                    layer_schemes=kept,
+                )
+            finally:
+                shutil.rmtree(umt5_stage, ignore_errors=True)  # its files are linked into the folder by now
             if progress is not None:
                 progress(total, total)
             report = FidelityReport(dit, result.weight_errors, result.kept_if_quantized,
@@ -131,9 +147,9 @@ def quantize_checkpoint(
             try:  # the folder is complete and valid by now: a check that cannot run is noted, not fatal
                 if comfy_8bit_scheme(fmt) is None:  # against the bf16 source: an 8-bit source has none
                     report.dit_forward = _dit_check(src, staging, config, compute, mapped, log)
-                if text_encoder != "bf16" and UMT5_DIR in parts:
+                if umt5_src is not None:
                     report.text_encoder_backend, report.text_encoder = _text_encoder_check(
-                        staging / UMT5_DIR, text_encoder, log)
+                        umt5_src, staging / UMT5_DIR, text_encoder, log)
             except torch.cuda.OutOfMemoryError:
                 log("note: fidelity check skipped (CUDA out of memory)")
             if export == "comfy":
@@ -258,18 +274,38 @@ def _check_inputs(config, device: str) -> tuple:
             cond)
 
 
+def _store_text_encoder(src: Path, dest: Path, scheme: str, nbytes: int, advance: Callable[[int], None],
+                        log: Callable[[str], None]) -> int:
+    """umT5 quantized to `scheme` into `dest`, block by block on the GPU when there is one (the GPU load path's
+    arithmetic, so the codes are the ones loading the bf16 file there would make), else on the CPU; `advance`
+    counts the bf16 file's bytes. Returns the number of blocks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log(f"quantizing umT5 to {scheme} ({text_encoder_backend(scheme, device)}, block by block on {device})")
+    done = 0
+
+    def block_done(i: int, n: int) -> None:
+        nonlocal done
+        step = nbytes * (i + 1) // n - done
+        done += step
+        advance(step)
+
+    return len(write_quantized_text_encoder(src, dest, scheme, device, block_done)["blocks"])
+
+
 @torch.no_grad()
-def _text_encoder_check(folder: Path, scheme: str, log: Callable[[str], None]) -> tuple[str, dict] | tuple[None, None]:
-    """umT5 embeddings of a few prompts, `scheme` vs bf16, as the pipeline loads them."""
+def _text_encoder_check(source: Path, stored: Path, scheme: str,
+                        log: Callable[[str], None]) -> tuple[str, dict] | tuple[None, None]:
+    """umT5 embeddings of a few prompts: the stored `scheme` encoder vs the source's bf16 one, as the pipeline
+    loads them."""
     from .encoders import encode_text, load_text_encoder
 
-    weights = sum(p.stat().st_size for p in folder.glob("*.pth"))
+    weights = (source / UMT5_FILE).stat().st_size
     device = _check_device(weights * 2, log, "umT5")
     if device is None:
         return None, None
     prompts = ["a woman dancing in a sunlit studio", "a man walks towards the camera, waving"]
-    tokenizer, model = load_text_encoder(folder, device=device)
+    tokenizer, model = load_text_encoder(source, device=device)
     reference = torch.cat(encode_text(tokenizer, model, prompts))
     del model
-    quant = load_text_encoder(folder, device=device, quantize=lambda block: quantize_block(block, scheme))[1]
+    quant = load_text_encoder(stored, device=device)[1]
     return text_encoder_backend(scheme, device), compare(reference, torch.cat(encode_text(tokenizer, quant, prompts)))

@@ -126,7 +126,8 @@ class MemorySettings:
     """Where and how a run computes. None = decided per run: `device` cuda when available; `profile` the fastest
     that fits (see `scail2-lite profile`); `vram_budget` (bytes) the card's total, when planning for a card smaller
     than the free VRAM (the CUDA context and a desktop reserve come off it); `attention` the profile's;
-    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) the profile's;
+    `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) square tiles to
+    encode and decode in (else the profile's to encode, and to decode the largest tiles the card has room for);
     `vae_dtype` the decode's precision (fp32; bf16's error is below the tiled decode's seams but it was no faster
     on the H100, RESULTS.md).
     `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py).
@@ -151,6 +152,10 @@ class MemorySettings:
             raise UserError(f"--vram-budget must be a positive number of GB, got {self.vram_budget / 1e9:g}")
         if self.vae_tile is not None and self.vae_tile < 0:
             raise UserError(f"--vae-tile must be 0 (untiled) or a positive number of pixels, got {self.vae_tile}")
+        if self.vae_tile:
+            from .vae_tiles import from_setting
+
+            from_setting(self.vae_tile)  # multiples of 8: said before any loading
         if self.text_encoder is not None:
             _choice(self.text_encoder, TEXT_ENCODER_SCHEMES, "--text-encoder")
         if self.vae_dtype is not None:

@@ -21,6 +21,7 @@ from torch import Tensor
 from .formats.assign import assign_state_dict
 from .formats.pickles import load_pth
 from .errors import UserError
+from .vae_tiles import Tiling
 
 VAE_FILE = "Wan2.1_VAE.pth"
 _DIM_MULT = (1, 2, 4, 4)
@@ -161,12 +162,13 @@ def build_vae(sd_wan: Mapping[str, Tensor]) -> AutoencoderKLWan:
 class WanVAE:
     """Wan's VAE interface on diffusers' model: [-1,1] video <-> normalised latents, optional spatial tiling.
 
-    `tile` / `tile_stride` are in pixels (multiples of 8); a frame larger than `tile` in either axis is processed
-    in overlapping tiles blended linearly over `tile - tile_stride` pixels (diffusers' scheme). Tiling changes
-    the numbers slightly near seams; untiled is bit-identical to diffusers' and Wan's decode.
+    `tile` (a `vae_tiles.Tiling`, or a square tile in pixels with `tile_stride`): a frame larger than the tile in
+    either axis is processed in overlapping tiles blended linearly over `tile - stride` pixels (diffusers' scheme).
+    Tiling changes the numbers slightly near seams; untiled is bit-identical to diffusers' and Wan's decode.
     """
 
-    def __init__(self, model: AutoencoderKLWan, tile: int | None = None, tile_stride: int | None = None) -> None:
+    def __init__(self, model: AutoencoderKLWan, tile: int | Tiling | None = None,
+                 tile_stride: int | None = None) -> None:
         self.model = model
         p = next(model.parameters())
         self.mean = torch.tensor(model.config.latents_mean, dtype=torch.float32, device=p.device).view(1, -1, 1, 1, 1)
@@ -174,17 +176,18 @@ class WanVAE:
         self._decoder_convs = sum(isinstance(mod, WanCausalConv3d) for mod in model.decoder.modules())
         self.set_tiling(tile, tile_stride)
 
-    def set_tiling(self, tile: int | None, tile_stride: int | None = None) -> None:
-        """Turn spatial tiling on (tile size in pixels, stride defaults to 3/4 of it) or off (`tile=None`)."""
+    def set_tiling(self, tile: int | Tiling | None, tile_stride: int | None = None) -> None:
+        """Turn spatial tiling on (a `Tiling`, or square tiles of `tile` pixels with a stride of 3/4 of it unless
+        given) or off (`tile=None`)."""
         if tile is None:
+            self.tiling = None
             self.model.disable_tiling()
             return
-        stride = tile_stride if tile_stride is not None else tile * 3 // 4
-        if tile % 8 or stride % 8 or not 0 < stride <= tile:
-            raise UserError(f"VAE tile {tile} / stride {stride} px must be multiples of 8 with 0 < stride <= tile")
+        tiling = tile if isinstance(tile, Tiling) else Tiling.square(tile, tile_stride)
+        self.tiling = tiling
         self.model.enable_tiling(
-            tile_sample_min_height=tile, tile_sample_min_width=tile,
-            tile_sample_stride_height=stride, tile_sample_stride_width=stride,
+            tile_sample_min_height=tiling.height, tile_sample_min_width=tiling.width,
+            tile_sample_stride_height=tiling.stride_h, tile_sample_stride_width=tiling.stride_w,
         )
 
     def to(self, device: str | torch.device) -> "WanVAE":
@@ -257,18 +260,13 @@ class WanVAE:
 
     def _latent_tiles(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         """(row, col, height, width) latent windows in diffusers' order; one window when tiling is off or not needed."""
-        m, r = self.model, self.model.spatial_compression_ratio
-        th, tw = m.tile_sample_min_height // r, m.tile_sample_min_width // r
-        if not m.use_tiling or (h <= th and w <= tw):
-            return [(0, 0, h, w)]
-        sh, sw = m.tile_sample_stride_height // r, m.tile_sample_stride_width // r
-        return [(i, j, th, tw) for i in range(0, h, sh) for j in range(0, w, sw)]
+        return [(0, 0, h, w)] if self.tiling is None else self.tiling.windows(h, w)
 
     def _blend(self, decoded: list[Tensor], tiles: list[tuple[int, int, int, int]], h: int, w: int) -> Tensor:
         """Blend overlapping decoded tiles exactly as `AutoencoderKLWan.tiled_decode` does."""
-        m, r = self.model, self.model.spatial_compression_ratio
-        sh, sw = m.tile_sample_stride_height, m.tile_sample_stride_width
-        bh, bw = m.tile_sample_min_height - sh, m.tile_sample_min_width - sw
+        m, r, t = self.model, self.model.spatial_compression_ratio, self.tiling
+        sh, sw = t.stride_h, t.stride_w
+        bh, bw = t.height - sh, t.width - sw
         cols = len({j for _, j, _, _ in tiles})
         rows = [decoded[i : i + cols] for i in range(0, len(decoded), cols)]
         result = []
@@ -303,7 +301,7 @@ def load_vae(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    tile: int | None = None,
+    tile: int | Tiling | None = None,
     tile_stride: int | None = None,
 ) -> WanVAE:
     """The Wan2.1 VAE from `Wan2.1_VAE.pth` (fp32 upstream), wrapped with Wan's normalisation and optional tiling."""

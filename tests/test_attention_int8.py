@@ -207,3 +207,45 @@ def test_bench_summary_says_which_issue_19_target_is_met() -> None:
     assert "lowest block-output cosine vs sdpa 0.99985 (target >= 0.9999: NOT met)" in text
     report["kernel"] = report["kernel"][:1]
     assert "vs sage not measured" in bench_attention.int8_summary(report)
+
+
+HOPPER_INTERPRETED = r"""
+import json, sys, torch
+from scail2_lite import attention_int8 as a
+H = a.HopperOptions
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(1, 200, 2, 128, generator=g).bfloat16() for _ in range(3))
+x = a.quantize(q, k, v, torch.float16)
+report = []
+for opts in (H(), H(tma=True, magic_convert=True, fold_448=True), H(tma=True, warp_specialize=True, acc_in_dot=True),
+             H(tma=True, split_qk=True)):
+    config = a.KernelConfig(128, 128, 8, 3, opts)
+    out = a.attend(x, torch.empty(1, 200, 2, 128), config)
+    base = a.attend(x, torch.empty(1, 200, 2, 128), a.KernelConfig(128, 128, 8, 3))
+    ref = a.attend_reference(x, 128, torch.float32)
+    err = lambda o, e: ((o.double() - e.double()).norm() / e.double().norm()).item()
+    report.append({"options": opts.label(), "vs_reference": err(out, ref), "same_as_portable": torch.equal(out, base)})
+json.dump(report, sys.stdout)
+"""
+
+
+def test_hopper_form_in_the_interpreter_matches_the_reference() -> None:
+    """The sm90 form's options (TMA descriptors, magic int->float, folded 448, accumulation in the dot) compute the
+    algorithm: all off is the portable kernel bit for bit, the others differ in float rounding order only."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", HOPPER_INTERPRETED], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain, *others = json.loads(done.stdout)
+    assert plain["same_as_portable"] and plain["vs_reference"] < 1e-4, plain
+    for row in others:
+        assert row["vs_reference"] < 1e-4, row
+
+
+def test_hopper_form_builds_for_sm90_with_descriptors() -> None:
+    pytest.importorskip("triton")
+    split = attention_int8.HopperOptions(tma=True, split_qk=True)
+    row = attention_int8.aot_build(90, config=attention_int8.KernelConfig(128, 128, 8, 3, split))
+    assert "hopper tma+split_qk" in row["config"] and row["pv"] == "e4m3"
+    assert row["local_bytes"] == 0 and 0 < row["shared_bytes"] <= row["max_shared_bytes"], row

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from scail2_lite import attention_fp8, attention_int8
 from scail2_lite.blocks import Kernels
 from scail2_lite.distributed import Ranks, shares
 from scail2_lite.errors import UserError
@@ -63,6 +64,7 @@ def _worker(rank: int, world: int, port: int, folder: Path, out: Path, runs: lis
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         _model_forward(rank, world, out)
+        _fp8_heads(rank, world, out)
         for name, mode, profile, guidance in runs:
             pipe = Pipeline.from_pretrained(folder, MemorySettings(device="cpu", profile=profile, prompt_cache=False,
                                                                    parallel=mode))
@@ -96,6 +98,38 @@ def _model_forward(rank: int, world: int, out: Path) -> None:
         got = [run_model(model, inputs, replace, Kernels(attn_chunk=40, ffn_chunk=30, split=split.tokens))
                for replace in (False, True)]
     torch.save(got, out / f"model.{rank}.pt")
+
+
+def _qkv(heads: int = 8) -> list[torch.Tensor]:
+    """q, k, v (1, 96, heads, 64) bf16 whose heads differ in magnitude (a per-rank absmax would differ)."""
+    g = torch.Generator().manual_seed(1)
+    gain = torch.linspace(0.5, 4.0, heads)[None, None, :, None]
+    return [(torch.randn(1, 96, heads, 64, generator=g) * gain + 0.3).bfloat16() for _ in range(3)]
+
+
+def _fp8_heads(rank: int, world: int, out: Path) -> None:
+    """The fp8 backend's numerics (`emulate`: the kernel's scales and roundings) on this rank's heads, as after
+    Ulysses' all-to-all: with the group, and without it (a rank's own per-tensor scales)."""
+    q, k, v = (t.chunk(world, dim=2)[rank] for t in _qkv())
+    torch.save({"group": attention_fp8.emulate(q, k, v, dist.group.WORLD),
+                "alone": attention_fp8.emulate(q, k, v)}, out / f"fp8.{rank}.pt")
+
+
+def _check_fp8_heads(out: Path, world: int) -> None:
+    """Ranks' heads put together are one process's fp8 attention, bit for bit; a rank's own scales would not be."""
+    parts = [torch.load(out / f"fp8.{r}.pt") for r in range(world)]
+    one = attention_fp8.emulate(*_qkv())
+    assert torch.equal(torch.cat([p["group"] for p in parts], dim=2), one)
+    assert not torch.equal(torch.cat([p["alone"] for p in parts], dim=2), one)
+
+
+def test_int8_attention_is_per_head():
+    """The int8 backend (and sage: per block and head) has no scale across heads: Ulysses' 1/N of the heads
+    compute what one process computes for them."""
+    q, k, v = _qkv()
+    one = attention_int8.attention_reference(q, k, v)
+    parts = [attention_int8.attention_reference(*(t[:, :, h : h + 4] for t in (q, k, v))) for h in (0, 4)]
+    assert torch.equal(torch.cat(parts, dim=2), one)
 
 
 def _spawn(world: int, folder: Path, out: Path, runs: list) -> None:
@@ -133,12 +167,14 @@ def _check(out: Path, name: str, world: int, parallel: str, expected: list[torch
 def test_two_ranks_cfg_and_ulysses_equal_one_process(folder, alone, tmp_path):
     _spawn(2, folder, tmp_path, [("animate_cfg", "cfg", "8gb", 5.0), ("replace_ulysses", "ulysses", "layers", 5.0)])
     _check(tmp_path, "animate_cfg", 2, "cfg 2 over 2 ranks", alone["animate", 5.0])
+    _check_fp8_heads(tmp_path, 2)
     _check(tmp_path, "replace_ulysses", 2, "ulysses 2 over 2 ranks", alone["replace", 5.0])
 
 
 def test_four_ranks_cfg_times_ulysses_equal_one_process(folder, alone, tmp_path):
     _spawn(4, folder, tmp_path, [("replace_auto", "auto", "lowram", 5.0)])
     _check(tmp_path, "replace_auto", 4, "cfg 2 x ulysses 2 over 4 ranks", alone["replace", 5.0])
+    _check_fp8_heads(tmp_path, 4)
 
 
 def test_shares_are_even_and_cover_the_sequence():
@@ -185,7 +221,7 @@ def _torchrun(folder: Path, out: Path, *args: str) -> subprocess.CompletedProces
     cli = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
            shutil.which("scail2-lite", path=str(Path(sys.executable).parent)), "generate", str(folder),
            "--image", str(files.image), "--mask-image", str(files.mask_image), "--pose", str(files.pose),
-           "--mask-video", str(files.mask_video), "--width", "128", "--height", "128", "--steps", "1",
+           "--mask-video", str(files.mask_video), "--width", "64", "--height", "64", "--steps", "1",
            "--frames", "5", "--device", "cpu", "--no-prompt-cache", "-o", str(out), *args]
     return subprocess.run(cli, capture_output=True, text=True, timeout=300, env=env)
 

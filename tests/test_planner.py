@@ -13,8 +13,10 @@ from scail2_lite.config import SIZES, DiTConfig
 from scail2_lite.errors import UserError
 from scail2_lite.offload.card import CUDA_CONTEXT, DESKTOP_RESERVE, DeviceMemory, card_bytes
 from scail2_lite.offload.planner import (
-    PHASES, available_ram, block_bytes, lighter, list_profiles, load_profile, plan, predict, tokens, unit_bytes,
+    PHASES, available_ram, block_bytes, decode_tilings, lighter, list_profiles, load_profile, plan, predict,
+    reserved_bytes, tokens, unit_bytes, vae_decode_bytes,
 )
+from scail2_lite.vae_tiles import Tiling
 
 C14 = DiTConfig.preset("scail2-14b")
 GB = 10**9
@@ -97,7 +99,7 @@ def test_choices_for_a_table_of_machines(size, weights, vram, ram, expected, res
 def test_auto_resident_blocks_are_the_most_that_fit() -> None:
     p = plan(C14, *SIZES["704p"], 81, card(16), 64 * GB, weights="fp8")
     assert 0 < p.resident_blocks < 40
-    more = predict(p.profile, C14, *SIZES["704p"], 81, p.resident_blocks + 1, "fp8")
+    more = predict(p.profile, C14, *SIZES["704p"], 81, p.resident_blocks + 1, "fp8", decode=p.vae_decode_tiling)
     assert max(m.reserved for m in more.values()) > p.vram_budget >= p.peak_vram_reserved
 
 
@@ -254,15 +256,19 @@ def test_placement_overlaps_the_encoders_only_where_ram_allows() -> None:
     assert need > max(m.ram for m in plain.values())
     roomy = plan(C14, *size, frames, card(16), need, profile="8gb", weights="fp8")
     tight = plan(C14, *size, frames, card(16), need - 1, profile="8gb", weights="fp8")
-    assert roomy.overlap_placement and roomy.phases == early and roomy.fits
-    assert not tight.overlap_placement and tight.phases == plain and tight.fits
+    decode = roomy.vae_decode_tiling  # the plan's decode tiles (the largest that fit), not the profile's
+    assert roomy.overlap_placement and roomy.fits
+    assert roomy.phases == predict(profile, C14, *size, frames, 0, "fp8", decode=decode, overlap=True)
+    assert not tight.overlap_placement and tight.fits
+    assert tight.phases == predict(profile, C14, *size, frames, 0, "fp8", decode=decode)
     assert (roomy.resident_blocks, roomy.peak_vram_reserved) == (tight.resident_blocks, tight.peak_vram_reserved)
     for name in ("lowram", "resident"):
         assert not plan(C14, *size, frames, card(80), 512 * GB, profile=name, weights="fp8").overlap_placement
     # a DiT that cannot be mapped is in RAM anyway: copying it into the pinned buffer early costs nothing more
     whole = plan(C14, *size, frames, card(16), 512 * GB, profile="8gb", weights="fp8", mappable=False)
     assert whole.overlap_placement
-    assert whole.phases == predict(profile, C14, *size, frames, 0, "fp8", mappable=False)
+    assert whole.phases == predict(profile, C14, *size, frames, 0, "fp8", mappable=False,
+                                   decode=whole.vae_decode_tiling)
 
 
 def test_budget_is_the_cards_total_less_context_and_desktop() -> None:
@@ -304,3 +310,75 @@ def test_704p_needs_more_than_an_8gb_card_beside_a_desktop() -> None:
         plan(C14, *SIZES["704p"], 81, card(8), 64 * GB, weights="fp8")
     headless = plan(C14, *SIZES["704p"], 81, DeviceMemory.card(card_bytes(8), desktop=0), 64 * GB, weights="fp8")
     assert headless.profile.name == "layers" and headless.peak_process_total <= card_bytes(8)
+
+
+# ---- the VAE decode's tiles ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size,gib,expected", [
+    ("704p", 12, "704x432 px tiles (4)"), ("704p", 16, "704x576 px tiles (3)"), ("704p", 24, "704x856 px tiles (2)"),
+    ("704p", 32, "untiled"), ("512p", 8, "512x408 px tiles (3)"), ("512p", 12, "512x600 px tiles (2)"),
+    ("512p", 16, "untiled"),
+])
+def test_decode_tiles_are_the_largest_that_fit_the_budget(size: str, gib: int, expected: str) -> None:
+    """The DiT is off the GPU while the VAE decodes: its tiles are the largest whose predicted reserved peak fits
+    the allocator's budget; the next larger candidate does not fit."""
+    h, w = SIZES[size]
+    p = plan(C14, h, w, 81, card(gib), 64 * GB, weights="fp8")
+    t = p.vae_decode_tiling
+    assert (t.describe(h, w) if t is not None else "untiled") == expected
+    assert p.phases["vae_decode"].reserved <= p.vram_budget
+    assert p.phases["vae_decode"].vram == vae_decode_bytes(h, w, 81, t)
+    candidates = decode_tilings(h, w, p.profile.vae_tile)
+    larger = candidates[: candidates.index(t)]
+    assert all(reserved_bytes("vae_decode", vae_decode_bytes(h, w, 81, c)) > p.vram_budget for c in larger)
+    # the same card and size always give the same tiles (the decode's numbers depend on them)
+    assert plan(C14, h, w, 81, card(gib), 64 * GB, weights="fp8").vae_decode_tiling == t
+
+
+def test_decode_candidates_go_from_untiled_to_the_profiles_tiles() -> None:
+    h, w = SIZES["704p"]
+    found = decode_tilings(h, w, 256)
+    areas = [t.largest_tile(h, w) if t is not None else h * w for t in found]
+    assert found[0] is None and found[-1] == Tiling.square(256)
+    assert areas == sorted(areas, reverse=True) and len(set(found)) == len(found)
+    assert all(t is None or not t.covers(h, w) for t in found)
+    assert decode_tilings(h, w, 0) == []  # an untiled profile: nothing to choose
+
+
+def test_decode_falls_back_to_the_profiles_tiles_without_room() -> None:
+    prof = load_profile("8gb")
+    from scail2_lite.offload.planner import decode_tiling
+
+    assert decode_tiling(*SIZES["704p"], 81, 0, prof.vae_tile) == Tiling.square(256)
+    assert decode_tiling(*SIZES["704p"], 81, 0, 0) is None
+    assert decode_tiling(128, 128, 17, 0, 256) is None  # a tile covering the frame is no tiling
+
+
+def test_decode_model_matches_the_measurements() -> None:
+    """RESULTS.md (H100, 2026-12-06): untiled 704p x 81 ran out of memory under a 14.86 GiB cap after 12.79 GB and
+    a 1.94 GiB request; 256 px tiles peaked at 2.02-2.13 GB allocated, untiled 640x352 at 5.64 GB."""
+    h, w = SIZES["704p"]
+    untiled = vae_decode_bytes(h, w, 81, None)
+    assert untiled > 12.79 * GB + 1.94 * 2**30
+    assert 2.0 * GB <= vae_decode_bytes(h, w, 81, Tiling.square(256)) <= 2.2 * GB
+    assert vae_decode_bytes(352, 640, 13, None) == pytest.approx(5.64 * GB, rel=0.03)
+    # the decode streams latent frames: only the latents grow with the frame count
+    assert 0 < vae_decode_bytes(h, w, 321, None) - untiled < 0.3 * GB
+
+
+def test_vae_tile_overrides_the_decode_choice() -> None:
+    h, w = SIZES["704p"]
+    for tile, expected in ((0, None), (256, Tiling.square(256)), (512, Tiling.square(512))):
+        p = plan(C14, h, w, 81, card(16), 64 * GB, weights="fp8", vae_tile=tile)
+        assert p.vae_decode_tiling == expected and p.vae_tile == tile
+        assert p.phases["vae_decode"].vram == vae_decode_bytes(h, w, 81, expected)
+    # untiled 704p does not fit a 16 GiB card: forced, the DiT's plan stays the one that fits and the plan says so
+    auto = plan(C14, h, w, 81, card(16), 64 * GB, weights="fp8")
+    forced = plan(C14, h, w, 81, card(16), 64 * GB, weights="fp8", vae_tile=0)
+    assert not forced.fits and "--vae-tile" in forced.reason
+    assert (forced.profile, forced.resident_blocks) == (auto.profile, auto.resident_blocks)
+    assert {k: v for k, v in forced.phases.items() if k != "vae_decode"} == {
+        k: v for k, v in auto.phases.items() if k != "vae_decode"}
+    retry = lighter(plan(C14, h, w, 81, card(24), 64 * GB, weights="fp8", vae_tile=256))
+    assert retry is None or retry.vae_decode_tiling == Tiling.square(256)

@@ -72,11 +72,29 @@ def test_plan_json_structure_and_fits_on(tmp_path: Path) -> None:
 
 
 def test_plan_mode_printout(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["profile", "--synthetic", "full", "--size", "704p", "--vram", "16", "--ram", "64"])
+    result = runner.invoke(app, ["profile", "--synthetic", "full", "--size", "704p", "--vram", "16", "--ram", "64"],
+                           env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for text in ("profile 24gb", "fastest that fits", "dit_step", "fits on: 12 GB (24gb)", "(NVML)",
-                 "every profile"):
+    for text in ("profile 24gb", "fastest that fits", "dit_step", "fits on: 12 GB (24gb, decode 704x432 px tiles (4))",
+                 "(NVML)", "every profile", "VAE decode 704x576 px tiles (3)"):
         assert text in result.output
+
+
+def test_plan_mode_shows_the_decode_tiles_and_vae_tile_overrides_them(tmp_path: Path) -> None:
+    auto = plan_json(tmp_path, "--size", "704p", "--vram", "24", "--ram", "64", "--weights", "fp8")["plan"]
+    assert auto["vae_decode_tiling"] == {"height": 704, "width": 856, "stride_h": 704, "stride_w": 640}
+    tiled = plan_json(tmp_path, "--size", "704p", "--vram", "24", "--ram", "64", "--weights", "fp8",
+                      "--vae-tile", "256")["plan"]
+    assert tiled["vae_decode_tiling"] == {"height": 256, "width": 256, "stride_h": 192, "stride_w": 192}
+    assert tiled["phases"]["vae_decode"]["vram"] < auto["phases"]["vae_decode"]["vram"]
+    assert {k: v for k, v in tiled["phases"].items() if k != "vae_decode"} == {
+        k: v for k, v in auto["phases"].items() if k != "vae_decode"}
+    untiled = plan_json(tmp_path, "--size", "704p", "--vram", "24", "--ram", "64", "--weights", "fp8",
+                        "--vae-tile", "0")["plan"]
+    assert untiled["vae_decode_tiling"] is None and not untiled["fits"] and "--vae-tile" in untiled["reason"]
+    result = runner.invoke(app, ["profile", "--synthetic", "full", "--size", "704p", "--vram", "24", "--ram", "64",
+                                 "--vae-tile", "0"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "VAE decode untiled (--vae-tile)" in result.output, result.output
 
 
 def test_plan_mode_counts_extra_references(tmp_path: Path) -> None:
@@ -123,6 +141,8 @@ def test_plan_mode_reads_a_model_folder(tmp_path: Path) -> None:
         (["--synthetic", "full", "--run"], "--run needs weights"),
         (["--synthetic", "full", "--vram", "12", "--extra-refs", "-1"], "--extra-refs must be"),
         (["--synthetic", "tiny", "--run", "--extra-refs", "1"], "only plan"),
+        (["--synthetic", "full", "--vram", "12", "--vae-tile", "-8"], "--vae-tile must be"),
+        (["--synthetic", "full", "--vram", "12", "--vae-tile", "100"], "multiples of 8"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:

@@ -385,11 +385,12 @@ def test_umt5_quantized_cosine() -> None:
                 q = text_encoder.quantize_text_encoder(copy.deepcopy(model), scheme, "cpu", rotate=rotated)
                 results[scheme, rotated] = compare(ref, q(input_ids=ids).last_hidden_state)
     print(f"umT5 (4 layers, d_model 256) vs bf16, (scheme, rotated): {results}")
-    assert text_encoder.text_encoder_backend("nf4", "cpu") == "quanto-qint4"
-    # measured: int8 rel. error 0.039 rotated vs 0.112 plain (cosine 0.9992 / 0.9937); qint4 0.41 vs 0.76
+    assert text_encoder.text_encoder_backend("nf4", "cpu") == "bitsandbytes-nf4"  # the GPU's NF4, on the CPU too
+    # measured: int8 rel. error 0.039 rotated vs 0.112 plain (cosine 0.9992 / 0.9937); nf4 (bitsandbytes, `wo`
+    # kept bf16) 0.397 vs 0.524 (cosine 0.921 / 0.863)
     assert results["int8", True]["rel_error"] < 0.5 * results["int8", False]["rel_error"]
-    assert results["nf4", True]["rel_error"] < 0.7 * results["nf4", False]["rel_error"]
-    assert results["int8", True]["cosine"] > 0.998 and results["nf4", True]["cosine"] > 0.88
+    assert results["nf4", True]["rel_error"] < 0.85 * results["nf4", False]["rel_error"]
+    assert results["int8", True]["cosine"] > 0.998 and results["nf4", True]["cosine"] > 0.9
     with pytest.raises(QuantizeError):
         text_encoder.text_encoder_backend("fp4", "cpu")
 
@@ -415,6 +416,66 @@ def test_umt5_loader_quantizes_rotated_blocks(tmp_path: Path) -> None:
     out = torch.cat(encode_text(tokenizer, loaded, prompts))
     torch.testing.assert_close(out, torch.cat(encode_text(tokenizer, in_memory, prompts)), rtol=0, atol=0)
     assert compare(ref, out)["cosine"] > 0.999
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_umt5_stored_quantized_is_bit_identical_to_load_time(tmp_path: Path, monkeypatch, scheme: str) -> None:
+    """`quantize --text-encoder nf4|int8`'s stored encoder: the folder holds codes, not the bf16 file; it loads
+    to the very tensors and embeddings that quantizing the bf16 file at load gives, without quantizing again;
+    a damaged index or a quantize hook on it is one clear error."""
+    import bitsandbytes.functional as bnb_f
+
+    from scail2_lite.encoders import (
+        UMT5_FILE,
+        _umt5,
+        encode_text,
+        load_text_encoder,
+        stored_text_encoder,
+        write_quantized_text_encoder,
+    )
+    from scail2_lite.errors import UserError
+    from scail2_lite.quantize import text_encoder
+    from scail2_lite.synth import umt5_tensors, write_tokenizer
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    cfg = _umt5(vocab_size=300, d_model=128, d_ff=256, num_heads=2, d_kv=64, num_layers=2)
+    torch.save(umt5_tensors(cfg, 1), src / UMT5_FILE)
+    write_tokenizer(src, cfg.vocab_size)
+    seen = []
+    index = write_quantized_text_encoder(src, dest, scheme, progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(0, 2), (1, 2)] and index["scheme"] == scheme and stored_text_encoder(dest) == scheme
+    assert not (dest / UMT5_FILE).exists() and (dest / "tokenizer.json").is_file()
+    assert not any(p.name.startswith(".") for p in dest.iterdir())  # no temporary file left
+
+    prompts = ["a dancer turns", "the camera pans left"]
+    tokenizer, at_load = load_text_encoder(src, quantize=lambda block: text_encoder.quantize_block(block, scheme))
+    expected = torch.cat(encode_text(tokenizer, at_load, prompts))
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("a stored encoder was quantized again")
+
+    monkeypatch.setattr(text_encoder, "quantize_block", no_quantizing)
+    monkeypatch.setattr(bnb_f, "quantize_4bit", no_quantizing)
+    tokenizer, stored = load_text_encoder(dest)
+    for a, b in zip(at_load.encoder.block, stored.encoder.block):
+        sa, sb = text_encoder.block_state(a), text_encoder.block_state(b)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    state = text_encoder.block_state(stored.encoder.block[0])
+    codes = [state[k.removesuffix(".absmax")] for k in state if k.endswith(".weight.absmax")] if scheme == "nf4" \
+        else [v for k, v in state.items() if k.endswith(".weight._data")]
+    assert len(codes) == (6 if scheme == "nf4" else 7)  # nf4 keeps `wo` bf16, as at load
+    assert all(c.dtype == (torch.uint8 if scheme == "nf4" else torch.int8) for c in codes)
+    assert torch.equal(torch.cat(encode_text(tokenizer, stored, prompts)), expected)
+
+    with pytest.raises(UserError, match="not quantized again"):
+        load_text_encoder(dest, quantize=lambda block: None)
+    (dest / index["blocks"][1]).unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        load_text_encoder(dest)
+    (dest / text_encoder.STORED_INDEX).write_text("{")
+    with pytest.raises(UserError, match="damaged"):
+        load_text_encoder(dest)
 
 
 def test_report_json(tmp_path: Path) -> None:

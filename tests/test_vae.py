@@ -10,6 +10,7 @@ from diffusers import AutoencoderKLWan
 
 from scail2_lite import vae as V
 from scail2_lite.errors import UserError
+from scail2_lite.vae_tiles import Tiling
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,48 @@ def test_tiling_close_to_untiled_on_local_model():
     vae.set_tiling(32, 24)
     torch.testing.assert_close(vae.encode(video), z, atol=1e-5, rtol=0)
     torch.testing.assert_close(vae.decode(z), frames, atol=1e-5, rtol=0)
+
+
+def test_strips_and_non_square_tiles_reproduce_untiled_on_local_model():
+    """Tiles spanning the whole height and part of the width (the planner's strips), and non-square tiles, are
+    placed and blended right: on a pixel-local model they decode what the untiled decode does."""
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(**V.vae_config("tiny")).eval()
+    _pixel_local(model)
+    vae = V.WanVAE(model)
+    z = torch.randn(1, 16, 2, 5, 9, generator=torch.Generator().manual_seed(2))
+    frames = vae.decode(z)
+    for tiling in (Tiling.strips(40, 72, 3), Tiling.strips(72, 40, 2), Tiling(24, 40, 16, 32)):
+        zz = z if tiling.height <= 40 or tiling.width != 40 else z.transpose(-1, -2).contiguous()
+        ref = frames if zz is z else vae.decode(zz)
+        vae.set_tiling(tiling)
+        try:
+            assert len(vae._latent_tiles(*zz.shape[-2:])) > 1
+            torch.testing.assert_close(vae.decode(zz), ref, atol=1e-5, rtol=0)
+        finally:
+            vae.set_tiling(None)
+
+
+def test_tiling_geometry():
+    h, w = 704, 1280
+    strips = Tiling.strips(h, w, 3)
+    assert (strips.height, strips.stride_h) == (h, h) and strips.width == 576 and strips.stride_w == 432
+    windows = strips.windows(h // 8, w // 8)
+    assert [(i, j, th, tw) for i, j, th, tw in windows] == [(0, 0, 88, 72), (0, 54, 88, 72), (0, 108, 88, 52)]
+    assert strips.decoded_pixels(h, w) == 88 * 196 * 64 and strips.largest_tile(h, w) == 704 * 576
+    assert strips.describe(h, w) == "704x576 px tiles (3)"
+    assert Tiling.square(256).describe(h, w) == "256 px tiles (28)"
+    assert Tiling.square(2048).covers(h, w) and Tiling.square(2048).describe(h, w) == "untiled"
+    portrait = Tiling.strips(w, h, 2)
+    assert portrait.width == h and len(portrait.windows(w // 8, h // 8)) == 2
+    # every window stays inside the frame and together they cover it
+    for tiling in (strips, portrait, Tiling.square(256), Tiling(256, 512, 192, 384)):
+        hh, ww = (w, h) if tiling is portrait else (h, w)
+        seen = torch.zeros(hh // 8, ww // 8, dtype=torch.bool)
+        for i, j, th, tw in tiling.windows(hh // 8, ww // 8):
+            assert i + th <= hh // 8 and j + tw <= ww // 8
+            seen[i : i + th, j : j + tw] = True
+        assert seen.all()
 
 
 @pytest.mark.parametrize("tile, stride", [(30, 16), (32, 0), (32, 40)])

@@ -72,7 +72,8 @@ def quantize(
                             "to bf16, fast on RTX 30xx too) or bf16"),
     text_encoder: str = typer.Option("bf16", "--text-encoder", help="umT5: bf16 (lossless, streamed through the GPU "
                                      "block by block: about one block of GPU memory), int8 or nf4 (stored "
-                                     "quantized: smaller folder and RAM, for machines where those are the limit)"),
+                                     "quantized in place of the bf16 file: smaller folder and RAM, no re-quantizing "
+                                     "at load; for machines where those are the limit)"),
     compute: str = typer.Option("auto", "--compute", help="matmul path: auto, fp8, int8 or dequant"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
     export: Optional[str] = typer.Option(None, "--export", help="comfy: also write a ComfyUI fp8_scaled file"),
@@ -99,7 +100,8 @@ def quantize(
 
     bar = Progress(*Progress.get_default_columns()[:1], BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    console=console)
-    task = bar.add_task(f"quantizing DiT to {dit}", total=None)
+    what = f"DiT to {dit}" + (f", umT5 to {text_encoder}" if text_encoder != "bf16" else "")
+    task = bar.add_task(f"quantizing {what}", total=None)
 
     def advance(done: int, total: int) -> None:
         if not bar.live.is_started:  # shown once the checks have passed: bad input stays a single line

@@ -203,9 +203,11 @@ def generate(
     segment_len: int = typer.Option(SEGMENT_LEN, "--segment-len", help="frames per segment (4k+1)"),
     segment_overlap: int = typer.Option(SEGMENT_OVERLAP, "--segment-overlap",
                                         help="history frames carried between segments"),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="bf16, int8 or nf4 (default: as quantized)"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="bf16, int8 or nf4 (default: as quantized; "
+                                          "a folder storing umT5 in nf4/int8 runs only that)"),
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="VAE tile size in pixels, 0 = untiled "
-                                           "(default: the memory profile's)"),
+                                           "(default: encode in the profile's tiles, decode in the largest tiles that "
+                                           "fit the card, see `scail2-lite profile`)"),
     profile: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml (default: the "
                                           "fastest that fits this GPU and RAM; see `scail2-lite profile`)"),
     vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="plan for a card of this size in GB "

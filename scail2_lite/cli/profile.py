@@ -33,6 +33,13 @@ def _error_cell(e: Optional[float]) -> str:
     return f"[{'green' if abs(e) <= TOLERANCE else 'red'}]{e:+.1%}[/]"
 
 
+def _decode_tiles(p) -> str:
+    """How a plan's VAE decode is tiled, and why (the largest tiles that fit, or --vae-tile)."""
+    t = p.vae_decode_tiling
+    what = "untiled" if t is None or t.covers(p.height, p.width) else t.describe(p.height, p.width)
+    return what + (" (--vae-tile)" if p.vae_tile is not None else "")
+
+
 def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_plans: list, vram: int,
                 ram: int) -> None:
     """Plan mode's printout: the chosen profile and why, its phases, the cards it fits, every profile here."""
@@ -51,7 +58,7 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
         out.print(f"DiT {chosen.quantization}: {chosen.resident_blocks} blocks resident, {chosen.streamed_blocks} "
                   f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
                   f"({'layer by layer' if p.stream_unit == 'layer' else f'{p.prefetch} ahead'}); "
-                  f"VAE tile {p.vae_tile or 'none'}"
+                  f"VAE encode tile {p.vae_tile or 'none'}; VAE decode {_decode_tiles(chosen)}"
                   + ("; the pinned buffer fills beside the encoders" if chosen.overlap_placement else ""),
                   highlight=False)
         out.print(f"allocator budget {_bytes(chosen.vram_budget)}: the card less {_bytes(chosen.outside_allocator)} "
@@ -69,7 +76,8 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
         table.add_row("[bold]peak[/bold]", _bytes(chosen.peak_vram), _bytes(chosen.peak_vram_reserved),
                       _bytes(chosen.peak_process_total), _bytes(chosen.peak_ram))
         out.print(table)
-    fits = [f"{gb} GB ({p.profile.name})" for gb, p in cards.items() if p is not None]  # GB as sold: GiB
+    fits = [f"{gb} GB ({p.profile.name}, decode {_decode_tiles(p)})"  # GB as sold: GiB
+            for gb, p in cards.items() if p is not None]
     out.print("fits on: " + (", ".join(fits) if fits else "none of " + ", ".join(f"{gb} GB" for gb in cards))
               + f" [dim](with {ram / 1e9:.0f} GB RAM)[/dim]", highlight=False)
     table = Table(title=f"every profile on a {vram / 1e9:.2f} GB card")
@@ -147,6 +155,8 @@ def profile(
                                           "\\[default: the model's]"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="plan with umT5 in nf4, int8 or bf16 "
                                                "\\[default: the model's]"),
+    vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="plan the VAE decode in square tiles of this "
+                                           "many pixels, 0 = untiled \\[default: the largest tiles that fit]"),
     gpus: int = typer.Option(1, "--gpus", help="plan one rank of a run over N GPUs of this size (torchrun): its "
                              "share of the tokens under Ulysses, every weight, 1/N of --ram"),
     parallel: str = typer.Option("auto", "--parallel", help="the split of --gpus: auto, cfg or ulysses (as generate)"),
@@ -191,15 +201,19 @@ def profile(
             raise UserError(f"{flag} must be a positive number of GB, got {value:g}")
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}")
+    if vae_tile is not None:
+        from ..settings import MemorySettings
+
+        MemorySettings(vae_tile=vae_tile)  # its checks: 0 or more, a multiple of 8
     if run and gpus > 1:
         raise UserError("--run measures this process alone; --gpus only plans (run generate under torchrun)")
     if run:
         if synthetic == "full":
             raise UserError("--run needs weights: write them with `scail2-lite synth --scale full --format wan -o DIR`"
                             " and pass DIR as MODEL")
-        if ram is not None or weights is not None or text_encoder is not None or extra_refs:
-            raise UserError("--ram, --weights, --text-encoder and --extra-refs only plan; --run uses this machine, "
-                            "the model and the inputs as they are")
+        if ram is not None or weights is not None or text_encoder is not None or extra_refs or vae_tile is not None:
+            raise UserError("--ram, --weights, --text-encoder, --extra-refs and --vae-tile only plan; --run uses this "
+                            "machine, the model and the inputs as they are")
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
         if synthetic is not None:
@@ -231,7 +245,7 @@ def profile(
     try:
         chosen = plan(target.config, h, w, n_frames, gpu, ram_bytes, profile=profile_name,
                       weights=target.dit_scheme, text_encoder=target.text_encoder, mappable=target.mappable,
-                      extra_refs=extra_refs, sequence_split=sequence)
+                      extra_refs=extra_refs, sequence_split=sequence, vae_tile=vae_tile)
     except UserError as e:
         if str(e).startswith("no profile fits"):
             no_fit = str(e)

@@ -7,7 +7,8 @@ where their memory goes (`scail2-lite profile`). The model counts what the runti
   vae_encode    VAE weights + activations of one spatial tile (4 frames at a time)
   dit_step      non-block layers + resident blocks + streaming slots + one block's activations at the token count
                 (layer streaming: per stage of the block, its activations + the units held then)
-  vae_decode    VAE weights + activations of one tile (one latent frame -> 4 frames at a time)
+  vae_decode    VAE weights + activations and causal cache of one tile (one latent frame -> 4 frames at a time):
+                the largest tiling that fits the budget (the DiT is off the GPU then), see `decode_tiling`
 The encoders leave the GPU after their phase. The DiT's
 device weights are counted from the DiT phase on (the pipeline loads it after the encoders); the VAE leaves the
 GPU during DiT steps. The DiT's host side (the streamed blocks read into their pinned buffer and page-locked: no
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from ..config import DiTConfig
 from ..errors import UserError
+from ..vae_tiles import Tiling, from_setting
 from .card import DeviceMemory
 from .profiles import Profile, StreamUnit, WeightSource, list_profiles, load_profile
 
@@ -52,7 +54,21 @@ CLIP_PARAMS = 632_000_000
 ENCODER_ACTIVATIONS = 0.5 * GB
 CLIP_ACTIVATIONS = 0.1 * GB
 VAE_PARAMS = 126_900_000  # Wan2.1 VAE, run in fp32
-VAE_DECODE_BYTES_PER_PIXEL = 11_000  # fp32, 96 channels x 4 frames at full resolution, ~7 tensors alive
+# The decode, per output pixel of the largest tile, fp32 (it does not grow with the frame count: tiled or not, one
+# latent frame is decoded at a time with a causal cache of 2 frames per convolution). Tensors: 19,500 bytes, traced
+# on CPU (benchmarks/bench_cards.py --parts trace: live tensors of `WanVAE.decode_frames`, full-width VAE, 19,640
+# B/px at 64x64 px, 19,794 at 32x32, so 19,486 + 616 per unit of 1/h + 1/w latent px: the padded copies): the
+# 96-channel cache of 7 full-resolution convolutions, the 192-channel upsampling and one concatenated 6-frame conv
+# input dominate (the 1.94 GiB request of the untiled 704p decode that ran out of memory is that concatenation).
+# cuDNN's workspaces add 3,400 more (H100, cudnn.benchmark, RESULTS.md 2026-12-06: 5.64 GB allocated untiled at
+# 640x352, 2.02 GB in 256 px tiles, weights 0.51 GB: 22,770 and 23,040 B/px against the trace's 19,500).
+VAE_DECODE_TENSOR_BYTES_PER_PIXEL = 19_500
+VAE_DECODE_WORKSPACE_BYTES_PER_PIXEL = 3_400
+VAE_DECODE_BYTES_PER_PIXEL = VAE_DECODE_TENSOR_BYTES_PER_PIXEL + VAE_DECODE_WORKSPACE_BYTES_PER_PIXEL
+VAE_DECODE_LATENT_COPIES = 3  # the segment's latents on the GPU: as given, denormalised, a tile's post_quant_conv
+LATENT_CHANNELS = 16
+VAE_DECODE_MAX_STRIPS = 8  # strips tried across the longer side before square tiles
+VAE_DECODE_SQUARES = (512, 384)  # square tiles tried (pixels) before the profile's
 VAE_ENCODE_BYTES_PER_PIXEL = 9_300  # the causal cache of the encoder's first stages dominates
 VAE_TILE_OVERLAP = 0.25  # each tile reaches this fraction of its size past each edge
 
@@ -177,11 +193,51 @@ def layer_stream_held(config: DiTConfig, quantization: str) -> dict[str, int]:
 
 
 def _vae_activation_bytes(height: int, width: int, tile: int, per_pixel: int) -> int:
-    """One spatial tile's activations; a tile reaches VAE_TILE_OVERLAP of its size past each edge."""
+    """One spatial tile's activations in the encode (diffusers' tiled encode); the calibration counts a tile as
+    reaching VAE_TILE_OVERLAP of its size past each edge."""
     if tile:
         reach = int(tile * (1 + 2 * VAE_TILE_OVERLAP))
         height, width = min(height, reach), min(width, reach)
     return height * width * per_pixel
+
+
+def vae_decode_bytes(height: int, width: int, frames: int, tiling: Tiling | None) -> int:
+    """Peak allocated bytes of the VAE decode of a height x width x frames segment in `tiling` (None: untiled): the
+    weights, the largest tile's activations and cache, the segment's latents."""
+    tile = tiling.largest_tile(height, width) if tiling is not None else height * width
+    latent_frames = (frames - 1) // 4 + 1
+    latents = VAE_DECODE_LATENT_COPIES * LATENT_CHANNELS * 4 * latent_frames * (height // 8) * (width // 8)
+    return VAE_PARAMS * 4 + tile * VAE_DECODE_BYTES_PER_PIXEL + latents
+
+
+def decode_tilings(height: int, width: int, fallback: int) -> list[Tiling | None]:
+    """The decode tilings the planner may choose for a height x width frame, largest tile first: untiled, strips
+    across the longer side (2 .. VAE_DECODE_MAX_STRIPS), squares of VAE_DECODE_SQUARES pixels, then the profile's
+    `fallback` square (pixels; 0: untiled only). Tilings no larger than the fallback's tile are left out."""
+    base = from_setting(fallback)
+    floor = base.largest_tile(height, width) if base is not None else height * width
+    found: list[Tiling | None] = [None]
+    found += [Tiling.strips(height, width, n) for n in range(2, VAE_DECODE_MAX_STRIPS + 1)]
+    found += [Tiling.square(t) for t in VAE_DECODE_SQUARES]
+    seen, out = set(), []
+    for t in sorted(found, key=lambda t: -(t.largest_tile(height, width) if t else height * width)):
+        area = t.largest_tile(height, width) if t else height * width
+        key = None if t is None or t.covers(height, width) else t
+        if area > floor and key not in seen:
+            seen.add(key)
+            out.append(key)
+    return out + ([base] if base is not None and not base.covers(height, width) else [])
+
+
+def decode_tiling(height: int, width: int, frames: int, budget: int, fallback: int) -> Tiling | None:
+    """The decode's tiling: the largest tile whose predicted reserved peak fits `budget` (the allocator's bytes:
+    the DiT is off the GPU while the VAE decodes), else the profile's `fallback` square tiles (pixels, 0 =
+    untiled). Larger tiles decode faster (less overlap, fuller convolutions) and blend at fewer seams."""
+    for tiling in decode_tilings(height, width, fallback):
+        if reserved_bytes("vae_decode", vae_decode_bytes(height, width, frames, tiling)) <= budget:
+            return tiling
+    base = from_setting(fallback)
+    return None if base is None or base.covers(height, width) else base
 
 
 TEXT_ENCODERS: tuple[str, ...] = ("nf4", "int8", "bf16")  # quantize.text_encoder's scheme names
@@ -233,6 +289,8 @@ class Plan:
     extra_refs: int = 0  # extra references (multi-reference): their tokens are in `tokens`
     outside_allocator: int = 0  # what NVML shows beyond the allocator's reserved bytes (the CUDA context)
     sequence_split: int = 1  # ranks sharing the tokens (Ulysses): this plan is one rank's
+    vae_decode_tiling: Tiling | None = None  # the decode's tiles (None: untiled), see `decode_tiling`
+    vae_tile: int | None = None  # `--vae-tile` when given (pixels, 0 = untiled): the decode's tiles are then these
     overlap_placement: bool = False  # the DiT's host side is built beside the encoders (`overlapped`)
 
     @property
@@ -268,9 +326,10 @@ class Plan:
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
     text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0, sequence_split: int = 1,
-    overlap: bool = False,
+    decode: Tiling | None | str = "profile", overlap: bool = False,
 ) -> dict[str, PhaseMemory]:
-    """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks.
+    """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks; the VAE decodes in
+    `decode` tiles (None: untiled; "profile": the profile's square tiles).
 
     RAM (resident set, file pages included): the non-block layers; the blocks only when they cannot be read from
     a quantized folder's shards (`mappable` False: the whole DiT stays in RAM, the pinned buffer replacing the
@@ -308,7 +367,7 @@ def predict(
     # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (formats.FilePages).
     umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS
     vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
-    vae_dec = _vae_activation_bytes(height, width, profile.vae_tile, VAE_DECODE_BYTES_PER_PIXEL)
+    vae_dec = vae_decode_bytes(height, width, frames, from_setting(profile.vae_tile) if decode == "profile" else decode)
     # The encoders run before the first placement: no pinned buffer yet, unless it fills beside them (`overlap`;
     # counted whole in every encoder phase: it may be full before the first one ends). Not the mapped profiles'
     # staging ring: it is allocated by the device side, after the encoders.
@@ -320,7 +379,7 @@ def predict(
         # First segment: before the first placement (a later segment's encode holds the host buffer, as its steps do).
         "vae_encode": PhaseMemory(vae + vae_enc, int(rest + early)),
         "dit_step": PhaseMemory(dit_device + act, int(ram)),
-        "vae_decode": PhaseMemory(vae + vae_dec, int(ram + frames_ram)),
+        "vae_decode": PhaseMemory(vae_dec, int(ram + frames_ram)),
     }
     return {k: PhaseMemory(int(v.vram), int(v.ram), reserved_bytes(k, int(v.vram))) for k, v in phases.items()}
 
@@ -343,7 +402,7 @@ def overlapped(plain: Plan) -> Plan:
         return plain
     p = plain
     phases = predict(p.profile, p.config, p.height, p.width, p.frames, p.resident_blocks, p.quantization,
-                     p.text_encoder, p.mappable, p.extra_refs, p.sequence_split, overlap=True)
+                     p.text_encoder, p.mappable, p.extra_refs, p.sequence_split, p.vae_decode_tiling, overlap=True)
     candidate = dataclasses.replace(p, phases=phases, overlap_placement=True)
     return candidate if candidate.peak_ram <= candidate.ram_available else plain
 
@@ -351,32 +410,40 @@ def overlapped(plain: Plan) -> Plan:
 def resolve(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, vram_budget: int, ram_available: int,
     weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0,
-    outside_allocator: int = 0, sequence_split: int = 1,
+    outside_allocator: int = 0, sequence_split: int = 1, vae_tile: int | None = None,
 ) -> Plan:
-    """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget."""
+    """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget. The VAE
+    decodes in `vae_tile` square tiles when given (pixels, 0 = untiled: `--vae-tile`), else in the largest tiles
+    that fit the budget (`decode_tiling`)."""
     quant = weights
     n = tokens(config, height, width, frames, extra_refs)
+    auto = decode_tiling(height, width, frames, int(vram_budget), profile.vae_tile)
+    forced = vae_tile is not None
 
-    def make(resident: int, why: str) -> Plan:
+    def make(resident: int, why: str, decode: Tiling | None) -> Plan:
         phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, extra_refs,
-                         sequence_split)
+                         sequence_split, decode)
         return overlapped(Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases,
                                int(vram_budget), int(ram_available), why, mappable, extra_refs, int(outside_allocator),
-                               sequence_split))
+                               sequence_split, decode, vae_tile))
+
+    def final(resident: int) -> Plan:
+        """The plan with the decode's tiles as `--vae-tile` says (which the DiT's blocks never depend on)."""
+        return make(resident, reason, from_setting(vae_tile)) if forced else make(resident, reason, auto)
 
     if profile.resident_blocks == "all":
-        return make(config.num_layers, reason)
+        return final(config.num_layers)
     if profile.resident_blocks != "auto":
-        return make(min(int(profile.resident_blocks), config.num_layers), reason)
+        return final(min(int(profile.resident_blocks), config.num_layers))
     # Resident blocks only add VRAM and remove RAM, so the count that fits is found by bisection.
     lo, hi = 0, config.num_layers
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if make(mid, reason).fits:
+        if make(mid, reason, auto).fits:
             lo = mid
         else:
             hi = mid - 1
-    return make(lo, reason)
+    return final(lo)
 
 
 def plan(
@@ -393,6 +460,7 @@ def plan(
     mappable: bool = True,
     extra_refs: int = 0,
     sequence_split: int = 1,
+    vae_tile: int | None = None,
 ) -> Plan:
     """The fastest profile that fits the GPU `device` (card.py; `vram_budget`: the card's total when smaller,
     `--vram-budget`) and `ram_bytes` of RAM.
@@ -401,7 +469,8 @@ def plan(
     blocks can be memory-mapped from disk (our quantized folder); if not, profiles that stream from the mapped
     file are left out. With `profile` given the plan uses it even if it does not fit (`plan.fits` says so).
     `extra_refs`: extra references, whose tokens every DiT step carries. `sequence_split`: ranks sharing the
-    tokens (the plan is one rank's; the caller divides the host's RAM among its ranks)."""
+    tokens (the plan is one rank's; the caller divides the host's RAM among its ranks). `vae_tile`: `--vae-tile`
+    (pixels, 0 = untiled), else the decode's tiles are the largest that fit (`decode_tiling`)."""
     if weights not in QUANTIZATIONS:
         raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if text_encoder not in TEXT_ENCODERS:
@@ -411,15 +480,19 @@ def plan(
     if profile is not None:
         chosen = profile if isinstance(profile, Profile) else load_profile(profile)
         return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
-                       text_encoder, mappable, extra_refs, outside,
-                       sequence_split)
+                       text_encoder, mappable, extra_refs, outside, sequence_split, vae_tile)
     candidates = [p for p in list_profiles() if mappable or p.weight_source is not WeightSource.MMAP]
     for p in candidates:
+        # chosen with the decode's tiles that fit: `--vae-tile` applies to the chosen plan (and may not fit)
         result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable,
                          extra_refs, outside, sequence_split)
         if result.fits:
             faster = [c.name for c in candidates if c.speed_rank < p.speed_rank]
             why = "fastest profile" if not faster else f"fastest that fits ({', '.join(faster)} need more memory)"
+            if vae_tile is not None:
+                result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder,
+                                 mappable, extra_refs, outside, sequence_split, vae_tile)
+                why += "" if result.fits else "; the VAE decode in --vae-tile's tiles does not fit"
             return dataclasses.replace(result, reason=why)
     lightest = min(
         (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable, extra_refs,
@@ -444,7 +517,8 @@ def lighter(current: Plan) -> Plan | None:
         candidate = resolve(p, current.config, current.height, current.width, current.frames, budget,
                             current.ram_available, current.quantization,
                             f"fallback after out of memory under {current.profile.name}", current.text_encoder,
-                            current.mappable, current.extra_refs, current.outside_allocator, current.sequence_split)
+                            current.mappable, current.extra_refs, current.outside_allocator, current.sequence_split,
+                            current.vae_tile)
         if candidate.fits:
             return candidate
     return None

@@ -1,0 +1,169 @@
+"""bench_cards.py's decode parts (issue 25c): the VAE decode at the 704p output size in every tiling the planner may
+choose, measured against the planner's prediction, and the CPU trace behind the planner's per-pixel figure.
+
+`decode_part`: latents of the real 704p x 81 output (1280x704, 21 latent frames, random: time and memory do not
+depend on the values) decoded by the full-width Wan VAE (random weights) in each tiling the planner picks for an 8,
+12, 16 or 24 GiB card, plus 256 px tiles and untiled. Each tiling runs twice: the first pass pays cuDNN's algorithm
+search (as every run does once per tile shape), the second is the steady figure. A card's choice runs under that
+card's emulated allocator cap (`_cards.Emulator`), so an under-predicted tiling shows as "out of memory" there.
+
+`trace_part`: the live tensor bytes of `WanVAE.decode_frames` on CPU (no cuDNN workspace), per output pixel, at two
+tile sizes: the source of `planner.VAE_DECODE_TENSOR_BYTES_PER_PIXEL`.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from _cards import GB, Emulator
+
+CARDS = (8, 12, 16, 24)
+
+
+def _vae(scale: str, device: torch.device):
+    from diffusers import AutoencoderKLWan
+
+    from scail2_lite.vae import WanVAE, vae_config
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoencoderKLWan(**vae_config(scale)).eval()
+    return WanVAE(model)
+
+
+def _gb(x: int | None) -> str:
+    return "-" if x is None else f"{x / GB:.2f}"
+
+
+def decode_part(tiny: bool, device: torch.device, emulator: Emulator | None, res, deadline: float) -> str:
+    """Seconds, peak allocated / reserved / NVML of the decode in each tiling, beside the planner's prediction."""
+    from scail2_lite.offload import planner
+    from scail2_lite.offload.card import DeviceMemory, card_bytes
+    from scail2_lite.profiling import PhaseRecorder
+    from scail2_lite.vae_tiles import Tiling
+
+    h, w, frames = (64, 128, 5) if tiny else (704, 1280, 81)
+    latent_frames = (frames - 1) // 4 + 1
+    vae = _vae("tiny" if tiny else "full", device)
+    z = torch.randn(1, 16, latent_frames, h // 8, w // 8, generator=torch.Generator().manual_seed(0)).to(device)
+    # (tiling, card it is chosen for): each card's choice (smallest card first), then 256 px tiles and untiled.
+    cases: list[tuple[Tiling | None, int | None]] = []
+    for gib in CARDS:
+        budget = DeviceMemory.card(card_bytes(gib)).allocator_budget()
+        tiling = planner.decode_tiling(h, w, frames, budget, 256)
+        if all(t != tiling for t, _ in cases):
+            cases.append((tiling, gib))
+    for tiling in (Tiling.square(32 if tiny else 256), None):
+        if all(t != tiling for t, _ in cases):
+            cases.append((tiling, None))
+    cuda = device.type == "cuda"
+    rec = PhaseRecorder(device, interval=0.05)
+    rows, record = [], {"size": [w, h], "frames": frames, "latents": list(z.shape), "cases": []}
+    for tiling, gib in cases:
+        name = tiling.describe(h, w) if tiling is not None else "untiled"
+        predicted = planner.vae_decode_bytes(h, w, frames, tiling)
+        entry = {"tiling": name, "card_gib": gib, "predicted_allocated": predicted,
+                 "predicted_reserved": planner.reserved_bytes("vae_decode", predicted),
+                 "decoded_pixels_ratio": (tiling.decoded_pixels(h, w) if tiling else h * w) / (h * w)}
+        if time.perf_counter() > deadline - 60:
+            entry["status"] = "not run (budget)"
+            record["cases"].append(entry)
+            continue
+        vae.set_tiling(tiling)
+        cap = emulator.cap(gib) if emulator is not None and gib is not None else None
+        entry["allocator_cap"] = cap
+        try:
+            for attempt in ("first", "timed"):
+                if cuda:
+                    torch.cuda.empty_cache()
+                key = f"{name} {attempt}"
+                t = time.perf_counter()
+                with rec(key):
+                    for group in vae.decode_frames(z):
+                        group.cpu()
+                entry[f"{attempt}_seconds"] = round(time.perf_counter() - t, 3)
+                stats = rec.to_json()["phases"][key]
+                for k in ("peak_allocated", "peak_reserved", "peak_nvml_used"):
+                    entry[f"{attempt}_{k}"] = stats[k]
+            entry["status"] = "ok"
+        except torch.cuda.OutOfMemoryError as e:
+            entry["status"] = f"out of memory: {str(e).splitlines()[0][:160]}"
+            entry["peak_allocated_at_failure"] = torch.cuda.max_memory_allocated(device)
+        finally:
+            if emulator is not None:
+                emulator.cap(None)
+            if cuda:
+                torch.cuda.empty_cache()
+        record["cases"].append(entry)
+        res.put("decode", record)
+        print(f"decode {name} (card {gib} GiB): {entry}", flush=True)
+        peak = max(entry.get("first_peak_allocated") or 0, entry.get("timed_peak_allocated") or 0) or None
+        reserved = max(entry.get("first_peak_reserved") or 0, entry.get("timed_peak_reserved") or 0) or None
+        rows.append(
+            f"| {name} | {gib or '-'} | {entry['decoded_pixels_ratio']:.2f} | {entry.get('first_seconds', '-')} | "
+            f"{entry.get('timed_seconds', '-')} | {_gb(peak)} | {_gb(predicted)} | {_gb(reserved)} | "
+            f"{_gb(entry['predicted_reserved'])} | {_gb(entry.get('first_peak_nvml_used'))} | {entry['status']} |")
+    res.put("decode", record)
+    return (f"### VAE decode alone: {w}x{h} x {frames} frames ({latent_frames} latent), fp32, per tiling\n"
+            "| tiling | chosen for GiB (capped) | pixels decoded / frame | first s | s | peak alloc GB | predicted "
+            "| peak reserved GB | predicted | NVML used GB (first) | status |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+class _LiveTensors(TorchDispatchMode):
+    """The bytes of the tensors alive, counted per storage as ops create them; `peak` since the last reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _drop(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, n = storage.data_ptr(), storage.nbytes()
+                if n and key not in self.live:
+                    self.live[key] = n
+                    self.current += n
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._drop, key)
+        return out
+
+
+def trace_bytes_per_pixel(scale: str, latent: int, latent_frames: int = 3) -> float:
+    """Peak live tensor bytes per output pixel of the steady frame groups (the third on) of an untiled decode of a
+    `latent` x `latent` latent frame on CPU (fp32)."""
+    vae = _vae(scale, torch.device("cpu"))
+    z = torch.randn(1, 16, latent_frames, latent, latent, generator=torch.Generator().manual_seed(0))
+    mode, peaks = _LiveTensors(), []
+    with torch.no_grad(), mode:
+        for group in vae.decode_frames(z):
+            peaks.append(mode.peak)
+            mode.peak = mode.current
+            del group
+    return max(peaks[2:]) / (latent * 8) ** 2
+
+
+def trace_part(tiny: bool, res) -> str:
+    """Bytes per output pixel at two tile sizes and their fit a + b (1/h + 1/w) (padding grows with the edges)."""
+    scale = "tiny" if tiny else "full"
+    sizes = (4, 8)
+    t = time.perf_counter()
+    per_px = {n: trace_bytes_per_pixel(scale, n) for n in sizes}
+    b = (per_px[sizes[0]] - per_px[sizes[1]]) / (2 / sizes[0] - 2 / sizes[1])
+    a = per_px[sizes[1]] - b * 2 / sizes[1]
+    record = {"scale": scale, "bytes_per_pixel": per_px, "fit_a": a, "fit_b": b,
+              "seconds": round(time.perf_counter() - t, 1)}
+    res.put("decode_trace", record)
+    return (f"### Decode tensors traced on CPU ({scale} VAE, fp32): "
+            + ", ".join(f"{n * 8}x{n * 8} px: {v:,.0f} B/px" for n, v in per_px.items())
+            + f"; fit {a:,.0f} + {b:,.0f} x (1/h + 1/w) latent px (planner: VAE_DECODE_TENSOR_BYTES_PER_PIXEL)")
