@@ -93,8 +93,9 @@ class KernelConfig:
         return tiles if self.hopper is None else f"{tiles} hopper:{self.hopper.label()}"
 
 
-# Per compute capability (major * 10 + minor). sm90's is the fastest of `bench_attention.py --int8-sweep`'s configs on
-# the H100 (RESULTS.md, 2026-12-06): two warpgroups (8 warps), the layout Triton's wgmma needs, and 128-key tiles.
+# Per compute capability (major * 10 + minor). sm90's is the fastest of `tune_int8_attention.py`'s candidates on the
+# H100 (RESULTS.md, 2026-12-06): two warpgroups (8 warps), the layout Triton's wgmma needs, 128-key tiles whose QK^T
+# runs as two 64-key products (the Hopper form's `split_qk`: 1.19x the plain kernel, same numbers up to rounding order).
 # The others are untimed (no such GPU here): they come from the ahead-of-time builds (`aot_table`): no spills, and on
 # the ~100 KB shared-memory cards (sm86/89/120) 2 stages, 32-41 KB per CTA, so two CTAs fit an SM; sm100 follows
 # Hopper's first guess. Architectures missing here fall back to DEFAULT_CONFIG.
@@ -102,7 +103,7 @@ CONFIGS: dict[int, KernelConfig] = {
     80: KernelConfig(128, 64, 4, 3),
     86: KernelConfig(128, 64, 4, 2),
     89: KernelConfig(128, 64, 4, 2),
-    90: KernelConfig(128, 128, 8, 3),
+    90: KernelConfig(128, 128, 8, 3, HopperOptions(split_qk=True)),
     100: KernelConfig(128, 64, 8, 3),
     120: KernelConfig(128, 64, 4, 2),
 }
