@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from safetensors.torch import save_file
 from scail2_lite.config import DiTConfig
 from scail2_lite.errors import UserError
 from scail2_lite.blocks import Kernels
+from scail2_lite.formats import WeightFiles
 from scail2_lite.model import Conditions, SCAIL2Model
 from scail2_lite.quantize.linear import swap_linears
 from scail2_lite.quantize.schemes import is_quantized_name
@@ -298,3 +301,57 @@ def test_resident_set_places_block_by_block_and_restores_the_originals() -> None
     resident.restore()
     streamed = ("blocks.2.", "blocks.3.", "blocks.4.")
     assert all((named[n].data.data_ptr() == d.data_ptr()) != n.startswith(streamed) for n, d in data.items())
+
+
+def _mapped(tmp_path, scheme: str) -> tuple[SCAIL2Model, torch.Tensor, object]:
+    """(the model with every block tensor a view of its saved file, as `load_dit(map_blocks=True)` leaves a quantized
+    folder's, its output, the file)."""
+    model = _model(scheme)
+    expected = _run(model)
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    files = WeightFiles([path])
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith("blocks."):
+            t.data = files.view(name)
+    return model, expected, path
+
+
+def _addresses(model: SCAIL2Model) -> dict[str, int]:
+    return {n: t.data_ptr() for n, t in [*model.blocks.named_parameters(), *model.blocks.named_buffers()]}
+
+
+@pytest.mark.parametrize("prefetch,unit", [(1, "block"), (0, "block"), (0, "layer")])
+def test_detach_points_mapped_blocks_back_at_the_file_and_frees_the_buffer(tmp_path, prefetch: int, unit: str) -> None:
+    """A second placement in the same process must not hold two pinned buffers while the new one fills: once
+    detached, no streamed tensor points into the old buffer (they are the file's views again) and it is freed."""
+    model, expected, path = _mapped(tmp_path, "fp8")
+    before = _addresses(model)
+    for _ in range(2):  # a second streamer over the same model: same numbers, and its buffer freed as well
+        streamer = BlockStreamer(model, "cpu", StreamConfig(resident_blocks=1, prefetch=prefetch, unit=unit),
+                                 weights=path)
+        buffer = weakref.ref(streamer.host.buffer.untyped_storage())
+        assert _addresses(model) != before and torch.equal(_run(model), expected)
+        streamer.detach()
+        assert _addresses(model) == before  # the resident block and the streamed ones: the file's views
+        del streamer
+        gc.collect()
+        assert buffer() is None
+
+
+def test_a_fill_stopped_half_way_points_the_filled_blocks_back_at_the_file(tmp_path) -> None:
+    model, expected, path = _mapped(tmp_path, "fp8")
+    before = _addresses(model)
+    buffers = []
+
+    def stop(n: int) -> None:
+        if n == 2:  # blocks 1 and 2 are in the buffer: Ctrl-C
+            buffers.append(weakref.ref(next(model.blocks[2].parameters()).untyped_storage()))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        BlockStreamer(model, "cpu", StreamConfig(resident_blocks=1), weights=path, on_block=stop)
+    gc.collect()
+    assert _addresses(model) == before and buffers[0]() is None
+    with BlockStreamer(model, "cpu", StreamConfig(resident_blocks=1), weights=path):
+        assert torch.equal(_run(model), expected)

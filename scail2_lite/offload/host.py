@@ -133,7 +133,8 @@ class PinnedHost:
         """Nothing to free between segments: the buffer stays for the next `start`."""
 
     def release(self) -> None:
-        """Unpin the buffer (it stays as plain RAM: the streamed blocks point into it)."""
+        """Unpin the buffer. It is freed with this host once no block points into it: the streamer points blocks that
+        were views of mapped files back at them; a model held in RAM keeps it as its blocks' only copy."""
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.registered = False

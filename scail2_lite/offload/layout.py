@@ -28,6 +28,12 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def maps_a_file(t: torch.Tensor) -> bool:
+    """Whether `t` is a view of a mapped file (torch.frombuffer over an mmap: the loader's mapped blocks,
+    `WeightFiles.view`): its storage is not the allocator's (not resizable), so keeping it holds no RAM."""
+    return not t.untyped_storage().resizable()
+
+
 def view(buf: torch.Tensor, offset: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     """A typed view of `shape` at byte `offset` of the flat uint8 `buf` (no copy)."""
     n = shape.numel() * dtype.itemsize
@@ -89,6 +95,18 @@ class BlockLayout:
         """Re-point every entry's Parameter/buffer at the matching tensor (only data moves)."""
         for e, t in zip(self.entries, tensors):
             e.tensor.data = t
+
+    def mapped(self) -> list[torch.Tensor | None]:
+        """Per entry: its tensor now if it is a view of a mapped file (`maps_a_file`), else None: what to point it
+        back at when streaming ends (`point_back`), so that the host buffer it is re-pointed into is freed with the
+        streamer. Tensors that hold RAM are not kept: the buffer replaces them (RAM holds one copy)."""
+        return [e.tensor.data if maps_a_file(e.tensor) else None for e in self.entries]
+
+    def point_back(self, kept: Sequence[torch.Tensor | None]) -> None:
+        """Re-point the entries `mapped()` kept at those tensors (the others stay where they are)."""
+        for e, t in zip(self.entries, kept):
+            if t is not None:
+                e.tensor.data = t
 
     def part_indices(self) -> list[list[int]]:
         """Per part: the indices of its entries."""

@@ -212,7 +212,9 @@ class DitPlacement:
         release_cached_memory()
 
     def close(self) -> None:
-        """Release, and unpin the streamer's host buffer for good (a host side still being built is stopped)."""
+        """Release, and unpin the streamer's host buffer for good (a host side still being built is stopped); blocks
+        mapped from the shards point at them again, so the buffer is freed here and the next placement's is the only
+        one in RAM."""
         if self._pending is not None:
             job, self._pending = self._pending, None
             job.stop()

@@ -106,6 +106,9 @@ class BlockStreamer:
                 for e in layout.entries:
                     self.files.check(e.name, e.dtype, e.shape, e.name)
         self.resident = ResidentSet(model, streamed)
+        # The streamed tensors that are views of mapped files, pointed back at them by `detach` (the pinned buffer
+        # then has no reference left, and the next placement's buffer is the only one in RAM).
+        self._mapped = [layout.mapped() for layout in self.layouts]
         self.host: PinnedHost | MappedHost | None = None
         self._hooks: list = []  # non-empty while attached
         try:
@@ -199,11 +202,15 @@ class BlockStreamer:
         self.resident.restore()
 
     def detach(self) -> None:
-        """`suspend()`, then unpin the host buffer and close the weight files; streamed blocks stay in host memory
-        (pinned mode: plain RAM; mmap mode: views of the mapped files). Safe to call twice."""
+        """`suspend()`, then unpin the host buffer, point the streamed tensors that were views of mapped files back
+        at them (a half-filled buffer's too) and close the weight files. Streamed blocks of a model held in RAM stay
+        in host memory (pinned mode: the buffer, as plain RAM: it is their only copy; mmap mode: views of the
+        mapped files). Safe to call twice."""
         self.suspend()
         if self.host is not None:
             self.host.release()
+        for layout, kept in zip(self.layouts, self._mapped):
+            layout.point_back(kept)
         if self.files is not None:
             self.files.close()
 
