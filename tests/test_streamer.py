@@ -355,3 +355,19 @@ def test_a_fill_stopped_half_way_points_the_filled_blocks_back_at_the_file(tmp_p
     assert _addresses(model) == before and buffers[0]() is None
     with BlockStreamer(model, "cpu", StreamConfig(resident_blocks=1), weights=path):
         assert torch.equal(_run(model), expected)
+
+
+def test_a_model_held_in_ram_keeps_its_buffer_for_the_next_streamer_of_the_same_plan() -> None:
+    """Its blocks' only copy is the buffer: the next streamer under the same plan takes it over rather than copy it
+    into a second one (both would be in RAM until the last block is in); another plan copies, with the same numbers."""
+    model = _model("fp8")
+    expected = _run(model)
+    config = StreamConfig(resident_blocks=1, prefetch=1)
+    with BlockStreamer(model, "cpu", config) as first:
+        buffer = first.host.buffer.data_ptr()
+    for resident, same in [(1, True), (1, True), (2, False), (2, True), (1, False)]:
+        with BlockStreamer(model, "cpu", dataclasses.replace(config, resident_blocks=resident)) as streamer:
+            assert (streamer.host.buffer.data_ptr() == buffer) == same
+            buffer = streamer.host.buffer.data_ptr()
+            assert torch.equal(_run(model), expected)
+    assert torch.equal(_run(model), expected)

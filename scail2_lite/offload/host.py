@@ -68,7 +68,8 @@ class Copier:
 class PinnedHost:
     """Every streamed block in one flat host buffer, block after block in its slot layout, page-locked in place on
     CUDA. From the weight files when given (read straight into the buffer), else from the model's tensors (each
-    original is freed as it is replaced, so RAM peaks at the model plus one block). Each entry is re-pointed only
+    original is freed as it is replaced, so RAM peaks at the model plus one block; a buffer they already live in, laid
+    out alike, is taken over: the previous run's under the same plan). Each entry is re-pointed only
     once its bytes are in, so a fill stopped half way (`on_block` raising) leaves every block whole. Needs no device
     memory: it may be built on a worker thread while the GPU runs something else (placement.py)."""
 
@@ -80,7 +81,8 @@ class PinnedHost:
         for layout in layouts:
             self.starts.append(total)
             total += layout.size
-        self.buffer = torch.empty(total, dtype=torch.uint8)
+        laid_out = None if files is not None else _laid_out(layouts, self.starts, total)
+        self.buffer = laid_out if laid_out is not None else torch.empty(total, dtype=torch.uint8)
         self.registered = False
         self.rest: list[list[torch.Tensor]] = []  # per block: the host tensors its entries point at between runs
         for layout, start in zip(layouts, self.starts):
@@ -89,7 +91,7 @@ class PinnedHost:
                 v = view(self.buffer, start + e.offset, e.dtype, e.shape)
                 if files is not None:
                     files.read_into(e.name, self.buffer[start + e.offset : start + e.offset + e.nbytes])
-                else:
+                elif laid_out is None:
                     v.copy_(e.tensor.detach())
                 e.tensor.data = v
                 views.append(v)
@@ -138,6 +140,23 @@ class PinnedHost:
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.registered = False
+
+
+def _laid_out(layouts: Sequence[BlockLayout], starts: Sequence[int], total: int) -> torch.Tensor | None:
+    """The flat uint8 buffer that the streamed tensors of a model held in RAM already fill in this layout (a previous
+    `PinnedHost`'s, whose blocks are their only copy), else None. Copying them into a new buffer would hold both
+    until the last block is in (the old one is one allocation): twice the streamed blocks in RAM."""
+    base = None
+    for layout, start in zip(layouts, starts):
+        for e in layout.entries:
+            storage = e.tensor.untyped_storage()
+            base = storage if base is None else base
+            if (storage.data_ptr() != base.data_ptr() or storage.device.type != "cpu" or not e.tensor.is_contiguous()
+                    or e.tensor.data_ptr() - storage.data_ptr() != start + e.offset):
+                return None
+    if base is None or base.nbytes() != total:
+        return None
+    return torch.empty(0, dtype=torch.uint8).set_(base)
 
 
 class MappedHost:
