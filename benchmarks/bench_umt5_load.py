@@ -8,6 +8,8 @@ Proof run on a CPU with a 4-layer, 256-wide encoder (seconds; no GPU figures):
 The full-size file is `synth`'s umT5 recipe drawn on the GPU and saved the way the download stores it (one
 bf16 `.pth`, 11.4 GB); `encoders.load_text_encoder` then maps it, moves it block by block and quantizes each
 block on arrival (`quantize.text_encoder.quantize_block`), and two prompts are encoded, as `generate` does.
+bf16 runs twice: resident (the reference) and streamed block by block through the GPU (the default text
+encoder: it must equal the reference bit for bit at about one block of GPU memory).
 Prints a markdown table; with $OUT set, also writes $OUT/umt5_load.json.
 
 `--stored`: what storing the encoder quantized (`quantize --text-encoder nf4|int8`) buys against storing bf16 and
@@ -49,7 +51,10 @@ from scail2_lite.synth import umt5_tensors, write_tokenizer
 
 GB = 1e9
 PROMPTS = ["a woman dancing in a sunlit studio", "a man walks towards the camera, waving"]
-VARIANTS = (("bf16", True), ("nf4", True), ("nf4", False), ("int8", True), ("int8", False))
+# (scheme, rotated, streamed): bf16 resident is the reference; bf16 streamed is the default text encoder, which must
+# equal it bit for bit at about one block of GPU memory.
+VARIANTS = (("bf16", True, False), ("bf16", True, True), ("nf4", True, False), ("nf4", False, False),
+            ("int8", True, False), ("int8", False, False))
 
 
 def write_umt5(folder: Path, device: str, tiny: bool) -> int:
@@ -174,37 +179,40 @@ def main() -> None:
         params = write_umt5(work, device, args.tiny)
         print(f"umT5 file: {params / 1e9:.2f} B parameters, {(work / UMT5_FILE).stat().st_size / GB:.2f} GB",
               flush=True)
-        for scheme, rotate in VARIANTS:
+        for scheme, rotate, stream in VARIANTS:
             if gpu:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             quantize = None if scheme == "bf16" else (lambda block, s=scheme, r=rotate: quantize_block(block, s, r))
             start = time.perf_counter()
-            tokenizer, model = load_text_encoder(work, device=device, quantize=quantize)
+            tokenizer, model = load_text_encoder(work, device=device, quantize=quantize, stream=stream)
             if gpu:
                 torch.cuda.synchronize()
             load_s = time.perf_counter() - start
             load_peak = torch.cuda.max_memory_allocated() / GB if gpu else float("nan")
             held = torch.cuda.memory_allocated() / GB if gpu else float("nan")
+            start = time.perf_counter()
             out = torch.cat(encode_text(tokenizer, model, PROMPTS)).float()
+            encode_s = time.perf_counter() - start  # .float() on the output synchronizes
             phase_peak = torch.cuda.max_memory_allocated() / GB if gpu else float("nan")
             ref = out if ref is None else ref
             cosine = float(F.cosine_similarity(ref, out, dim=-1).mean())
             planned = ((umt5_bytes(scheme) + ENCODER_ACTIVATIONS) / GB if gpu
                        else float("nan"))  # the planner models the full-size encoder on a GPU
             backend = text_encoder_backend(scheme, device)
-            label = backend + (" rotated" if scheme != "bf16" and rotate else "")
-            records.append({"scheme": scheme, "rotate": rotate, "backend": backend, "load_s": load_s,
+            label = backend + (" rotated" if scheme != "bf16" and rotate else "") + (" streamed" if stream else "")
+            records.append({"scheme": scheme, "rotate": rotate, "stream": stream, "backend": backend, "load_s": load_s,
                             "held_gb": held, "load_peak_gb": load_peak, "phase_peak_gb": phase_peak,
-                            "planner_gb": planned, "token_mean_cosine": cosine})
-            rows.append(f"| {label} | {load_s:.1f} | {held:.2f} | {load_peak:.2f} | {phase_peak:.2f} | "
-                        f"{planned:.2f} | {cosine:.5f} |")
+                            "planner_gb": planned, "token_mean_cosine": cosine, "encode_s": encode_s,
+                            "equal_to_bf16": bool(torch.equal(ref, out))})
+            rows.append(f"| {label} | {load_s:.1f} | {encode_s:.2f} | {held:.2f} | {load_peak:.2f} | {phase_peak:.2f} | "
+                        f"{planned:.2f} | {cosine:.5f} | {'yes' if records[-1]['equal_to_bf16'] else 'no'} |")
             print(rows[-1], flush=True)
             del model
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\n| umT5 | load s | GPU GB held | load peak GB | peak with encoding GB | planner's text phase GB | "
-          "token-mean cosine vs bf16 |\n|---|---|---|---|---|---|---|")
+    print("\n| umT5 | load s | encode s | GPU GB held | load peak GB | peak with encoding GB | planner's text phase GB | "
+          "token-mean cosine vs bf16 | equal to bf16 |\n|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "umt5_load.json").write_text(json.dumps(records, indent=1))
