@@ -12,16 +12,14 @@ added error is measured and returned.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .schemes import FP8_DTYPE, FP8_MAX, QuantizeError, dequantize, relative_error
-from .store import PreQuantized, iter_quantized, read_manifest
+from .store import PreQuantized, iter_quantized, read_manifest, save_tensors
 
 MARKER = "scaled_fp8"
 PREFIX = "model.diffusion_model."
@@ -117,12 +115,5 @@ def export_comfy(folder: str | Path, path: str | Path) -> dict[str, float]:
         out[name] = t.contiguous()
         if t.dtype == FP8_DTYPE:
             errors[name] = err
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    try:
-        save_file(out, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_tensors(out, Path(path), {"format": "pt"})
     return errors

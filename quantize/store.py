@@ -169,6 +169,22 @@ def place(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary name (never half a file at `path`), readable as any new file
+    is under the process's umask: safetensors creates 0600 files, which another user, or a container running as
+    another uid, could not read."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
 class _ShardWriter:
     """Accumulates tensors and flushes a safetensors shard whenever `limit` bytes are buffered."""
 
@@ -190,7 +206,7 @@ class _ShardWriter:
         if not self.buffer:
             return
         fname = f"dit-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.buffer, str(self.folder / fname), metadata={"format": FORMAT_NAME})
+        save_tensors(self.buffer, self.folder / fname, {"format": FORMAT_NAME})
         self.files.append(fname)
         self.buffer, self.buffered = {}, 0
 

@@ -31,10 +31,10 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .schemes import ROTATION_BLOCK, QuantizeError, column_factors, rotate_columns, rotated_layout
+from .store import save_tensors
 
 TEXT_ENCODER_SCHEMES: tuple[str, ...] = ("bf16", "int8", "nf4")
 STORED_SCHEMES: tuple[str, ...] = ("int8", "nf4")
@@ -212,13 +212,13 @@ def write_stored(folder: str | Path, scheme: str, config: Mapping[str, int],
     files = []
     for i, state in enumerate(blocks):
         files.append(f"umt5-{scheme}-block{i:02d}.safetensors")
-        _save_atomic(dict(state), folder / files[-1], meta)
+        save_tensors(dict(state), folder / files[-1], meta)
         if progress is not None:
             progress(i, config["num_layers"])
     if len(files) != config["num_layers"]:
         raise QuantizeError(f"wrote {len(files)} text-encoder blocks, the config has {config['num_layers']}")
     rest_file = f"umt5-{scheme}-rest.safetensors"
-    _save_atomic(dict(rest), folder / rest_file, meta)
+    save_tensors(dict(rest), folder / rest_file, meta)
     index = {"format": STORED_FORMAT, "format_version": STORED_VERSION, "scheme": scheme,
              "backend": text_encoder_backend(scheme, "cpu"), "config": dict(config), "blocks": files,
              "rest": rest_file}
@@ -228,14 +228,6 @@ def write_stored(folder: str | Path, scheme: str, config: Mapping[str, int],
     return index
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_stored_index(folder: str | Path) -> dict | None:

@@ -16,16 +16,18 @@ sm80, FP8 too from sm89, so an 8-bit kernel is the lever there (issue 19). The a
          into the float32 accumulator, so Hopper's reduced-precision FP8 accumulation spans one block of keys only.
   tails  the quantized copies are padded to PAD tokens with zeros; scores of keys past the sequence are -inf (no
          phantom keys, unlike sageattention 1.0.6), rows past it are not stored.
-Status (2026-12-06): checked on the CPU only. Triton's interpreter runs these kernels bit-exact with the reference's
-quantization and within 1e-4 of its output (fp16 P.V; the interpreter mis-rounds e4m3), and the kernel builds for
-sm80/86/89/90/120 with no register spills. No GPU has run it yet: speed and the FP8 path's accuracy are unmeasured.
+Status (2026-12-06): Triton's interpreter runs these kernels bit-exact with the reference's quantization and within
+1e-4 of its output (fp16 P.V; the interpreter mis-rounds e4m3); the kernel builds for sm80/86/89/90/120 with no
+register spills; on the H100 (sm90, the split-QK form of `attention_int8_hopper`) it ran 1.21x cuDNN's bf16 SDPA at
+704p within 0.013 of float32 per call on realistic inputs. On the GPU its q8/k8 differ from the reference's in about
+one value in 12,000 by one INT8 step (cause not found; the scales are exact). No consumer card has run it.
 Memory: `int8_attention` takes q, k and v over and drops each once its 8-bit copy exists, so the peak (1 + 1 + 1 or 2
 bytes per element of the copies, plus the bf16 output) stays under SDPA's (q, k, v and the output in bf16).
 
 `attention_reference` is the same algorithm in plain PyTorch (same quantization, block sizes and rounding, the same
 online loop over key blocks): what the CPU tests check the math with and what the kernel is compared against, in
-Triton's interpreter on the CPU and on the device. `aot_build` compiles the kernel for a GPU we do not have (sm80,
-sm86, sm89, sm120) and reports its registers and shared memory.
+Triton's interpreter on the CPU and on the device. `aot_build` compiles the kernel for any target in AOT_TARGETS
+(sm80, sm86, sm89, sm90, sm120) without that GPU and reports its registers and shared memory.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import attention_int8_hopper
 from .errors import UserError
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs do not have it.
@@ -59,43 +62,26 @@ PROBE_TOKENS = 300  # `usable`'s test shape: a tail in every block size
 
 
 @dataclass(frozen=True)
-class HopperOptions:
-    """Which of Hopper's levers the sm90 kernel form uses (`attention_int8_hopper` says what each does)."""
-
-    tma: bool = False
-    warp_specialize: bool = False
-    magic_convert: bool = False
-    fold_448: bool = False
-    acc_in_dot: bool = False
-    int_max: bool = False
-    fma_exp: bool = False
-    fma_magic: bool = False
-    split_qk: bool = False
-
-    def label(self) -> str:
-        return "+".join(name for name, on in vars(self).items() if on) or "plain"
-
-
-@dataclass(frozen=True)
 class KernelConfig:
     """Tile and launch parameters of the attention kernel (fixed per architecture: no autotuning, so the same
     machine always computes the same numbers). block_m must divide Q_BLOCK, block_n be a multiple of K_BLOCK.
-    `hopper` set: the sm90 form of the kernel (`attention_int8_hopper`) with those options."""
+    `split_qk`: the sm90 form of the kernel (`attention_int8_hopper`: two 64-key QK^T products per 128-key tile,
+    block_n == 2 * K_BLOCK)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    hopper: HopperOptions | None = None
+    split_qk: bool = False
 
     def label(self) -> str:
         tiles = f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
-        return tiles if self.hopper is None else f"{tiles} hopper:{self.hopper.label()}"
+        return f"{tiles} split_qk" if self.split_qk else tiles
 
 
 # Per compute capability (major * 10 + minor). sm90's is the fastest of `tune_int8_attention.py`'s candidates on the
 # H100 (RESULTS.md, 2026-12-06): two warpgroups (8 warps), the layout Triton's wgmma needs, 128-key tiles whose QK^T
-# runs as two 64-key products (the Hopper form's `split_qk`: 1.19x the plain kernel, same numbers up to rounding order).
+# runs as two 64-key products (`split_qk`: 1.19x the plain kernel, same numbers up to rounding order).
 # The others are untimed (no such GPU here): they come from the ahead-of-time builds (`aot_table`): no spills, and on
 # the ~100 KB shared-memory cards (sm86/89/120) 2 stages, 32-41 KB per CTA, so two CTAs fit an SM; sm100 follows
 # Hopper's first guess. Architectures missing here fall back to DEFAULT_CONFIG.
@@ -103,7 +89,7 @@ CONFIGS: dict[int, KernelConfig] = {
     80: KernelConfig(128, 64, 4, 3),
     86: KernelConfig(128, 64, 4, 2),
     89: KernelConfig(128, 64, 4, 2),
-    90: KernelConfig(128, 128, 8, 3, HopperOptions(split_qk=True)),
+    90: KernelConfig(128, 128, 8, 3, split_qk=True),
     100: KernelConfig(128, 64, 8, 3),
     120: KernelConfig(128, 64, 4, 2),
 }
@@ -144,8 +130,8 @@ def describe(device: torch.device | None = None) -> str:
     capability = capability_number(device)
     config = kernel_config(capability)
     pv = "FP8" if pv_dtype(capability) == FP8 else "fp16"
-    hopper = f", Hopper form ({config.hopper.label()})" if config.hopper else ""
-    return f"INT8 QK^T + {pv} P.V, sm{capability}, {config.block_m}x{config.block_n} tiles{hopper}"
+    split = ", split 64-key QK^T" if config.split_qk else ""
+    return f"INT8 QK^T + {pv} P.V, sm{capability}, {config.block_m}x{config.block_n} tiles{split}"
 
 
 def kernel_config(capability: int) -> KernelConfig:
@@ -348,6 +334,11 @@ if triton is not None:
         tl.store(dst + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < q_len)
 
 
+def _kernel(config: KernelConfig) -> Any:
+    """The Triton kernel `config` runs: the portable one or sm90's split-QK form (same arguments and constexprs)."""
+    return attention_int8_hopper._attention_kernel_split_qk if config.split_qk else _attention_kernel
+
+
 def check_available(device: torch.device | None = None) -> None:
     """UserError unless this process can run the kernel: Triton, a CUDA GPU of compute capability 8.0+."""
     if triton is None:
@@ -403,12 +394,10 @@ def attend(x: Quantized, out: torch.Tensor, config: KernelConfig) -> torch.Tenso
     batch, heads, _, dim = x.q8.shape
     if Q_BLOCK % config.block_m or config.block_n % K_BLOCK or PAD % config.block_n:
         raise ValueError(f"{config}: block_m must divide {Q_BLOCK}, block_n be a multiple of {K_BLOCK} dividing {PAD}")
-    if config.hopper is not None:
-        from . import attention_int8_hopper
-
-        return attention_int8_hopper.attend(x, out, config, Q_BLOCK, K_BLOCK)
+    if config.split_qk and config.block_n != 2 * K_BLOCK:
+        raise ValueError(f"{config}: split_qk needs block_n == {2 * K_BLOCK}")
     grid = (triton.cdiv(x.q_len, config.block_m), batch * heads)
-    _attention_kernel[grid](
+    _kernel(config)[grid](
         x.q8, x.q_scale, x.k8, x.k_scale, x.v8, x.v_scale, x.v_mean, out, x.q_len, x.k_len, x.q8.shape[2],
         x.k8.shape[2], heads, out.stride(0), out.stride(1), out.stride(2), D=dim, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, Q_BLOCK=Q_BLOCK, K_BLOCK=K_BLOCK, num_warps=config.num_warps,
@@ -470,16 +459,9 @@ def aot_build(capability: int, head_dim: int = 128, config: KernelConfig | None 
     signature = _aot_signature(pv)
     constexprs = {"D": head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "Q_BLOCK": Q_BLOCK,
                   "K_BLOCK": K_BLOCK}
-    kernel = _attention_kernel
-    if config.hopper is not None:
-        from . import attention_int8_hopper
-
-        kernel, signature, constexprs = attention_int8_hopper.aot_source(config, head_dim, signature["v_ptr"][1:],
-                                                                         constexprs)
     names = list(signature)
-    aligned = [n for n in names if n.endswith(("_ptr", "_src")) and signature[n].startswith("*")]
-    aligned += ["LPQ", "LPK", "stride_ob", "stride_ol"]
-    source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
+    aligned = [n for n in names if n.endswith("_ptr")] + ["LPQ", "LPK", "stride_ob", "stride_ol"]
+    source = ASTSource(fn=_kernel(config), signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
                        constexprs=constexprs, attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -493,7 +475,7 @@ def aot_build(capability: int, head_dim: int = 128, config: KernelConfig | None 
     spills = re.search(r"LOCAL:(\d+)", usage)
     return {"target": f"sm{capability}", "pv": "e4m3" if pv == FP8 else "fp16", "head_dim": head_dim,
             "config": f"{config.block_m}x{config.block_n}, {config.num_warps} warps, {config.num_stages} stages"
-                      + (f", hopper {config.hopper.label()}" if config.hopper else ""),
+                      + (", split_qk" if config.split_qk else ""),
             "cubin_bytes": len(cubin), "registers": int(registers.group(1)) if registers else None,
             "local_bytes": int(spills.group(1)) if spills else None, "shared_bytes": compiled.metadata.shared,
             "max_shared_bytes": MAX_SHARED.get(capability)}

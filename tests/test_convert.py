@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,11 @@ def test_quantize_then_inspect_and_load(source, tmp_path, dit, te):
                                                "models_clip_open-clip-xlm-roberta-large-vit-huge-14-onlyvisual.pth"}
     res = CliRunner().invoke(app, ["inspect", str(out)])
     assert res.exit_code == 0 and "quantized" in res.output, res.output
+    mask = os.umask(0)
+    os.umask(mask)
+    written = [p for p in out.rglob("*.safetensors")]
+    assert written and {p.name: oct(p.stat().st_mode & 0o777) for p in written} == \
+        {p.name: oct(0o666 & ~mask) for p in written}  # safetensors alone makes 0600 files
     model = load_dit(out)
     assert model.blocks[0].ffn[0].weight.dtype == (torch.float8_e4m3fn if dit == "fp8" else torch.int8)
 
