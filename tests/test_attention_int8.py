@@ -248,3 +248,19 @@ def test_split_qk_needs_128_key_tiles() -> None:
     x = attention_int8.quantize_reference(*inputs(7, 8, 8), torch.float16)
     with pytest.raises(ValueError, match="split_qk needs block_n == 128"):
         attention_int8.attend(x, torch.empty(1, 8, 2, 64), attention_int8.KernelConfig(128, 64, 4, 2, split_qk=True))
+
+
+def test_reference_quantization_divides_correctly_rounded():
+    """The reference must round 127 / amax once, as the kernel's `tl.div_rn` does: torch's `127.0 / x` is
+    `x.reciprocal() * 127` (two roundings), which moved one value in 12,000 by one INT8 step on the H100."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4063, 8, 128)
+    q8, scale = attention_int8._quantize_blocks_reference(x, 128, None, 1.0)
+    y = torch.zeros(1, 8, attention_int8.padded(4063), 128)
+    y[:, :, :4063] = x.transpose(1, 2)
+    tiles = y.unflatten(2, (-1, 128))
+    amax = tiles.abs().amax(dim=(-2, -1)).clamp_min(1e-30).double()
+    z = tiles * (127.0 / amax).float()[..., None, None]  # each division rounded once, from float64
+    expected = torch.where(z >= 0, z + 0.5, z - 0.5).trunc().to(torch.int8).flatten(2, 3)
+    assert torch.equal(q8, expected)
+    assert torch.equal(scale, (amax / 127.0).float())
