@@ -19,8 +19,9 @@ sm80, FP8 too from sm89, so an 8-bit kernel is the lever there (issue 19). The a
 Status (2026-12-06): Triton's interpreter runs these kernels bit-exact with the reference's quantization and within
 1e-4 of its output (fp16 P.V; the interpreter mis-rounds e4m3); the kernel builds for sm80/86/89/90/120 with no
 register spills; on the H100 (sm90, the split-QK form of `attention_int8_hopper`) it ran 1.21x cuDNN's bf16 SDPA at
-704p within 0.013 of float32 per call on realistic inputs. On the GPU its q8/k8 differ from the reference's in about
-one value in 12,000 by one INT8 step (cause not found; the scales are exact). No consumer card has run it.
+704p within 0.013 of float32 per call on realistic inputs. There its q8/k8 differed from the reference's in about
+one value in 12,000 by one INT8 step: the reference's `127 / amax` rounded twice (fixed since, not yet re-run on a GPU).
+No consumer card has run it.
 Memory: `int8_attention` takes q, k and v over and drops each once its 8-bit copy exists, so the peak (1 + 1 + 1 or 2
 bytes per element of the copies, plus the bf16 output) stays under SDPA's (q, k, v and the output in bf16).
 
