@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -109,6 +109,17 @@ def mixed(label: str, base: Variant, kept: dict[str, str]) -> Variant:
         return base.bits(n, o, i) if k is None else (16.0 if k == "bf16" else int8.bits(n, o, i))
 
     return Variant(label, "mixed", fn, bits)
+
+
+def within_budget(variants: list[Variant], budget_s: float, key: str, record: dict) -> Iterator[Variant]:
+    """The variants to run, in order, until `budget_s` seconds since start: each one skipped after that is logged
+    and recorded as skipped."""
+    for v in variants:
+        if time.time() - T0 > budget_s:
+            log(f"{key} {v.label}: skipped (time budget)")
+            record["variants"][v.label] = {"skipped": "time budget"}
+            continue
+        yield v
 
 
 def gguf_k_m(label: str, base: Callable[[torch.Tensor], torch.Tensor], base_bits: int, layers: int) -> Variant:
@@ -295,11 +306,7 @@ def _dit_stage(args, res: Results, device: str, milder: bool, config) -> list:
             kept = {n.removesuffix(".weight"): s for n, s in chosen.items()}
             variants.append(mixed(f"ours fp8 + {strategy} {keep_as} ({share:.0%})", base, kept))
     rows, record = [], {"tokens": None, "variants": {}}
-    for v in variants:
-        if time.time() - T0 > args.budget_s:
-            log(f"{key} {v.label}: skipped (time budget)")
-            record["variants"][v.label] = {"skipped": "time budget"}
-            continue
+    for v in within_budget(variants, args.budget_s, key, record):
         start = time.perf_counter()
         stats = sw.apply(v)
         first, lat = two_steps(model, inp)
@@ -376,11 +383,7 @@ def _umt5_stage(args, res: Results, device: str, milder: bool, cfg) -> list:
                 ours_umt5("ours nf4 (rotated, every Linear)", P.nf4, lambda o, i: 4.5, False)]
     rows, record = [], {"prompts": list(PROMPTS), "tokens": mask.sum(1).tolist(), "variants": {}}
     lengths = mask.sum(1).tolist()
-    for v in variants:
-        if time.time() - T0 > args.budget_s:
-            log(f"{key} {v.label}: skipped (time budget)")
-            record["variants"][v.label] = {"skipped": "time budget"}
-            continue
+    for v in within_budget(variants, args.budget_s, key, record):
         start = time.perf_counter()
         stats = sw.apply(v)
         out = encode()
