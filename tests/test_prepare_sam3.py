@@ -91,7 +91,7 @@ def segmenter(weights) -> Sam3Segmenter:
 def test_image_gives_probability_maps_in_the_pictures_shape(segmenter):
     rgb = np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)
     maps = segmenter.image(rgb, 2)
-    assert 1 <= len(maps) <= 2
+    assert len(maps) in (1, 2)  # at most the 2 asked for, at least one
     for m in maps:
         assert m.dtype == np.float32 and m.shape == (round(120 * WORK_SIDE / 200), WORK_SIDE)
         assert 0.0 <= m.min() and m.max() <= 1.0 and m.max() > 0.5
