@@ -5,7 +5,8 @@ Per size (704p, 512p self-attention, 40 heads x 128), on random q, k, v with ben
 cuDNN bf16 SDPA, cuDNN FP8 and (when importable) sageattention next to each `CANDIDATES` config of the int8 kernel,
 timed with the quantization included and excluded; each candidate's error against float32 attention (ACCURACY_QUERIES
 query rows) and against the plain kernel (`PLAIN`, whole output), and at INT8_CHECK_TOKENS tokens against
-`attention_reference`'s loop. Prints one table and the line that makes the fastest accurate candidate the default.
+`attention_reference`'s loop. Prints one table, the line that makes the fastest accurate candidate the default, and
+whether the Triton quantization equals `quantize_reference` bit for bit.
 
   python benchmarks/tune_int8_attention.py                 # on the H100 (about 3 minutes)
   python benchmarks/tune_int8_attention.py --aot           # CPU: build every candidate for sm90, registers/shared
@@ -144,6 +145,20 @@ def reference_checks(device: str, pv: torch.dtype, heads: int, dim: int, length:
         record(row)
 
 
+def quantize_check(device: str, pv: torch.dtype, heads: int, dim: int, length: int) -> str:
+    """The Triton quantization against `quantize_reference` on the same device and inputs, tensor by tensor: they
+    must agree bit for bit (the interpreter's e4m3 ties aside)."""
+    q, k, v = inputs(length, heads, dim, device, seed=2)
+    fast, ref = a.quantize(q, k, v, pv), a.quantize_reference(q, k, v, pv)
+    parts = []
+    for name in ("q8", "q_scale", "k8", "k_scale", "v8"):
+        x, y = getattr(fast, name), getattr(ref, name)
+        if x.dtype == a.FP8:
+            x, y = x.view(torch.uint8), y.view(torch.uint8)
+        parts.append(f"{name} " + ("exact" if torch.equal(x, y) else f"differs in {(x != y).float().mean().item():.1e}"))
+    return f"quantization vs quantize_reference at {length} tokens: " + ", ".join(parts)
+
+
 def fmt(row: dict, key: str, spec: str) -> str:
     return format(row[key], spec) if key in row else "-"
 
@@ -245,6 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reference_checks(device, pv, heads, dim, check_tokens, candidates, record)
     print(report_table(rows, heads, dim))
     print(winner(rows))
+    print(quantize_check(device, pv, heads, dim, check_tokens))
     return rows
 
 
