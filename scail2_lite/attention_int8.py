@@ -242,23 +242,28 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: t
 if triton is not None:
 
     @triton.jit
-    def _quantize_qk_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, L, LP, H, stride_b, stride_l, stride_h,
-                            multiplier, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-        # One block of tokens of one head: subtract the mean, absmax, round to INT8, write (B, H, Lpad, D)
-        # and the block's scale. Rows past L are written as zeros.
+    def _token_block(x_ptr, L, H, stride_b, stride_l, stride_h, BLOCK: tl.constexpr, D: tl.constexpr):
+        # The program's block of BLOCK tokens of one (batch, head) of x (B, L, H, D), as float32 with zeros past L;
+        # with its rows, lanes, the rows-inside mask, the block index and batch * H + head.
         blk, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = blk * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, D)
         inside = rows[:, None] < L
         src = x_ptr + b.to(tl.int64) * stride_b + h * stride_h + rows[:, None].to(tl.int64) * stride_l + cols[None, :]
-        y = tl.load(src, mask=inside, other=0.0).to(tl.float32)
-        bh = b * H + h
+        return tl.load(src, mask=inside, other=0.0).to(tl.float32), rows, cols, inside, blk, b * H + h
+
+    @triton.jit
+    def _quantize_qk_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, L, LP, H, stride_b, stride_l, stride_h,
+                            multiplier, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+        # One block of tokens of one head: subtract the mean, absmax, round to INT8, write (B, H, Lpad, D)
+        # and the block's scale. Rows past L are written as zeros.
+        y, rows, cols, inside, blk, bh = _token_block(x_ptr, L, H, stride_b, stride_l, stride_h, BLOCK, D)
         if HAS_MEAN:
             y = y - tl.load(mean_ptr + bh * D + cols)[None, :]
         y = tl.where(inside, y, 0.0)
         amax = tl.maximum(tl.max(tl.max(tl.abs(y), axis=1), axis=0), 1e-30)
-        # div_rn: Triton's `/` on float32 is the GPU's approximate division, which mis-rounds 127 / amax now and then
-        # (the reference's, and the interpreter's, is IEEE): q8 differed from the reference in 6e-5 of its values
+        # div_rn: Triton's `/` on float32 is the GPU's approximate division (div.full); the reference's and the
+        # interpreter's round correctly
         y = y * tl.div_rn(127.0, amax)
         q = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
         dst = out_ptr + bh.to(tl.int64) * LP * D + rows[:, None] * D + cols[None, :]
@@ -270,13 +275,7 @@ if triton is not None:
                            BLOCK: tl.constexpr, D: tl.constexpr):
         # One block of tokens of one head: (v - mean) * 448 / amax per channel, saturated, cast, written transposed
         # to (B, H, D, Lpad). Rows past L are written as zeros.
-        blk, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows = blk * BLOCK + tl.arange(0, BLOCK)
-        cols = tl.arange(0, D)
-        inside = rows[:, None] < L
-        src = x_ptr + b.to(tl.int64) * stride_b + h * stride_h + rows[:, None].to(tl.int64) * stride_l + cols[None, :]
-        y = tl.load(src, mask=inside, other=0.0).to(tl.float32)
-        bh = b * H + h
+        y, rows, cols, inside, _, bh = _token_block(x_ptr, L, H, stride_b, stride_l, stride_h, BLOCK, D)
         y = (y - tl.load(mean_ptr + bh * D + cols)[None, :]) * tl.load(inv_ptr + bh * D + cols)[None, :]
         y = tl.where(inside, tl.minimum(tl.maximum(y, -448.0), 448.0), 0.0)
         dst = out_ptr + bh.to(tl.int64) * D * LP + cols[None, :] * LP + rows[:, None]
