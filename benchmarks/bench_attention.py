@@ -617,25 +617,24 @@ def main(argv: list[str] | None = None) -> dict:
         for row in report["fused_checks"]:
             log(f"{row['check']}: {row['differing']:.2e} of the outputs differ, largest by {row['max_abs']:.3g}, "
                 f"relative error {row['rel_error']:.2e}")
-    if "fp8" in backends and device == "cuda":
-        report["fp8_checks"] = []
+    def check_recorder(backend: str) -> Callable[[dict], None]:
+        rows = report[f"{backend}_checks"] = []
 
-        def record_check(row: dict) -> None:
-            report["fp8_checks"].append(row)
+        def record(row: dict) -> None:
+            rows.append(row)
             save()
-            log(f"fp8 check: {row}")
+            log(f"{backend} check: {row}")
+        return record
+
+    if "fp8" in backends and device == "cuda":
+        record_check = check_recorder("fp8")
         try:
             fp8_checks(config, device, FP8_CHECK_TOKENS, record_check)
         except Exception as e:  # noqa: BLE001 - the fp8 rows below will show the same failure
             record_check({"check": "fp8", "error": short_failure(e)})
         clean(device)
     if "int8" in backends and device == "cuda":
-        report["int8_checks"] = []
-
-        def record_int8_check(row: dict) -> None:
-            report["int8_checks"].append(row)
-            save()
-            log(f"int8 check: {row}")
+        record_int8_check = check_recorder("int8")
         if args.int8_sweep:
             report["int8_sweep"] = []
             best = int8_sweep(config, device, sizes[0], tokens(config, *all_sizes[sizes[0]]), args.kernel_reps,
