@@ -238,20 +238,22 @@ def _q6k(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return L, dj, d, sc
 
 
-@_rows
-def q4_k(w: torch.Tensor) -> torch.Tensor:
+def _k_asym(w: torch.Tensor, nmax: int, rmin: float, nstep: int) -> torch.Tensor:
+    """Q4_K / Q5_K round trip (codes 0..nmax with a scale and a min per sub-block; llama.cpp's search constants)."""
     if w.shape[1] % QK_K:
         return _f16(w)
-    L, dj, dmj = _qk_asym(w, 15, -1.0, 20)[:3]
+    L, dj, dmj = _qk_asym(w, nmax, rmin, nstep)[:3]
     return (dj[..., None] * L - dmj[..., None]).reshape(w.shape)
+
+
+@_rows
+def q4_k(w: torch.Tensor) -> torch.Tensor:
+    return _k_asym(w, 15, -1.0, 20)
 
 
 @_rows
 def q5_k(w: torch.Tensor) -> torch.Tensor:
-    if w.shape[1] % QK_K:
-        return _f16(w)
-    L, dj, dmj = _qk_asym(w, 31, -0.5, 15)[:3]
-    return (dj[..., None] * L - dmj[..., None]).reshape(w.shape)
+    return _k_asym(w, 31, -0.5, 15)
 
 
 @_rows
