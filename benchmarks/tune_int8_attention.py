@@ -44,7 +44,8 @@ from scail2_lite.profiling import write_json  # noqa: E402
 
 PLAIN = a.KernelConfig(128, 128, 8, 3)  # the portable kernel at sm90's tiles: the "before" row every gate compares with
 # The plain kernel first, then the shipped sm90 config, then tile variants of its split-QK form; --budget-s cuts from
-# the end. (The other Hopper levers, TMA, warp specialisation, ..., lost on the H100: RESULTS.md, 2026-12-06.)
+# the end. (The other Hopper levers, TMA, warp specialisation, QK^T prefetch, half-precision exp2, ..., lost on the
+# H100: RESULTS.md, 2026-12-06.)
 CANDIDATES: list[a.KernelConfig] = [
     PLAIN,
     a.CONFIGS[90],

@@ -14,7 +14,8 @@ Same algorithm and quantized inputs as `attention_int8`'s portable kernel; `Kern
                kernel's 128-key tiles.
 Only float rounding order differs from the portable kernel. Tails stay exact: keys past the sequence score -inf, rows
 past it are not stored. Options that lost on the H100 (TMA descriptors, warp specialisation, accumulation inside the
-P.V dot, ...) are gone; RESULTS.md (2026-12-06) has their figures.
+P.V dot, the next tile's QK^T issued before this tile's softmax, exponentials two per instruction in half
+precision, ...) are gone; RESULTS.md (2026-12-06) has their figures.
 """
 
 from __future__ import annotations
