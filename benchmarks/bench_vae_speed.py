@@ -14,6 +14,9 @@ Per variant: seconds of each, peak allocated. The decode's output is compared wi
 
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/bench_vae_speed.py      # GPU, about 3 minutes
     python benchmarks/bench_vae_speed.py --tiny                           # CPU proof, tiny VAE (no cuDNN)
+    python benchmarks/bench_vae_speed.py --cpu --frames 1 --only 7,6,5   # CPU, full VAE, one frame: the seams
+`--cpu` runs the full-width VAE at the real frame size on the CPU (no cuDNN: search and layout do nothing there), for
+the error columns: untiled fp32 first, then the tiled fp32 (the seams' error) and the tiled bf16 decode.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def _timed(device: torch.device, fn) -> float:
     return time.perf_counter() - t
 
 
-def child(variant: Variant, tiny: bool, out: Path) -> None:
+def child(variant: Variant, tiny: bool, device: torch.device, frames: int, out: Path) -> None:
     """One variant in this (fresh) process: encode once, decode twice; results and the decoded video to `out`."""
     from diffusers import AutoencoderKLWan
 
@@ -79,13 +82,13 @@ def child(variant: Variant, tiny: bool, out: Path) -> None:
     from scail2_lite.offload.card import DeviceMemory, card_bytes
     from scail2_lite.vae import WanVAE, vae_config
 
-    device = torch.device("cpu" if tiny else "cuda")
-    h, w, frames = (64, 128, 9) if tiny else (704, 1280, 81)
+    h, w = (64, 128) if tiny else (704, 1280)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoencoderKLWan(**vae_config("tiny" if tiny else "full")).eval()
     budget = DeviceMemory.card(card_bytes(CARD_GIB)).allocator_budget()
-    vae = WanVAE(model, tile=None if variant.untiled else planner.decode_tiling(h, w, frames, budget, 256))
+    run_frames = 9 if tiny else 81  # the tiles the run's decode gets, whatever --frames decodes here
+    vae = WanVAE(model, tile=None if variant.untiled else planner.decode_tiling(h, w, run_frames, budget, 256))
     if variant.channels_last:
         vae.to(device)  # the pipeline's move: channels-last convolution weights on CUDA
     vae.search = variant.search
@@ -109,8 +112,8 @@ def child(variant: Variant, tiny: bool, out: Path) -> None:
         decoded[:] = [group.cpu() for group in vae.decode_frames(z, dtype)]
 
     row = {**asdict(variant), "tiling": vae.tiling.describe(h, w) if vae.tiling else "untiled",
-           "encode_s": _timed(device, encode), "decode_first_s": _timed(device, decode),
-           "decode_steady_s": _timed(device, decode)}
+           "encode_s": _timed(device, encode), "decode_first_s": _timed(device, decode)}
+    row["decode_steady_s"] = _timed(device, decode) if device.type == "cuda" else row["decode_first_s"]
     if device.type == "cuda":
         row["peak_allocated"] = torch.cuda.max_memory_allocated(device)
     torch.save(torch.cat(decoded, dim=2), out.with_suffix(".pt"))
@@ -120,15 +123,20 @@ def child(variant: Variant, tiny: bool, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="CPU proof run on the tiny VAE")
+    ap.add_argument("--cpu", action="store_true", help="the full VAE on the CPU (for the error columns)")
+    ap.add_argument("--frames", type=int, help="output frames, 4k+1 (default 81; --tiny 9)")
     ap.add_argument("--only", default="", help="comma list of variant indices (default: all)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(VARIANTS[args.child], args.tiny, args.out)
+        child(VARIANTS[args.child], args.tiny, torch.device("cpu" if args.tiny or args.cpu else "cuda"),
+              args.frames or (9 if args.tiny else 81), args.out)
         return
-    if not args.tiny and not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU (--tiny runs the same code on the CPU)")
+    if not (args.tiny or args.cpu) and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (--tiny and --cpu run on the CPU)")
+    if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
+        raise SystemExit(f"--frames must be 4k+1, got {args.frames}")
     work = Path(os.environ["OUT"]) / "vae_speed" if os.environ.get("OUT") else Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     picked = [int(i) for i in args.only.split(",")] if args.only else range(len(VARIANTS))
@@ -136,7 +144,8 @@ def main() -> None:
     for i in picked:
         out = work / f"variant{i}.json"
         done = subprocess.run([sys.executable, __file__, "--child", str(i), "--out", str(out),
-                               *(["--tiny"] if args.tiny else [])], capture_output=True, text=True)
+                               *(["--tiny"] if args.tiny else []), *(["--cpu"] if args.cpu else []),
+                               *(["--frames", str(args.frames)] if args.frames else [])], capture_output=True, text=True)
         if done.returncode != 0:
             rows.append([VARIANTS[i].name, "-", "-", "-", "-", "-", "-", done.stderr.strip().splitlines()[-1][:120]])
             continue
