@@ -226,10 +226,10 @@ class Pipeline:
 
     @property
     def vae_dtype(self) -> torch.dtype | None:
-        """The VAE decode's autocast precision (None: the weights' fp32): `--vae-dtype`, else bf16 on CUDA (with the
-        channels-last weights 1.2x faster than fp32 on the H100, its error below the decode's tile seams: RESULTS.md,
-        issue 23) and fp32 on the CPU."""
-        choice = self.memory.vae_dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+        """The VAE decode's autocast precision: fp32 (None: the weights') unless bf16 is asked for. bf16 decoded
+        1.2x faster on the H100 (with channels-last weights), but its error against fp32 was twice the seams' of the
+        16 GB card's strips, so it is not the default (RESULTS.md, issue 23)."""
+        choice = self.memory.vae_dtype or "fp32"
         return torch.bfloat16 if choice == "bf16" else None
 
     # ---- generation --------------------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ class MemorySettings:
     than the free VRAM (the CUDA context and a desktop reserve come off it); `attention` the profile's;
     `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) square tiles to
     encode and decode in (else the profile's to encode, and to decode the largest tiles the card has room for);
-    `vae_dtype` the decode's precision (bf16 on CUDA, fp32 on the CPU: `Pipeline.vae_dtype`).
+    `vae_dtype` the decode's precision (fp32; bf16 is faster, its error above the seams of large tiles:
+    `Pipeline.vae_dtype`).
     `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py).
     `parallel`: how several processes (torchrun) split a run: auto, cfg, ulysses or off (distributed.py)."""
 

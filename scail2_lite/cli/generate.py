@@ -213,7 +213,7 @@ def generate(
     vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="plan for a card of this size in GB "
                                                 "as sold (16 = 16 GiB), less its CUDA context and a desktop reserve"),
     vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="VAE decode precision: fp32 or bf16 "
-                                            "\[default: bf16 on a GPU, fp32 on the CPU]"),
+                                            "\[default: fp32]"),
     attention: Optional[str] = typer.Option(None, "--attention", help="auto, sdpa, flash, cudnn, "
                                             "efficient, math, sage, fp8 or int8 (default: the profile's; auto = by "
                                             "GPU: cuDNN fp8 on Hopper, our int8 kernel on Ampere, Ada and RTX 50xx, "
