@@ -226,9 +226,9 @@ class Pipeline:
 
     @property
     def vae_dtype(self) -> torch.dtype | None:
-        """The VAE decode's autocast precision: fp32 (None: the weights') unless bf16 is asked for. bf16 decoded
-        1.2x faster on the H100 (with channels-last weights), but its error against fp32 was twice the seams' of the
-        16 GB card's strips, so it is not the default (RESULTS.md, issue 23)."""
+        """The VAE decode's autocast precision: fp32 (None: the weights') unless bf16 is asked for. bf16 decodes
+        faster, but its error against fp32 is above the seams of the large tiles the planner now picks, so it is not
+        the default (RESULTS.md, issue 23)."""
         choice = self.memory.vae_dtype or "fp32"
         return torch.bfloat16 if choice == "bf16" else None
 

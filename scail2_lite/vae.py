@@ -171,8 +171,8 @@ class WanVAE:
                  tile_stride: int | None = None) -> None:
         self.model = model
         # cuDNN's algorithm search around encode and decode (`_convolutions`): off, its heuristics choose. A run
-        # meets each convolution shape for the first time in its first decode, where the search cost 4-5 s at 704p
-        # and saved 2 s per later decode (RESULTS.md, issue 23)
+        # meets each convolution shape for the first time in its first decode, and the search costs more there than
+        # it saves in the segments that follow, unless there are many (RESULTS.md, issue 23)
         self.search = False
         p = next(model.parameters())
         self.mean = torch.tensor(model.config.latents_mean, dtype=torch.float32, device=p.device).view(1, -1, 1, 1, 1)
@@ -197,7 +197,7 @@ class WanVAE:
     def to(self, device: str | torch.device) -> "WanVAE":
         """Move the model and its normalisation statistics (the pipeline parks the VAE on CPU during DiT steps).
         On CUDA the convolution weights take the channels-last layout (NDHWC, cuDNN's fastest; the activations
-        follow it): encode and decode ran 10-20% faster on the H100 (RESULTS.md, issue 23)."""
+        follow it): encode and decode ran faster on the H100 (RESULTS.md, issue 23)."""
         self.model.to(device)
         if torch.device(device).type == "cuda":
             for param in self.model.parameters():

@@ -61,7 +61,9 @@ VAE_PARAMS = 126_900_000  # Wan2.1 VAE, run in fp32
 # 96-channel cache of 7 full-resolution convolutions, the 192-channel upsampling and one concatenated 6-frame conv
 # input dominate (the 1.94 GiB request of the untiled 704p decode that ran out of memory is that concatenation).
 # cuDNN's workspaces add 3,400 more (H100, cudnn.benchmark, RESULTS.md 2026-12-06: 5.64 GB allocated untiled at
-# 640x352, 2.02 GB in 256 px tiles, weights 0.51 GB: 22,770 and 23,040 B/px against the trace's 19,500).
+# 640x352, 2.02 GB in 256 px tiles, weights 0.51 GB: 22,770 and 23,040 B/px against the trace's 19,500). Measured
+# under cuDNN's search; the shipped heuristics with channels-last weights peaked lower (RESULTS.md, issue 23), so the
+# figure errs on the safe side.
 VAE_DECODE_TENSOR_BYTES_PER_PIXEL = 19_500
 VAE_DECODE_WORKSPACE_BYTES_PER_PIXEL = 3_400
 VAE_DECODE_BYTES_PER_PIXEL = VAE_DECODE_TENSOR_BYTES_PER_PIXEL + VAE_DECODE_WORKSPACE_BYTES_PER_PIXEL
