@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fidelity import table  # noqa: E402
+from bench_fidelity import sync, table  # noqa: E402
 
 GB = 1e9
 CARD_GIB = 16
@@ -65,17 +65,16 @@ VARIANTS = (
 
 
 def _timed(device: torch.device, fn) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device.type)
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device.type)
     return time.perf_counter() - t
 
 
 def child(variant: Variant, tiny: bool, device: torch.device, frames: int, out: Path) -> None:
-    """One variant in this (fresh) process: encode once, decode twice; results and the decoded video to `out`."""
+    """One variant in this (fresh) process: encode once, decode twice (on the CPU, `--cpu`: decode once, no encode);
+    results and the decoded video to `out`."""
     from diffusers import AutoencoderKLWan
 
     from scail2_lite.offload import planner
