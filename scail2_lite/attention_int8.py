@@ -394,10 +394,10 @@ def attend(x: Quantized, out: torch.Tensor, config: KernelConfig) -> torch.Tenso
     """Run the attention kernel on quantized inputs into `out` (B, Lq, H, D), any float dtype and strides with
     unit stride along D."""
     batch, heads, _, dim = x.q8.shape
-    if Q_BLOCK % config.block_m or config.block_n % K_BLOCK or PAD % config.block_n:
+    if Q_BLOCK % config.block_m or config.block_n % K_BLOCK or (PAD % config.block_n and not config.split_qk):
         raise ValueError(f"{config}: block_m must divide {Q_BLOCK}, block_n be a multiple of {K_BLOCK} dividing {PAD}")
-    if config.split_qk and config.block_n != 2 * K_BLOCK:
-        raise ValueError(f"{config}: split_qk needs block_n == {2 * K_BLOCK}")
+    if config.split_qk and config.block_n not in (2 * K_BLOCK, 4 * K_BLOCK):
+        raise ValueError(f"{config}: split_qk needs block_n == {2 * K_BLOCK} or {4 * K_BLOCK}")
     grid = (triton.cdiv(x.q_len, config.block_m), batch * heads)
     _kernel(config)[grid](
         x.q8, x.q_scale, x.k8, x.k_scale, x.v8, x.v_scale, x.v_mean, out, x.q_len, x.k_len, x.q8.shape[2],

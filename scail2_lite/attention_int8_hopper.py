@@ -84,11 +84,61 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
+    def _part_max(qk, k_scale, start, k_len, offs_h, MASK: tl.constexpr):
+        # One 64-key part's row max of the scaled scores, taken on the int32 scores (the scale is positive).
+        if MASK:
+            # masked lanes read 0.0, below every real magic float (>= 1.5 * 2^23 - 2^22)
+            row = tl.max(tl.where((start + offs_h)[None, :] < k_len, (qk + 0x4B400000).to(tl.float32, bitcast=True),
+                                  0.0), axis=1)
+            return tl.where(row > 0, (row - 12582912.0) * k_scale, float("-inf"))
+        else:
+            return tl.max(qk, axis=1).to(tl.float32) * k_scale
+
+    @triton.jit
+    def _split_block4(acc, l_i, m_i, q, k_ptr, v_ptr, bh, start_n, LPK, ks_ptr, q_scale, k_len, offs_d,
+                      D: tl.constexpr, K_BLOCK: tl.constexpr):
+        # 4 * K_BLOCK keys from start_n, none past the sequence: four QK dots of one k scale each, one row max,
+        # rescale and row sum per 256 keys instead of per 128.
+        offs_h = tl.arange(0, K_BLOCK)
+        ka, va = _load_kv(k_ptr, v_ptr, bh, start_n, LPK, offs_h, offs_d, D)
+        kb, vb = _load_kv(k_ptr, v_ptr, bh, start_n + K_BLOCK, LPK, offs_h, offs_d, D)
+        kc, vc = _load_kv(k_ptr, v_ptr, bh, start_n + 2 * K_BLOCK, LPK, offs_h, offs_d, D)
+        kd, vd = _load_kv(k_ptr, v_ptr, bh, start_n + 3 * K_BLOCK, LPK, offs_h, offs_d, D)
+        qa = tl.dot(q, ka, out_dtype=tl.int32)
+        qb = tl.dot(q, kb, out_dtype=tl.int32)
+        qc = tl.dot(q, kc, out_dtype=tl.int32)
+        qd = tl.dot(q, kd, out_dtype=tl.int32)
+        first = start_n // K_BLOCK
+        sa = q_scale * tl.load(ks_ptr + first)
+        sb = q_scale * tl.load(ks_ptr + first + 1)
+        sc = q_scale * tl.load(ks_ptr + first + 2)
+        sd = q_scale * tl.load(ks_ptr + first + 3)
+        m_ab = tl.maximum(_part_max(qa, sa, start_n, k_len, offs_h, False),
+                          _part_max(qb, sb, start_n, k_len, offs_h, False))
+        m_cd = tl.maximum(_part_max(qc, sc, start_n, k_len, offs_h, False),
+                          _part_max(qd, sd, start_n, k_len, offs_h, False))
+        m_new = tl.maximum(m_i, tl.maximum(m_ab, m_cd))
+        alpha = tl.exp2(m_i - m_new)
+        shift = m_new - LOG2_FP8_MAX
+        pa = _split_half(qa, sa, shift, start_n, k_len, offs_h, False)
+        pb = _split_half(qb, sb, shift, start_n, k_len, offs_h, False)
+        pc = _split_half(qc, sc, shift, start_n, k_len, offs_h, False)
+        pd = _split_half(qd, sd, shift, start_n, k_len, offs_h, False)
+        l_i = l_i * alpha + ((tl.sum(pa, axis=1) + tl.sum(pb, axis=1)) + (tl.sum(pc, axis=1) + tl.sum(pd, axis=1)))
+        pv = tl.dot(pa.to(va.dtype), va)
+        pv = tl.dot(pb.to(vb.dtype), vb, pv)
+        pv = tl.dot(pc.to(vc.dtype), vc, pv)
+        pv = tl.dot(pd.to(vd.dtype), vd, pv)
+        acc = acc * alpha[:, None] + pv
+        return acc, l_i, m_new
+
+    @triton.jit
     def _attention_kernel_split_qk(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr, q_len, k_len, LPQ,
                                    LPK, H, stride_ob, stride_ol, stride_oh, D: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
         # One block of BLOCK_M queries of one (batch, head) against all keys, as the portable kernel (same arguments).
-        tl.static_assert(BLOCK_N == 2 * K_BLOCK, "split_qk needs block_n == 2 * K_BLOCK")
+        tl.static_assert(BLOCK_N == 2 * K_BLOCK or BLOCK_N == 4 * K_BLOCK,
+                         "split_qk needs block_n == 2 * K_BLOCK or 4 * K_BLOCK")
         start_m, bh = tl.program_id(0), tl.program_id(1)
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
@@ -98,10 +148,21 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        full_end = (k_len // BLOCK_N) * BLOCK_N
-        for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _split_block(acc, l_i, m_i, q, k_ptr, v_ptr, bh, start_n, LPK, ks_ptr, q_scale, k_len,
-                                         offs_d, False, D, K_BLOCK)
+        if BLOCK_N == 4 * K_BLOCK:
+            # 256-key tiles while whole ones remain, then the 128-key form (the copies are padded to 128 keys only)
+            wide_end = (k_len // BLOCK_N) * BLOCK_N
+            for start_n in range(0, wide_end, BLOCK_N):
+                acc, l_i, m_i = _split_block4(acc, l_i, m_i, q, k_ptr, v_ptr, bh, start_n, LPK, ks_ptr, q_scale,
+                                              k_len, offs_d, D, K_BLOCK)
+            full_end = (k_len // (2 * K_BLOCK)) * (2 * K_BLOCK)
+            for start_n in range(wide_end, full_end, 2 * K_BLOCK):
+                acc, l_i, m_i = _split_block(acc, l_i, m_i, q, k_ptr, v_ptr, bh, start_n, LPK, ks_ptr, q_scale,
+                                             k_len, offs_d, False, D, K_BLOCK)
+        else:
+            full_end = (k_len // BLOCK_N) * BLOCK_N
+            for start_n in range(0, full_end, BLOCK_N):
+                acc, l_i, m_i = _split_block(acc, l_i, m_i, q, k_ptr, v_ptr, bh, start_n, LPK, ks_ptr, q_scale,
+                                             k_len, offs_d, False, D, K_BLOCK)
         if full_end < k_len:
             acc, l_i, m_i = _split_block(acc, l_i, m_i, q, k_ptr, v_ptr, bh, full_end, LPK, ks_ptr, q_scale, k_len,
                                          offs_d, True, D, K_BLOCK)

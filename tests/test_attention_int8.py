@@ -215,15 +215,17 @@ import json, sys, torch
 from scail2_lite import attention_int8 as a
 g = torch.Generator().manual_seed(3)
 report = []
-for q_len, k_len, dim in ((200, 200, 128), (77, 333, 64), (40, 90, 64)):
+for q_len, k_len, dim in ((200, 200, 128), (77, 333, 64), (40, 90, 64), (30, 700, 64)):
     q, k, v = (torch.randn(1, n, 2, dim, generator=g).bfloat16() for n in (q_len, k_len, k_len))
     x = a.quantize(q, k, v, torch.float16)
     plain = a.attend(x, torch.empty(1, q_len, 2, dim), a.KernelConfig(128, 128, 8, 3))
     ref = a.attend_reference(x, 128, torch.float32)
     err = lambda o, e: ((o.double() - e.double()).norm() / e.double().norm()).item()
-    for config in (a.CONFIGS[90], a.KernelConfig(64, 128, 4, 3, split_qk=True)):
+    for config in (a.CONFIGS[90], a.KernelConfig(64, 128, 4, 3, split_qk=True),
+                   a.KernelConfig(128, 256, 8, 2, split_qk=True)):
         out = a.attend(x, torch.empty(1, q_len, 2, dim), config)
-        report.append({"config": config.label(), "k_len": k_len, "vs_reference": err(out, ref),
+        report.append({"config": config.label(), "k_len": k_len,
+                       "vs_reference": err(out, a.attend_reference(x, config.block_n, torch.float32)),
                        "vs_plain": err(out, plain)})
 json.dump(report, sys.stdout)
 """
@@ -240,9 +242,11 @@ def test_split_qk_form_in_the_interpreter_matches_the_reference() -> None:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
-    assert len(rows) == 6
+    assert len(rows) == 12
     for row in rows:
-        assert row["vs_reference"] < 1e-4 and row["vs_plain"] < 1e-4, row
+        # 256-key tiles take the running max (to which P is quantized in e4m3) over 256 keys: more than rounding order
+        limit = 2e-4 if row["config"].startswith("128x256") else 1e-4
+        assert row["vs_reference"] < limit and row["vs_plain"] < limit, row
 
 
 def test_split_qk_needs_128_key_tiles() -> None:
