@@ -16,6 +16,7 @@ the next part runs); `$OUT/cards.json` is rewritten after each run, so a timeout
    untiled vs 256 px tiles: seconds, peak allocated, and the error of bf16 against fp32 beside the error the tiles'
    seams make (tiled fp32 against untiled fp32). bf16 may be the default only where its error is the smaller.
 3. The headline: `--preset fast` (4 steps lcm, no CFG) 704p x 81 on a 16 GiB card, end to end, per phase seconds.
+   Every run loads umT5 as `quantize` writes it by default (bf16, streamed block by block through the GPU).
 4. The card table: 512p and 704p x 81 on 8, 12, 16, 24 GiB cards, planner's choice, 1 fast step each (the peak
    of a step does not depend on how many run) with the VAE decode: per run the plan, peak allocated, reserved,
    NVML's process total against the card's size less the desktop reserve, OOM fallbacks. A card the planner
@@ -344,7 +345,7 @@ def run(args: argparse.Namespace) -> None:
     s = bp.Setup(tiny=tiny, device=device, scale="tiny" if tiny else "full", config=synth.dit_config(
         "tiny" if tiny else "full"), seed=0, size_704=(128, 128) if tiny else "704p",
         size_512=(64, 64) if tiny else "512p", frames=17 if tiny else 81, profile_704="16gb" if tiny else None,
-        profile_512="12gb" if tiny else None, light_profile="8gb", deadline=bp.T0 + args.budget)
+        profile_512="12gb" if tiny else None, light_profile="8gb", deadline=bp.T0 + args.budget, text_encoder="bf16")
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +374,7 @@ def run(args: argparse.Namespace) -> None:
     if parts and (src / ".complete").is_file() and not is_quantized_folder(dst):
         bp.guarded("stage 2", lambda: bp.stage_quantize(s, src, dst, res), res, tables)
     if (parts & {"headline", "cards", "scaling", "long"} and is_quantized_folder(dst) and not tiny
-            and importlib.util.find_spec("bitsandbytes") is None):
+            and s.text_encoder == "nf4" and importlib.util.find_spec("bitsandbytes") is None):
         bp.guarded("prompt prefill", lambda: prefill_prompt(s, st, dst, res), res, tables)
     if "vae" in parts and (src / ".complete").is_file():
         bp.guarded("VAE decode", lambda: vae_part(s, src, res, 9 if tiny else args.vae_frames), res, tables)

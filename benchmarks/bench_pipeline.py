@@ -137,6 +137,7 @@ class Setup:
     profile_512: str | None
     light_profile: str
     deadline: float
+    text_encoder: str = "nf4"  # the umT5 the runs load: nf4 quantized at load, or bf16 streamed (quantize's default)
 
 
 @dataclass
@@ -273,7 +274,7 @@ def _pipeline(s: Setup, st: State, dst: Path, res: Results):
     os.environ["XDG_CACHE_HOME"] = str(dst.parent / "cache")
     shutil.rmtree(dst.parent / "cache" / "scail2-lite" / "prompts", ignore_errors=True)
     t = time.perf_counter()
-    pipe = Pipeline.from_pretrained(dst, MemorySettings(device=str(s.device), text_encoder="nf4"))
+    pipe = Pipeline.from_pretrained(dst, MemorySettings(device=str(s.device), text_encoder=s.text_encoder))
     seconds = time.perf_counter() - t
     log(f"FP8 DiT loaded to RAM in {seconds:.1f} s")
     res.data["load_seconds"] = round(seconds, 2)
@@ -298,7 +299,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
 
     vram_budget = card_bytes(card_gib) if card_gib else None
     pipe = _pipeline(s, st, dst, res).with_memory(MemorySettings(
-        text_encoder="nf4", profile=profile, vram_budget=vram_budget))
+        text_encoder=s.text_encoder, profile=profile, vram_budget=vram_budget))
     inputs = load_inputs(InputFiles(**input_files(src / "inputs")), size=size, frames=frames)
     h, w = inputs.size
     a, b = cond.segment_plan(inputs.frames, SEGMENT_LEN, SEGMENT_OVERLAP)[0]
@@ -313,7 +314,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     sampling = {"steps": STEPS, "guidance": GUIDANCE, "solver": SOLVER, **(sampling or {})}
     settings = {"size": f"{w}x{h}", "frames": inputs.frames, **sampling, "profile_asked": profile,
                 "card_gib": card_gib, "vram_budget": vram_budget, "memory_cap": cap, "decode": decode,
-                "text_encoder_cached": cached, "dit": "fp8", "text_encoder": "nf4", "device": str(s.device)}
+                "text_encoder_cached": cached, "dit": "fp8", "text_encoder": s.text_encoder, "device": str(s.device)}
     latents: list[torch.Tensor] = []
 
     def step_seconds() -> list[float]:

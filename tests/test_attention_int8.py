@@ -221,8 +221,8 @@ for q_len, k_len, dim in ((200, 200, 128), (77, 333, 64), (40, 90, 64), (30, 700
     plain = a.attend(x, torch.empty(1, q_len, 2, dim), a.KernelConfig(128, 128, 8, 3))
     ref = a.attend_reference(x, 128, torch.float32)
     err = lambda o, e: ((o.double() - e.double()).norm() / e.double().norm()).item()
-    for config in (a.CONFIGS[90], a.KernelConfig(64, 128, 4, 3, split_qk=True),
-                   a.KernelConfig(128, 256, 8, 2, split_qk=True)):
+    for config in (a.CONFIGS[90], a.KernelConfig(128, 128, 8, 3, split_qk=True),
+                   a.KernelConfig(64, 128, 4, 3, split_qk=True)):
         out = a.attend(x, torch.empty(1, q_len, 2, dim), config)
         report.append({"config": config.label(), "k_len": k_len,
                        "vs_reference": err(out, a.attend_reference(x, config.block_n, torch.float32)),
