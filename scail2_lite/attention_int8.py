@@ -66,8 +66,8 @@ PROBE_TOKENS = 300  # `usable`'s test shape: a tail in every block size
 class KernelConfig:
     """Tile and launch parameters of the attention kernel (fixed per architecture: no autotuning, so the same
     machine always computes the same numbers). block_m must divide Q_BLOCK, block_n be a multiple of K_BLOCK.
-    `split_qk`: the sm90 form of the kernel (`attention_int8_hopper`: two 64-key QK^T products per 128-key tile,
-    block_n == 2 * K_BLOCK)."""
+    `split_qk`: the sm90 form of the kernel (`attention_int8_hopper`: QK^T as 64-key products, block_n == 4 or 2
+    * K_BLOCK)."""
 
     block_m: int
     block_n: int

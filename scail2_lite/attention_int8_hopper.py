@@ -1,21 +1,24 @@
-"""The int8 attention kernel's sm90 form: each 128-key tile's QK^T as two 64-key products (issue 19).
+"""The int8 attention kernel's sm90 form: QK^T as 64-key products, four per 256-key tile (issue 19).
 
 Same algorithm and quantized inputs as `attention_int8`'s portable kernel; `KernelConfig.split_qk` picks this form
-(needs block_n == 2 * K_BLOCK). Per tile of 128 keys:
-  two QK dots  one per 64-key half, so each product has one k scale: the row max is taken on the int32 scores and
+(block_n == 4 * K_BLOCK, sm90's default, or 2 * K_BLOCK). Whole 256-key tiles first, then whole 128-key tiles and
+the masked tail in the 128-key form (the copies are padded to 128 keys only). Per tile:
+  QK dots      one per 64-key part, so each product has one k scale: the row max is taken on the int32 scores and
                scaled once per row (bit for bit the same max: the scale is positive, rounding monotonic).
+  one rescale  the row max, the accumulator's rescale and the row sum once per tile: per 256 keys instead of 128.
+               P is quantized against that running max, so 256- and 128-key tiles differ by more than rounding.
   magic int->float  the int32 scores become float32 by an integer add and a float subtract (0x4B400000: for
                |x| < 2^22 the bits of 1.5 * 2^23 + x read as that float exactly; 128 * 127 * 127 < 2^22), both
                full-rate instructions, instead of the conversion unit's I2F. Exact: the same floats.
   448 folded   the 448 that maps P's 1.0 onto e4m3's top goes into the exponent (exp2(s - m + log2 448)) and cancels
                in the final division by the row sum: one multiply per score less.
   one FMA      exp2's argument as f * scale - shift.
-  one P.V      over the 128 keys, a fresh dot added into the float32 accumulator once per tile, as the portable
-               kernel's 128-key tiles.
-Only float rounding order differs from the portable kernel. Tails stay exact: keys past the sequence score -inf, rows
-past it are not stored. Options that lost on the H100 (TMA descriptors, warp specialisation, accumulation inside the
-P.V dot, the next tile's QK^T issued before this tile's softmax, exponentials two per instruction in half
-precision, ...) are gone; RESULTS.md (2026-12-06) has their figures.
+  P.V          the parts' products chained into one fresh dot added into the float32 accumulator once per tile.
+Beyond that, only float rounding order differs from the portable kernel. Tails stay exact: keys past the sequence
+score -inf, rows past it are not stored. Options that lost on the H100 (TMA descriptors, warp specialisation,
+accumulation inside the P.V dot, the next tile's QK^T issued before this tile's softmax, exponentials two per
+instruction in half precision, 256-key tiles at 2 stages, ...) are gone; RESULTS.md (2026-12-06, 12-07) has their
+figures.
 """
 
 from __future__ import annotations
@@ -84,15 +87,9 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
-    def _part_max(qk, k_scale, start, k_len, offs_h, MASK: tl.constexpr):
-        # One 64-key part's row max of the scaled scores, taken on the int32 scores (the scale is positive).
-        if MASK:
-            # masked lanes read 0.0, below every real magic float (>= 1.5 * 2^23 - 2^22)
-            row = tl.max(tl.where((start + offs_h)[None, :] < k_len, (qk + 0x4B400000).to(tl.float32, bitcast=True),
-                                  0.0), axis=1)
-            return tl.where(row > 0, (row - 12582912.0) * k_scale, float("-inf"))
-        else:
-            return tl.max(qk, axis=1).to(tl.float32) * k_scale
+    def _part_max(qk, k_scale):
+        # One whole 64-key part's row max of the scaled scores, taken on the int32 scores (the scale is positive).
+        return tl.max(qk, axis=1).to(tl.float32) * k_scale
 
     @triton.jit
     def _split_block4(acc, l_i, m_i, q, k_ptr, v_ptr, bh, start_n, LPK, ks_ptr, q_scale, k_len, offs_d,
@@ -113,10 +110,8 @@ if triton is not None:
         sb = q_scale * tl.load(ks_ptr + first + 1)
         sc = q_scale * tl.load(ks_ptr + first + 2)
         sd = q_scale * tl.load(ks_ptr + first + 3)
-        m_ab = tl.maximum(_part_max(qa, sa, start_n, k_len, offs_h, False),
-                          _part_max(qb, sb, start_n, k_len, offs_h, False))
-        m_cd = tl.maximum(_part_max(qc, sc, start_n, k_len, offs_h, False),
-                          _part_max(qd, sd, start_n, k_len, offs_h, False))
+        m_ab = tl.maximum(_part_max(qa, sa), _part_max(qb, sb))
+        m_cd = tl.maximum(_part_max(qc, sc), _part_max(qd, sd))
         m_new = tl.maximum(m_i, tl.maximum(m_ab, m_cd))
         alpha = tl.exp2(m_i - m_new)
         shift = m_new - LOG2_FP8_MAX
