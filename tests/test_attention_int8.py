@@ -219,7 +219,6 @@ for q_len, k_len, dim in ((200, 200, 128), (77, 333, 64), (40, 90, 64), (30, 700
     q, k, v = (torch.randn(1, n, 2, dim, generator=g).bfloat16() for n in (q_len, k_len, k_len))
     x = a.quantize(q, k, v, torch.float16)
     plain = a.attend(x, torch.empty(1, q_len, 2, dim), a.KernelConfig(128, 128, 8, 3))
-    ref = a.attend_reference(x, 128, torch.float32)
     err = lambda o, e: ((o.double() - e.double()).norm() / e.double().norm()).item()
     for config in (a.CONFIGS[90], a.KernelConfig(128, 128, 8, 3, split_qk=True),
                    a.KernelConfig(64, 128, 4, 3, split_qk=True)):
@@ -249,7 +248,7 @@ def test_split_qk_form_in_the_interpreter_matches_the_reference() -> None:
         assert row["vs_reference"] < limit and row["vs_plain"] < limit, row
 
 
-def test_split_qk_needs_128_key_tiles() -> None:
+def test_split_qk_needs_128_or_256_key_tiles() -> None:
     x = attention_int8.quantize_reference(*inputs(7, 8, 8), torch.float16)
     with pytest.raises(ValueError, match="split_qk needs block_n == 128"):
         attention_int8.attend(x, torch.empty(1, 8, 2, 64), attention_int8.KernelConfig(128, 64, 4, 2, split_qk=True))
