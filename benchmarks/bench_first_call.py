@@ -28,14 +28,14 @@ def child(backend: str, tiny: bool) -> dict:
     from scail2_lite import attention_fp8, synth
     from scail2_lite.blocks import CLIP_TOKENS, Kernels, SCAIL2Block
     from scail2_lite.config import SIZES
+    from scail2_lite.offload.planner import tokens
     from scail2_lite.quantize.linear import swap_linears
     from scail2_lite.rope import rope_freqs
 
     config = synth.dit_config("tiny" if tiny else "full")
     height, width, frames = (64, 64, 5) if tiny else (*SIZES["704p"], 81)
     grid = ((frames - 1) // 4 + 1, height // 16, width // 16)
-    f, h, w = grid
-    length = h * w + f * h * w + f * (h // 2) * (w // 2)
+    length = tokens(config, height, width, frames)
     device = torch.device("cpu" if tiny else "cuda")
     t = time.perf_counter()
     torch.zeros(1, device=device)
