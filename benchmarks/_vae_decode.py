@@ -8,7 +8,8 @@ search (as every run does once per tile shape), the second is the steady figure.
 card's emulated allocator cap (`_cards.Emulator`), so an under-predicted tiling shows as "out of memory" there.
 
 `trace_part`: the live tensor bytes of `WanVAE.decode_frames` on CPU (no cuDNN workspace), per output pixel, at two
-tile sizes: the source of `planner.VAE_DECODE_TENSOR_BYTES_PER_PIXEL`.
+tile sizes: the source of `planner.VAE_DECODE_TENSOR_BYTES_PER_PIXEL`; and of `WanVAE.encode`, per input pixel, of
+one frame and of a video: the source of `vae_tiles.ENCODE_IMAGE_BYTES_PER_PIXEL` and `ENCODE_VIDEO_BYTES_PER_PIXEL`.
 """
 
 from __future__ import annotations
@@ -153,6 +154,16 @@ def trace_bytes_per_pixel(scale: str, latent: int, latent_frames: int = 3) -> fl
     return max(peaks[2:]) / (latent * 8) ** 2
 
 
+def trace_encode_bytes_per_pixel(scale: str, frames: int, size: int) -> float:
+    """Peak live tensor bytes per input pixel of an untiled encode of a frames x size x size video on CPU (fp32)."""
+    vae = _vae(scale, torch.device("cpu"))
+    video = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mode = _LiveTensors()
+    with torch.no_grad(), mode:
+        vae.encode(video)
+    return mode.peak / size**2
+
+
 def trace_part(tiny: bool, res) -> str:
     """Bytes per output pixel at two tile sizes and their fit a + b (1/h + 1/w) (padding grows with the edges)."""
     scale = "tiny" if tiny else "full"
@@ -161,9 +172,13 @@ def trace_part(tiny: bool, res) -> str:
     per_px = {n: trace_bytes_per_pixel(scale, n) for n in sizes}
     b = (per_px[sizes[0]] - per_px[sizes[1]]) / (2 / sizes[0] - 2 / sizes[1])
     a = per_px[sizes[1]] - b * 2 / sizes[1]
-    record = {"scale": scale, "bytes_per_pixel": per_px, "fit_a": a, "fit_b": b,
+    encode = {f"{frames} frames, {size} px": trace_encode_bytes_per_pixel(scale, frames, size)
+              for frames, size in ((1, 64), (1, 128), (9, 64), (17, 64))}
+    record = {"scale": scale, "bytes_per_pixel": per_px, "fit_a": a, "fit_b": b, "encode_bytes_per_pixel": encode,
               "seconds": round(time.perf_counter() - t, 1)}
     res.put("decode_trace", record)
     return (f"### Decode tensors traced on CPU ({scale} VAE, fp32): "
             + ", ".join(f"{n * 8}x{n * 8} px: {v:,.0f} B/px" for n, v in per_px.items())
-            + f"; fit {a:,.0f} + {b:,.0f} x (1/h + 1/w) latent px (planner: VAE_DECODE_TENSOR_BYTES_PER_PIXEL)")
+            + f"; fit {a:,.0f} + {b:,.0f} x (1/h + 1/w) latent px (planner: VAE_DECODE_TENSOR_BYTES_PER_PIXEL)\n\n"
+            + "Encode tensors per input pixel: " + ", ".join(f"{k}: {v:,.0f} B/px" for k, v in encode.items())
+            + " (vae_tiles: ENCODE_IMAGE_BYTES_PER_PIXEL, ENCODE_VIDEO_BYTES_PER_PIXEL)")

@@ -47,7 +47,7 @@ from .sampling import cfg, make_scheduler
 from .settings import GenerationSettings, MemorySettings
 from .stepcache import StepCache
 from .vae import VAE_FILE, WanVAE, load_vae
-from .vae_tiles import Tiling, from_setting
+from .vae_tiles import Tiling, encode_tiling, from_setting
 
 # Streaming blocks through fixed slots while activations come and go fragments the caching allocator: growable
 # segments keep reserved memory near allocated. Read when CUDA first allocates, so it is set on import, for the
@@ -284,8 +284,6 @@ class Pipeline:
         h, w = inputs.size
         fps = s.fps or inputs.fps
         mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0], len(inputs.additional_refs), split)
-        vae_tile = self.memory.vae_tile if self.memory.vae_tile is not None else (
-            mem_plan.profile.vae_tile if mem_plan else None)
 
         with ExitStack() as stack:
             # The DiT's host side (its streamed blocks read into pinned RAM and page-locked) is built on a worker
@@ -306,9 +304,11 @@ class Pipeline:
                 composite = s.replace and s.composite_reference
                 views = [cond.composite_on_black(image, mask) if composite else image
                          for image, mask in [(inputs.image, inputs.ref_mask), *inputs.additional_refs]]
-                vae = self.vae(vae_tile)
-                ref_latents, *extra_latents = (_encode(vae, view[:, None], self.device) for view in views)
-                pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device) for a, b in segments]
+                vae = self.vae(None)
+                ref_latents, *extra_latents = (_encode(vae, view[:, None], self.device, self.memory.vae_tile)
+                                               for view in views)
+                pose_latents = [_encode(vae, inputs.pose[:, a:b], self.device, self.memory.vae_tile)
+                                for a, b in segments]
                 self.park_vae()
             extras = None
             if extra_latents:
@@ -331,7 +331,7 @@ class Pipeline:
                 hist_lat = None
                 if history_pixels is not None:
                     with timer("vae encode"):
-                        hist_lat = _encode(self.vae(vae_tile), history_pixels, self.device)
+                        hist_lat = _encode(self.vae(None), history_pixels, self.device, self.memory.vae_tile)
                         self.park_vae()
                 conditions = _segment_conditions(inputs, start, end, ref_latents, extras, pose_latents[k], hist_lat,
                                                  s.replace).to(self.device, dit_dtype)
@@ -447,8 +447,12 @@ class Pipeline:
         return cfg(outs[0], outs[1], guidance) if len(outs) == 2 else outs[0]
 
 
-def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(3, T, H, W) in [-1, 1] -> normalised latents (1, 16, Tl, H/8, W/8) on CPU, fp32."""
+def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device, vae_tile: int | None) -> torch.Tensor:
+    """(3, T, H, W) in [-1, 1] -> normalised latents (1, 16, Tl, H/8, W/8) on CPU, fp32. In `--vae-tile`'s tiles
+    when given (pixels, 0 = untiled), else in the tiles the input's size alone decides (`encode_tiling`: untiled up
+    to 704p's reference and pose video), so the latents are the same on every card and plan."""
+    _, frames, h, w = video.shape
+    vae.set_tiling(from_setting(vae_tile) if vae_tile is not None else encode_tiling(frames, h, w))
     return vae.encode(video[None].to(device)).cpu()
 
 

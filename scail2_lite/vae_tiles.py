@@ -1,6 +1,6 @@
 """Where the VAE cuts a frame into tiles: one typed value shared by the VAE (vae.py) and the planner, which picks
-the decode's tiles from the memory the card has (offload/planner.py). Pure Python: the planner imports it without
-torch or diffusers.
+the decode's tiles from the memory the card has (offload/planner.py), and the rule for the encode's tiles, which
+depend on the input alone (`encode_tiling`). Pure Python: the planner imports it without torch or diffusers.
 
 Why tiles at all: the decoder's activations and causal cache grow with the pixels of what it decodes at once
 (about 23 kB per output pixel in fp32, RESULTS.md), so a 1280x704 frame needs ~21 GB while 256 px tiles need
@@ -85,3 +85,32 @@ class Tiling:
 def from_setting(tile: int | None) -> Tiling | None:
     """`--vae-tile` / a profile's `vae_tile` (pixels, 0 = untiled) as a tiling; None (untiled) for 0 or None."""
     return Tiling.square(tile) if tile else None
+
+
+# The encode, fp32, per input pixel of the largest tile: the live tensors traced on CPU (`bench_cards.py --parts
+# trace`): one frame (a reference) runs the first causal chunk alone, 3,900 B/px at 64-256 px; a video runs 4-frame
+# chunks with two cached frames per convolution, 14,400 B/px from 9 frames on (12,300 at 5).
+ENCODE_IMAGE_BYTES_PER_PIXEL = 3_900
+ENCODE_VIDEO_BYTES_PER_PIXEL = 14_400
+# An input whose whole encode stays under this is encoded untiled on every card: the reference and the half-size
+# pose video at 704p (3.5 and 3.2 GB) fit the smallest card the planner supports (an 8 GiB card leaves 6.7 GB). A
+# larger input (a later segment's full-size history frames, custom sizes) goes in ENCODE_TILE tiles, again on
+# every card: the encode's tiles never follow the plan, so the latents do not depend on the card.
+ENCODE_WHOLE_MAX_BYTES = 4_000_000_000
+ENCODE_TILE = 256
+
+
+def encode_bytes(frames: int, height: int, width: int, tiling: Tiling | None) -> int:
+    """Live tensor bytes of the encode of a frames x height x width input in `tiling` (None: untiled): its largest
+    tile's activations."""
+    pixels = tiling.largest_tile(height, width) if tiling is not None else height * width
+    return pixels * (ENCODE_IMAGE_BYTES_PER_PIXEL if frames == 1 else ENCODE_VIDEO_BYTES_PER_PIXEL)
+
+
+def encode_tiling(frames: int, height: int, width: int) -> Tiling | None:
+    """The encode's tiles for an input of frames x height x width pixels: None (untiled, as upstream) when its
+    encode fits ENCODE_WHOLE_MAX_BYTES, else ENCODE_TILE px squares. Untiled is faster (no overlap, no small
+    convolutions) and leaves no seams in the latents."""
+    if encode_bytes(frames, height, width, None) <= ENCODE_WHOLE_MAX_BYTES:
+        return None
+    return Tiling.square(ENCODE_TILE)

@@ -93,8 +93,8 @@ def test_replacement_reference_is_encoded_as_given_unless_composited(pipe, folde
     read = dataclasses.replace(read, ref_mask=torch.where(white, -1.0, read.ref_mask))
     encoded = []
     original = pipeline._encode
-    monkeypatch.setattr(pipeline, "_encode", lambda vae, video, device: encoded.append(video) or original(
-        vae, video, device))
+    monkeypatch.setattr(pipeline, "_encode", lambda vae, video, device, tile: encoded.append(video) or original(
+        vae, video, device, tile))
     settings = GenerationSettings(size=SIZE, steps=1, replace=True, composite_reference=composite, preset="lightx2v")
     result = pipe(read, "a person dancing", settings=settings)
     composited = composite_on_black(read.image, read.ref_mask)

@@ -14,9 +14,9 @@ from scail2_lite.errors import UserError
 from scail2_lite.offload.card import CUDA_CONTEXT, DESKTOP_RESERVE, DeviceMemory, card_bytes
 from scail2_lite.offload.planner import (
     PHASES, available_ram, block_bytes, decode_tilings, lighter, list_profiles, load_profile, plan, predict,
-    reserved_bytes, tokens, unit_bytes, vae_decode_bytes,
+    reserved_bytes, tokens, unit_bytes, vae_decode_bytes, vae_encode_bytes,
 )
-from scail2_lite.vae_tiles import Tiling
+from scail2_lite.vae_tiles import ENCODE_TILE, ENCODE_WHOLE_MAX_BYTES, Tiling, encode_bytes, encode_tiling
 
 C14 = DiTConfig.preset("scail2-14b")
 GB = 10**9
@@ -367,18 +367,37 @@ def test_decode_model_matches_the_measurements() -> None:
     assert 0 < vae_decode_bytes(h, w, 321, None) - untiled < 0.3 * GB
 
 
-def test_vae_tile_overrides_the_decode_choice() -> None:
+def test_encode_tiles_follow_the_input_alone() -> None:
+    """The reference and the half-size pose video are encoded untiled at 512p and 704p, a later segment's full-size
+    history frames in 256 px tiles; the planner counts the largest of them with its input, the same on every card."""
+    for size in ("512p", "704p"):
+        h, w = SIZES[size]
+        assert encode_tiling(1, h, w) is None and encode_tiling(81, h // 2, w // 2) is None
+        assert encode_tiling(5, h, w) == Tiling.square(ENCODE_TILE)
+        assert encode_bytes(5, h, w, None) > ENCODE_WHOLE_MAX_BYTES >= encode_bytes(1, h, w, None)
+    h, w = SIZES["704p"]
+    largest = max(encode_bytes(1, h, w, None) + 3 * h * w * 4,
+                  encode_bytes(81, h // 2, w // 2, None) + 3 * 81 * h * w)
+    assert vae_encode_bytes(h, w, 81) == 126_900_000 * 4 + largest
+    assert 3.9 * GB < vae_encode_bytes(h, w, 81) < 4.2 * GB
+    phases = {plan(C14, h, w, 81, card(gib), 64 * GB, weights="fp8").phases["vae_encode"].vram for gib in (12, 16, 24)}
+    assert phases == {vae_encode_bytes(h, w, 81)}
+
+
+def test_vae_tile_overrides_the_vae_choices() -> None:
     h, w = SIZES["704p"]
     for tile, expected in ((0, None), (256, Tiling.square(256)), (512, Tiling.square(512))):
         p = plan(C14, h, w, 81, card(16), 64 * GB, weights="fp8", vae_tile=tile)
         assert p.vae_decode_tiling == expected and p.vae_tile == tile
         assert p.phases["vae_decode"].vram == vae_decode_bytes(h, w, 81, expected)
+        assert p.phases["vae_encode"].vram == vae_encode_bytes(h, w, 81, tile)
     # untiled 704p does not fit a 16 GiB card: forced, the DiT's plan stays the one that fits and the plan says so
     auto = plan(C14, h, w, 81, card(16), 64 * GB, weights="fp8")
     forced = plan(C14, h, w, 81, card(16), 64 * GB, weights="fp8", vae_tile=0)
     assert not forced.fits and "--vae-tile" in forced.reason
     assert (forced.profile, forced.resident_blocks) == (auto.profile, auto.resident_blocks)
-    assert {k: v for k, v in forced.phases.items() if k != "vae_decode"} == {
-        k: v for k, v in auto.phases.items() if k != "vae_decode"}
+    vae = ("vae_encode", "vae_decode")
+    assert {k: v for k, v in forced.phases.items() if k not in vae} == {
+        k: v for k, v in auto.phases.items() if k not in vae}
     retry = lighter(plan(C14, h, w, 81, card(24), 64 * GB, weights="fp8", vae_tile=256))
     assert retry is None or retry.vae_decode_tiling == Tiling.square(256)

@@ -87,14 +87,18 @@ def test_plan_mode_shows_the_decode_tiles_and_vae_tile_overrides_them(tmp_path: 
                       "--vae-tile", "256")["plan"]
     assert tiled["vae_decode_tiling"] == {"height": 256, "width": 256, "stride_h": 192, "stride_w": 192}
     assert tiled["phases"]["vae_decode"]["vram"] < auto["phases"]["vae_decode"]["vram"]
-    assert {k: v for k, v in tiled["phases"].items() if k != "vae_decode"} == {
-        k: v for k, v in auto["phases"].items() if k != "vae_decode"}
+    # --vae-tile tiles the encode too
+    assert tiled["phases"]["vae_encode"]["vram"] < auto["phases"]["vae_encode"]["vram"]
+    vae = ("vae_encode", "vae_decode")
+    assert {k: v for k, v in tiled["phases"].items() if k not in vae} == {
+        k: v for k, v in auto["phases"].items() if k not in vae}
     untiled = plan_json(tmp_path, "--size", "704p", "--vram", "24", "--ram", "64", "--weights", "fp8",
                         "--vae-tile", "0")["plan"]
     assert untiled["vae_decode_tiling"] is None and not untiled["fits"] and "--vae-tile" in untiled["reason"]
     result = runner.invoke(app, ["profile", "--synthetic", "full", "--size", "704p", "--vram", "24", "--ram", "64",
                                  "--vae-tile", "0"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "VAE decode untiled (--vae-tile)" in result.output, result.output
+    assert "VAE encode untiled (--vae-tile)" in result.output
 
 
 def test_plan_mode_counts_extra_references(tmp_path: Path) -> None:

@@ -40,6 +40,21 @@ def _decode_tiles(p) -> str:
     return what + (" (--vae-tile)" if p.vae_tile is not None else "")
 
 
+def _encode_tiles(p) -> str:
+    """How a plan's VAE encodes are tiled: --vae-tile's, else by each input's size (`encode_tiling`)."""
+    from ..config import SEGMENT_OVERLAP
+    from ..vae_tiles import encode_tiling
+
+    if p.vae_tile is not None:
+        return (f"in {p.vae_tile} px tiles" if p.vae_tile else "untiled") + " (--vae-tile)"
+    inputs = {"reference": (1, p.height, p.width), "pose video": (p.frames, p.height // 2, p.width // 2),
+              "history frames": (SEGMENT_OVERLAP, p.height, p.width)}
+    tiled = {name: t for name, size in inputs.items() if (t := encode_tiling(*size)) is not None}
+    if not tiled:
+        return "untiled"
+    return "untiled except " + ", ".join(f"the {name} ({t.height} px tiles)" for name, t in tiled.items())
+
+
 def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_plans: list, vram: int,
                 ram: int) -> None:
     """Plan mode's printout: the chosen profile and why, its phases, the cards it fits, every profile here."""
@@ -58,7 +73,7 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
         out.print(f"DiT {chosen.quantization}: {chosen.resident_blocks} blocks resident, {chosen.streamed_blocks} "
                   f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
                   f"({'layer by layer' if p.stream_unit == 'layer' else f'{p.prefetch} ahead'}); "
-                  f"VAE encode tile {p.vae_tile or 'none'}; VAE decode {_decode_tiles(chosen)}"
+                  f"VAE encode {_encode_tiles(chosen)}; VAE decode {_decode_tiles(chosen)}"
                   + ("; the pinned buffer fills beside the encoders" if chosen.overlap_placement else ""),
                   highlight=False)
         out.print(f"allocator budget {_bytes(chosen.vram_budget)}: the card less {_bytes(chosen.outside_allocator)} "

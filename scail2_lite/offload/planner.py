@@ -4,7 +4,8 @@ Why a model rather than trial and error: a failed attempt at 704p costs minutes,
 where their memory goes (`scail2-lite profile`). The model counts what the runtime holds in each phase:
   text_encoder  umT5 weights (4-bit or bf16) + 512-token activations
   clip          CLIP ViT-H/14 visual tower (fp16) + 257-token activations
-  vae_encode    VAE weights + activations of one spatial tile (4 frames at a time)
+  vae_encode    VAE weights + the largest input's activations (4 frames at a time), untiled unless the input is
+                too large for every card (`vae_tiles.encode_tiling`)
   dit_step      non-block layers + resident blocks + streaming slots + one block's activations at the token count
                 (layer streaming: per stage of the block, its activations + the units held then)
   vae_decode    VAE weights + activations and causal cache of one tile (one latent frame -> 4 frames at a time):
@@ -27,9 +28,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DiTConfig
+from ..config import SEGMENT_OVERLAP, DiTConfig
 from ..errors import UserError
-from ..vae_tiles import Tiling, from_setting
+from ..vae_tiles import Tiling, encode_bytes, encode_tiling, from_setting
 from .card import DeviceMemory
 from .profiles import Profile, StreamUnit, WeightSource, list_profiles, load_profile
 
@@ -71,8 +72,6 @@ VAE_DECODE_LATENT_COPIES = 3  # the segment's latents on the GPU: as given, deno
 LATENT_CHANNELS = 16
 VAE_DECODE_MAX_STRIPS = 8  # strips tried across the longer side before square tiles
 VAE_DECODE_SQUARES = (512, 384)  # square tiles tried (pixels) before the profile's
-VAE_ENCODE_BYTES_PER_PIXEL = 9_300  # the causal cache of the encoder's first stages dominates
-VAE_TILE_OVERLAP = 0.25  # each tile reaches this fraction of its size past each edge
 
 # One block's forward (model.SCAIL2Block), bytes per element of (tokens x dim) unless noted:
 RESIDUAL_BYTES = 4  # fp32 residual stream, alive for the whole forward
@@ -194,13 +193,17 @@ def layer_stream_held(config: DiTConfig, quantization: str) -> dict[str, int]:
             "cross": u["cross_attn"] + u["ffn"], "ffn": u["ffn"] + u["self_attn.q"]}
 
 
-def _vae_activation_bytes(height: int, width: int, tile: int, per_pixel: int) -> int:
-    """One spatial tile's activations in the encode (diffusers' tiled encode); the calibration counts a tile as
-    reaching VAE_TILE_OVERLAP of its size past each edge."""
-    if tile:
-        reach = int(tile * (1 + 2 * VAE_TILE_OVERLAP))
-        height, width = min(height, reach), min(width, reach)
-    return height * width * per_pixel
+def vae_encode_bytes(height: int, width: int, frames: int, vae_tile: int | None = None) -> int:
+    """Peak allocated bytes of the VAE encode: the weights and the largest of a run's encodes with its fp32 input
+    (the reference frame, the segment's pose video at half size, a later segment's SEGMENT_OVERLAP history frames),
+    each in `--vae-tile`'s tiles when given (pixels, 0 = untiled), else in those `encode_tiling` gives it."""
+
+    def one(f: int, h: int, w: int) -> int:
+        tiling = from_setting(vae_tile) if vae_tile is not None else encode_tiling(f, h, w)
+        return 3 * f * h * w * 4 + encode_bytes(f, h, w, tiling)
+
+    return VAE_PARAMS * 4 + max(one(1, height, width), one(frames, height // 2, width // 2),
+                                one(SEGMENT_OVERLAP, height, width))
 
 
 def vae_decode_bytes(height: int, width: int, frames: int, tiling: Tiling | None) -> int:
@@ -328,10 +331,11 @@ class Plan:
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
     text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0, sequence_split: int = 1,
-    decode: Tiling | None | str = "profile", overlap: bool = False,
+    decode: Tiling | None | str = "profile", overlap: bool = False, vae_tile: int | None = None,
 ) -> dict[str, PhaseMemory]:
     """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks; the VAE decodes in
-    `decode` tiles (None: untiled; "profile": the profile's square tiles).
+    `decode` tiles (None: untiled; "profile": the profile's square tiles) and encodes in `vae_tile` px squares
+    (`--vae-tile`, 0 = untiled; None: `vae_encode_bytes`'s rule).
 
     RAM (resident set, file pages included): the non-block layers; the blocks only when they cannot be read from
     a quantized folder's shards (`mappable` False: the whole DiT stays in RAM, the pinned buffer replacing the
@@ -355,7 +359,6 @@ def predict(
         streaming = min(profile.prefetch + 1, streamed) * blk
         act = max(stages.values())
     umt5, clip = umt5_bytes(text_encoder), CLIP_PARAMS * 2
-    vae = VAE_PARAMS * 4
     dit_device = nonblock_bytes(config) + resident_blocks * blk + streaming
     rest = BASE_RAM + nonblock_bytes(config)
     if not mappable:  # (a disk-mapped profile then streams from pinned RAM too)
@@ -368,7 +371,6 @@ def predict(
     ram = rest + host
     # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (formats.FilePages).
     umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS
-    vae_enc = _vae_activation_bytes(height, width, profile.vae_tile, VAE_ENCODE_BYTES_PER_PIXEL)
     vae_dec = vae_decode_bytes(height, width, frames, from_setting(profile.vae_tile) if decode == "profile" else decode)
     # The encoders run before the first placement: no pinned buffer yet, unless it fills beside them (`overlap`;
     # counted whole in every encoder phase: it may be full before the first one ends). Not the mapped profiles'
@@ -379,7 +381,7 @@ def predict(
         "clip": PhaseMemory(clip + CLIP_ACTIVATIONS, int(rest + early + clip)),
         # The pipeline encodes before placing the DiT and releases the DiT before decoding: the VAE runs alone.
         # First segment: before the first placement (a later segment's encode holds the host buffer, as its steps do).
-        "vae_encode": PhaseMemory(vae + vae_enc, int(rest + early)),
+        "vae_encode": PhaseMemory(vae_encode_bytes(height, width, frames, vae_tile), int(rest + early)),
         "dit_step": PhaseMemory(dit_device + act, int(ram)),
         "vae_decode": PhaseMemory(vae_dec, int(ram + frames_ram)),
     }
@@ -404,7 +406,8 @@ def overlapped(plain: Plan) -> Plan:
         return plain
     p = plain
     phases = predict(p.profile, p.config, p.height, p.width, p.frames, p.resident_blocks, p.quantization,
-                     p.text_encoder, p.mappable, p.extra_refs, p.sequence_split, p.vae_decode_tiling, overlap=True)
+                     p.text_encoder, p.mappable, p.extra_refs, p.sequence_split, p.vae_decode_tiling, overlap=True,
+                     vae_tile=p.vae_tile)
     candidate = dataclasses.replace(p, phases=phases, overlap_placement=True)
     return candidate if candidate.peak_ram <= candidate.ram_available else plain
 
@@ -415,23 +418,25 @@ def resolve(
     outside_allocator: int = 0, sequence_split: int = 1, vae_tile: int | None = None,
 ) -> Plan:
     """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget. The VAE
-    decodes in `vae_tile` square tiles when given (pixels, 0 = untiled: `--vae-tile`), else in the largest tiles
-    that fit the budget (`decode_tiling`)."""
+    encodes and decodes in `vae_tile` square tiles when given (pixels, 0 = untiled: `--vae-tile`), else it encodes
+    by each input's size (`vae_encode_bytes`) and decodes in the largest tiles that fit the budget
+    (`decode_tiling`)."""
     quant = weights
     n = tokens(config, height, width, frames, extra_refs)
     auto = decode_tiling(height, width, frames, int(vram_budget), profile.vae_tile)
     forced = vae_tile is not None
 
-    def make(resident: int, why: str, decode: Tiling | None) -> Plan:
+    def make(resident: int, why: str, decode: Tiling | None, tile: int | None) -> Plan:
         phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, extra_refs,
-                         sequence_split, decode)
+                         sequence_split, decode, vae_tile=tile)
         return overlapped(Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases,
                                int(vram_budget), int(ram_available), why, mappable, extra_refs, int(outside_allocator),
-                               sequence_split, decode, vae_tile))
+                               sequence_split, decode, tile))
 
     def final(resident: int) -> Plan:
-        """The plan with the decode's tiles as `--vae-tile` says (which the DiT's blocks never depend on)."""
-        return make(resident, reason, from_setting(vae_tile)) if forced else make(resident, reason, auto)
+        """The plan with the VAE's tiles as `--vae-tile` says (which the DiT's blocks never depend on)."""
+        return make(resident, reason, from_setting(vae_tile), vae_tile) if forced else make(resident, reason, auto,
+                                                                                            None)
 
     if profile.resident_blocks == "all":
         return final(config.num_layers)
@@ -441,7 +446,7 @@ def resolve(
     lo, hi = 0, config.num_layers
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if make(mid, reason, auto).fits:
+        if make(mid, reason, auto, None).fits:
             lo = mid
         else:
             hi = mid - 1
@@ -494,7 +499,7 @@ def plan(
             if vae_tile is not None:
                 result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder,
                                  mappable, extra_refs, outside, sequence_split, vae_tile)
-                why += "" if result.fits else "; the VAE decode in --vae-tile's tiles does not fit"
+                why += "" if result.fits else "; the VAE in --vae-tile's tiles does not fit"
             return dataclasses.replace(result, reason=why)
     lightest = min(
         (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable, extra_refs,

@@ -45,7 +45,7 @@ class Profile:
     prefetch: int
     stream_unit: StreamUnit
     weight_source: WeightSource
-    vae_tile: int  # pixels per tile side, 0 = untiled
+    vae_tile: int  # the VAE decode's smallest tiles (pixels per side, 0 = untiled): its last resort, see planner
     ffn_chunk: int  # tokens per FFN chunk, 0 = one shot
     attn_chunk: int  # tokens per chunk of the per-token work around attention, 0 = one shot
     attention: str
