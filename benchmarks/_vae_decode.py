@@ -1,5 +1,6 @@
-"""bench_cards.py's decode parts (issue 25c): the VAE decode at the 704p output size in every tiling the planner may
-choose, measured against the planner's prediction, and the CPU trace behind the planner's per-pixel figure.
+"""bench_cards.py's VAE parts (issue 25c, 23): the VAE decode at the 704p output size in every tiling the planner
+may choose, measured against the planner's prediction; the 704p encodes in the old 256 px tiles and as
+`vae_tiles.encode_tiling` now runs them; and the CPU traces behind the planner's per-pixel figures.
 
 `decode_part`: latents of the real 704p x 81 output (1280x704, 21 latent frames, random: time and memory do not
 depend on the values) decoded by the full-width Wan VAE (random weights) in each tiling the planner picks for an 8,
@@ -113,6 +114,44 @@ def decode_part(tiny: bool, device: torch.device, emulator: Emulator | None, res
             "| tiling | chosen for GiB (capped) | pixels decoded / frame | first s | s | peak alloc GB | predicted "
             "| peak reserved GB | predicted | NVML used GB (first) | status |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def encode_part(tiny: bool, device: torch.device) -> str:
+    """The run's first-segment encodes at 704p (the reference frame, 81 pose frames at half size), in 256 px tiles
+    (every profile's tiles before) and in the tiles `encode_tiling` gives each input now, each twice in this
+    process (the first pays cuDNN's choices): seconds, peak allocated against `planner.vae_encode_bytes`."""
+    from scail2_lite.offload import planner
+    from scail2_lite.vae_tiles import Tiling, encode_tiling
+
+    h, w, frames = (64, 128, 17) if tiny else (704, 1280, 81)
+    vae = _vae("tiny" if tiny else "full", device).to(device)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"reference": torch.rand(1, 3, 1, h, w, generator=g) * 2 - 1,
+              "pose": torch.rand(1, 3, frames, h // 2, w // 2, generator=g) * 2 - 1}
+    cuda = device.type == "cuda"
+    rows = []
+    for name, rule, tile in (("256 px tiles", "tiled", 256), ("encode_tiling (now)", "rule", None)):
+        for attempt in ("first", "second"):
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = {}
+            for what, video in inputs.items():
+                vae.set_tiling(Tiling.square(tile) if tile else encode_tiling(*video.shape[2:]))
+                t = time.perf_counter()
+                vae.encode(video.to(device))
+                if cuda:
+                    torch.cuda.synchronize(device)
+                seconds[what] = time.perf_counter() - t
+            peak = torch.cuda.max_memory_allocated(device) if cuda else None
+            predicted = planner.vae_encode_bytes(h, w, frames, tile)
+            rows.append(f"| {name} | {attempt} | {seconds['reference']:.2f} | {seconds['pose']:.2f} | "
+                        f"{sum(seconds.values()):.2f} | {_gb(peak)} | {_gb(predicted)} |")
+            print(rows[-1], flush=True)
+    return (f"### VAE encode alone: the 704p run's reference ({w}x{h}) and pose video ({frames} frames at "
+            f"{w // 2}x{h // 2}), fp32, {'tiny' if tiny else 'full-width'} VAE (random weights)\n"
+            "| tiles | pass | reference s | pose s | total s | peak alloc GB | predicted (with the run's history "
+            "frames) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 class _LiveTensors(TorchDispatchMode):

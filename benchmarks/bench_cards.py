@@ -21,8 +21,9 @@ the next part runs); `$OUT/cards.json` is rewritten after each run, so a timeout
    of a step does not depend on how many run) with the VAE decode: per run the plan, peak allocated, reserved,
    NVML's process total against the card's size less the desktop reserve, OOM fallbacks. A card the planner
    refuses is recorded with its message. Runs are ordered by interest and skipped when the budget runs out.
-5. `decode` / `trace` (no model folder needed): _vae_decode.py, the VAE decode at the 704p output size in each
-   tiling the planner may choose against its prediction; the CPU trace of the decode's tensors per pixel.
+5. `decode` / `encode` / `trace` (no model folder needed): _vae_decode.py, the VAE decode at the 704p output size
+   in each tiling the planner may choose against its prediction; the 704p encodes in the old 256 px tiles and
+   untiled as now; the CPU traces of the decode's and encode's tensors per pixel.
 6. `scaling`: 81, 161, 321 frames (`--scaling-frames`) at 704p, fast preset, 16 GiB card, end to end: seconds per
    frame and peak memory (target: 321 frames <= 4.1x the time of 81, the same peak). The driving video is the
    synthetic one played forwards and backwards to the length asked.
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_pipeline as bp  # noqa: E402
 from _cards import GB, Emulator  # noqa: E402
-from _vae_decode import decode_part, trace_part  # noqa: E402
+from _vae_decode import decode_part, encode_part, trace_part  # noqa: E402
 from _workdir import input_files  # noqa: E402
 
 from scail2_lite import synth  # noqa: E402
@@ -314,9 +315,10 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU proof run on the tiny model")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds this call may take")
     ap.add_argument("--vae-frames", type=int, default=21, help="frames of the VAE-alone comparison (4k+1)")
-    ap.add_argument("--parts", default="vae,headline,cards", help="comma list of vae, headline, cards, decode, trace, "
-                    "scaling, long")
+    ap.add_argument("--parts", default="vae,headline,cards", help="comma list of vae, headline, cards, decode, "
+                    "encode, trace, scaling, long")
     ap.add_argument("--scaling-frames", default=SCALING_FRAMES, help="frame counts of the scaling part (4k+1)")
+    ap.add_argument("--cards", help="the card table's cases as SIZE:GIB, comma-separated (default: every case)")
     ap.add_argument("--detach", metavar="NAME", help="run the parts as a setsid child in WORKDIR/detached/NAME")
     ap.add_argument("--collect", metavar="NAME", help="wait for a detached part (--wait) and copy its results to $OUT")
     ap.add_argument("--wait", type=float, default=480.0, help="seconds --collect waits at most")
@@ -367,6 +369,8 @@ def run(args: argparse.Namespace) -> None:
         bp.guarded("decode trace", lambda: trace_part(tiny, res), res, tables)
     if "decode" in parts:
         bp.guarded("decode", lambda: decode_part(tiny, device, st.emulator, res, s.deadline), res, tables)
+    if "encode" in parts:
+        bp.guarded("encode", lambda: encode_part(tiny, device), res, tables)
     if not parts & {"vae", "headline", "cards", "scaling", "long"}:
         parts = set()
     elif not (src / ".complete").is_file():
@@ -382,7 +386,8 @@ def run(args: argparse.Namespace) -> None:
         if "headline" in parts:
             bp.guarded("headline", lambda: headline(s, st, dst, src, res), res, tables)
         if "cards" in parts:
-            cases = CASES[:2] if tiny else CASES
+            cases = [(size, int(gib)) for size, gib in (c.split(":") for c in args.cards.split(","))] \
+                if args.cards else CASES[:2] if tiny else CASES
             bp.guarded("cards", lambda: card_table(s, st, dst, src, res, cases, s.deadline), res, tables)
         if "scaling" in parts:
             counts = [int(n) for n in args.scaling_frames.split(",")]
