@@ -60,7 +60,8 @@ class WeightFiles:
         self.paths = [Path(p) for p in paths]
         self.index: dict[str, tuple[int, int, int, torch.dtype, tuple[int, ...]]] = {}
         self._maps: dict[int, mmap.mmap] = {}
-        self._handles: dict[int, object] = {}
+        self._local = threading.local()  # each thread's read handles: threads read different tensors at once
+        self._opened: list = []  # every handle any thread opened, for `close`
         self._lock = threading.Lock()
         for i, path in enumerate(self.paths):
             try:
@@ -88,22 +89,32 @@ class WeightFiles:
                             f"the model expects {dtype} {list(shape)}")
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
-        """Read `key`'s bytes into the contiguous CPU uint8 tensor `out` (exactly its size)."""
+        """Read `key`'s bytes into the contiguous CPU uint8 tensor `out` (exactly its size). Thread-safe: each
+        thread reads through its own handle (the pinned buffer fills from several at once, `host.PinnedHost`)."""
         i, offset, n, _, _ = self.index[key]
         if n == 0:
             return
-        with self._lock:
-            f = self._handles.get(i)
-            if f is None:
-                f = self._handles[i] = open(self.paths[i], "rb", buffering=0)
-            f.seek(offset)
-            buf = memoryview(out.numpy()).cast("B")
-            got = 0
-            while got < n:
-                k = f.readinto(buf[got:n])
-                if not k:
-                    raise UserError(f"{self.paths[i]}: file ended inside tensor {key} (truncated?)")
-                got += k
+        f = self._handle(i)
+        f.seek(offset)
+        buf = memoryview(out.numpy()).cast("B")
+        got = 0
+        while got < n:
+            k = f.readinto(buf[got:n])
+            if not k:
+                raise UserError(f"{self.paths[i]}: file ended inside tensor {key} (truncated?)")
+            got += k
+
+    def _handle(self, i: int):
+        """This thread's unbuffered read handle on file i (opened again after `close`)."""
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+        f = handles.get(i)
+        if f is None or f.closed:
+            f = handles[i] = open(self.paths[i], "rb", buffering=0)
+            with self._lock:
+                self._opened.append(f)
+        return f
 
     def view(self, key: str) -> torch.Tensor:
         """`key` as a typed tensor over a private, copy-on-write mapping of its file (no read until touched)."""
@@ -119,9 +130,10 @@ class WeightFiles:
 
     def close(self) -> None:
         """Close the read handles (mapped views stay valid: each keeps its mapping alive)."""
-        for f in self._handles.values():
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for f in opened:
             f.close()
-        self._handles.clear()
         self._maps.clear()
 
     def _where(self) -> str:

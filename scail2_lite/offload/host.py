@@ -23,6 +23,11 @@ from ..errors import UserError
 from ..formats import WeightFiles
 from .layout import BlockLayout, view
 
+# Threads reading streamed blocks into a pinned buffer at once: one thread's reads are bound by faulting in the
+# fresh buffer's pages and copying out of the page cache, work that spreads over cores (a user's desktop CPU has 8
+# or more); more threads than that would only contend for the same memory bandwidth.
+READ_THREADS = 4
+
 
 class Copier:
     """Copies host -> device on a side stream and the events that order them against the compute stream; on a CPU
@@ -85,24 +90,47 @@ class PinnedHost:
         self.buffer = laid_out if laid_out is not None else torch.empty(total, dtype=torch.uint8)
         self.registered = False
         self.rest: list[list[torch.Tensor]] = []  # per block: the host tensors its entries point at between runs
-        for layout, start in zip(layouts, self.starts):
-            views = []
-            for e in layout.entries:
-                v = view(self.buffer, start + e.offset, e.dtype, e.shape)
-                if files is not None:
-                    files.read_into(e.name, self.buffer[start + e.offset : start + e.offset + e.nbytes])
-                elif laid_out is None:
-                    v.copy_(e.tensor.detach())
-                e.tensor.data = v
-                views.append(v)
-            self.rest.append(views)
-            if on_block is not None:
-                on_block(len(self.rest))  # blocks in place so far (progress; raises to stop the fill)
+        # Read from the files on READ_THREADS threads, READ_THREADS blocks ahead of the one being put in place (each
+        # block's bytes land in its own part of the buffer); the entries are re-pointed in block order as each
+        # block's read ends. A stopped fill starts no other read, and leaving the pool waits for those running, so
+        # none writes into the buffer afterwards.
+        reads: dict[int, Future] = {}
+
+        def read_ahead(b: int) -> None:
+            if files is not None and b < len(layouts):
+                reads[b] = pool.submit(self._read_block, files, layouts[b], self.starts[b])
+
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="scail2-fill") as pool:
+            for b in range(READ_THREADS):
+                read_ahead(b)
+            try:
+                for b, (layout, start) in enumerate(zip(layouts, self.starts)):
+                    if files is not None:
+                        reads.pop(b).result()
+                    views = []
+                    for e in layout.entries:
+                        v = view(self.buffer, start + e.offset, e.dtype, e.shape)
+                        if files is None and laid_out is None:
+                            v.copy_(e.tensor.detach())
+                        e.tensor.data = v
+                        views.append(v)
+                    self.rest.append(views)
+                    if on_block is not None:
+                        on_block(len(self.rest))  # blocks in place so far (progress; raises to stop the fill)
+                    read_ahead(b + READ_THREADS)
+            except BaseException:
+                for read in reads.values():
+                    read.cancel()
+                raise
         if cuda and total:
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), total, 0)
             if int(err) != 0:
                 raise UserError(f"cannot page-lock {total / 1e9:.1f} GB of RAM for streaming (CUDA error {int(err)})")
             self.registered = True
+
+    def _read_block(self, files: WeightFiles, layout: BlockLayout, start: int) -> None:
+        for e in layout.entries:
+            files.read_into(e.name, self.buffer[start + e.offset : start + e.offset + e.nbytes])
 
     @property
     def nbytes(self) -> int:

@@ -38,9 +38,9 @@ class HostSide:
     """A placement's host side built on a daemon worker thread: `build(on_block)` makes the not-yet-attached
     `BlockStreamer` (its `on_block` is told each block read). `wait()` hands the streamer over in the caller's
     thread, raising there whatever the worker raised (a `UserError` stays one line). `stop()` makes the worker give
-    up at its next block (at most one block read, or the page-locking call, away) and frees what it built, so
-    Ctrl-C or SIGTERM in the main thread never waits for the whole read; being a daemon, the worker cannot hold up
-    the interpreter's exit either. `seconds`: how long the worker took; `waited`: how long the caller waited for
+    up at its next block (at most the blocks being read, `host.READ_THREADS`, or the page-locking call, away) and
+    frees what it built, so Ctrl-C or SIGTERM in the main thread never waits for the whole read; being a daemon, the
+    worker cannot hold up the interpreter's exit either. `seconds`: how long the worker took; `waited`: how long the caller waited for
     it, the host side's visible cost."""
 
     def __init__(self, build: Callable[[Callable[[int], None]], BlockStreamer], device: torch.device, blocks: int,
@@ -92,7 +92,8 @@ class HostSide:
         return streamer
 
     def stop(self) -> None:
-        """Make the worker give up, wait for it (one block or the page-locking at most) and free what it built."""
+        """Make the worker give up, wait for it (the blocks being read or the page-locking at most) and free what it
+        built."""
         self._stop.set()
         self._thread.join()
         self.error = None  # `_Stopped`, or an error nobody will ask for now: its traceback holds the buffer
