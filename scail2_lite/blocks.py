@@ -139,14 +139,11 @@ class SelfAttention(nn.Module):
     def forward(
         self, h: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h (B, L, dim) in compute dtype, contiguous, taken over -> rotated q, k and v, each (B, L, heads,
-        head_dim) in compute dtype. v is projected chunk by chunk into h's own storage (each chunk of h is read
-        before its rows are overwritten): h, q, k and v never coexist, so a backend that converts q, k and v
-        peaks one 8-bit copy above them instead of a whole bf16 activation. Chunked, an FP8/INT8 Linear never
-        holds an 8-bit copy of all of h either."""
+        """h (B, L, dim) in compute dtype -> rotated q, k and v, each (B, L, heads, head_dim) in compute dtype.
+        v is projected chunk by chunk too: an FP8/INT8 Linear then never holds an 8-bit copy of all of h."""
         q = self._rotated(self.q, self.norm_q, h, freqs, chunk)
         k = self._rotated(self.k, self.norm_k, h, freqs, chunk)
-        v = h.view(*h.shape[:2], self.num_heads, -1)
+        v = torch.empty_like(k)
         for s in range(0, h.shape[1], chunk):
             v[:, s : s + chunk] = self.v(h[:, s : s + chunk]).unflatten(-1, (self.num_heads, -1))
         return q, k, v

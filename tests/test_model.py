@@ -11,7 +11,7 @@ import torch
 from conftest import conditions, load_npy, run_model
 
 from scail2_lite.config import DiTConfig
-from scail2_lite.blocks import I2VCrossAttention, Kernels, SCAIL2Block, SelfAttention
+from scail2_lite.blocks import I2VCrossAttention, Kernels, SCAIL2Block
 from scail2_lite.model import SCAIL2Model
 from scail2_lite.rope import apply_rope, rope_freqs, rope_tables
 
@@ -166,22 +166,6 @@ def test_chunking_is_exact(oracle: Path) -> None:
         # 37 does not divide the 56 tokens: exercises the ragged last chunk
         chunked = run_model(model, inputs, True, Kernels(attn_chunk=29, ffn_chunk=37))
     assert torch.equal(whole, chunked)
-
-
-def test_v_is_projected_into_the_normed_input() -> None:
-    """The self-attention takes h over: v is written over h's storage chunk by chunk (a ragged last chunk too), so
-    h, q, k and v never coexist; each chunk's v is what the projection makes of the untouched h."""
-    torch.manual_seed(0)
-    config = DiTConfig.preset("tiny")
-    attn = SelfAttention(config.dim, config.num_heads, 1e-6).to(torch.bfloat16)
-    length = 29
-    h = torch.randn(1, length, config.dim, dtype=torch.bfloat16)
-    expected = attn.v(h).unflatten(-1, (config.num_heads, -1))
-    cos, sin = torch.ones(length, config.head_dim // 2), torch.zeros(length, config.head_dim // 2)
-    with torch.no_grad():
-        _, _, v = attn(h, (cos, sin), chunk=8)
-    assert v.untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
-    assert torch.equal(v, expected)
 
 
 def test_embedded_tokens_are_contiguous_in_both_dtypes(oracle: Path) -> None:

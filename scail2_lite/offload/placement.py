@@ -111,7 +111,7 @@ class DitPlacement:
                  attention: str | None = None, weight_files: Sequence[Path] = (),
                  on_fallback: Callable[[str], None] | None = None) -> None:
         self.model, self.device, self.plan = model, device, plan
-        self.attention = attention  # the user's choice without a plan (a plan carries the backend it was made for)
+        self.attention = attention  # the user's choice; None = the plan's profile's
         self.weight_files = list(weight_files)
         self.streamer = None
         self.placed = False
@@ -173,7 +173,7 @@ class DitPlacement:
         if self.plan is None:
             return Kernels(resolve(self.attention or "sdpa"))
         profile = self.plan.profile
-        return Kernels(self.plan.attention, profile.attn_chunk, profile.ffn_chunk)
+        return Kernels(resolve(self.attention or profile.attention), profile.attn_chunk, profile.ffn_chunk)
 
     def _stream_config(self) -> StreamConfig:
         plan = self.plan
