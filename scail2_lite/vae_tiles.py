@@ -109,8 +109,8 @@ def encode_bytes(frames: int, height: int, width: int, tiling: Tiling | None) ->
 
 def encode_tiling(frames: int, height: int, width: int) -> Tiling | None:
     """The encode's tiles for an input of frames x height x width pixels: None (untiled, as upstream) when its
-    encode fits ENCODE_WHOLE_MAX_BYTES, else ENCODE_TILE px squares. Untiled is faster (no overlap, no small
-    convolutions) and leaves no seams in the latents."""
+    encode fits ENCODE_WHOLE_MAX_BYTES, else ENCODE_TILE px squares. Untiled encodes fewer pixels (no overlaps) in
+    larger convolutions and leaves no seams in the latents."""
     if encode_bytes(frames, height, width, None) <= ENCODE_WHOLE_MAX_BYTES:
         return None
     return Tiling.square(ENCODE_TILE)

@@ -42,13 +42,12 @@ def _decode_tiles(p) -> str:
 
 def _encode_tiles(p) -> str:
     """How a plan's VAE encodes are tiled: --vae-tile's, else by each input's size (`encode_tiling`)."""
-    from ..config import SEGMENT_OVERLAP
+    from ..offload.planner import vae_encode_inputs
     from ..vae_tiles import encode_tiling
 
     if p.vae_tile is not None:
         return (f"in {p.vae_tile} px tiles" if p.vae_tile else "untiled") + " (--vae-tile)"
-    inputs = {"reference": (1, p.height, p.width), "pose video": (p.frames, p.height // 2, p.width // 2),
-              "history frames": (SEGMENT_OVERLAP, p.height, p.width)}
+    inputs = vae_encode_inputs(p.height, p.width, p.frames)
     tiled = {name: t for name, size in inputs.items() if (t := encode_tiling(*size)) is not None}
     if not tiled:
         return "untiled"

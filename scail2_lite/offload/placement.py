@@ -40,8 +40,8 @@ class HostSide:
     thread, raising there whatever the worker raised (a `UserError` stays one line). `stop()` makes the worker give
     up at its next block (at most the blocks being read, `host.READ_THREADS`, or the page-locking call, away) and
     frees what it built, so Ctrl-C or SIGTERM in the main thread never waits for the whole read; being a daemon, the
-    worker cannot hold up the interpreter's exit either. `seconds`: how long the worker took; `waited`: how long the caller waited for
-    it, the host side's visible cost."""
+    worker cannot hold up the interpreter's exit either. `seconds`: how long the worker took; `waited`: how long the
+    caller waited for it, the host side's visible cost."""
 
     def __init__(self, build: Callable[[Callable[[int], None]], BlockStreamer], device: torch.device, blocks: int,
                  progress: HostProgress | None = None) -> None:

@@ -193,17 +193,23 @@ def layer_stream_held(config: DiTConfig, quantization: str) -> dict[str, int]:
             "cross": u["cross_attn"] + u["ffn"], "ffn": u["ffn"] + u["self_attn.q"]}
 
 
+def vae_encode_inputs(height: int, width: int, frames: int) -> dict[str, tuple[int, int, int]]:
+    """(frames, height, width) of what a run of height x width x `frames` per segment encodes: the reference frame,
+    the segment's pose video at half size, a later segment's SEGMENT_OVERLAP history frames."""
+    return {"reference": (1, height, width), "pose video": (frames, height // 2, width // 2),
+            "history frames": (SEGMENT_OVERLAP, height, width)}
+
+
 def vae_encode_bytes(height: int, width: int, frames: int, vae_tile: int | None = None) -> int:
-    """Peak allocated bytes of the VAE encode: the weights and the largest of a run's encodes with its fp32 input
-    (the reference frame, the segment's pose video at half size, a later segment's SEGMENT_OVERLAP history frames),
-    each in `--vae-tile`'s tiles when given (pixels, 0 = untiled), else in those `encode_tiling` gives it."""
+    """Peak allocated bytes of the VAE encode: the weights and the largest of a run's encodes (`vae_encode_inputs`)
+    with its fp32 input, each in `--vae-tile`'s tiles when given (pixels, 0 = untiled), else in those
+    `encode_tiling` gives it."""
 
     def one(f: int, h: int, w: int) -> int:
         tiling = from_setting(vae_tile) if vae_tile is not None else encode_tiling(f, h, w)
         return 3 * f * h * w * 4 + encode_bytes(f, h, w, tiling)
 
-    return VAE_PARAMS * 4 + max(one(1, height, width), one(frames, height // 2, width // 2),
-                                one(SEGMENT_OVERLAP, height, width))
+    return VAE_PARAMS * 4 + max(one(*size) for size in vae_encode_inputs(height, width, frames).values())
 
 
 def vae_decode_bytes(height: int, width: int, frames: int, tiling: Tiling | None) -> int:
@@ -435,8 +441,9 @@ def resolve(
 
     def final(resident: int) -> Plan:
         """The plan with the VAE's tiles as `--vae-tile` says (which the DiT's blocks never depend on)."""
-        return make(resident, reason, from_setting(vae_tile), vae_tile) if forced else make(resident, reason, auto,
-                                                                                            None)
+        if forced:
+            return make(resident, reason, from_setting(vae_tile), vae_tile)
+        return make(resident, reason, auto, None)
 
     if profile.resident_blocks == "all":
         return final(config.num_layers)
