@@ -188,7 +188,11 @@ def test_numpy_globals_are_allowed(tmp_path: Path) -> None:
     assert len(formats.read_state_dict(tmp_path / "np.pt")) == 91
 
 
-def test_weight_files_read_and_map_without_copies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("positional", [True, False])
+def test_weight_files_read_and_map_without_copies(tmp_path: Path, monkeypatch, positional: bool) -> None:
+    """Reads are right with positional reads and where the OS has none (Windows: seek and read under the lock)."""
+    if not positional:
+        monkeypatch.delattr(os, "preadv", raising=False)
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int8), "c": torch.randn(4).to(torch.bfloat16)}
     path = tmp_path / "w.safetensors"
     save_file(tensors, str(path))

@@ -60,8 +60,7 @@ class WeightFiles:
         self.paths = [Path(p) for p in paths]
         self.index: dict[str, tuple[int, int, int, torch.dtype, tuple[int, ...]]] = {}
         self._maps: dict[int, mmap.mmap] = {}
-        self._local = threading.local()  # each thread's read handles: threads read different tensors at once
-        self._opened: list = []  # every handle any thread opened, for `close`
+        self._handles: dict[int, object] = {}
         self._lock = threading.Lock()
         for i, path in enumerate(self.paths):
             try:
@@ -89,32 +88,30 @@ class WeightFiles:
                             f"the model expects {dtype} {list(shape)}")
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
-        """Read `key`'s bytes into the contiguous CPU uint8 tensor `out` (exactly its size). Thread-safe: each
-        thread reads through its own handle (the pinned buffer fills from several at once, `host.PinnedHost`)."""
+        """Read `key`'s bytes into the contiguous CPU uint8 tensor `out` (exactly its size). Thread-safe: positional
+        reads on one shared handle per file, so threads read at once (the pinned buffer fills from several,
+        `host.PinnedHost`); where the OS has no positional read (Windows), they seek and read in turn."""
         i, offset, n, _, _ = self.index[key]
         if n == 0:
             return
-        f = self._handle(i)
-        f.seek(offset)
+        with self._lock:
+            f = self._handles.get(i)
+            if f is None:
+                f = self._handles[i] = open(self.paths[i], "rb", buffering=0)
         buf = memoryview(out.numpy()).cast("B")
         got = 0
         while got < n:
-            k = f.readinto(buf[got:n])
+            k = self._read_at(f, buf[got:n], offset + got)
             if not k:
                 raise UserError(f"{self.paths[i]}: file ended inside tensor {key} (truncated?)")
             got += k
 
-    def _handle(self, i: int):
-        """This thread's unbuffered read handle on file i (opened again after `close`)."""
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        f = handles.get(i)
-        if f is None or f.closed:
-            f = handles[i] = open(self.paths[i], "rb", buffering=0)
-            with self._lock:
-                self._opened.append(f)
-        return f
+    def _read_at(self, f, buf: memoryview, offset: int) -> int:
+        if hasattr(os, "preadv"):
+            return os.preadv(f.fileno(), [buf], offset)
+        with self._lock:
+            f.seek(offset)
+            return f.readinto(buf)
 
     def view(self, key: str) -> torch.Tensor:
         """`key` as a typed tensor over a private, copy-on-write mapping of its file (no read until touched)."""
@@ -130,10 +127,9 @@ class WeightFiles:
 
     def close(self) -> None:
         """Close the read handles (mapped views stay valid: each keeps its mapping alive)."""
-        with self._lock:
-            opened, self._opened = self._opened, []
-        for f in opened:
+        for f in self._handles.values():
             f.close()
+        self._handles.clear()
         self._maps.clear()
 
     def _where(self) -> str:
