@@ -37,6 +37,7 @@ _FORCED: dict[str, SDPBackend] = {
 }
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", *_FORCED, "sage", "fp8", "int8")
 QUANTIZED = ("sage", "fp8", "int8")  # 8-bit backends: self-attention only
+CONVERTING = ("fp8", "int8")  # 8-bit backends that free each bf16 input once its copy exists (offload.planner)
 # `auto` per GPU architecture (compute capability): candidates in order, the first whose kernel builds and runs here
 # wins, anything else (or none usable) is sdpa. cuDNN has FP8 attention on Hopper and B200 only; on the H100 it is
 # faster than ours (bench_attention, RESULTS.md 2026-12-06), so it leads there. B200 follows Hopper.

@@ -140,10 +140,13 @@ class SelfAttention(nn.Module):
         self, h: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, L, dim) in compute dtype -> rotated q, k and v, each (B, L, heads, head_dim) in compute dtype.
-        v is projected chunk by chunk too: an FP8/INT8 Linear then never holds an 8-bit copy of all of h."""
+
+        h is consumed: v is projected into h's own storage, chunk by chunk (each chunk of h is read by the Linear
+        before its output overwrites it), so h, q, k and v never coexist. Chunked, an FP8/INT8 Linear also never
+        holds an 8-bit copy of all of h."""
         q = self._rotated(self.q, self.norm_q, h, freqs, chunk)
         k = self._rotated(self.k, self.norm_k, h, freqs, chunk)
-        v = torch.empty_like(k)
+        v = h.unflatten(-1, (self.num_heads, -1))
         for s in range(0, h.shape[1], chunk):
             v[:, s : s + chunk] = self.v(h[:, s : s + chunk]).unflatten(-1, (self.num_heads, -1))
         return q, k, v

@@ -222,7 +222,7 @@ class Pipeline:
         return plan(m.config, height, width, frames, gpu, available_ram() // self.ranks.local_world,
                     profile=self.memory.profile, vram_budget=self.memory.vram_budget, weights=m.dit_scheme,
                     text_encoder=m.text_encoder, mappable=m.mappable, extra_refs=extra_refs,
-                    sequence_split=split.sequence, vae_tile=self.memory.vae_tile)
+                    sequence_split=split.sequence, vae_tile=self.memory.vae_tile, attention=self.memory.attention)
 
     @property
     def vae_dtype(self) -> torch.dtype | None:

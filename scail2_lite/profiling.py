@@ -298,6 +298,7 @@ def plan_to_json(p: Plan) -> dict:
         "frames": p.frames,
         "extra_refs": p.extra_refs,
         "tokens": p.tokens,
+        "attention": p.attention,
         "vram_budget": p.vram_budget,
         "outside_allocator": p.outside_allocator,
         "vae_decode_tiling": None if p.vae_decode_tiling is None else dataclasses.asdict(p.vae_decode_tiling),

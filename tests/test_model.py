@@ -11,7 +11,7 @@ import torch
 from conftest import conditions, load_npy, run_model
 
 from scail2_lite.config import DiTConfig
-from scail2_lite.blocks import I2VCrossAttention, Kernels, SCAIL2Block
+from scail2_lite.blocks import I2VCrossAttention, Kernels, SCAIL2Block, SelfAttention
 from scail2_lite.model import SCAIL2Model
 from scail2_lite.rope import apply_rope, rope_freqs, rope_tables
 
@@ -166,6 +166,20 @@ def test_chunking_is_exact(oracle: Path) -> None:
         # 37 does not divide the 56 tokens: exercises the ragged last chunk
         chunked = run_model(model, inputs, True, Kernels(attn_chunk=29, ffn_chunk=37))
     assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_v_takes_the_storage_of_h(chunk: int) -> None:
+    """h, q, k and v never coexist (the planner counts 6 bytes per element there, not 8): v is projected into h's
+    storage chunk by chunk, each chunk read before it is overwritten, with the values of a separate projection."""
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4, 1e-6)
+    h = torch.randn(1, 50, 32)
+    expected = torch.cat([attn.v(h[:, s : s + chunk]) for s in range(0, 50, chunk)], 1).unflatten(-1, (4, -1))
+    angles = torch.rand(50, 4) * 6.28
+    q, k, v = attn(h, (angles.cos(), angles.sin()), chunk)
+    assert v.data_ptr() == h.data_ptr() and q.data_ptr() != h.data_ptr() != k.data_ptr()
+    torch.testing.assert_close(v, expected, rtol=0, atol=0)
 
 
 def test_embedded_tokens_are_contiguous_in_both_dtypes(oracle: Path) -> None:

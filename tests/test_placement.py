@@ -96,6 +96,17 @@ def _plan(model: SCAIL2Model, resident: int) -> planner.Plan:
     return dataclasses.replace(p, resident_blocks=resident)
 
 
+def test_the_blocks_run_the_attention_their_plan_was_counted_for() -> None:
+    """The planner resolves the attention (`--attention`, else the profile's) and counts its memory; the placement runs
+    that backend, and a placement without a plan the one it was given."""
+    model = _model()
+    planned = planner.plan(model.config, 64, 64, 5, DeviceMemory(0, 0, 0), 1 << 50, profile="16gb", attention="math")
+    assert planned.attention == "math"
+    assert DitPlacement(model, torch.device("cpu"), planned, attention="math").kernels.attention == "math"
+    assert _plan(model, 0).attention == "sdpa"  # the profile's auto, on a machine without a GPU
+    assert DitPlacement(model, torch.device("cpu"), None, attention="flash").kernels.attention == "flash"
+
+
 WRECKED = 0.5
 
 

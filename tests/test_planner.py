@@ -11,10 +11,11 @@ import torch
 from scail2_lite import attention as attn
 from scail2_lite.config import SIZES, DiTConfig
 from scail2_lite.errors import UserError
+from scail2_lite.offload import planner
 from scail2_lite.offload.card import CUDA_CONTEXT, DESKTOP_RESERVE, DeviceMemory, card_bytes
 from scail2_lite.offload.planner import (
-    PHASES, available_ram, block_bytes, decode_tilings, lighter, list_profiles, load_profile, plan, predict,
-    reserved_bytes, tokens, unit_bytes, vae_decode_bytes, vae_encode_bytes,
+    PHASES, available_ram, block_activation_stages, block_bytes, decode_tilings, lighter, list_profiles, load_profile,
+    plan, predict, reserved_bytes, tokens, unit_bytes, vae_decode_bytes, vae_encode_bytes,
 )
 from scail2_lite.vae_tiles import ENCODE_TILE, ENCODE_WHOLE_MAX_BYTES, Tiling, encode_bytes, encode_tiling
 
@@ -310,6 +311,34 @@ def test_704p_needs_more_than_an_8gb_card_beside_a_desktop() -> None:
         plan(C14, *SIZES["704p"], 81, card(8), 64 * GB, weights="fp8")
     headless = plan(C14, *SIZES["704p"], 81, DeviceMemory.card(card_bytes(8), desktop=0), 64 * GB, weights="fp8")
     assert headless.profile.name == "layers" and headless.peak_process_total <= card_bytes(8)
+
+
+def test_an_8bit_attention_peaks_below_sdpa_in_the_self_attention_alone() -> None:
+    """fp8/int8 free each bf16 input once its 8-bit copy exists: q, k, v and one copy (7 bytes per element) against
+    SDPA's q, k, v and output (8); the projections before them (h, q, k and a chunk's temporaries) bound both."""
+    n, d = tokens(C14, *SIZES["704p"], 81), C14.dim
+    sdpa = block_activation_stages(C14, n, 8192, 8192, "sdpa")
+    for backend in attn.CONVERTING:
+        eight = block_activation_stages(C14, n, 8192, 8192, backend)
+        assert {k: b for k, b in eight.items() if k != "self_attn"} == {k: b for k, b in sdpa.items()
+                                                                         if k != "self_attn"}
+        assert 0 < sdpa["self_attn"] - eight["self_attn"] <= n * d
+    no_chunk = block_activation_stages(C14, n, 8192, 0, "sdpa")["self_attn"]  # one-shot projections: 6 + 16 bytes
+    assert no_chunk > sdpa["self_attn"]
+
+
+def test_704p_fits_an_8gb_card_beside_a_desktop_under_an_8bit_attention(monkeypatch) -> None:
+    """On a GPU where `auto` (or --attention) runs fp8 or int8, the layer-streamed 704p steps fit an 8 GiB card less
+    the desktop reserve; the plan carries the backend it counted, and a fallback keeps it (same numbers)."""
+    monkeypatch.setattr(planner, "resolve_attention", lambda name: "int8" if name == "auto" else name)
+    for asked in (None, "int8", "fp8"):
+        p = plan(C14, *SIZES["704p"], 81, card(8), 64 * GB, weights="fp8", attention=asked)
+        assert p.profile.name == "layers" and p.fits and p.attention == (asked or "int8")
+        assert p.peak_process_total <= card_bytes(8) - DESKTOP_RESERVE
+    with pytest.raises(UserError, match="no profile fits 704x1280x81"):
+        plan(C14, *SIZES["704p"], 81, card(8), 64 * GB, weights="fp8", attention="sdpa")
+    roomy = plan(C14, *SIZES["704p"], 81, card(16), 64 * GB, weights="fp8")
+    assert roomy.attention == "int8" and lighter(roomy).attention == "int8"
 
 
 # ---- the VAE decode's tiles ------------------------------------------------------------------------------------

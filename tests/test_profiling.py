@@ -4,6 +4,7 @@ on CPU (times, RSS timeline, JSON, plot); the measured-vs-predicted comparison; 
 from __future__ import annotations
 
 import json
+import mmap
 import time
 from pathlib import Path
 
@@ -165,9 +166,12 @@ def test_recorder_times_phases_and_samples_rss() -> None:
         time.sleep(0.05)
     for _ in range(2):
         with rec("dit steps"):
-            big = torch.ones(200_000_000, dtype=torch.uint8)  # 200 MB, touched: beyond any reusable free memory
+            # 200 MB of fresh pages, touched: an anonymous map, where the heap could reuse what an earlier test freed
+            big = mmap.mmap(-1, 200_000_000)
+            for i in range(0, len(big), mmap.PAGESIZE):
+                big[i] = 1
             time.sleep(0.1)
-            del big
+            big.close()
     with pytest.raises(RuntimeError, match="do not nest"):
         with rec("vae decode"):
             with rec("clip"):

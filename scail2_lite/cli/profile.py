@@ -72,7 +72,8 @@ def _print_plan(out: Console, chosen, no_fit: Optional[str], cards: dict, table_
         out.print(f"DiT {chosen.quantization}: {chosen.resident_blocks} blocks resident, {chosen.streamed_blocks} "
                   f"streamed from {'pinned RAM' if p.weight_source == 'pinned' else 'the mapped file'} "
                   f"({'layer by layer' if p.stream_unit == 'layer' else f'{p.prefetch} ahead'}); "
-                  f"VAE encode {_encode_tiles(chosen)}; VAE decode {_decode_tiles(chosen)}"
+                  f"{chosen.attention} self-attention; VAE encode {_encode_tiles(chosen)}; VAE decode "
+                  f"{_decode_tiles(chosen)}"
                   + ("; the pinned buffer fills beside the encoders" if chosen.overlap_placement else ""),
                   highlight=False)
         out.print(f"allocator budget {_bytes(chosen.vram_budget)}: the card less {_bytes(chosen.outside_allocator)} "

@@ -111,7 +111,7 @@ class DitPlacement:
                  attention: str | None = None, weight_files: Sequence[Path] = (),
                  on_fallback: Callable[[str], None] | None = None) -> None:
         self.model, self.device, self.plan = model, device, plan
-        self.attention = attention  # the user's choice; None = the plan's profile's
+        self.attention = attention  # the user's choice when there is no plan (a plan carries its resolved backend)
         self.weight_files = list(weight_files)
         self.streamer = None
         self.placed = False
@@ -169,11 +169,12 @@ class DitPlacement:
 
     @property
     def kernels(self) -> Kernels:
-        """How the blocks compute under the current plan: its profile's chunks and attention (or the user's)."""
+        """How the blocks compute under the current plan: its profile's chunks and the attention it was planned with
+        (the user's, else the profile's, resolved by the planner)."""
         if self.plan is None:
             return Kernels(resolve(self.attention or "sdpa"))
         profile = self.plan.profile
-        return Kernels(resolve(self.attention or profile.attention), profile.attn_chunk, profile.ffn_chunk)
+        return Kernels(self.plan.attention, profile.attn_chunk, profile.ffn_chunk)
 
     def _stream_config(self) -> StreamConfig:
         plan = self.plan

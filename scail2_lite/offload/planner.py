@@ -28,6 +28,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..attention import CONVERTING
+from ..attention import resolve as resolve_attention
 from ..config import SEGMENT_OVERLAP, DiTConfig
 from ..errors import UserError
 from ..vae_tiles import Tiling, encode_bytes, encode_tiling, from_setting
@@ -75,7 +77,10 @@ VAE_DECODE_SQUARES = (512, 384)  # square tiles tried (pixels) before the profil
 
 # One block's forward (model.SCAIL2Block), bytes per element of (tokens x dim) unless noted:
 RESIDUAL_BYTES = 4  # fp32 residual stream, alive for the whole forward
-QKV_ATTN_BYTES = 8  # q, k, v and the attention output in bf16 (or h, q, k and v while v is projected)
+QKV_ATTN_BYTES = 8  # q, k, v and the attention output in bf16 (SDPA, sage)
+# fp8/int8 (attention.CONVERTING) free each bf16 input once its 8-bit copy exists: q, k, v and the first copy
+QKV_CONVERTED_BYTES = 7
+QKV_PROJ_BYTES = 6  # h, q and k while k is projected (v is then projected into h's storage: blocks.SelfAttention)
 OUT_PROJ_BYTES = 4  # the attention output and its projection by o, bf16
 ATTN_CHUNK_BYTES = 16  # fp32 norm/modulation and q/k RMSNorm+RoPE temporaries per token of a chunk
 CROSS_CHUNK_BYTES = 12  # fp32 norm3, bf16 q, two attention outputs, o
@@ -171,10 +176,11 @@ def block_activation_stages(config: DiTConfig, n_tokens: int, ffn_chunk: int, at
     d, f, n = config.dim, config.ffn_dim, n_tokens
     ca = min(attn_chunk or n, n)
     cf = min(ffn_chunk or n, n)
-    # fp8 (and so auto) adds nothing: it drops each bf16 input once its e4m3 copy exists, staying under q, k, v + out
+    attend = QKV_CONVERTED_BYTES if attention in CONVERTING else QKV_ATTN_BYTES
     stages = {
-        # the k projection (h, q, k and a chunk's float32 temporaries), or v's and the attention (q, k, v, out)
-        "self_attn": max(QKV_ATTN_BYTES * n, (QKV_ATTN_BYTES - 2) * n + ATTN_CHUNK_BYTES * ca) * d
+        # the projections (h, q, k and a chunk's float32 temporaries), or the attention (q, k, v and its output or
+        # the first 8-bit copy)
+        "self_attn": max(attend * n, QKV_PROJ_BYTES * n + ATTN_CHUNK_BYTES * ca) * d
         + (SAGE_BYTES * n * d if attention == "sage" else 0),
         "self_out": OUT_PROJ_BYTES * n * d,
         "cross": CROSS_CHUNK_BYTES * ca * d,
@@ -303,6 +309,7 @@ class Plan:
     vae_decode_tiling: Tiling | None = None  # the decode's tiles (None: untiled), see `decode_tiling`
     vae_tile: int | None = None  # `--vae-tile` when given (pixels, 0 = untiled): the decode's tiles are then these
     overlap_placement: bool = False  # the DiT's host side is built beside the encoders (`overlapped`)
+    attention: str = "sdpa"  # the self-attention backend the blocks run, resolved on this machine
 
     @property
     def streamed_blocks(self) -> int:
@@ -338,10 +345,12 @@ def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
     text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0, sequence_split: int = 1,
     decode: Tiling | None | str = "profile", overlap: bool = False, vae_tile: int | None = None,
+    attention: str = "sdpa",
 ) -> dict[str, PhaseMemory]:
     """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks; the VAE decodes in
     `decode` tiles (None: untiled; "profile": the profile's square tiles) and encodes in `vae_tile` px squares
-    (`--vae-tile`, 0 = untiled; None: `vae_encode_bytes`'s rule).
+    (`--vae-tile`, 0 = untiled; None: `vae_encode_bytes`'s rule). `attention`: the resolved self-attention backend
+    (an 8-bit one that converts its inputs peaks lower than SDPA).
 
     RAM (resident set, file pages included): the non-block layers; the blocks only when they cannot be read from
     a quantized folder's shards (`mappable` False: the whole DiT stays in RAM, the pinned buffer replacing the
@@ -354,7 +363,7 @@ def predict(
     n = -(-tokens(config, height, width, frames, extra_refs) // sequence_split)
     blk = block_bytes(config, quantization)
     streamed = config.num_layers - resident_blocks
-    stages = block_activation_stages(config, n, profile.ffn_chunk, profile.attn_chunk, profile.attention)
+    stages = block_activation_stages(config, n, profile.ffn_chunk, profile.attn_chunk, attention)
     if sequence_split > 1:
         stages["self_attn"] += ALL_TO_ALL_BYTES * n * config.dim
     if profile.stream_unit is StreamUnit.LAYER and streamed:
@@ -413,7 +422,7 @@ def overlapped(plain: Plan) -> Plan:
     p = plain
     phases = predict(p.profile, p.config, p.height, p.width, p.frames, p.resident_blocks, p.quantization,
                      p.text_encoder, p.mappable, p.extra_refs, p.sequence_split, p.vae_decode_tiling, overlap=True,
-                     vae_tile=p.vae_tile)
+                     vae_tile=p.vae_tile, attention=p.attention)
     candidate = dataclasses.replace(p, phases=phases, overlap_placement=True)
     return candidate if candidate.peak_ram <= candidate.ram_available else plain
 
@@ -421,23 +430,25 @@ def overlapped(plain: Plan) -> Plan:
 def resolve(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, vram_budget: int, ram_available: int,
     weights: str = "bf16", reason: str = "", text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0,
-    outside_allocator: int = 0, sequence_split: int = 1, vae_tile: int | None = None,
+    outside_allocator: int = 0, sequence_split: int = 1, vae_tile: int | None = None, attention: str | None = None,
 ) -> Plan:
     """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget. The VAE
     encodes and decodes in `vae_tile` square tiles when given (pixels, 0 = untiled: `--vae-tile`), else it encodes
     by each input's size (`vae_encode_bytes`) and decodes in the largest tiles that fit the budget
-    (`decode_tiling`)."""
+    (`decode_tiling`). `attention`: the backend asked for (`--attention`; None: the profile's), resolved here: what
+    the blocks will run, so that the plan counts its memory."""
     quant = weights
+    backend = resolve_attention(attention or profile.attention)
     n = tokens(config, height, width, frames, extra_refs)
     auto = decode_tiling(height, width, frames, int(vram_budget), profile.vae_tile)
     forced = vae_tile is not None
 
     def make(resident: int, why: str, decode: Tiling | None, tile: int | None) -> Plan:
         phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, extra_refs,
-                         sequence_split, decode, vae_tile=tile)
+                         sequence_split, decode, vae_tile=tile, attention=backend)
         return overlapped(Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases,
                                int(vram_budget), int(ram_available), why, mappable, extra_refs, int(outside_allocator),
-                               sequence_split, decode, tile))
+                               sequence_split, decode, tile, attention=backend))
 
     def final(resident: int) -> Plan:
         """The plan with the VAE's tiles as `--vae-tile` says (which the DiT's blocks never depend on)."""
@@ -475,6 +486,7 @@ def plan(
     extra_refs: int = 0,
     sequence_split: int = 1,
     vae_tile: int | None = None,
+    attention: str | None = None,
 ) -> Plan:
     """The fastest profile that fits the GPU `device` (card.py; `vram_budget`: the card's total when smaller,
     `--vram-budget`) and `ram_bytes` of RAM.
@@ -484,7 +496,8 @@ def plan(
     file are left out. With `profile` given the plan uses it even if it does not fit (`plan.fits` says so).
     `extra_refs`: extra references, whose tokens every DiT step carries. `sequence_split`: ranks sharing the
     tokens (the plan is one rank's; the caller divides the host's RAM among its ranks). `vae_tile`: `--vae-tile`
-    (pixels, 0 = untiled), else the decode's tiles are the largest that fit (`decode_tiling`)."""
+    (pixels, 0 = untiled), else the decode's tiles are the largest that fit (`decode_tiling`). `attention`:
+    `--attention` (None: each profile's), resolved for this machine."""
     if weights not in QUANTIZATIONS:
         raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if text_encoder not in TEXT_ENCODERS:
@@ -494,23 +507,23 @@ def plan(
     if profile is not None:
         chosen = profile if isinstance(profile, Profile) else load_profile(profile)
         return resolve(chosen, config, height, width, frames, budget, ram_bytes, weights, "chosen by --profile",
-                       text_encoder, mappable, extra_refs, outside, sequence_split, vae_tile)
+                       text_encoder, mappable, extra_refs, outside, sequence_split, vae_tile, attention)
     candidates = [p for p in list_profiles() if mappable or p.weight_source is not WeightSource.MMAP]
     for p in candidates:
         # chosen with the decode's tiles that fit: `--vae-tile` applies to the chosen plan (and may not fit)
         result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable,
-                         extra_refs, outside, sequence_split)
+                         extra_refs, outside, sequence_split, attention=attention)
         if result.fits:
             faster = [c.name for c in candidates if c.speed_rank < p.speed_rank]
             why = "fastest profile" if not faster else f"fastest that fits ({', '.join(faster)} need more memory)"
             if vae_tile is not None:
                 result = resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder,
-                                 mappable, extra_refs, outside, sequence_split, vae_tile)
+                                 mappable, extra_refs, outside, sequence_split, vae_tile, attention)
                 why += "" if result.fits else "; the VAE in --vae-tile's tiles does not fit"
             return dataclasses.replace(result, reason=why)
     lightest = min(
         (resolve(p, config, height, width, frames, budget, ram_bytes, weights, "", text_encoder, mappable, extra_refs,
-                 outside, sequence_split)
+                 outside, sequence_split, attention=attention)
          for p in candidates),
         key=lambda r: (r.peak_vram_reserved > budget, r.peak_ram > ram_bytes, r.peak_vram_reserved),
     )
@@ -525,14 +538,14 @@ def plan(
 def lighter(current: Plan) -> Plan | None:
     """The plan to retry a step that ran out of CUDA memory under: the fastest shipped profile (or the same one
     with fewer resident blocks) predicted to need at most LIGHTER_FACTOR of the current plan's VRAM; None when
-    nothing lighter exists. Same DiT quantization: a retry changes no numbers."""
+    nothing lighter exists. Same DiT quantization and attention backend: a retry changes no numbers."""
     budget = int(current.peak_vram_reserved * LIGHTER_FACTOR)
     for p in list_profiles():
         candidate = resolve(p, current.config, current.height, current.width, current.frames, budget,
                             current.ram_available, current.quantization,
                             f"fallback after out of memory under {current.profile.name}", current.text_encoder,
                             current.mappable, current.extra_refs, current.outside_allocator, current.sequence_split,
-                            current.vae_tile)
+                            current.vae_tile, current.attention)
         if candidate.fits:
             return candidate
     return None
