@@ -28,6 +28,8 @@ the next part runs); `$OUT/cards.json` is rewritten after each run, so a timeout
    frame and peak memory (target: 321 frames <= 4.1x the time of 81, the same peak). The driving video is the
    synthetic one played forwards and backwards to the length asked.
 7. `long`: one 40-step CFG (upstream's sampler) 704p x 81 run on a 16 GiB card, end to end (~1000 s: detach it).
+8. `latents` (issue 19): 2 steps (unipc, CFG 5) at 704p x 81 on the whole GPU under each `--latents-backends`
+   self-attention, the final latents against SDPA's: relative error and cosine (~40 s per backend).
 """
 
 from __future__ import annotations
@@ -240,6 +242,28 @@ def scaling(s: bp.Setup, st: bp.State, dst: Path, src: Path, work: Path, res: bp
             "process total GB |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
+def latents_part(s: bp.Setup, st: bp.State, dst: Path, src: Path, res: bp.Results, backends: list[str]) -> str:
+    """Issue 19: the full synthetic model's latents after 2 steps (bench_pipeline's sampling: unipc, CFG 5) at 704p x
+    81 on the whole GPU, one run per self-attention backend, each against SDPA's (the first run). Only the attention
+    differs between runs: the same folder, inputs, seed and plan."""
+    from scail2_lite.attention import kernel_name
+
+    rows, reference = [], None
+    for name in ["sdpa", *(b for b in backends if b != "sdpa")]:
+        key = f"latents_{name}"
+        rep = bp.run_case(s, st, dst, src, res, key, size=s.size_704, frames=s.frames, profile=s.profile_704,
+                          card_gib=None, decode=False, attention=name)
+        z = st.latents[key].double()
+        reference = z if reference is None else reference
+        rel = float((z - reference).norm() / reference.norm())
+        cosine = float(torch.nn.functional.cosine_similarity(z.flatten(), reference.flatten(), dim=0))
+        res.put(f"{key}_vs_sdpa", {"relative_error": rel, "cosine": cosine, "kernel": kernel_name(name)})
+        rows.append(f"| {kernel_name(name)} | {rep['seconds_per_step']:.2f} | {rel:.2e} | {cosine:.6f} |")
+    return (f"### Latents after {bp.STEPS} steps ({bp.SOLVER}, CFG {bp.GUIDANCE}), {s.frames} frames at "
+            f"{s.size_704}, the whole device: each self-attention backend against SDPA\n| self-attention | s/step | rel. "
+            "error vs sdpa | cosine vs sdpa |\n|---|---|---|---|\n" + "\n".join(rows))
+
+
 def long_run(s: bp.Setup, st: bp.State, dst: Path, src: Path, res: bp.Results) -> str:
     """Upstream's sampling (40 steps unipc, CFG 5) at 704p x 81 on a 16 GiB card, end to end."""
     from scail2_lite.config import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS
@@ -256,18 +280,40 @@ def long_run(s: bp.Setup, st: bp.State, dst: Path, src: Path, res: bp.Results) -
               f"({steps_s / steps:.1f} s per step with both CFG branches)")
 
 
+def private_code(dst: Path) -> Path:
+    """Copy the benchmarks and the package, as pyproject's package-dir maps it, into `dst` (links resolved). A
+    detached child imports from this copy: the device machine re-syncs the working tree for every call and drops
+    untracked files (the `scail2_lite/quantize` link of a PYTHONPATH setup), mid-run for a child of an earlier
+    call."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    mapping = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    shutil.rmtree(dst, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(root / "benchmarks", dst / "benchmarks", ignore=ignore)
+    for package, folder in sorted(mapping.items()):  # parents before their mapped subpackages
+        target = dst.joinpath(*package.split("."))
+        if not target.exists():  # already inside its parent's copy where a link put it there
+            shutil.copytree(root / folder, target, ignore=ignore)
+    return dst
+
+
 def detach(args: list[str], work: Path, name: str) -> None:
-    """Start this script again as a `setsid` child with `args` (no --detach), writing its results and log to
-    WORKDIR/detached/NAME/ and `done` there when it ends; returns at once."""
+    """Start this script again, from a private copy of the code, as a `setsid` child with `args` (no --detach),
+    writing its results and log to WORKDIR/detached/NAME/ and `done` there when it ends; returns at once."""
     import subprocess
 
     folder = work / "detached" / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    code = private_code(folder / "code")
     log_file = open(folder / "log.txt", "w")
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--keep", "--done-file", str(folder / "done")]
+    cmd = [sys.executable, str(code / "benchmarks" / Path(__file__).name), *args, "--keep", "--done-file",
+           str(folder / "done")]
+    path = os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH")) if p)
     child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                             env={**os.environ, "OUT": str(folder), "PYTHONUNBUFFERED": "1"})
+                             env={**os.environ, "OUT": str(folder), "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
     log(f"detached {name}: pid {child.pid}, {' '.join(cmd)}; collect with --collect {name} --wait SECONDS")
 
 
@@ -316,9 +362,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=540.0, help="seconds this call may take")
     ap.add_argument("--vae-frames", type=int, default=21, help="frames of the VAE-alone comparison (4k+1)")
     ap.add_argument("--parts", default="vae,headline,cards", help="comma list of vae, headline, cards, decode, "
-                    "encode, trace, scaling, long")
+                    "encode, trace, scaling, long, latents")
     ap.add_argument("--scaling-frames", default=SCALING_FRAMES, help="frame counts of the scaling part (4k+1)")
     ap.add_argument("--cards", help="the card table's cases as SIZE:GIB, comma-separated (default: every case)")
+    ap.add_argument("--latents-backends", default="int8,fp8", help="the latents part's backends beside sdpa "
+                    "(with --tiny: math)")
     ap.add_argument("--detach", metavar="NAME", help="run the parts as a setsid child in WORKDIR/detached/NAME")
     ap.add_argument("--collect", metavar="NAME", help="wait for a detached part (--wait) and copy its results to $OUT")
     ap.add_argument("--wait", type=float, default=480.0, help="seconds --collect waits at most")
@@ -371,13 +419,13 @@ def run(args: argparse.Namespace) -> None:
         bp.guarded("decode", lambda: decode_part(tiny, device, st.emulator, res, s.deadline), res, tables)
     if "encode" in parts:
         bp.guarded("encode", lambda: encode_part(tiny, device), res, tables)
-    if not parts & {"vae", "headline", "cards", "scaling", "long"}:
+    if not parts & {"vae", "headline", "cards", "scaling", "long", "latents"}:
         parts = set()
     elif not (src / ".complete").is_file():
         bp.guarded("stage 1", lambda: bp.stage_sources(s, src, res), res, tables)
     if parts and (src / ".complete").is_file() and not is_quantized_folder(dst):
         bp.guarded("stage 2", lambda: bp.stage_quantize(s, src, dst, res), res, tables)
-    if (parts & {"headline", "cards", "scaling", "long"} and is_quantized_folder(dst) and not tiny
+    if (parts & {"headline", "cards", "scaling", "long", "latents"} and is_quantized_folder(dst) and not tiny
             and s.text_encoder == "nf4" and importlib.util.find_spec("bitsandbytes") is None):
         bp.guarded("prompt prefill", lambda: prefill_prompt(s, st, dst, res), res, tables)
     if "vae" in parts and (src / ".complete").is_file():
@@ -396,6 +444,9 @@ def run(args: argparse.Namespace) -> None:
             bp.guarded("scaling", lambda: scaling(s, st, dst, src, work, res, counts), res, tables)
         if "long" in parts:
             bp.guarded("long", lambda: long_run(s, st, dst, src, res), res, tables)
+        if "latents" in parts:
+            backends = ["math"] if tiny else [b.strip() for b in args.latents_backends.split(",")]
+            bp.guarded("latents", lambda: latents_part(s, st, dst, src, res, backends), res, tables)
     if st.emulator is not None:
         tables.insert(0, st.emulator.describe())
     if not args.keep:

@@ -284,12 +284,14 @@ def _pipeline(s: Setup, st: State, dst: Path, res: Results):
 
 def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, *, size, frames: int,
              profile: str | None, card_gib: float | None, decode: bool,
-             sampling: dict | None = None, after_steps: Callable[[torch.Tensor], None] | None = None) -> dict:
+             sampling: dict | None = None, after_steps: Callable[[torch.Tensor], None] | None = None,
+             attention: str | None = None) -> dict:
     """One pipeline call with a PhaseRecorder; returns (and records) its report with the plan comparison.
     `card_gib`: emulate a card of that many GiB (_cards.py: allocator cap = card - measured context - desktop
     reserve; the planner gets the card's total as `vram_budget`); None: the whole GPU.
     `sampling` overrides the pipeline keywords steps/guidance/solver (default: the module's) and adds cache ones;
-    `after_steps` gets segment 0's final latents (CPU) before the VAE decode."""
+    `after_steps` gets segment 0's final latents (CPU) before the VAE decode; `attention` the self-attention
+    backend (None: the profile's)."""
     from scail2_lite.offload.card import card_bytes
 
     from scail2_lite import conditioning as cond
@@ -299,7 +301,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
 
     vram_budget = card_bytes(card_gib) if card_gib else None
     pipe = _pipeline(s, st, dst, res).with_memory(MemorySettings(
-        text_encoder=s.text_encoder, profile=profile, vram_budget=vram_budget))
+        text_encoder=s.text_encoder, profile=profile, vram_budget=vram_budget, attention=attention))
     inputs = load_inputs(InputFiles(**input_files(src / "inputs")), size=size, frames=frames)
     h, w = inputs.size
     a, b = cond.segment_plan(inputs.frames, SEGMENT_LEN, SEGMENT_OVERLAP)[0]
@@ -314,6 +316,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     sampling = {"steps": STEPS, "guidance": GUIDANCE, "solver": SOLVER, **(sampling or {})}
     settings = {"size": f"{w}x{h}", "frames": inputs.frames, **sampling, "profile_asked": profile,
                 "card_gib": card_gib, "vram_budget": vram_budget, "memory_cap": cap, "decode": decode,
+                "attention": attention,
                 "text_encoder_cached": cached, "dit": "fp8", "text_encoder": s.text_encoder, "device": str(s.device)}
     latents: list[torch.Tensor] = []
 
