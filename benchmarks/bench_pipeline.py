@@ -291,7 +291,7 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
     reserve; the planner gets the card's total as `vram_budget`); None: the whole GPU.
     `sampling` overrides the pipeline keywords steps/guidance/solver (default: the module's) and adds cache ones;
     `after_steps` gets segment 0's final latents (CPU) before the VAE decode; `attention` the self-attention
-    backend (None: the profile's)."""
+    backend (None: the profile's). A run that decodes writes its mp4 to WORKDIR/videos/KEY.mp4."""
     from scail2_lite.offload.card import card_bytes
 
     from scail2_lite import conditioning as cond
@@ -339,11 +339,15 @@ def run_case(s: Setup, st: State, dst: Path, src: Path, res: Results, key: str, 
         if not decode:
             raise _StopAfterLatents
 
+    # a run that decodes writes its mp4 as a user's does (its wait for the encoder is the "video write" phase)
+    output = dst.parent / "videos" / f"{key}.mp4" if decode else None
+    if output is not None:
+        output.parent.mkdir(exist_ok=True)
     t = time.perf_counter()
     result = None
     try:
         result = pipe(inputs, PROMPT, settings=GenerationSettings(seed=s.seed, **sampling), recorder=recorder,
-                      on_latents=on_latents, keep_frames=False)
+                      on_latents=on_latents, keep_frames=False, output=output)
     except _StopAfterLatents:
         pass
     finally:

@@ -48,6 +48,7 @@ from .settings import GenerationSettings, MemorySettings
 from .stepcache import StepCache
 from .vae import VAE_FILE, WanVAE, load_vae
 from .vae_tiles import Tiling, encode_tiling, from_setting
+from .write_behind import WriteBehind
 
 # Streaming blocks through fixed slots while activations come and go fragments the caching allocator: growable
 # segments keep reserved memory near allocated. Read when CUDA first allocates, so it is set on import, for the
@@ -252,8 +253,8 @@ class Pipeline:
         """Generate a video from `inputs` (the four files and any extra references, or `Inputs` already read), as
         many frames as the driving video has. `settings` (or its fields as keywords: `steps=8`, `size="704p"`, ...)
         say what to make; `negative_prompt` is upstream's empty string unless given. With `output`, frames stream
-        into an H.264 mp4
-        written atomically (no partial file on error or Ctrl-C).
+        into an H.264 mp4, encoded on a worker thread behind the run (write_behind.py) and written atomically (no
+        partial file on error or Ctrl-C).
 
         `progress` shows the phases; `recorder` (a `profiling.PhaseRecorder`) times them; `on_latents(segment,
         latents)` sees each segment's final latents (tests compare profiles with it).
@@ -319,6 +320,13 @@ class Pipeline:
             step_seconds: list[float] = []
             decode_fallbacks: list[str] = []
             writer = stack.enter_context(media.VideoWriter(output, fps, (h, w))) if output is not None else None
+            writes, write_note = None, None
+            if writer is not None:  # entered after the writer: on an error it stops before the file is discarded
+                tell = tasks.beside("writing the mp4, beside the run")
+                shown = (lambda n: tell(f"{n} of {total_frames} frames", n, total_frames)) if tell else None
+                # one segment's decoded groups (of 4 frames) may wait, so a tiled decode's frames are encoded while
+                # the next segment runs
+                writes = stack.enter_context(WriteBehind(writer.write_rgb, s.segment_len // 4 + 1, shown))
             with timer("dit placement"), tasks.phase("placing the DiT"):
                 placement.apply()
             if placement.host_side is not None:
@@ -367,14 +375,20 @@ class Pipeline:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
                     for group in self._decode_segment(decode_tiles, placement.plan, latents, drop, stop,
                                                       decode_fallbacks, timer.note):
-                        if writer is not None:
-                            writer.write(group)
+                        if writes is not None:
+                            writes.put(media.to_uint8(group))
                         if keep_frames:
                             kept.append(group)
                         tail = torch.cat([tail, group], dim=1)[:, -s.segment_overlap:]
                         tasks.advance(decode_task, group.shape[1])
                     self.park_vae()
                     history_pixels = tail if k + 1 < len(segments) else None
+            if writer is not None:
+                with timer("video write"), tasks.phase("finishing the mp4"):
+                    writes.finish()
+                    writer.close()
+                timer.beside("video write (beside the run)", writes.seconds, writes.waited)
+                write_note = f"encoded in {writes.seconds:.1f} s beside the run, {writes.waited:.1f} s of it waited for"
             final_plan, fallbacks, attention = placement.plan, placement.fallbacks, placement.kernels.attention
             streamers_built, placement_note = placement.streamers_built, placement.overlap_note
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
@@ -382,6 +396,8 @@ class Pipeline:
                    parallel=split.describe(),
                    vae_decode=f"{decode_tiles.describe(h, w) if decode_tiles else 'untiled'}, "
                               f"{'bf16' if self.vae_dtype is torch.bfloat16 else 'fp32'}")
+        if write_note is not None:
+            run["video_write"] = write_note
         if inputs.additional_refs:
             run["extra_references"] = len(inputs.additional_refs)
         if final_plan is not None:

@@ -58,7 +58,11 @@ def test_animation_writes_video(pipe, folder, tmp_path):
     assert len(latents) == 1 and latents[0].shape == (1, 16, 5, 16, 16)
     video, fps = media.read_video(out)
     assert video.shape == (3, 17, *SIZE) and fps == 16
+    media.write_video(tmp_path / "inline.mp4", result.frames, fps=16)  # encoded behind the run = encoded in line
+    assert torch.equal(video, media.read_video(tmp_path / "inline.mp4")[0])
     assert result.settings["segments"] == 1 and not result.warnings
+    assert "video write" in result.seconds  # the wait for the encoder, a phase of its own
+    assert result.settings["video_write"].startswith("encoded in")
 
 
 def test_same_seed_same_video_and_solvers_differ(pipe, folder):

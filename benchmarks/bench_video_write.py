@@ -1,0 +1,114 @@
+"""What writing the mp4 costs a run, and how much of it the write-behind hides (issue 23). CPU only.
+
+A run's frames arrive from the VAE decode in groups of 4 (the first alone), float32 on [-1, 1]; the pipeline turns
+each into 8 bits (`media.to_uint8`) and hands it to `write_behind.WriteBehind`, whose worker encodes it (PyAV,
+libx264 crf 17 `medium`, `media.VideoWriter`). This measures, on a real picture panning over `--frames` frames at
+`--size` (scikit-image's astronaut, so H.264 sees natural content):
+1. the conversion to 8 bits per group, the shipped in-place form against the out-of-place form it replaced;
+2. a decode simulated as `--decode-s` seconds of waiting per group (a CUDA synchronisation releases the GIL as
+   `time.sleep` does), with the frames written in line (each group encoded before the next is decoded: the old
+   pipeline) and behind it (the shipped one): seconds end to end and what the decode waited for the writer.
+With `--decode-s 0` it is the tiled decode's case, whose frames all come at once: the write is not hidden there
+(within one segment).
+
+    python benchmarks/bench_video_write.py --frames 81 --size 704p --decode-s 0.48 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scail2_lite import media
+from scail2_lite.config import SIZES
+from scail2_lite.write_behind import WriteBehind
+
+
+def panning(frames: int, h: int, w: int) -> torch.Tensor:
+    """(3, frames, h, w) on [-1, 1]: the astronaut, scaled past the frame and panned one pixel per frame."""
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float()[None] / 127.5 - 1
+    img = F.interpolate(img, size=(h + frames, w + frames), mode="bilinear", align_corners=False)[0]
+    return torch.stack([img[:, i // 2: i // 2 + h, i: i + w] for i in range(frames)], dim=1).contiguous()
+
+
+def groups(video: torch.Tensor) -> list[torch.Tensor]:
+    """The decode's groups: the first frame alone, then 4 at a time."""
+    return [video[:, :1], *video[:, 1:].split(4, dim=1)]
+
+
+def out_of_place(frames: torch.Tensor) -> np.ndarray:
+    """The conversion before 2026-12-07 (every step a new tensor), kept here as the comparison."""
+    x = frames.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(x.permute(1, 2, 3, 0).cpu().numpy())
+
+
+def conversion(parts: list[torch.Tensor], repeats: int) -> str:
+    rows = []
+    for name, fn in (("out of place (before)", out_of_place), ("in place (`media.to_uint8`)", media.to_uint8)):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for g in parts:
+                fn(g)
+            times.append(time.perf_counter() - t)
+        rows.append(f"| {name} | {statistics.median(times):.2f} | {', '.join(f'{x:.2f}' for x in times)} |")
+    assert all(np.array_equal(out_of_place(g), media.to_uint8(g)) for g in parts[:3])
+    return "| conversion to 8 bits, all groups | s (median) | runs |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def run(parts: list[torch.Tensor], size: tuple[int, int], decode_s: float, behind: bool, folder: Path) -> dict:
+    """One simulated decode + write, as the pipeline does it; seconds end to end and the writer's figures."""
+    t = time.perf_counter()
+    with media.VideoWriter(folder / "out.mp4", 16, size) as writer:
+        if behind:
+            with WriteBehind(writer.write_rgb, depth=len(parts)) as writes:
+                for g in parts:
+                    time.sleep(decode_s)
+                    writes.put(media.to_uint8(g))
+                writes.finish()
+            writer.close()
+            return {"s": time.perf_counter() - t, "writer s": writes.seconds, "waited s": writes.waited}
+        for g in parts:
+            time.sleep(decode_s)
+            writer.write_rgb(media.to_uint8(g))
+        writer.close()
+    return {"s": time.perf_counter() - t, "writer s": None, "waited s": None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--size", default="704p", choices=sorted(SIZES))
+    ap.add_argument("--decode-s", type=float, default=0.48, help="simulated decode seconds per group")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    h, w = SIZES[args.size]
+    parts = groups(panning(args.frames, h, w))
+    print(f"{args.frames} frames at {w}x{h}, {len(parts)} groups, torch threads {torch.get_num_threads()}\n")
+    print(conversion(parts, args.repeats) + "\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for decode_s in sorted({0.0, args.decode_s}):
+            for behind in (False, True):
+                runs = [run(parts, (h, w), decode_s, behind, Path(tmp)) for _ in range(args.repeats)]
+                best = min(runs, key=lambda r: r["s"])
+                decode = decode_s * len(parts)
+                writer_s, waited = (("-", "-") if not behind else
+                                    (f"{best['writer s']:.2f}", f"{best['waited s']:.2f}"))
+                rows.append(f"| {decode:.1f} | {'behind (shipped)' if behind else 'in line (before)'} | "
+                            f"{best['s']:.2f} | {best['s'] - decode:.2f} | {writer_s} | {waited} |")
+    print("| simulated decode s | frames written | s end to end (best) | over the decode s | writer's own s | "
+          "decode waited s |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
