@@ -24,6 +24,7 @@ from scail2_lite.media import (
     resize_crop,
     save_frames,
     side_by_side,
+    to_uint8,
     write_video,
 )
 
@@ -67,6 +68,14 @@ def test_read_video_resizes_while_decoding_and_keeps_fractional_fps(tmp_path):
     halved, _ = read_video(tmp_path / "a.mp4", size=(32, 32), max_frames=3, per_frame=half_res)
     assert torch.equal(halved, half_res(frames))
     assert fps == pytest.approx(29.97, abs=1e-3)
+
+
+def test_to_uint8_rounds_each_frame_into_a_contiguous_array():
+    video = torch.cat([smooth_video(t=3), torch.full((3, 2, 64, 64), 2.0), torch.full((3, 1, 64, 64), -1.5)], dim=1)
+    frames = to_uint8(video)
+    assert frames.dtype == np.uint8 and frames.shape == (6, 64, 64, 3) and frames.flags["C_CONTIGUOUS"]
+    assert all(np.array_equal(frames[i], as_uint8(video[:, i])) for i in range(6))  # out of range: clamped
+    assert video.min() == -1.5  # the input is not changed in place
 
 
 def test_streaming_writer_takes_frame_groups(tmp_path):
