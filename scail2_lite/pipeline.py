@@ -375,7 +375,7 @@ class Pipeline:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
                     for group in self._decode_segment(decode_tiles, placement.plan, latents, drop, stop,
                                                       decode_fallbacks, timer.note):
-                        if writes is not None:
+                        if writes is not None:  # in 8 bits before it waits: a float segment would be 4x the RAM
                             writes.put(media.to_uint8(group))
                         if keep_frames:
                             kept.append(group)
