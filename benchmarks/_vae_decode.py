@@ -3,10 +3,12 @@ may choose, measured against the planner's prediction; the 704p encodes in the o
 `vae_tiles.encode_tiling` now runs them; and the CPU traces behind the planner's per-pixel figures.
 
 `decode_part`: latents of the real 704p x 81 output (1280x704, 21 latent frames, random: time and memory do not
-depend on the values) decoded by the full-width Wan VAE (random weights) in each tiling the planner picks for an 8,
-12, 16 or 24 GiB card, plus 256 px tiles and untiled. Each tiling runs twice: the first pass pays cuDNN's algorithm
-search (as every run does once per tile shape), the second is the steady figure. A card's choice runs under that
-card's emulated allocator cap (`_cards.Emulator`), so an under-predicted tiling shows as "out of memory" there.
+depend on the values) decoded by the full-width Wan VAE (random weights, the shipped layout and cuDNN settings) in
+each cut the planner picks for an 8, 12, 16 or 24 GiB card (`planner.decode_cut`: tiles, four frames at a time or
+by frame); then, uncapped, each of those tilings in the other mode, and untiled both ways.
+Each case runs twice: the first pass pays cuDNN's choices for the shapes (as every run does once), the second is
+the steady figure. A card's choice runs under that card's emulated allocator cap (`_cards.Emulator`), so an
+under-predicted tiling shows as "out of memory" there.
 
 `trace_part`: the live tensor bytes of `WanVAE.decode_frames` on CPU (no cuDNN workspace), per output pixel, at two
 tile sizes: the source of `planner.VAE_DECODE_TENSOR_BYTES_PER_PIXEL`; and of `WanVAE.encode`, per input pixel, of
@@ -42,40 +44,42 @@ def _gb(x: int | None) -> str:
 
 
 def decode_part(tiny: bool, device: torch.device, emulator: Emulator | None, res, deadline: float) -> str:
-    """Seconds, peak allocated / reserved / NVML of the decode in each tiling, beside the planner's prediction."""
+    """Seconds, peak allocated / reserved / NVML of the decode in each cut, beside the planner's prediction."""
     from scail2_lite.offload import planner
     from scail2_lite.offload.card import DeviceMemory, card_bytes
     from scail2_lite.profiling import PhaseRecorder
-    from scail2_lite.vae_tiles import Tiling
+    from scail2_lite.vae_tiles import DecodeCut
 
     h, w, frames = (64, 128, 5) if tiny else (704, 1280, 81)
     latent_frames = (frames - 1) // 4 + 1
-    vae = _vae("tiny" if tiny else "full", device)
+    vae = _vae("tiny" if tiny else "full", device).to(device)
     z = torch.randn(1, 16, latent_frames, h // 8, w // 8, generator=torch.Generator().manual_seed(0)).to(device)
-    # (tiling, card it is chosen for): each card's choice (smallest card first), then 256 px tiles and untiled.
-    cases: list[tuple[Tiling | None, int | None]] = []
+    # (cut, card it is chosen for): each card's choice (smallest card first), then uncapped: the same tilings in the
+    # other mode, untiled both ways.
+    cases: list[tuple[DecodeCut, int | None]] = []
     for gib in CARDS:
-        budget = DeviceMemory.card(card_bytes(gib)).allocator_budget()
-        tiling = planner.decode_tiling(h, w, frames, budget, 256)
-        if all(t != tiling for t, _ in cases):
-            cases.append((tiling, gib))
-    for tiling in (Tiling.square(32 if tiny else 256), None):
-        if all(t != tiling for t, _ in cases):
-            cases.append((tiling, None))
+        cut = planner.decode_cut(h, w, frames, DeviceMemory.card(card_bytes(gib)).allocator_budget(), 256)
+        if all(c != cut for c, _ in cases):
+            cases.append((cut, gib))
+    others = [DecodeCut(c.tiling, not c.by_frame) for c, _ in cases] + [DecodeCut(None, b) for b in (False, True)]
+    for cut in others:
+        if all(c != cut for c, _ in cases):
+            cases.append((cut, None))
     cuda = device.type == "cuda"
     rec = PhaseRecorder(device, interval=0.05)
     rows, record = [], {"size": [w, h], "frames": frames, "latents": list(z.shape), "cases": []}
-    for tiling, gib in cases:
-        name = tiling.describe(h, w) if tiling is not None else "untiled"
-        predicted = planner.vae_decode_bytes(h, w, frames, tiling)
-        entry = {"tiling": name, "card_gib": gib, "predicted_allocated": predicted,
+    for cut, gib in cases:
+        name = cut.describe(h, w)
+        predicted = planner.vae_decode_bytes(h, w, frames, cut.tiling, cut.by_frame)
+        entry = {"cut": name, "card_gib": gib, "predicted_allocated": predicted,
                  "predicted_reserved": planner.reserved_bytes("vae_decode", predicted),
-                 "decoded_pixels_ratio": (tiling.decoded_pixels(h, w) if tiling else h * w) / (h * w)}
+                 "predicted_cost": planner.decode_cost(h, w, cut),
+                 "decoded_pixels_ratio": (cut.tiling.decoded_pixels(h, w) if cut.tiling else h * w) / (h * w)}
         if time.perf_counter() > deadline - 60:
             entry["status"] = "not run (budget)"
             record["cases"].append(entry)
             continue
-        vae.set_tiling(tiling)
+        vae.set_tiling(cut.tiling)
         cap = emulator.cap(gib) if emulator is not None and gib is not None else None
         entry["allocator_cap"] = cap
         try:
@@ -85,7 +89,7 @@ def decode_part(tiny: bool, device: torch.device, emulator: Emulator | None, res
                 key = f"{name} {attempt}"
                 t = time.perf_counter()
                 with rec(key):
-                    for group in vae.decode_frames(z):
+                    for group in vae.decode_frames(z, by_frame=cut.by_frame):
                         group.cpu()
                 entry[f"{attempt}_seconds"] = round(time.perf_counter() - t, 3)
                 stats = rec.to_json()["phases"][key]
@@ -106,14 +110,15 @@ def decode_part(tiny: bool, device: torch.device, emulator: Emulator | None, res
         peak = max(entry.get("first_peak_allocated") or 0, entry.get("timed_peak_allocated") or 0) or None
         reserved = max(entry.get("first_peak_reserved") or 0, entry.get("timed_peak_reserved") or 0) or None
         rows.append(
-            f"| {name} | {gib or '-'} | {entry['decoded_pixels_ratio']:.2f} | {entry.get('first_seconds', '-')} | "
+            f"| {name} | {gib or '-'} | {entry['decoded_pixels_ratio']:.2f} | {entry['predicted_cost']:.2f} | "
+            f"{entry.get('first_seconds', '-')} | "
             f"{entry.get('timed_seconds', '-')} | {_gb(peak)} | {_gb(predicted)} | {_gb(reserved)} | "
             f"{_gb(entry['predicted_reserved'])} | {_gb(entry.get('first_peak_nvml_used'))} | {entry['status']} |")
     res.put("decode", record)
-    return (f"### VAE decode alone: {w}x{h} x {frames} frames ({latent_frames} latent), fp32, per tiling\n"
-            "| tiling | chosen for GiB (capped) | pixels decoded / frame | first s | s | peak alloc GB | predicted "
-            "| peak reserved GB | predicted | NVML used GB (first) | status |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    return (f"### VAE decode alone: {w}x{h} x {frames} frames ({latent_frames} latent), fp32, per cut\n"
+            "| cut | chosen for GiB (capped) | pixels decoded / frame | predicted cost | first s | s | peak alloc GB "
+            "| predicted | peak reserved GB | predicted | NVML used GB (first) | status |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def encode_part(tiny: bool, device: torch.device) -> str:
@@ -179,14 +184,14 @@ class _LiveTensors(TorchDispatchMode):
         return out
 
 
-def trace_bytes_per_pixel(scale: str, latent: int, latent_frames: int = 3) -> float:
+def trace_bytes_per_pixel(scale: str, latent: int, latent_frames: int = 3, by_frame: bool = False) -> float:
     """Peak live tensor bytes per output pixel of the steady frame groups (the third on) of an untiled decode of a
-    `latent` x `latent` latent frame on CPU (fp32)."""
+    `latent` x `latent` latent frame on CPU (fp32), four frames at a time or `by_frame`."""
     vae = _vae(scale, torch.device("cpu"))
     z = torch.randn(1, 16, latent_frames, latent, latent, generator=torch.Generator().manual_seed(0))
     mode, peaks = _LiveTensors(), []
     with torch.no_grad(), mode:
-        for group in vae.decode_frames(z):
+        for group in vae.decode_frames(z, by_frame=by_frame):
             peaks.append(mode.peak)
             mode.peak = mode.current
             del group
@@ -209,15 +214,18 @@ def trace_part(tiny: bool, res) -> str:
     sizes = (4, 8)
     t = time.perf_counter()
     per_px = {n: trace_bytes_per_pixel(scale, n) for n in sizes}
+    by_frame = {n: trace_bytes_per_pixel(scale, n, by_frame=True) for n in sizes}
     b = (per_px[sizes[0]] - per_px[sizes[1]]) / (2 / sizes[0] - 2 / sizes[1])
     a = per_px[sizes[1]] - b * 2 / sizes[1]
     encode = {f"{frames} frames, {size} px": trace_encode_bytes_per_pixel(scale, frames, size)
               for frames, size in ((1, 64), (1, 128), (9, 64), (17, 64))}
-    record = {"scale": scale, "bytes_per_pixel": per_px, "fit_a": a, "fit_b": b, "encode_bytes_per_pixel": encode,
-              "seconds": round(time.perf_counter() - t, 1)}
+    record = {"scale": scale, "bytes_per_pixel": per_px, "fit_a": a, "fit_b": b, "by_frame_bytes_per_pixel": by_frame,
+              "encode_bytes_per_pixel": encode, "seconds": round(time.perf_counter() - t, 1)}
     res.put("decode_trace", record)
     return (f"### Decode tensors traced on CPU ({scale} VAE, fp32): "
             + ", ".join(f"{n * 8}x{n * 8} px: {v:,.0f} B/px" for n, v in per_px.items())
             + f"; fit {a:,.0f} + {b:,.0f} x (1/h + 1/w) latent px (planner: VAE_DECODE_TENSOR_BYTES_PER_PIXEL)\n\n"
+            + "By frame: " + ", ".join(f"{n * 8}x{n * 8} px: {v:,.0f} B/px" for n, v in by_frame.items())
+            + " (planner: VAE_DECODE_BY_FRAME_TENSOR_BYTES_PER_PIXEL)\n\n"
             + "Encode tensors per input pixel: " + ", ".join(f"{k}: {v:,.0f} B/px" for k, v in encode.items())
             + " (vae_tiles: ENCODE_IMAGE_BYTES_PER_PIXEL, ENCODE_VIDEO_BYTES_PER_PIXEL)")

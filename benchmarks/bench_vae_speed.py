@@ -7,7 +7,7 @@ fp32 (TF32) or bf16, NCDHW or channels-last weights gives the shortest *first* e
 pays? Each variant runs in its own process (cuDNN's search results live for the process), on the full-width Wan VAE
 (random weights: time does not depend on the values):
   encode  the reference image (1 frame, 1280x704) and the pose video (81 frames, 640x352), as the pipeline does;
-  decode  latents of the 1280x704 x 81 output in the 16 GiB card's tiling (`planner.decode_tiling`), twice: the
+  decode  latents of the 1280x704 x 81 output in the 16 GiB card's tiling (`planner.decode_cut`), twice: the
           first pass and the steady one.
 Per variant: seconds of each, peak allocated. The decode's output is compared with the first variant run's
 (relative error), so a faster variant that changes the video shows it.
@@ -87,7 +87,8 @@ def child(variant: Variant, tiny: bool, device: torch.device, frames: int, out: 
         model = AutoencoderKLWan(**vae_config("tiny" if tiny else "full")).eval()
     budget = DeviceMemory.card(card_bytes(CARD_GIB)).allocator_budget()
     run_frames = 9 if tiny else 81  # the tiles the run's decode gets, whatever --frames decodes here
-    vae = WanVAE(model, tile=None if variant.untiled else planner.decode_tiling(h, w, run_frames, budget, 256))
+    cut = planner.decode_cut(h, w, run_frames, budget, 256)
+    vae = WanVAE(model, tile=None if variant.untiled else cut.tiling)
     if variant.channels_last:
         vae.to(device)  # the pipeline's move: channels-last convolution weights on CUDA
     vae.search = variant.search
@@ -108,7 +109,7 @@ def child(variant: Variant, tiny: bool, device: torch.device, frames: int, out: 
     decoded: list[torch.Tensor] = []
 
     def decode() -> None:
-        decoded[:] = [group.cpu() for group in vae.decode_frames(z, dtype)]
+        decoded[:] = [group.cpu() for group in vae.decode_frames(z, dtype, cut.by_frame and not variant.untiled)]
 
     row = {**asdict(variant), "tiling": vae.tiling.describe(h, w) if vae.tiling else "untiled",
            "encode_s": _timed(device, encode) if tiny or device.type == "cuda" else None,  # --cpu: the decode's error

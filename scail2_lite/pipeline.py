@@ -47,7 +47,7 @@ from .sampling import cfg, make_scheduler
 from .settings import GenerationSettings, MemorySettings
 from .stepcache import StepCache
 from .vae import VAE_FILE, WanVAE, load_vae
-from .vae_tiles import Tiling, encode_tiling, from_setting
+from .vae_tiles import DecodeCut, Tiling, encode_tiling, from_setting
 from .write_behind import WriteBehind
 
 # Streaming blocks through fixed slots while activations come and go fragments the caching allocator: growable
@@ -369,11 +369,11 @@ class Pipeline:
                     placement.release()
                 drop = s.segment_overlap if k > 0 else 0
                 stop = min(end, total_frames) - start  # frames past the driving video are padding
-                decode_tiles = _decode_tiling(placement.plan, self.memory.vae_tile)
+                decode_cut = _decode_cut(placement.plan, self.memory.vae_tile)
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
                                                       total=stop - drop) as decode_task:
                     tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
-                    for group in self._decode_segment(decode_tiles, placement.plan, latents, drop, stop,
+                    for group in self._decode_segment(decode_cut, placement.plan, latents, drop, stop,
                                                       decode_fallbacks, timer.note):
                         if writes is not None:  # in 8 bits before it waits: a float segment would be 4x the RAM
                             writes.put(media.to_uint8(group))
@@ -394,7 +394,7 @@ class Pipeline:
         run = dict(size=f"{w}x{h}", frames=total_frames, segments=len(segments), dit=self.model.dit_scheme,
                    text_encoder=self.model.text_encoder, device=str(self.device), attention=attention,
                    parallel=split.describe(),
-                   vae_decode=f"{decode_tiles.describe(h, w) if decode_tiles else 'untiled'}, "
+                   vae_decode=f"{decode_cut.describe(h, w)}, "
                               f"{'bf16' if self.vae_dtype is torch.bfloat16 else 'fp32'}")
         if write_note is not None:
             run["video_write"] = write_note
@@ -412,29 +412,30 @@ class Pipeline:
                       step_seconds, timer.peaks, {**recorded, **run}, warnings + inputs.warnings,
                       Path(output) if output is not None else None)
 
-    def _decode_segment(self, tiles: Tiling | None, plan: Plan | None, latents: torch.Tensor, drop: int, stop: int,
+    def _decode_segment(self, cut: DecodeCut, plan: Plan | None, latents: torch.Tensor, drop: int, stop: int,
                         fallbacks: list[str], note: Callable[[str], None]) -> Iterator[torch.Tensor]:
         """The segment's decoded frame groups (`_decode`). On CUDA out-of-memory the decode starts again in the
-        profile's tiles, skipping the frames already delivered (written frames stay; later ones may differ at the
-        new tiles' seams): the predicted tiles should fit, but a run must not be lost to a misjudged decode."""
+        profile's tiles by frame, skipping the frames already delivered (written frames stay; later ones may differ
+        at the new tiles' seams): the predicted cut should fit, but a run must not be lost to a misjudged decode."""
         delivered = 0
         while True:
             try:
-                for group in _decode(self.vae(tiles), latents, drop + delivered, stop, self.device, self.vae_dtype):
+                for group in _decode(self.vae(cut.tiling), latents, drop + delivered, stop, self.device,
+                                     self.vae_dtype, cut.by_frame):
                     delivered += group.shape[1]
                     yield group
                 return
             except torch.cuda.OutOfMemoryError:
                 release_cached_memory()
-                lighter = from_setting(plan.profile.vae_tile) if plan is not None and plan.vae_tile is None else None
+                tiles = from_setting(plan.profile.vae_tile) if plan is not None and plan.vae_tile is None else None
                 h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
-                if lighter is None or lighter == tiles or lighter.covers(h, w):
+                lighter = DecodeCut(tiles, by_frame=True)
+                if tiles is None or lighter == cut or tiles.covers(h, w):
                     raise out_of_memory() from None
-                what = (f"VAE decode {tiles.describe(h, w) if tiles else 'untiled'} -> {lighter.describe(h, w)} "
-                        f"after {delivered} frames")
+                what = f"VAE decode {cut.describe(h, w)} -> {lighter.describe(h, w)} after {delivered} frames"
                 fallbacks.append(what)
                 note(what)
-                tiles = lighter
+                cut = lighter
 
     def _velocity_with_fallback(self, placement: DitPlacement, *args) -> torch.Tensor:
         """One step's velocity; on CUDA out-of-memory the DiT is re-placed under a lighter plan and the same step
@@ -472,18 +473,18 @@ def _encode(vae: WanVAE, video: torch.Tensor, device: torch.device, vae_tile: in
     return vae.encode(video[None].to(device)).cpu()
 
 
-def _decode_tiling(plan: Plan | None, vae_tile: int | None) -> Tiling | None:
-    """The decode's tiles: the plan's (the largest that fit the card, or `--vae-tile`: planner.decode_tiling);
-    without a plan (CPU), `--vae-tile` or untiled."""
-    return plan.vae_decode_tiling if plan is not None else from_setting(vae_tile)
+def _decode_cut(plan: Plan | None, vae_tile: int | None) -> DecodeCut:
+    """The decode's cut: the plan's (the quickest that fits the card, or `--vae-tile`: planner.decode_cut); without
+    a plan (CPU), `--vae-tile` or untiled, four frames at a time."""
+    return plan.vae_decode if plan is not None else DecodeCut(from_setting(vae_tile))
 
 
 def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, stop: int, device: torch.device,
-            dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+            dtype: torch.dtype | None, by_frame: bool) -> Iterator[torch.Tensor]:
     """Decoded frame groups (3, t, H, W) on CPU of the segment's frames drop .. stop - 1: the first `drop` frames
     (segment overlap) and those from `stop` on (padding past the driving video) left out."""
     seen = 0
-    for group in vae.decode_frames(latents.to(device), dtype):
+    for group in vae.decode_frames(latents.to(device), dtype, by_frame):
         group = group[0].float().cpu()
         n = group.shape[1]
         if seen + n > drop and seen < stop:

@@ -1,9 +1,10 @@
 """The Wan2.1 causal video VAE as diffusers' `AutoencoderKLWan`, loaded from `Wan2.1_VAE.pth`.
 
 diffusers' model is numerically Wan's; only the key converter, Wan's latent normalisation and a streaming,
-optionally tiled decode are written here. The streaming decode drives diffusers' own per-frame causal cache
-(`decoder(..., feat_cache=...)`) one latent frame at a time, which is exactly what `AutoencoderKLWan.decode`
-does internally, so it yields the same numbers while the caller holds only one frame group at a time.
+optionally tiled decode are written here. The streaming decode drives diffusers' own causal cache (`feat_cache`) one
+latent frame at a time, as `AutoencoderKLWan.decode` does internally, so it yields the same numbers while the caller
+holds only one frame group at a time; `by_frame` runs the blocks past the last temporal upsampling one output frame
+at a time (`_decode_chunk`): the same sums to fp32 rounding, one full-resolution frame's activations instead of four.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanCausalConv3d, WanResample
 from torch import Tensor
 
 from .formats.assign import assign_state_dict
@@ -178,6 +179,12 @@ class WanVAE:
         self.mean = torch.tensor(model.config.latents_mean, dtype=torch.float32, device=p.device).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(model.config.latents_std, dtype=torch.float32, device=p.device).view(1, -1, 1, 1, 1)
         self._decoder_convs = sum(isinstance(mod, WanCausalConv3d) for mod in model.decoder.modules())
+        # Up blocks up to the last temporal upsampling take a latent frame's chunk whole; those after it (and the
+        # head) mix nothing across frames but their causal convolutions, so they take one frame at a time
+        self._per_frame_from = 1 + max(
+            (i for i, block in enumerate(model.decoder.up_blocks)
+             if any(isinstance(r, WanResample) and r.mode == "upsample3d" for r in block.upsamplers or ())),
+            default=-1)
         self.set_tiling(tile, tile_stride)
 
     def set_tiling(self, tile: int | Tiling | None, tile_stride: int | None = None) -> None:
@@ -228,45 +235,67 @@ class WanVAE:
         return torch.cat(list(self.decode_frames(latents)), dim=2)
 
     @torch.no_grad()
-    def decode_frames(self, latents: Tensor, compute_dtype: torch.dtype | None = None) -> Iterator[Tensor]:
+    def decode_frames(self, latents: Tensor, compute_dtype: torch.dtype | None = None,
+                      by_frame: bool = False) -> Iterator[Tensor]:
         """Decode one latent frame at a time: yields (B,3,1,H,W) first, then (B,3,4,H,W) groups, in [-1,1].
 
         `compute_dtype` (bf16 on CUDA) runs the decoder's convolutions in that precision under autocast, its causal
-        cache too (half the memory); normalisation statistics stay fp32.
+        cache too (half the memory); normalisation statistics stay fp32. `by_frame`: see `_decode_chunk` (the
+        planner's choice: it lets a larger tile fit, at some speed).
 
         Untiled, frames stream out as they are decoded (one causal cache). Tiled, each tile is decoded over the
         whole clip before the next (its own causal cache, as diffusers' `tiled_decode`), its frames parked in
-        RAM, then the tiles are blended: the GPU holds one tile's cache instead of a full frame's (at 704p the
-        full-frame fp32 cache alone exceeds a 16 GB card). Groups are on the latents' device.
+        RAM, and the last tile's groups are blended with the parked ones as they come: the GPU holds one tile's
+        cache instead of a full frame's (at 704p the full-frame fp32 cache alone exceeds a 16 GB card), and the
+        caller gets frames (to encode the mp4 behind) while the last tile decodes. Groups are on the latents'
+        device.
         """
         m, p = self.model, self._param
         z = (latents.float() * self.std + self.mean).to(p.device, p.dtype)
         _, _, frames, h, w = z.shape
         tiles = self._latent_tiles(h, w)
-        if len(tiles) == 1:
-            cache = [None] * self._decoder_convs
-            for k in range(frames):
-                with _convolutions(p.device, compute_dtype, self.search):
-                    x = m.post_quant_conv(z[:, :, k : k + 1])
-                    out = m.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=k == 0).float().clamp(-1.0, 1.0)
-                yield out
-            return
-        decoded = []
-        for i, j, th, tw in tiles:
+        parked: list[list[Tensor]] = []
+        for n, (i, j, th, tw) in enumerate(tiles):
+            last = n == len(tiles) - 1
             cache = [None] * self._decoder_convs
             with _convolutions(p.device, compute_dtype, self.search):
                 x = m.post_quant_conv(z[:, :, :, i : i + th, j : j + tw])
-            parts = []
+            groups = []
             for k in range(frames):
                 with _convolutions(p.device, compute_dtype, self.search):
-                    parts.append(m.decoder(x[:, :, k : k + 1], feat_cache=cache, feat_idx=[0],
-                                           first_chunk=k == 0).float().cpu())
-            decoded.append(torch.cat(parts, dim=2))
-            del cache
-        video = self._blend(decoded, tiles, h, w).clamp(-1.0, 1.0)
-        yield video[:, :, :1].to(latents.device)
-        for t in range(1, video.shape[2], 4):
-            yield video[:, :, t : t + 4].to(latents.device)
+                    group = self._decode_chunk(x[:, :, k : k + 1], cache, k == 0, by_frame).float()
+                if len(tiles) == 1:
+                    yield group.clamp(-1.0, 1.0)
+                elif last:
+                    group = self._blend([tile[k] for tile in parked] + [group.cpu()], tiles, h, w)
+                    yield group.clamp(-1.0, 1.0).to(latents.device)
+                else:
+                    groups.append(group.cpu())
+            parked.append(groups)
+            del cache, x
+
+    def _decode_chunk(self, x: Tensor, cache: list, first_chunk: bool, by_frame: bool) -> Tensor:
+        """One latent frame (after `post_quant_conv`) through the decoder: `WanDecoder3d.forward` as is, or, with
+        `by_frame`, with the blocks after the last temporal upsampling run one output frame at a time. Those mix
+        frames only in their causal convolutions, which see the same frames through the cache (the previous ones'
+        last two), so every output frame is the same sum. The GPU then holds one full-resolution frame's
+        activations beside the caches instead of four (14,600 against 19,500 B per output pixel), but each frame
+        copies its convolutions' cached frames again: slower per pixel (planner.VAE_DECODE_BY_FRAME_COST)."""
+        if not by_frame:
+            return self.model.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk)
+        d, idx = self.model.decoder, [0]
+        x = _cached_conv(d.conv_in, x, cache, idx)
+        x = d.mid_block(x, feat_cache=cache, feat_idx=idx)
+        for block in d.up_blocks[: self._per_frame_from]:
+            x = block(x, feat_cache=cache, feat_idx=idx, first_chunk=first_chunk)
+        start, frames = idx[0], []
+        for t in range(x.shape[2]):
+            idx[0] = start
+            y = x[:, :, t : t + 1]
+            for block in d.up_blocks[self._per_frame_from :]:
+                y = block(y, feat_cache=cache, feat_idx=idx, first_chunk=first_chunk)
+            frames.append(_cached_conv(d.conv_out, d.nonlinearity(d.norm_out(y)), cache, idx))
+        return torch.cat(frames, dim=2)
 
     def _latent_tiles(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         """(row, col, height, width) latent windows in diffusers' order; one window when tiling is off or not needed."""
@@ -291,6 +320,19 @@ class WanVAE:
                 parts.append(tile[:, :, :, :sh, :sw])
             result.append(torch.cat(parts, dim=-1))
         return torch.cat(result, dim=3)[:, :, :, : h * r, : w * r]
+
+
+def _cached_conv(conv: WanCausalConv3d, x: Tensor, cache: list, idx: list[int]) -> Tensor:
+    """A causal convolution outside a residual block (the decoder's first and last) with its cache, as
+    `WanDecoder3d.forward` runs them: the conv sees the cached frames before `x`, then keeps `x`'s last two."""
+    i = idx[0]
+    keep = x[:, :, -CACHE_T:].clone()
+    if keep.shape[2] < CACHE_T and cache[i] is not None:
+        keep = torch.cat([cache[i][:, :, -1:].to(keep.device), keep], dim=2)
+    out = conv(x, cache[i])
+    cache[i] = keep
+    idx[0] += 1
+    return out
 
 
 @contextmanager

@@ -3,8 +3,9 @@ the decode's tiles from the memory the card has (offload/planner.py), and the ru
 depend on the input alone (`encode_tiling`). Pure Python: the planner imports it without torch or diffusers.
 
 Why tiles at all: the decoder's activations and causal cache grow with the pixels of what it decodes at once
-(about 23 kB per output pixel in fp32, RESULTS.md), so a 1280x704 frame needs ~21 GB while 256 px tiles need
-1.5 GB. Why large ones when they fit: small tiles decode 2.8x slower per frame (overlap and small convolutions).
+(about 20 kB per output pixel in fp32, 15 kB by frame; RESULTS.md), so a 1280x704 frame needs ~18 GB while 256 px
+tiles need 1.8 GB. Why large ones when they fit: small tiles decode 2.8x slower per frame (overlap and small
+convolutions).
 """
 
 from __future__ import annotations
@@ -80,6 +81,21 @@ class Tiling:
         if self.height == self.width and self.stride_h == self.stride_w == self.height * 3 // 4:
             return f"{self.height} px tiles ({n})"
         return f"{min(self.height, height)}x{min(self.width, width)} px tiles ({n})"
+
+
+@dataclass(frozen=True)
+class DecodeCut:
+    """How the VAE decode cuts its work, as the planner chose it for the card: spatial tiles (None: whole frames)
+    and `by_frame`, the decoder's blocks past the last temporal upsampling one output frame at a time (less memory
+    per pixel, slower: `WanVAE._decode_chunk`)."""
+
+    tiling: Tiling | None = None
+    by_frame: bool = False
+
+    def describe(self, height: int, width: int) -> str:
+        """'untiled', '704x576 px tiles (3)', 'untiled, by frame' for a frame of height x width pixels."""
+        text = self.tiling.describe(height, width) if self.tiling is not None else "untiled"
+        return text + (", by frame" if self.by_frame else "")
 
 
 def from_setting(tile: int | None) -> Tiling | None:

@@ -367,14 +367,17 @@ def test_loras_merged_at_load_are_not_streamed_past(folder, tmp_path):
 
 
 def test_decode_out_of_memory_starts_again_in_the_profiles_tiles(monkeypatch) -> None:
-    """A decode that runs out of CUDA memory in the planner's tiles goes on in the profile's (256 px) tiles from the
-    first frame not yet delivered; without lighter tiles it is the one-line out-of-memory error."""
+    """A decode that runs out of CUDA memory in the planner's cut goes on in the profile's (256 px) tiles by frame
+    from the first frame not yet delivered; without lighter tiles it is the one-line out-of-memory error."""
     from types import SimpleNamespace
 
     from scail2_lite import pipeline as P
-    from scail2_lite.vae_tiles import Tiling
+    from scail2_lite.vae_tiles import DecodeCut, Tiling
 
-    def fake_decode(vae, latents, drop, stop, device, dtype):
+    cuts = []
+
+    def fake_decode(vae, latents, drop, stop, device, dtype, by_frame):
+        cuts.append((vae, by_frame))
         for t in range(drop, stop, 4):
             if vae is None and t >= 8:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -385,14 +388,16 @@ def test_decode_out_of_memory_starts_again_in_the_profiles_tiles(monkeypatch) ->
     plan = SimpleNamespace(profile=SimpleNamespace(vae_tile=256), vae_tile=None)
     latents = torch.zeros(1, 16, 5, 2, 40)  # 16x320 px: two 256 px tiles
     fallbacks, notes = [], []
-    groups = list(P.Pipeline._decode_segment(fake, None, plan, latents, 0, 17, fallbacks, notes.append))
+    groups = list(P.Pipeline._decode_segment(fake, DecodeCut(), plan, latents, 0, 17, fallbacks, notes.append))
     assert [g[0, 0, 0, 0].item() for g in groups] == [0, 4, 8, 12, 16]
     assert sum(g.shape[1] for g in groups) == 17
-    assert fallbacks == notes == ["VAE decode untiled -> 256 px tiles (2) after 8 frames"]
+    assert fallbacks == notes == ["VAE decode untiled -> 256 px tiles (2), by frame after 8 frames"]
+    assert cuts == [(None, False), (Tiling.square(256), True)]
     forced = SimpleNamespace(profile=SimpleNamespace(vae_tile=256), vae_tile=0)  # --vae-tile 0: nothing lighter
     with pytest.raises(UserError, match="ran out of memory"):
-        list(P.Pipeline._decode_segment(fake, None, forced, latents, 0, 17, [], notes.append))
-    assert list(P.Pipeline._decode_segment(fake, Tiling.square(256), plan, latents, 0, 9, [], notes.append))
+        list(P.Pipeline._decode_segment(fake, DecodeCut(), forced, latents, 0, 17, [], notes.append))
+    tiled = DecodeCut(Tiling.square(256))
+    assert list(P.Pipeline._decode_segment(fake, tiled, plan, latents, 0, 9, [], notes.append))
 
 
 @pytest.mark.parametrize(("device", "asked", "expected"), [("cuda", None, None), ("cpu", None, None),

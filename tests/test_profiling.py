@@ -83,22 +83,23 @@ def test_plan_mode_printout(tmp_path: Path) -> None:
 
 def test_plan_mode_shows_the_decode_tiles_and_vae_tile_overrides_them(tmp_path: Path) -> None:
     auto = plan_json(tmp_path, "--size", "704p", "--vram", "24", "--ram", "64", "--weights", "fp8")["plan"]
-    assert auto["vae_decode_tiling"] == {"height": 704, "width": 856, "stride_h": 704, "stride_w": 640}
+    assert auto["vae_decode_tiling"] is None and auto["vae_decode_by_frame"]  # untiled, by frame
     tiled = plan_json(tmp_path, "--size", "704p", "--vram", "24", "--ram", "64", "--weights", "fp8",
                       "--vae-tile", "256")["plan"]
     assert tiled["vae_decode_tiling"] == {"height": 256, "width": 256, "stride_h": 192, "stride_w": 192}
+    assert not tiled["vae_decode_by_frame"]  # four frames at a time fit in these tiles
     assert tiled["phases"]["vae_decode"]["vram"] < auto["phases"]["vae_decode"]["vram"]
     # --vae-tile tiles the encode too
     assert tiled["phases"]["vae_encode"]["vram"] < auto["phases"]["vae_encode"]["vram"]
     vae = ("vae_encode", "vae_decode")
     assert {k: v for k, v in tiled["phases"].items() if k not in vae} == {
         k: v for k, v in auto["phases"].items() if k not in vae}
-    untiled = plan_json(tmp_path, "--size", "704p", "--vram", "24", "--ram", "64", "--weights", "fp8",
+    untiled = plan_json(tmp_path, "--size", "704p", "--vram", "16", "--ram", "64", "--weights", "fp8",
                         "--vae-tile", "0")["plan"]
     assert untiled["vae_decode_tiling"] is None and not untiled["fits"] and "--vae-tile" in untiled["reason"]
     result = runner.invoke(app, ["profile", "--synthetic", "full", "--size", "704p", "--vram", "24", "--ram", "64",
                                  "--vae-tile", "0"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0 and "VAE decode untiled (--vae-tile)" in result.output, result.output
+    assert result.exit_code == 0 and "VAE decode untiled, by frame (--vae-tile)" in result.output, result.output
     assert "VAE encode untiled (--vae-tile)" in result.output
 
 

@@ -61,6 +61,49 @@ def test_shapes_and_normalisation(tiny):
     with torch.no_grad():
         ref = tiny.model.decode(z * std + mean).sample
     assert torch.equal(frames, ref)  # streaming decode is diffusers' decode, bit for bit
+    # frame by frame past the last temporal upsampling: the same sums in other blockings (the next test)
+    by_frame = torch.cat(list(tiny.decode_frames(z, by_frame=True)), dim=2)
+    torch.testing.assert_close(by_frame, ref, atol=1e-5, rtol=0)
+
+
+def test_by_frame_decode_is_diffusers_decoder_in_float64():
+    """`by_frame`: past the last temporal upsampling the decoder runs one output frame at a time through the caches:
+    in float64 every latent frame's output equals `WanDecoder3d.forward`'s to 1e-12, and the caches it leaves
+    are the same, so the clip stays the same however long."""
+    torch.manual_seed(0)
+    vae = V.WanVAE(AutoencoderKLWan(**V.vae_config("tiny")).eval().double())
+    m = vae.model
+    assert 0 < vae._per_frame_from < len(m.decoder.up_blocks)
+    z = torch.randn(1, 16, 4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ours, theirs = [None] * vae._decoder_convs, [None] * vae._decoder_convs
+    with torch.no_grad():
+        for k in range(z.shape[2]):
+            x = m.post_quant_conv(z[:, :, k : k + 1])
+            got = vae._decode_chunk(x, ours, k == 0, True)
+            want = m.decoder(x, feat_cache=theirs, feat_idx=[0], first_chunk=k == 0)
+            assert got.shape == want.shape == (1, 3, 1 if k == 0 else 4, 24, 40)
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+            for a, b in zip(ours, theirs, strict=True):  # None (unused slots), "Rep" (first chunk) or frames
+                assert a == b if not isinstance(a, torch.Tensor) else torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_tiled_decode_streams_the_last_tile(tiny):
+    """A tiled decode hands over its first frames before the last tile's last latent frame is decoded."""
+    z = torch.randn(1, 16, 3, 6, 6)
+    tiny.set_tiling(32, 24)
+    calls = []
+    real = tiny._decode_chunk
+    try:
+        tiny._decode_chunk = lambda *a: calls.append(1) or real(*a)
+        stream = tiny.decode_frames(z)
+        first = next(stream)
+        assert first.shape == (1, 3, 1, 48, 48)
+        tiles = len(tiny._latent_tiles(6, 6))
+        assert tiles > 1 and len(calls) == (tiles - 1) * 3 + 1
+        assert [g.shape[2] for g in stream] == [4, 4]
+    finally:
+        del tiny._decode_chunk
+        tiny.set_tiling(None)
 
 
 def test_decode_frames_streams_groups(tiny):

@@ -34,10 +34,8 @@ def _error_cell(e: Optional[float]) -> str:
 
 
 def _decode_tiles(p) -> str:
-    """How a plan's VAE decode is tiled, and why (the largest tiles that fit, or --vae-tile)."""
-    t = p.vae_decode_tiling
-    what = "untiled" if t is None or t.covers(p.height, p.width) else t.describe(p.height, p.width)
-    return what + (" (--vae-tile)" if p.vae_tile is not None else "")
+    """How a plan's VAE decode is cut, and why (the quickest cut that fits, or --vae-tile)."""
+    return p.vae_decode.describe(p.height, p.width) + (" (--vae-tile)" if p.vae_tile is not None else "")
 
 
 def _encode_tiles(p) -> str:

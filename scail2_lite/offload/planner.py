@@ -8,8 +8,9 @@ where their memory goes (`scail2-lite profile`). The model counts what the runti
                 too large for every card (`vae_tiles.encode_tiling`)
   dit_step      non-block layers + resident blocks + streaming slots + one block's activations at the token count
                 (layer streaming: per stage of the block, its activations + the units held then)
-  vae_decode    VAE weights + activations and causal cache of one tile (one latent frame -> 4 frames at a time):
-                the largest tiling that fits the budget (the DiT is off the GPU then), see `decode_tiling`
+  vae_decode    VAE weights + activations and causal cache of one tile (one latent frame -> 4 frames at a time, or
+                one of them at a time by frame): the quickest cut that fits the budget (the DiT is off the GPU
+                then), see `decode_cut`
 The encoders leave the GPU after their phase. The DiT's
 device weights are counted from the DiT phase on (the pipeline loads it after the encoders); the VAE leaves the
 GPU during DiT steps. The DiT's host side (the streamed blocks read into their pinned buffer and page-locked: no
@@ -32,7 +33,7 @@ from ..attention import CONVERTING
 from ..attention import resolve as resolve_attention
 from ..config import SEGMENT_OVERLAP, DiTConfig
 from ..errors import UserError
-from ..vae_tiles import Tiling, encode_bytes, encode_tiling, from_setting
+from ..vae_tiles import DecodeCut, Tiling, encode_bytes, encode_tiling, from_setting
 from .card import DeviceMemory
 from .profiles import Profile, StreamUnit, WeightSource, list_profiles, load_profile
 
@@ -58,18 +59,24 @@ ENCODER_ACTIVATIONS = 0.5 * GB
 CLIP_ACTIVATIONS = 0.1 * GB
 VAE_PARAMS = 126_900_000  # Wan2.1 VAE, run in fp32
 # The decode, per output pixel of the largest tile, fp32 (it does not grow with the frame count: tiled or not, one
-# latent frame is decoded at a time with a causal cache of 2 frames per convolution). Tensors: 19,500 bytes, traced
-# on CPU (benchmarks/bench_cards.py --parts trace: live tensors of `WanVAE.decode_frames`, full-width VAE, 19,640
-# B/px at 64x64 px, 19,794 at 32x32, so 19,486 + 616 per unit of 1/h + 1/w latent px: the padded copies): the
-# 96-channel cache of 7 full-resolution convolutions, the 192-channel upsampling and one concatenated 6-frame conv
-# input dominate (the 1.94 GiB request of the untiled 704p decode that ran out of memory is that concatenation).
-# cuDNN's workspaces add 3,400 more (H100, cudnn.benchmark, RESULTS.md 2026-12-06: 5.64 GB allocated untiled at
-# 640x352, 2.02 GB in 256 px tiles, weights 0.51 GB: 22,770 and 23,040 B/px against the trace's 19,500). Measured
-# under cuDNN's search; the shipped heuristics with channels-last weights peaked lower (RESULTS.md, issue 23), so the
-# figure errs on the safe side.
+# latent frame is decoded at a time with a causal cache of 2 frames per convolution). Tensors, traced on CPU
+# (benchmarks/bench_cards.py --parts trace: live tensors of `WanVAE.decode_frames`, full-width VAE): four frames at a
+# time as diffusers runs the decoder, 19,500 B/px (19,640 at 64x64 px, 19,794 at 32x32: 19,486 + 616 per unit of
+# 1/h + 1/w latent px, the padded copies); the 96-channel cache of 7 full-resolution convolutions, the 192-channel
+# upsampling and one concatenated 6-frame conv input dominate. By frame (`WanVAE._decode_chunk`), 14,600 (14,658 at
+# 64x64, 14,733 at 32x32): the caches are 9,460 of it, one frame's activations the rest. cuDNN's workspaces under
+# its heuristics (the shipped setting) add 100-400 (H100, RESULTS.md 2026-12-07: 19.6-19.7 kB/px allocated four
+# frames at a time, 14.9-15.0 by frame, weights and latents apart; under cuDNN's search they added 3,400).
 VAE_DECODE_TENSOR_BYTES_PER_PIXEL = 19_500
-VAE_DECODE_WORKSPACE_BYTES_PER_PIXEL = 3_400
-VAE_DECODE_BYTES_PER_PIXEL = VAE_DECODE_TENSOR_BYTES_PER_PIXEL + VAE_DECODE_WORKSPACE_BYTES_PER_PIXEL
+VAE_DECODE_BY_FRAME_TENSOR_BYTES_PER_PIXEL = 14_600
+VAE_DECODE_WORKSPACE_BYTES_PER_PIXEL = 400
+# What a decode costs per pixel of the frame, relative to an untiled decode four frames at a time (H100, 704p x 81,
+# RESULTS.md 2026-12-07): by frame 1.22-1.26x at every tiling (each frame copies its convolutions' cached frames
+# again), tiles 1.24-1.30x per decoded pixel (smaller convolutions, the frames parked and blended on the host). The
+# planner weighs a larger tile against these; measured on the H100 only, and what they decide there (by frame only
+# where it makes the decode untiled) holds while a card's ratios stay on the same side.
+VAE_DECODE_BY_FRAME_COST = 1.23
+VAE_DECODE_TILED_COST = 1.25
 VAE_DECODE_LATENT_COPIES = 3  # the segment's latents on the GPU: as given, denormalised, a tile's post_quant_conv
 LATENT_CHANNELS = 16
 VAE_DECODE_MAX_STRIPS = 8  # strips tried across the longer side before square tiles
@@ -96,9 +103,11 @@ MODEL_DTYPE_BYTES = 2
 # Caching allocator, per phase: (reserved - allocated) / allocated at the phase's peak, the most measured with
 # expandable segments on the H100 (RESULTS.md, 2026-11-24/25 pipeline and `profile --run` tables): umT5 4.44 ->
 # 4.57 GB, CLIP 1.33 -> 1.37, tiled VAE encode 1.90 -> 2.26, DiT steps 10.24 -> 10.87 (13.88 -> 14.34), tiled VAE
-# decode 2.13 -> 2.59. The VAE's convolutions leave the most unused cache between frames.
+# decode 2.13 -> 2.59. The VAE's convolutions leave the most unused cache between frames: under cuDNN's heuristics
+# the decode reserved 1.22-1.27x its allocated peak (capped and steady; 1.35x once, uncapped, on a first pass),
+# RESULTS.md 2026-12-07.
 RESERVED_OVER_ALLOCATED: dict[str, float] = {
-    "text_encoder": 0.03, "clip": 0.03, "vae_encode": 0.19, "dit_step": 0.07, "vae_decode": 0.22,
+    "text_encoder": 0.03, "clip": 0.03, "vae_encode": 0.19, "dit_step": 0.07, "vae_decode": 0.30,
 }
 BASE_RAM = 3.0 * GB  # Python, torch, CUDA libraries
 # Copies of the decoded fp32 frames at the end of a run (the kept groups, their concatenation, the writer's or
@@ -218,13 +227,22 @@ def vae_encode_bytes(height: int, width: int, frames: int, vae_tile: int | None 
     return VAE_PARAMS * 4 + max(one(*size) for size in vae_encode_inputs(height, width, frames).values())
 
 
-def vae_decode_bytes(height: int, width: int, frames: int, tiling: Tiling | None) -> int:
-    """Peak allocated bytes of the VAE decode of a height x width x frames segment in `tiling` (None: untiled): the
-    weights, the largest tile's activations and cache, the segment's latents."""
+def vae_decode_bytes(height: int, width: int, frames: int, tiling: Tiling | None, by_frame: bool = False) -> int:
+    """Peak allocated bytes of the VAE decode of a height x width x frames segment in `tiling` (None: untiled),
+    `by_frame` or four frames at a time: the weights, the largest tile's activations and cache, the latents."""
     tile = tiling.largest_tile(height, width) if tiling is not None else height * width
+    per_pixel = VAE_DECODE_BY_FRAME_TENSOR_BYTES_PER_PIXEL if by_frame else VAE_DECODE_TENSOR_BYTES_PER_PIXEL
     latent_frames = (frames - 1) // 4 + 1
     latents = VAE_DECODE_LATENT_COPIES * LATENT_CHANNELS * 4 * latent_frames * (height // 8) * (width // 8)
-    return VAE_PARAMS * 4 + tile * VAE_DECODE_BYTES_PER_PIXEL + latents
+    return VAE_PARAMS * 4 + tile * (per_pixel + VAE_DECODE_WORKSPACE_BYTES_PER_PIXEL) + latents
+
+
+def decode_cost(height: int, width: int, cut: DecodeCut) -> float:
+    """A decode's time relative to an untiled one four frames at a time: the pixels it decodes (overlaps counted),
+    times VAE_DECODE_TILED_COST when tiled and VAE_DECODE_BY_FRAME_COST by frame."""
+    tiling = cut.tiling
+    cost = tiling.decoded_pixels(height, width) / (height * width) * VAE_DECODE_TILED_COST if tiling else 1.0
+    return cost * (VAE_DECODE_BY_FRAME_COST if cut.by_frame else 1.0)
 
 
 def decode_tilings(height: int, width: int, fallback: int) -> list[Tiling | None]:
@@ -246,15 +264,25 @@ def decode_tilings(height: int, width: int, fallback: int) -> list[Tiling | None
     return out + ([base] if base is not None and not base.covers(height, width) else [])
 
 
-def decode_tiling(height: int, width: int, frames: int, budget: int, fallback: int) -> Tiling | None:
-    """The decode's tiling: the largest tile whose predicted reserved peak fits `budget` (the allocator's bytes:
-    the DiT is off the GPU while the VAE decodes), else the profile's `fallback` square tiles (pixels, 0 =
-    untiled). Larger tiles decode faster (less overlap, fuller convolutions) and blend at fewer seams."""
-    for tiling in decode_tilings(height, width, fallback):
-        if reserved_bytes("vae_decode", vae_decode_bytes(height, width, frames, tiling)) <= budget:
-            return tiling
+def decode_cut(height: int, width: int, frames: int, budget: int, fallback: int) -> DecodeCut:
+    """The decode's cut: of the tilings (`decode_tilings`), four frames at a time or by frame, those whose predicted
+    reserved peak fits `budget` (the allocator's bytes: the DiT is off the GPU while the VAE decodes), the one of
+    least `decode_cost` (the larger tile on a tie); else the profile's `fallback` square tiles (pixels, 0 =
+    untiled) by frame. So by frame only where it lets a larger tile fit and that pays (at 704p: untiled on 24 GB
+    instead of two strips, not two strips on 16 GB instead of three); and three strips (1.23x the pixels) over a
+    larger 512 px square that makes two rows on a 512 px high frame (1.6x)."""
+    fitting = [DecodeCut(t, by_frame) for t in decode_tilings(height, width, fallback) for by_frame in (False, True)
+               if reserved_bytes("vae_decode", vae_decode_bytes(height, width, frames, t, by_frame)) <= budget]
+    if fitting:
+        return min(fitting, key=lambda cut: decode_cost(height, width, cut))
     base = from_setting(fallback)
-    return None if base is None or base.covers(height, width) else base
+    return DecodeCut(None if base is None or base.covers(height, width) else base, by_frame=True)
+
+
+def forced_cut(height: int, width: int, frames: int, budget: int, tiling: Tiling | None) -> DecodeCut:
+    """`--vae-tile`'s tiling, four frames at a time where that fits `budget`, else by frame."""
+    fits = reserved_bytes("vae_decode", vae_decode_bytes(height, width, frames, tiling)) <= budget
+    return DecodeCut(tiling, by_frame=not fits)
 
 
 TEXT_ENCODERS: tuple[str, ...] = ("nf4", "int8", "bf16")  # quantize.text_encoder's scheme names
@@ -306,7 +334,7 @@ class Plan:
     extra_refs: int = 0  # extra references (multi-reference): their tokens are in `tokens`
     outside_allocator: int = 0  # what NVML shows beyond the allocator's reserved bytes (the CUDA context)
     sequence_split: int = 1  # ranks sharing the tokens (Ulysses): this plan is one rank's
-    vae_decode_tiling: Tiling | None = None  # the decode's tiles (None: untiled), see `decode_tiling`
+    vae_decode: DecodeCut = DecodeCut()  # the decode's tiles and whether by frame, see `decode_cut`
     vae_tile: int | None = None  # `--vae-tile` when given (pixels, 0 = untiled): the decode's tiles are then these
     overlap_placement: bool = False  # the DiT's host side is built beside the encoders (`overlapped`)
     attention: str = "sdpa"  # the self-attention backend the blocks run, resolved on this machine
@@ -344,11 +372,11 @@ class Plan:
 def predict(
     profile: Profile, config: DiTConfig, height: int, width: int, frames: int, resident_blocks: int, quantization: str,
     text_encoder: str = "nf4", mappable: bool = True, extra_refs: int = 0, sequence_split: int = 1,
-    decode: Tiling | None | str = "profile", overlap: bool = False, vae_tile: int | None = None,
+    decode: DecodeCut | str = "profile", overlap: bool = False, vae_tile: int | None = None,
     attention: str = "sdpa",
 ) -> dict[str, PhaseMemory]:
     """Peak VRAM and RAM of each phase for a profile with a resolved number of resident blocks; the VAE decodes in
-    `decode` tiles (None: untiled; "profile": the profile's square tiles) and encodes in `vae_tile` px squares
+    the `decode` cut ("profile": the profile's square tiles, four frames at a time) and encodes in `vae_tile` px squares
     (`--vae-tile`, 0 = untiled; None: `vae_encode_bytes`'s rule). `attention`: the resolved self-attention backend
     (an 8-bit one that converts its inputs peaks lower than SDPA).
 
@@ -386,7 +414,8 @@ def predict(
     ram = rest + host
     # umT5's mapped bf16 file: moved to the GPU block by block, each block's pages given back (formats.FilePages).
     umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS
-    vae_dec = vae_decode_bytes(height, width, frames, from_setting(profile.vae_tile) if decode == "profile" else decode)
+    cut = DecodeCut(from_setting(profile.vae_tile)) if decode == "profile" else decode
+    vae_dec = vae_decode_bytes(height, width, frames, cut.tiling, cut.by_frame)
     # The encoders run before the first placement: no pinned buffer yet, unless it fills beside them (`overlap`;
     # counted whole in every encoder phase: it may be full before the first one ends). Not the mapped profiles'
     # staging ring: it is allocated by the device side, after the encoders.
@@ -421,7 +450,7 @@ def overlapped(plain: Plan) -> Plan:
         return plain
     p = plain
     phases = predict(p.profile, p.config, p.height, p.width, p.frames, p.resident_blocks, p.quantization,
-                     p.text_encoder, p.mappable, p.extra_refs, p.sequence_split, p.vae_decode_tiling, overlap=True,
+                     p.text_encoder, p.mappable, p.extra_refs, p.sequence_split, p.vae_decode, overlap=True,
                      vae_tile=p.vae_tile, attention=p.attention)
     candidate = dataclasses.replace(p, phases=phases, overlap_placement=True)
     return candidate if candidate.peak_ram <= candidate.ram_available else plain
@@ -434,16 +463,16 @@ def resolve(
 ) -> Plan:
     """The plan for one profile; `resident_blocks = "auto"` becomes the most blocks that fit the budget. The VAE
     encodes and decodes in `vae_tile` square tiles when given (pixels, 0 = untiled: `--vae-tile`), else it encodes
-    by each input's size (`vae_encode_bytes`) and decodes in the largest tiles that fit the budget
-    (`decode_tiling`). `attention`: the backend asked for (`--attention`; None: the profile's), resolved here: what
+    by each input's size (`vae_encode_bytes`) and decodes in the quickest cut that fits the budget
+    (`decode_cut`). `attention`: the backend asked for (`--attention`; None: the profile's), resolved here: what
     the blocks will run, so that the plan counts its memory."""
     quant = weights
     backend = resolve_attention(attention or profile.attention)
     n = tokens(config, height, width, frames, extra_refs)
-    auto = decode_tiling(height, width, frames, int(vram_budget), profile.vae_tile)
+    auto = decode_cut(height, width, frames, int(vram_budget), profile.vae_tile)
     forced = vae_tile is not None
 
-    def make(resident: int, why: str, decode: Tiling | None, tile: int | None) -> Plan:
+    def make(resident: int, why: str, decode: DecodeCut, tile: int | None) -> Plan:
         phases = predict(profile, config, height, width, frames, resident, quant, text_encoder, mappable, extra_refs,
                          sequence_split, decode, vae_tile=tile, attention=backend)
         return overlapped(Plan(profile, config, height, width, frames, quant, text_encoder, resident, n, phases,
@@ -453,7 +482,8 @@ def resolve(
     def final(resident: int) -> Plan:
         """The plan with the VAE's tiles as `--vae-tile` says (which the DiT's blocks never depend on)."""
         if forced:
-            return make(resident, reason, from_setting(vae_tile), vae_tile)
+            cut = forced_cut(height, width, frames, int(vram_budget), from_setting(vae_tile))
+            return make(resident, reason, cut, vae_tile)
         return make(resident, reason, auto, None)
 
     if profile.resident_blocks == "all":
@@ -496,7 +526,7 @@ def plan(
     file are left out. With `profile` given the plan uses it even if it does not fit (`plan.fits` says so).
     `extra_refs`: extra references, whose tokens every DiT step carries. `sequence_split`: ranks sharing the
     tokens (the plan is one rank's; the caller divides the host's RAM among its ranks). `vae_tile`: `--vae-tile`
-    (pixels, 0 = untiled), else the decode's tiles are the largest that fit (`decode_tiling`). `attention`:
+    (pixels, 0 = untiled), else the decode's tiles are the largest that fit (`decode_cut`). `attention`:
     `--attention` (None: each profile's), resolved for this machine."""
     if weights not in QUANTIZATIONS:
         raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
