@@ -181,7 +181,7 @@ class WanVAE:
         self._decoder_convs = sum(isinstance(mod, WanCausalConv3d) for mod in model.decoder.modules())
         # Up blocks up to the last temporal upsampling take a latent frame's chunk whole; those after it (and the
         # head) mix nothing across frames but their causal convolutions, so they take one frame at a time
-        self._per_frame_from = 1 + max(
+        self._by_frame_from = 1 + max(
             (i for i, block in enumerate(model.decoder.up_blocks)
              if any(isinstance(r, WanResample) and r.mode == "upsample3d" for r in block.upsamplers or ())),
             default=-1)
@@ -286,13 +286,13 @@ class WanVAE:
         d, idx = self.model.decoder, [0]
         x = _cached_conv(d.conv_in, x, cache, idx)
         x = d.mid_block(x, feat_cache=cache, feat_idx=idx)
-        for block in d.up_blocks[: self._per_frame_from]:
+        for block in d.up_blocks[: self._by_frame_from]:
             x = block(x, feat_cache=cache, feat_idx=idx, first_chunk=first_chunk)
         start, frames = idx[0], []
         for t in range(x.shape[2]):
             idx[0] = start
             y = x[:, :, t : t + 1]
-            for block in d.up_blocks[self._per_frame_from :]:
+            for block in d.up_blocks[self._by_frame_from :]:
                 y = block(y, feat_cache=cache, feat_idx=idx, first_chunk=first_chunk)
             frames.append(_cached_conv(d.conv_out, d.nonlinearity(d.norm_out(y)), cache, idx))
         return torch.cat(frames, dim=2)

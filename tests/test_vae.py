@@ -73,7 +73,7 @@ def test_by_frame_decode_is_diffusers_decoder_in_float64():
     torch.manual_seed(0)
     vae = V.WanVAE(AutoencoderKLWan(**V.vae_config("tiny")).eval().double())
     m = vae.model
-    assert 0 < vae._per_frame_from < len(m.decoder.up_blocks)
+    assert 0 < vae._by_frame_from < len(m.decoder.up_blocks)
     z = torch.randn(1, 16, 4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     ours, theirs = [None] * vae._decoder_convs, [None] * vae._decoder_convs
     with torch.no_grad():

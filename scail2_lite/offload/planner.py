@@ -271,8 +271,8 @@ def decode_cut(height: int, width: int, frames: int, budget: int, fallback: int)
     untiled) by frame. So by frame only where it lets a larger tile fit and that pays (at 704p: untiled on 24 GB
     instead of two strips, not two strips on 16 GB instead of three); and three strips (1.23x the pixels) over a
     larger 512 px square that makes two rows on a 512 px high frame (1.6x)."""
-    fitting = [DecodeCut(t, by_frame) for t in decode_tilings(height, width, fallback) for by_frame in (False, True)
-               if reserved_bytes("vae_decode", vae_decode_bytes(height, width, frames, t, by_frame)) <= budget]
+    fitting = [cut for t in decode_tilings(height, width, fallback) for cut in (DecodeCut(t), DecodeCut(t, True))
+               if decode_fits(height, width, frames, budget, cut)]
     if fitting:
         return min(fitting, key=lambda cut: decode_cost(height, width, cut))
     base = from_setting(fallback)
@@ -281,8 +281,12 @@ def decode_cut(height: int, width: int, frames: int, budget: int, fallback: int)
 
 def forced_cut(height: int, width: int, frames: int, budget: int, tiling: Tiling | None) -> DecodeCut:
     """`--vae-tile`'s tiling, four frames at a time where that fits `budget`, else by frame."""
-    fits = reserved_bytes("vae_decode", vae_decode_bytes(height, width, frames, tiling)) <= budget
-    return DecodeCut(tiling, by_frame=not fits)
+    return DecodeCut(tiling, by_frame=not decode_fits(height, width, frames, budget, DecodeCut(tiling)))
+
+
+def decode_fits(height: int, width: int, frames: int, budget: int, cut: DecodeCut) -> bool:
+    """Whether the decode's predicted reserved peak in `cut` fits `budget` (the allocator's bytes)."""
+    return reserved_bytes("vae_decode", vae_decode_bytes(height, width, frames, cut.tiling, cut.by_frame)) <= budget
 
 
 TEXT_ENCODERS: tuple[str, ...] = ("nf4", "int8", "bf16")  # quantize.text_encoder's scheme names
