@@ -43,14 +43,17 @@ def _gb(x: int | None) -> str:
     return "-" if x is None else f"{x / GB:.2f}"
 
 
-def decode_part(tiny: bool, device: torch.device, emulator: Emulator | None, res, deadline: float) -> str:
-    """Seconds, peak allocated / reserved / NVML of the decode in each cut, beside the planner's prediction."""
+def decode_part(tiny: bool, device: torch.device, emulator: Emulator | None, res, deadline: float,
+                size: str = "704p") -> str:
+    """Seconds, peak allocated / reserved / NVML of the decode in each cut, beside the planner's prediction, at
+    `size`'s output (81 frames)."""
+    from scail2_lite.config import SIZES
     from scail2_lite.offload import planner
     from scail2_lite.offload.card import DeviceMemory, card_bytes
     from scail2_lite.profiling import PhaseRecorder
     from scail2_lite.vae_tiles import DecodeCut
 
-    h, w, frames = (64, 128, 5) if tiny else (704, 1280, 81)
+    h, w, frames = (64, 128, 5) if tiny else (*SIZES[size], 81)
     latent_frames = (frames - 1) // 4 + 1
     vae = _vae("tiny" if tiny else "full", device).to(device)
     z = torch.randn(1, 16, latent_frames, h // 8, w // 8, generator=torch.Generator().manual_seed(0)).to(device)

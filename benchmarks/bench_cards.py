@@ -364,6 +364,7 @@ def main() -> None:
     ap.add_argument("--parts", default="vae,headline,cards", help="comma list of vae, headline, cards, decode, "
                     "encode, trace, scaling, long, latents")
     ap.add_argument("--scaling-frames", default=SCALING_FRAMES, help="frame counts of the scaling part (4k+1)")
+    ap.add_argument("--decode-size", default="704p", help="the decode part's output size (81 frames)")
     ap.add_argument("--cards", help="the card table's cases as SIZE:GIB, comma-separated (default: every case)")
     ap.add_argument("--latents-backends", default="int8,fp8", help="the latents part's backends beside sdpa "
                     "(with --tiny: math)")
@@ -416,7 +417,8 @@ def run(args: argparse.Namespace) -> None:
     if "trace" in parts:
         bp.guarded("decode trace", lambda: trace_part(tiny, res), res, tables)
     if "decode" in parts:
-        bp.guarded("decode", lambda: decode_part(tiny, device, st.emulator, res, s.deadline), res, tables)
+        bp.guarded("decode", lambda: decode_part(tiny, device, st.emulator, res, s.deadline, args.decode_size),
+                   res, tables)
     if "encode" in parts:
         bp.guarded("encode", lambda: encode_part(tiny, device), res, tables)
     if not parts & {"vae", "headline", "cards", "scaling", "long", "latents"}:
