@@ -128,7 +128,7 @@ class MemorySettings:
     than the free VRAM (the CUDA context and a desktop reserve come off it); `attention` the profile's;
     `text_encoder` what a quantized folder recorded, else bf16; `vae_tile` (pixels, 0 = untiled) square tiles to
     encode and decode in (else encode by the input's size alone, `vae_tiles.encode_tiling`, and decode in the
-    largest tiles the card has room for);
+    quickest cut the card has room for, `planner.decode_cut`);
     `vae_dtype` the decode's precision (fp32; bf16 is faster, its error above the seams of large tiles:
     `Pipeline.vae_dtype`).
     `prompt_cache`: reuse the prompt embeddings of an earlier run with the same encoder files (cache.py).

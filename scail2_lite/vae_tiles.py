@@ -1,6 +1,7 @@
-"""Where the VAE cuts a frame into tiles: one typed value shared by the VAE (vae.py) and the planner, which picks
-the decode's tiles from the memory the card has (offload/planner.py), and the rule for the encode's tiles, which
-depend on the input alone (`encode_tiling`). Pure Python: the planner imports it without torch or diffusers.
+"""Where the VAE cuts a frame into tiles: typed values shared by the VAE (vae.py) and the planner, which picks the
+decode's cut (tiles, and four frames at a time or by frame) from the memory the card has (offload/planner.py), and the
+rule for the encode's tiles, which depend on the input alone (`encode_tiling`). Pure Python: the planner imports it
+without torch or diffusers.
 
 Why tiles at all: the decoder's activations and causal cache grow with the pixels of what it decodes at once
 (about 20 kB per output pixel in fp32, 15 kB by frame; RESULTS.md), so a 1280x704 frame needs ~18 GB while 256 px

@@ -206,8 +206,8 @@ def generate(
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="bf16, int8 or nf4 (default: as quantized; "
                                           "a folder storing umT5 in nf4/int8 runs only that)"),
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="VAE tile size in pixels, 0 = untiled "
-                                           "(default: encode untiled up to 704p, decode in the largest tiles that "
-                                           "fit the card, see `scail2-lite profile`)"),
+                                           "(default: encode untiled up to 704p, decode in the quickest cut that "
+                                           "fits the card, see `scail2-lite profile`)"),
     profile: Optional[str] = typer.Option(None, "--profile", help="memory profile name or .toml (default: the "
                                           "fastest that fits this GPU and RAM; see `scail2-lite profile`)"),
     vram_budget: Optional[float] = typer.Option(None, "--vram-budget", help="plan for a card of this size in GB "

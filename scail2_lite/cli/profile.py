@@ -169,7 +169,7 @@ def profile(
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="plan with umT5 in nf4, int8 or bf16 "
                                                "\\[default: the model's]"),
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="plan the VAE decode in square tiles of this "
-                                           "many pixels, 0 = untiled \\[default: the largest tiles that fit]"),
+                                           "many pixels, 0 = untiled \\[default: the quickest cut that fits]"),
     gpus: int = typer.Option(1, "--gpus", help="plan one rank of a run over N GPUs of this size (torchrun): its "
                              "share of the tokens under Ulysses, every weight, 1/N of --ram"),
     parallel: str = typer.Option("auto", "--parallel", help="the split of --gpus: auto, cfg or ulysses (as generate)"),

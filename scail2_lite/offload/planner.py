@@ -530,7 +530,7 @@ def plan(
     file are left out. With `profile` given the plan uses it even if it does not fit (`plan.fits` says so).
     `extra_refs`: extra references, whose tokens every DiT step carries. `sequence_split`: ranks sharing the
     tokens (the plan is one rank's; the caller divides the host's RAM among its ranks). `vae_tile`: `--vae-tile`
-    (pixels, 0 = untiled), else the decode's tiles are the largest that fit (`decode_cut`). `attention`:
+    (pixels, 0 = untiled), else the decode's cut is the quickest that fits (`decode_cut`). `attention`:
     `--attention` (None: each profile's), resolved for this machine."""
     if weights not in QUANTIZATIONS:
         raise UserError(f"unknown DiT quantization {weights!r}; choose one of {', '.join(QUANTIZATIONS)}")
