@@ -287,16 +287,18 @@ class Pipeline:
         mem_plan = self.make_plan(h, w, segments[0][1] - segments[0][0], len(inputs.additional_refs), split)
 
         with ExitStack() as stack:
-            # The DiT's host side (its streamed blocks read into pinned RAM and page-locked) is built on a worker
-            # thread while the encoders hold the GPU, where the RAM plan allows it (`Plan.overlap_placement`); the
-            # device side waits for them below. On any error or Ctrl-C the stack stops the worker.
             placement = stack.enter_context(DitPlacement(
                 self.dit, self.device, mem_plan, self.memory.attention,
                 self.model.shard_files if self.model.mappable else (), on_fallback=timer.note))
-            if mem_plan is not None and mem_plan.overlap_placement:
-                placement.prepare(tasks.beside("DiT to pinned RAM, beside the encoders"))
             with timer("text encoder"), tasks.phase("umT5 text encoder"):
                 contexts = self.encode_prompts([prompt, negative_prompt] if s.uses_cfg else [prompt])
+            # The DiT's host side (its streamed blocks read into pinned RAM and page-locked) is built on a worker
+            # thread while CLIP and the VAE encode hold the GPU, where the RAM plan allows it
+            # (`Plan.overlap_placement`); the device side waits for it below. Not beside umT5: that streams its own
+            # blocks from the files, and the two reads together take as long as one after the other. On any error
+            # or Ctrl-C the stack stops the worker.
+            if mem_plan is not None and mem_plan.overlap_placement:
+                placement.prepare(tasks.beside("DiT to pinned RAM, beside the encoders"))
             with timer("clip"), tasks.phase("CLIP image encoder"):
                 clip_fea = self.encode_clip(inputs.image)
             with timer("vae encode"), tasks.phase("VAE encode"):
@@ -365,24 +367,24 @@ class Pipeline:
                     latents[:, :, : hist_lat.shape[2]] = hist_lat
                 if on_latents is not None:
                     on_latents(k, latents.clone())
-                with timer("dit placement"):
+                with timer("dit release"):
                     placement.release()
                 drop = s.segment_overlap if k > 0 else 0
                 stop = min(end, total_frames) - start  # frames past the driving video are padding
                 decode_cut = _decode_cut(placement.plan, self.memory.vae_tile)
                 with timer("vae decode"), tasks.phase(f"VAE decode (segment {k + 1}/{len(segments)}, frames)",
                                                       total=stop - drop) as decode_task:
-                    tail = torch.empty(3, 0, h, w)  # the last frames decoded: the next segment's clean history
+                    tail = None  # the last frames decoded: the next segment's clean history
                     for group in self._decode_segment(decode_cut, placement.plan, latents, drop, stop,
                                                       decode_fallbacks, timer.note):
                         if writes is not None:  # in 8 bits before it waits: a float segment would be 4x the RAM
                             writes.put(media.to_uint8(group))
                         if keep_frames:
-                            kept.append(group)
-                        tail = torch.cat([tail, group], dim=1)[:, -s.segment_overlap:]
+                            kept.append(group.cpu())
+                        tail = (group if tail is None else torch.cat([tail, group], dim=1))[:, -s.segment_overlap:]
                         tasks.advance(decode_task, group.shape[1])
                     self.park_vae()
-                    history_pixels = tail if k + 1 < len(segments) else None
+                    history_pixels = tail.cpu() if tail is not None and k + 1 < len(segments) else None
             if writer is not None:
                 with timer("video write"), tasks.phase("finishing the mp4"):
                     writes.finish()
@@ -481,11 +483,13 @@ def _decode_cut(plan: Plan | None, vae_tile: int | None) -> DecodeCut:
 
 def _decode(vae: WanVAE, latents: torch.Tensor, drop: int, stop: int, device: torch.device,
             dtype: torch.dtype | None, by_frame: bool) -> Iterator[torch.Tensor]:
-    """Decoded frame groups (3, t, H, W) on CPU of the segment's frames drop .. stop - 1: the first `drop` frames
-    (segment overlap) and those from `stop` on (padding past the driving video) left out."""
+    """Decoded frame groups (3, t, H, W) on the device of the segment's frames drop .. stop - 1: the first `drop`
+    frames (segment overlap) and those from `stop` on (padding past the driving video) left out. They stay there
+    until made 8-bit: a float group is 4x the bytes to copy, and the host thread copying and converting it is a
+    thread not queueing the next group's decode."""
     seen = 0
     for group in vae.decode_frames(latents.to(device), dtype, by_frame):
-        group = group[0].float().cpu()
+        group = group[0].float()
         n = group.shape[1]
         if seen + n > drop and seen < stop:
             yield group[:, max(0, drop - seen) : stop - seen]

@@ -247,8 +247,8 @@ class WanVAE:
         whole clip before the next (its own causal cache, as diffusers' `tiled_decode`), its frames parked in
         RAM, and the last tile's groups are blended with the parked ones as they come: the GPU holds one tile's
         cache instead of a full frame's (at 704p the full-frame fp32 cache alone exceeds a 16 GB card), and the
-        caller gets frames (to encode the mp4 behind) while the last tile decodes. Groups are on the latents'
-        device.
+        caller gets frames (to encode the mp4 behind) while the last tile decodes. Groups are on the VAE's device
+        (the parked tiles come back for the blend, one group at a time).
         """
         m, p = self.model, self._param
         z = (latents.float() * self.std + self.mean).to(p.device, p.dtype)
@@ -266,9 +266,9 @@ class WanVAE:
                     group = self._decode_chunk(x[:, :, k : k + 1], cache, k == 0, by_frame).float()
                 if len(tiles) == 1:
                     yield group.clamp(-1.0, 1.0)
-                elif last:
-                    group = self._blend([tile[k] for tile in parked] + [group.cpu()], tiles, h, w)
-                    yield group.clamp(-1.0, 1.0).to(latents.device)
+                elif last:  # blended where it was decoded: the host thread only queues the work
+                    group = self._blend([tile[k].to(group.device) for tile in parked] + [group], tiles, h, w)
+                    yield group.clamp(-1.0, 1.0)
                 else:
                     groups.append(group.cpu())
             parked.append(groups)
@@ -303,7 +303,7 @@ class WanVAE:
 
     def _blend(self, decoded: list[Tensor], tiles: list[tuple[int, int, int, int]], h: int, w: int) -> Tensor:
         """Blend overlapping decoded tiles exactly as `AutoencoderKLWan.tiled_decode` does."""
-        m, r, t = self.model, self.model.spatial_compression_ratio, self.tiling
+        r, t = self.model.spatial_compression_ratio, self.tiling
         sh, sw = t.stride_h, t.stride_w
         bh, bw = t.height - sh, t.width - sw
         cols = len({j for _, j, _, _ in tiles})
@@ -313,13 +313,30 @@ class WanVAE:
             parts = []
             for j, tile in enumerate(row):
                 if i > 0:
-                    tile = m.blend_v(rows[i - 1][j], tile, bh)
+                    tile = blend_edge(rows[i - 1][j], tile, bh, dim=-2)
                 if j > 0:
-                    tile = m.blend_h(row[j - 1], tile, bw)
+                    tile = blend_edge(row[j - 1], tile, bw, dim=-1)
                 row[j] = tile
                 parts.append(tile[:, :, :, :sh, :sw])
             result.append(torch.cat(parts, dim=-1))
         return torch.cat(result, dim=3)[:, :, :, : h * r, : w * r]
+
+
+def blend_edge(a: Tensor, b: Tensor, extent: int, dim: int) -> Tensor:
+    """diffusers' `blend_v` (dim -2) and `blend_h` (dim -1) in one step instead of a loop over the rows or columns:
+    `b`'s first `extent` of them (in place) fade in from `a`'s last ones. The same fp32 weights and products, so the
+    same bits; on the GPU two launches instead of about a thousand per seam and group."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return b
+    shape = [1] * b.dim()
+    shape[dim] = extent
+    ramp = [x / extent for x in range(extent)]
+    fade_in = torch.tensor(ramp, dtype=b.dtype, device=b.device).view(shape)
+    fade_out = torch.tensor([1 - x for x in ramp], dtype=b.dtype, device=b.device).view(shape)
+    head = b.narrow(dim, 0, extent)
+    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * fade_out + head * fade_in)
+    return b
 
 
 def _cached_conv(conv: WanCausalConv3d, x: Tensor, cache: list, idx: list[int]) -> Tensor:

@@ -1,8 +1,9 @@
 """Writing frames behind the work that makes them: one worker thread runs a writer's calls in their order, so that
 encoding the mp4 (CPU: colour conversion and H.264) overlaps the GPU work of the run, whose host thread mostly waits.
 Written synchronously, the video's encoding added to the run instead. An untiled VAE decode streams its frames, so
-they are encoded while it decodes the next; a tiled one hands them over when its last tile is done, and they are
-encoded while the next segment runs (the last segment's wait on the encoder is the run's "video write" phase).
+they are encoded while it decodes the next; a tiled one streams its last tile's (blended with the tiles before), and
+what is left is encoded while the next segment runs. The last segment's wait on the encoder is the run's "video
+write" phase: x264 holds back about its look-ahead (40 frames at `medium`) until the file is finished.
 
 Only what is handed over moves to the worker; when the frames are written is the caller's: `put` returns at once
 unless `depth` groups already wait (then it blocks, and that time is `waited`), `finish` waits for the rest. The

@@ -225,7 +225,7 @@ def generate(pipe: Pipeline, folder: Path, recorder: PhaseRecorder | None = None
 
 
 def test_overlap_on_and_off_give_the_same_latents(quantized, folder, reads, monkeypatch) -> None:
-    """Beside the encoders where RAM allows; after them, with the same latents, where the plan's RAM has room for the
+    """Beside CLIP and the VAE encode where RAM allows; after them, with the same latents, where the plan's RAM has room for the
     buffer only once the encoders are gone (two segments: the second resumes the streamer the worker built)."""
     ram(monkeypatch, 1 << 50)
     pipe = Pipeline.from_pretrained(quantized, device="cpu", profile="16gb", prompt_cache=False)
@@ -235,6 +235,8 @@ def test_overlap_on_and_off_give_the_same_latents(quantized, folder, reads, monk
     assert off_the_main_thread(reads)
     placing = next(start for name, start, _ in recorder.intervals if name == "dit placement")
     assert max(t for _, t in reads) - recorder._t0 < placing  # read before the main thread reached the placement
+    umt5_done = next(end for name, _, end in recorder.intervals if name == "text encoder")
+    assert min(t for _, t in reads) - recorder._t0 >= umt5_done  # not beside umT5, which reads its own file
     beside = recorder.to_json()["background"]["dit placement (host side)"]
     assert beside["seconds"] > 0 and 0 <= beside["waited"] <= recorder.seconds["dit placement"]
     assert overlapped.settings["streamers_built"] == 1 and not worker_alive()
@@ -273,12 +275,14 @@ def test_ctrl_c_during_the_encoders_stops_the_worker(quantized, folder, reads, m
     slow = WeightFiles.read_into
     monkeypatch.setattr(WeightFiles, "read_into", lambda self, key, out: time.sleep(0.01) or slow(self, key, out))
 
-    def text_encoder_interrupted(prompts):
+    def clip_interrupted(image):  # (the worker starts after umT5, beside CLIP and the VAE encode)
+        deadline = time.monotonic() + 60
         while not reads:  # the worker is reading
+            assert time.monotonic() < deadline, "the worker did not start beside CLIP"
             time.sleep(0.001)
         raise interrupt
 
-    monkeypatch.setattr(pipe, "encode_prompts", text_encoder_interrupted)
+    monkeypatch.setattr(pipe, "encode_clip", clip_interrupted)
     with pytest.raises(interrupt):
         generate(pipe, folder)
     streamed = sum(len(b.state_dict()) for b in pipe.dit.blocks[pipe.make_plan(64, 64, 9).resident_blocks:])

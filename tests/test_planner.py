@@ -234,24 +234,27 @@ def test_ram_follows_where_the_blocks_live() -> None:
     pinned, disk = mapped["8gb"].phases, mapped["lowram"].phases
     assert pinned["dit_step"].ram - disk["dit_step"].ram == (C14.num_layers - 2) * blk
     assert disk["text_encoder"].ram < disk["dit_step"].ram  # the staging ring comes with the placement
-    # 64 GB: the pinned buffer fills beside the encoders (not the mapped profile's staging: nothing to read early)
+    # 64 GB: the pinned buffer fills beside CLIP and the VAE encode, after umT5 (not the mapped profile's staging:
+    # nothing to read early)
     assert mapped["8gb"].overlap_placement and not mapped["lowram"].overlap_placement
-    assert pinned["text_encoder"].ram - disk["text_encoder"].ram == C14.num_layers * blk
+    assert pinned["clip"].ram - disk["clip"].ram == C14.num_layers * blk
+    assert pinned["text_encoder"].ram == disk["text_encoder"].ram
     assert whole["8gb"].phases["text_encoder"].ram - disk["text_encoder"].ram == C14.num_layers * blk
     assert mapped["8gb"].peak_ram <= 24 * GB and mapped["lowram"].peak_ram <= 12 * GB
 
 
 def test_placement_overlaps_the_encoders_only_where_ram_allows() -> None:
-    """The DiT's host side is built beside the encoders only when RAM holds the pinned buffer then too: the plan's
-    encoder phases carry it, its VRAM and its choice of blocks do not change; one byte less RAM than that and the
+    """The DiT's host side is built beside CLIP and the VAE encode only when RAM holds the pinned buffer then too:
+    those phases carry it, its VRAM and its choice of blocks do not change; one byte less RAM than that and the
     placement waits for the encoders, as before. Nothing to overlap when no block streams from pinned RAM."""
     size, frames = SIZES["704p"], 17  # short segments: few decoded frames, so the encoders set the overlapped peak
     profile = load_profile("8gb")
     plain = predict(profile, C14, *size, frames, 0, "fp8")
     early = predict(profile, C14, *size, frames, 0, "fp8", overlap=True)
     host = C14.num_layers * block_bytes(C14, "fp8")
-    for phase in ("text_encoder", "clip", "vae_encode"):
+    for phase in ("clip", "vae_encode"):
         assert early[phase].ram - plain[phase].ram == host and early[phase].vram == plain[phase].vram
+    assert early["text_encoder"] == plain["text_encoder"]  # umT5 runs first, alone
     assert all(early[p] == plain[p] for p in ("dit_step", "vae_decode"))
     need = max(m.ram for m in early.values())
     assert need > max(m.ram for m in plain.values())

@@ -111,6 +111,17 @@ def test_decode_frames_streams_groups(tiny):
     assert groups == [1, 4, 4]
 
 
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_blend_edge_is_diffusers_blend_bit_for_bit(dim):
+    """The tiled decode's blend in one step gives the bits of diffusers' loop (`blend_h` / `blend_v`), also where
+    the overlap is wider than a tile or zero."""
+    blend = AutoencoderKLWan.blend_h if dim == -1 else AutoencoderKLWan.blend_v
+    g = torch.Generator().manual_seed(0)
+    for extent in (0, 1, 18, 144, 300):
+        a, b = torch.randn(1, 3, 4, 40, 150, generator=g), torch.randn(1, 3, 4, 40, 150, generator=g)
+        assert torch.equal(V.blend_edge(a.clone(), b.clone(), extent, dim), blend(None, a.clone(), b.clone(), extent))
+
+
 def test_tiled_decode_matches_diffusers_tiling(tiny):
     z = torch.randn(1, 16, 2, 6, 6)
     tiny.set_tiling(32, 24)

@@ -14,8 +14,8 @@ where their memory goes (`scail2-lite profile`). The model counts what the runti
 The encoders leave the GPU after their phase. The DiT's
 device weights are counted from the DiT phase on (the pipeline loads it after the encoders); the VAE leaves the
 GPU during DiT steps. The DiT's host side (the streamed blocks read into their pinned buffer and page-locked: no
-device memory) is built beside the encoders when the RAM plan has room for it then (`Plan.overlap_placement`), else
-after them. Activation coefficients are per-element byte counts of `model.SCAIL2Block`'s forward; the
+device memory) is built beside CLIP and the VAE encode when the RAM plan has room for it then
+(`Plan.overlap_placement`), else after them. Activation coefficients are per-element byte counts of `model.SCAIL2Block`'s forward; the
 VAE's are per output pixel. They are estimates until `scail2-lite profile --run` measures them (issue 7).
 
 The budget is the caching allocator's share of the card (card.py: the card or its free memory, minus the CUDA
@@ -420,12 +420,12 @@ def predict(
     umt5_file = UMT5_LINEAR_PARAMS * 2 // UMT5_LAYERS
     cut = DecodeCut(from_setting(profile.vae_tile)) if decode == "profile" else decode
     vae_dec = vae_decode_bytes(height, width, frames, cut.tiling, cut.by_frame)
-    # The encoders run before the first placement: no pinned buffer yet, unless it fills beside them (`overlap`;
-    # counted whole in every encoder phase: it may be full before the first one ends). Not the mapped profiles'
-    # staging ring: it is allocated by the device side, after the encoders.
+    # The encoders run before the first placement: no pinned buffer yet, unless it fills beside CLIP and the VAE
+    # encode (`overlap`; counted whole in both: it may be full before CLIP ends), after umT5 has left RAM. Not the
+    # mapped profiles' staging ring: it is allocated by the device side, after the encoders.
     early = host if overlap and host_side_overlaps(profile, streamed, mappable) else 0
     phases = {
-        "text_encoder": PhaseMemory(umt5 + ENCODER_ACTIVATIONS, int(rest + early + umt5_file)),
+        "text_encoder": PhaseMemory(umt5 + ENCODER_ACTIVATIONS, int(rest + umt5_file)),
         "clip": PhaseMemory(clip + CLIP_ACTIVATIONS, int(rest + early + clip)),
         # The pipeline encodes before placing the DiT and releases the DiT before decoding: the VAE runs alone.
         # First segment: before the first placement (a later segment's encode holds the host buffer, as its steps do).
