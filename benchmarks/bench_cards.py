@@ -152,8 +152,8 @@ def overlap_line(rep: dict) -> str:
                                 "waited_seconds": beside["waited"]}
     return (f"DiT placement {visible:.1f} s visible (target <= 2 s): its host side took {beside['seconds'] or 0:.1f} s "
             f"on a worker beside the encoders, of which the main thread waited {beside['waited']:.1f} s; the rest of "
-            f"the phase ({visible - beside['waited']:.1f} s) is the device side (resident blocks, slots) and the "
-            "release after the steps")
+            f"the phase ({visible - beside['waited']:.1f} s) is the device side (resident blocks, slots); the release "
+            "after the steps is its own phase")
 
 
 def card_table(s: bp.Setup, st: bp.State, dst: Path, src: Path, res: bp.Results, cases, deadline: float) -> str:

@@ -3,14 +3,16 @@
 A run's frames arrive from the VAE decode in groups of 4 (the first alone), float32 on [-1, 1]; the pipeline turns
 each into 8 bits (`media.to_uint8`) and hands it to `write_behind.WriteBehind`, whose worker encodes it (PyAV,
 libx264 crf 17 `medium`, `media.VideoWriter`). This measures, on a real picture panning over `--frames` frames at
-`--size` (scikit-image's astronaut, so H.264 sees natural content):
+`--size` (scikit-image's astronaut or `--image`, so H.264 sees natural content; `--content noise`: uniform noise,
+what a synthetic checkpoint's decode looks like to the encoder, several times the bits and the encoding time):
 1. the conversion to 8 bits per group, the shipped in-place form against the out-of-place form it replaced;
 2. a decode simulated as `--decode-s` seconds of waiting per group (a CUDA synchronisation releases the GIL as
    `time.sleep` does), with the frames written in line (each group encoded before the next is decoded: the old
    pipeline) and behind it (the shipped one): seconds end to end and what the decode waited for the writer.
 3. the same decode in `--tiles` tiles, written behind: each tile is decoded over the whole clip before the next, so
    the frames can only come during the last tile (the shipped decode blends and hands them over as that tile
-   decodes them) or, as before 2026-12-07 (sixth), all at once at the end.
+   decodes them) or, as before 2026-12-07 (sixth), all at once at the end; and x264 in PyAV's slice threads (before
+   2026-12-07, seventh) against the frame threads shipped.
 
     python benchmarks/bench_video_write.py --frames 81 --size 704p --decode-s 0.48 --tiles 3 --repeats 2
 """
@@ -18,6 +20,7 @@ libx264 crf 17 `medium`, `media.VideoWriter`). This measures, on a real picture 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -32,11 +35,25 @@ from scail2_lite.config import SIZES
 from scail2_lite.write_behind import WriteBehind
 
 
-def panning(frames: int, h: int, w: int) -> torch.Tensor:
-    """(3, frames, h, w) on [-1, 1]: the astronaut, scaled past the frame and panned one pixel per frame."""
+def picture(path: Path | None) -> np.ndarray:
+    """(H, W, 3) uint8: the image at `path`, else scikit-image's astronaut."""
+    if path is not None:
+        return media.to_uint8(media.read_image(path)[:, None])[0]
     from skimage import data
 
-    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float()[None] / 127.5 - 1
+    return data.astronaut()
+
+
+def noise(frames: int, h: int, w: int) -> torch.Tensor:
+    """(3, frames, h, w) uniform on [-1, 1], seeded."""
+    return torch.rand(3, frames, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def panning(frames: int, h: int, w: int, rgb: np.ndarray | None = None) -> torch.Tensor:
+    """(3, frames, h, w) on [-1, 1]: `rgb` (the astronaut by default), scaled past the frame and panned one pixel per
+    frame."""
+    rgb = picture(None) if rgb is None else rgb
+    img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()[None] / 127.5 - 1
     img = F.interpolate(img, size=(h + frames, w + frames), mode="bilinear", align_corners=False)[0]
     return torch.stack([img[:, i // 2: i // 2 + h, i: i + w] for i in range(frames)], dim=1).contiguous()
 
@@ -85,12 +102,13 @@ def run(parts: list[torch.Tensor], size: tuple[int, int], decode_s: float, behin
                     writes.put(media.to_uint8(g))
                 writes.finish()
             writer.close()
-            return {"s": time.perf_counter() - t, "writer s": writes.seconds, "waited s": writes.waited}
+            return {"s": time.perf_counter() - t, "writer s": writes.seconds, "waited s": writes.waited,
+                    "bytes": (folder / "out.mp4").stat().st_size}
         for g, wait in zip(parts, waits):
             time.sleep(wait)
             writer.write_rgb(media.to_uint8(g))
         writer.close()
-    return {"s": time.perf_counter() - t, "writer s": None, "waited s": None}
+    return {"s": time.perf_counter() - t, "writer s": None, "waited s": None, "bytes": (folder / "out.mp4").stat().st_size}
 
 
 def main() -> None:
@@ -101,25 +119,36 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=3, help="tiles of the simulated tiled decode (the 16 GiB card's "
                     "three strips at 704p)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--content", choices=("picture", "noise"), default="picture",
+                    help="a picture panning (natural content) or uniform noise (a synthetic checkpoint's output)")
+    ap.add_argument("--image", type=Path, help="the picture (default: scikit-image's astronaut)")
     args = ap.parse_args()
     h, w = SIZES[args.size]
-    parts = groups(panning(args.frames, h, w))
-    print(f"{args.frames} frames at {w}x{h}, {len(parts)} groups, torch threads {torch.get_num_threads()}\n")
+    video = noise(args.frames, h, w) if args.content == "noise" else panning(args.frames, h, w, picture(args.image))
+    parts = groups(video)
+    print(f"{args.frames} frames at {w}x{h} ({args.content}), {len(parts)} groups, torch threads "
+          f"{torch.get_num_threads()}, CPUs {os.cpu_count()}\n")
     print(conversion(parts, args.repeats) + "\n")
     decode = args.decode_s * len(parts)
-    cases = (("untiled, in line (before)", False, 1, False), ("untiled, behind (shipped)", True, 1, False),
-             (f"{args.tiles} tiles, behind, frames at the end (before)", True, args.tiles, True),
-             (f"{args.tiles} tiles, behind, the last tile streamed (shipped)", True, args.tiles, False))
+    frame = media.X264_THREADS
+    cases = (("untiled, in line (before)", False, 1, False, frame), ("untiled, behind (shipped)", True, 1, False, frame),
+             (f"{args.tiles} tiles, behind, frames at the end (before)", True, args.tiles, True, frame),
+             (f"{args.tiles} tiles, behind, the last tile streamed, x264 slice threads (before)", True, args.tiles,
+              False, "SLICE"),
+             (f"{args.tiles} tiles, behind, the last tile streamed (shipped)", True, args.tiles, False, frame))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, behind, tiles, at_end in cases:
+        for name, behind, tiles, at_end, threads in cases:
+            media.X264_THREADS = threads  # the writer's threading, read when it opens the file
             runs = [run(parts, (h, w), args.decode_s, behind, Path(tmp), tiles, at_end) for _ in range(args.repeats)]
+            media.X264_THREADS = frame
             best = min(runs, key=lambda r: r["s"])
             writer_s, waited = ("-", "-") if not behind else (f"{best['writer s']:.2f}", f"{best['waited s']:.2f}")
-            rows.append(f"| {name} | {best['s']:.2f} | {best['s'] - decode:.2f} | {writer_s} | {waited} |")
+            mbit = best["bytes"] * 8 / (args.frames / 16) / 1e6
+            rows.append(f"| {name} | {best['s']:.2f} | {best['s'] - decode:.2f} | {writer_s} | {waited} | {mbit:.1f} |")
             print(rows[-1], flush=True)
     print(f"\nsimulated decode {decode:.1f} s\n| decode, frames written | s end to end (best) | over the decode s | "
-          "writer's own s | decode waited s |\n|---|---|---|---|---|\n" + "\n".join(rows))
+          "writer's own s | decode waited s | Mbit/s at 16 fps |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
