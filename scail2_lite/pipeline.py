@@ -294,9 +294,9 @@ class Pipeline:
                 contexts = self.encode_prompts([prompt, negative_prompt] if s.uses_cfg else [prompt])
             # The DiT's host side (its streamed blocks read into pinned RAM and page-locked) is built on a worker
             # thread while CLIP and the VAE encode hold the GPU, where the RAM plan allows it
-            # (`Plan.overlap_placement`); the device side waits for it below. Not beside umT5: that streams its own
-            # blocks from the files, and the two reads together take as long as one after the other. On any error
-            # or Ctrl-C the stack stops the worker.
+            # (`Plan.overlap_placement`); the device side waits for it below. Not beside umT5, which streams its own
+            # weights from the files: the two reads slowed each other (RESULTS.md). On any error or Ctrl-C the stack
+            # stops the worker.
             if mem_plan is not None and mem_plan.overlap_placement:
                 placement.prepare(tasks.beside("DiT to pinned RAM, beside the encoders"))
             with timer("clip"), tasks.phase("CLIP image encoder"):
