@@ -108,7 +108,8 @@ def run(parts: list[torch.Tensor], size: tuple[int, int], decode_s: float, behin
             time.sleep(wait)
             writer.write_rgb(media.to_uint8(g))
         writer.close()
-    return {"s": time.perf_counter() - t, "writer s": None, "waited s": None, "bytes": (folder / "out.mp4").stat().st_size}
+    return {"s": time.perf_counter() - t, "writer s": None, "waited s": None,
+            "bytes": (folder / "out.mp4").stat().st_size}
 
 
 def main() -> None:
@@ -131,7 +132,8 @@ def main() -> None:
     print(conversion(parts, args.repeats) + "\n")
     decode = args.decode_s * len(parts)
     frame = media.X264_THREADS
-    cases = (("untiled, in line (before)", False, 1, False, frame), ("untiled, behind (shipped)", True, 1, False, frame),
+    cases = (("untiled, in line (before)", False, 1, False, frame),
+             ("untiled, behind (shipped)", True, 1, False, frame),
              (f"{args.tiles} tiles, behind, frames at the end (before)", True, args.tiles, True, frame),
              (f"{args.tiles} tiles, behind, the last tile streamed, x264 slice threads (before)", True, args.tiles,
               False, "SLICE"),

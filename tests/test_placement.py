@@ -225,8 +225,9 @@ def generate(pipe: Pipeline, folder: Path, recorder: PhaseRecorder | None = None
 
 
 def test_overlap_on_and_off_give_the_same_latents(quantized, folder, reads, monkeypatch) -> None:
-    """Beside CLIP and the VAE encode where RAM allows; after them, with the same latents, where the plan's RAM has room for the
-    buffer only once the encoders are gone (two segments: the second resumes the streamer the worker built)."""
+    """Beside CLIP and the VAE encode where RAM allows; after them, with the same latents, where the plan's RAM has
+    room for the buffer only once the encoders are gone (two segments: the second resumes the streamer the worker
+    built)."""
     ram(monkeypatch, 1 << 50)
     pipe = Pipeline.from_pretrained(quantized, device="cpu", profile="16gb", prompt_cache=False)
     recorder = PhaseRecorder("cpu")
