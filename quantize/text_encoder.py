@@ -5,8 +5,9 @@ Backends (picked from the scheme; the same on every device, so stored codes load
   transformers' BitsAndBytesConfig builds; bitsandbytes (>= 0.50, tested) quantizes and runs it on the CPU too.
 - int8: optimum-quanto qint8 (per-row absmax) on any device.
 - bf16: no quantization.
-Only the Linear layers of the encoder blocks are quantized; the token embedding (256k x 4096) is a lookup,
-which the pipeline keeps on the CPU instead.
+Only the Linear layers of the encoder blocks are quantized (in NF4 not `wo` and not a Linear whose rows are not
+whole 64-value blocks: `NF4_SKIP`, `NF4_BLOCK`); the token embedding (256k x 4096) is a lookup, which the pipeline
+keeps on the CPU instead.
 
 Each quantized weight is first rotated the way the DiT's INT8 weights are (`schemes`: signed power-of-two column
 factors, then a 64-column Hadamard rotation), and the Linear's input takes the inverse path in a forward pre-hook
@@ -65,7 +66,7 @@ def quantize_block(block: nn.Module, scheme: str, rotate: bool = True) -> None:
         return
     nf4 = backend == "bitsandbytes-nf4"
     names = [name for name, m in block.named_modules() if isinstance(m, nn.Linear)
-             and not (nf4 and name.rsplit(".", 1)[-1] in NF4_SKIP)]
+             and not (nf4 and (name.rsplit(".", 1)[-1] in NF4_SKIP or m.in_features % NF4_BLOCK))]
     factors = {}
     for name in names:
         linear = block.get_submodule(name)
@@ -168,6 +169,11 @@ def quantize_text_encoder(model: nn.Module, scheme: str, device: torch.device | 
 # T5's feed-forward output projection stays bf16, as transformers' own bitsandbytes loading keeps it: T5's FFN
 # casts its input to `wo.weight.dtype`, which for a packed 4-bit weight is uint8 and destroys the activations.
 NF4_SKIP = ("wo",)
+# NF4's blocks run over the flattened weight, 64 values each; bitsandbytes' CPU kernels (0.50) decode each row's
+# blocks on their own, so a weight whose rows are not a multiple of 64 values came back wrong there (cosine 0.77
+# against its bf16 weight on a 48-wide test model). Such a Linear stays bf16 on every device, so stored codes load
+# anywhere; every real umT5 row (4096, 10240 values) is a multiple.
+NF4_BLOCK = 64
 
 
 def _to_nf4(linear: nn.Linear) -> nn.Module:
@@ -254,10 +260,13 @@ def read_stored_index(folder: str | Path) -> dict | None:
 
 
 def read_stored(folder: str | Path, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of one stored file, read straight onto `device`."""
+    """All tensors of one stored file, read straight onto `device`. On the CPU each is copied into memory of its
+    own: safetensors (0.8) hands out views of the mapped file at any byte offset, and PyTorch's CPU int8 x bf16
+    product (quanto's CPU path) crashed the process on such a weight."""
     path = Path(folder) / name
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) if torch.device(device).type != "cpu" else f.get_tensor(k).clone()
+                    for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise QuantizeError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None

@@ -368,6 +368,45 @@ def test_comfy_fp8_scaled_export_import(tmp_path: Path) -> None:
         export_comfy(tmp_path / "q3", tmp_path / "x.safetensors")
 
 
+def test_stored_text_encoder_tensors_are_read_into_aligned_memory(tmp_path: Path) -> None:
+    """safetensors hands out views of the file at odd byte offsets; PyTorch's CPU int8 product crashed on such a
+    weight, so a stored block's tensors come back in memory of their own (64-byte aligned, as PyTorch allocates)."""
+    from safetensors.torch import save_file
+
+    from scail2_lite.quantize import text_encoder
+
+    save_file({"odd": torch.ones(3, dtype=torch.int8), "w": torch.ones(5, 7, dtype=torch.int8)},
+              tmp_path / "b.safetensors")
+    state = text_encoder.read_stored(tmp_path, "b.safetensors")
+    assert all(t.data_ptr() % 64 == 0 for t in state.values())
+    assert torch.equal(state["w"], torch.ones(5, 7, dtype=torch.int8))
+
+
+def test_nf4_keeps_linears_whose_rows_are_not_whole_blocks_bf16() -> None:
+    """NF4 quantizes a block's Linears except `wo` and those whose rows are not whole 64-value blocks (bitsandbytes'
+    CPU kernels decoded those wrong); int8 quantizes every Linear."""
+    import bitsandbytes as bnb
+
+    from scail2_lite.encoders import _umt5, build_umt5
+    from scail2_lite.quantize import text_encoder
+    from scail2_lite.synth import umt5_tensors
+
+    seen = set()
+    for scheme in ("nf4", "int8"):
+        # q, k, v and wi take 48 values a row, o 64 (2 heads x 32), wo 128
+        cfg = _umt5(vocab_size=64, d_model=48, d_ff=128, num_heads=2, d_kv=32, num_layers=1)
+        block = build_umt5(umt5_tensors(cfg, 0)).encoder.block[0]
+        rows = {name: m.in_features for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        text_encoder.quantize_block(block, scheme)
+        for name, n in rows.items():
+            m = block.get_submodule(name)
+            quantized = not type(m) is nn.Linear
+            assert quantized == (scheme == "int8" or (n % 64 == 0 and not name.endswith("wo"))), (scheme, name)
+            assert not quantized or scheme == "int8" or isinstance(m, bnb.nn.Linear4bit)
+            seen.add((scheme, quantized))
+    assert seen == {("nf4", True), ("nf4", False), ("int8", True)}
+
+
 def test_umt5_quantized_cosine() -> None:
     from scail2_lite.encoders import _umt5, build_umt5
     from scail2_lite.quantize import text_encoder
