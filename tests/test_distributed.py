@@ -3,7 +3,7 @@ bit (every op outside self-attention is per token, self-attention per head, the 
 CFG split, Ulysses and both combined, in animation and replacement (two segments: history carried), with streaming
 on; the DiT forward with Ulysses over 2 and 4 ranks (uneven shares, token chunks, a block streamer) likewise.
 
-The workers are forked (no second import of torch) and each scenario runs inside one process group."""
+The workers are fresh processes (`_spawn` says why not forks) and each scenario runs inside one process group."""
 
 from __future__ import annotations
 
@@ -133,7 +133,9 @@ def test_int8_attention_is_per_head():
 
 
 def _spawn(world: int, folder: Path, out: Path, runs: list) -> None:
-    mp.start_processes(_worker, args=(world, _port(), folder, out, runs), nprocs=world, start_method="fork")
+    # Fresh processes, not forks: this process has run FFmpeg (the fixture's videos), and PyAV 18's forked children
+    # hung in their first decode.
+    mp.start_processes(_worker, args=(world, _port(), folder, out, runs), nprocs=world, start_method="spawn")
 
 
 @pytest.fixture(scope="module")
