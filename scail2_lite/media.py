@@ -44,8 +44,7 @@ def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
     """float (3, T, H, W) on [-1, 1] -> uint8 (T, H, W, 3), each frame contiguous as PyAV and Pillow take it. One
     float copy, changed in place: every out-of-place step would allocate and fill another (the old form was 3x slower
-    on a 704p group, RESULTS.md). Converted where the frames are (a GPU's group crosses to the host in 8 bits, a
-    quarter of the bytes); the same bits on every device."""
+    on a 704p group, RESULTS.md)."""
     x = frames.detach().float().add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
     return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
@@ -258,11 +257,6 @@ def output_size(preset_or_wh: str | tuple[int, int], reference_hw: tuple[int, in
     return height, width
 
 
-# x264's frame-parallel threads (its own default). PyAV asks for slice threads, whose output changed from run to run
-# on a loaded CPU (tests/test_write_behind.py caught it): frame threads give the same bytes for the same frames.
-X264_THREADS = "FRAME"
-
-
 def _h264_codec() -> str:
     """libx264 when this FFmpeg build has it, else whichever encoder FFmpeg registers for H.264."""
     av = _av()
@@ -314,7 +308,6 @@ class VideoWriter:
             stream.pix_fmt = "yuv420p"
             if codec == "libx264":
                 stream.options = {"crf": "17", "preset": "medium"}
-                stream.codec_context.thread_type = X264_THREADS
             self._stream = stream
         except BaseException:
             self._discard()
