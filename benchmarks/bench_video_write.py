@@ -11,8 +11,7 @@ what a synthetic checkpoint's decode looks like to the encoder, several times th
    pipeline) and behind it (the shipped one): seconds end to end and what the decode waited for the writer.
 3. the same decode in `--tiles` tiles, written behind: each tile is decoded over the whole clip before the next, so
    the frames can only come during the last tile (the shipped decode blends and hands them over as that tile
-   decodes them) or, as before 2026-12-07 (sixth), all at once at the end; and x264 in PyAV's slice threads (before
-   2026-12-07, seventh) against the frame threads shipped.
+   decodes them) or, as before 2026-12-07 (sixth), all at once at the end.
 
     python benchmarks/bench_video_write.py --frames 81 --size 704p --decode-s 0.48 --tiles 3 --repeats 2
 """
@@ -131,19 +130,13 @@ def main() -> None:
           f"{torch.get_num_threads()}, CPUs {os.cpu_count()}\n")
     print(conversion(parts, args.repeats) + "\n")
     decode = args.decode_s * len(parts)
-    frame = media.X264_THREADS
-    cases = (("untiled, in line (before)", False, 1, False, frame),
-             ("untiled, behind (shipped)", True, 1, False, frame),
-             (f"{args.tiles} tiles, behind, frames at the end (before)", True, args.tiles, True, frame),
-             (f"{args.tiles} tiles, behind, the last tile streamed, x264 slice threads (before)", True, args.tiles,
-              False, "SLICE"),
-             (f"{args.tiles} tiles, behind, the last tile streamed (shipped)", True, args.tiles, False, frame))
+    cases = (("untiled, in line (before)", False, 1, False), ("untiled, behind (shipped)", True, 1, False),
+             (f"{args.tiles} tiles, behind, frames at the end (before)", True, args.tiles, True),
+             (f"{args.tiles} tiles, behind, the last tile streamed (shipped)", True, args.tiles, False))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, behind, tiles, at_end, threads in cases:
-            media.X264_THREADS = threads  # the writer's threading, read when it opens the file
+        for name, behind, tiles, at_end in cases:
             runs = [run(parts, (h, w), args.decode_s, behind, Path(tmp), tiles, at_end) for _ in range(args.repeats)]
-            media.X264_THREADS = frame
             best = min(runs, key=lambda r: r["s"])
             writer_s, waited = ("-", "-") if not behind else (f"{best['writer s']:.2f}", f"{best['waited s']:.2f}")
             mbit = best["bytes"] * 8 / (args.frames / 16) / 1e6
