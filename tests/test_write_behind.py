@@ -80,9 +80,10 @@ def test_an_error_in_the_caller_drops_the_waiting_groups() -> None:
     assert len(written) == 1  # the group being written when the caller stopped; the five waiting were dropped
 
 
-def test_a_video_written_behind_matches_one_written_in_line(tmp_path) -> None:
-    """The encoder gets the in-line writer's frames, in order; the files decode alike (x264's threads may round a
-    macroblock differently from run to run on a loaded machine, so not bit for bit)."""
+def test_a_video_written_behind_holds_the_in_line_writers_frames(tmp_path) -> None:
+    """The encoder gets the in-line writer's frames, in order, and the file decodes to them. x264's threads make
+    neither file bit for bit repeatable (two encodes of one video differed by 0.011 on a loaded CPU), so each file is
+    held to the source within the codec's loss (0.019 here), far below a swapped group (0.29) or a frame off (0.08)."""
     video = smooth_video()
     media.write_video(tmp_path / "inline.mp4", video, fps=16)
     handed: list[np.ndarray] = []
@@ -95,5 +96,6 @@ def test_a_video_written_behind_matches_one_written_in_line(tmp_path) -> None:
             for group in video.split(4, dim=1):
                 writes.put(media.to_uint8(group))
     assert np.array_equal(np.concatenate(handed), media.to_uint8(video))
-    behind, inline = media.read_video(tmp_path / "behind.mp4")[0], media.read_video(tmp_path / "inline.mp4")[0]
-    assert behind.shape == inline.shape and (behind - inline).abs().mean() < 0.01
+    for name in ("behind.mp4", "inline.mp4"):
+        back = media.read_video(tmp_path / name)[0]
+        assert back.shape == video.shape and (back - video).abs().mean() < 0.04, name
