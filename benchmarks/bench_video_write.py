@@ -13,7 +13,8 @@ what a synthetic checkpoint's decode looks like to the encoder, several times th
    the frames can only come during the last tile (the shipped decode blends and hands them over as that tile
    decodes them) or, as before 2026-12-07 (sixth), all at once at the end.
 
-    python benchmarks/bench_video_write.py --frames 81 --size 704p --decode-s 0.48 --tiles 3 --repeats 2
+    python benchmarks/bench_video_write.py --frames 81 --size 704p --decode-s 0.48 --tiles 3 --repeats 2 \
+        --threads SLICE FRAME
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def conversion(parts: list[torch.Tensor], repeats: int) -> str:
 
 
 def run(parts: list[torch.Tensor], size: tuple[int, int], decode_s: float, behind: bool, folder: Path,
-        tiles: int = 1, at_end: bool = False) -> dict:
+        tiles: int = 1, at_end: bool = False, h264: media.H264 = media.H264()) -> dict:
     """One simulated decode + write, as the pipeline does it; seconds end to end and the writer's figures. Tiled
     (`tiles` > 1), the first tiles take their share of the decode before any frame comes; then the last tile's
     groups come one by one, or (`at_end`) all at once when it is done."""
@@ -93,7 +94,7 @@ def run(parts: list[torch.Tensor], size: tuple[int, int], decode_s: float, behin
         share = decode_s * len(parts) * (tiles - 1) / tiles
         waits = [share + decode_s * len(parts) / tiles] + [0.0] * (len(parts) - 1) if at_end else \
             [share + decode_s / tiles] + [decode_s / tiles] * (len(parts) - 1)
-    with media.VideoWriter(folder / "out.mp4", 16, size) as writer:
+    with media.VideoWriter(folder / "out.mp4", 16, size, h264) as writer:
         if behind:
             with WriteBehind(writer.write_rgb, depth=len(parts)) as writes:
                 for g, wait in zip(parts, waits):
@@ -122,6 +123,8 @@ def main() -> None:
     ap.add_argument("--content", choices=("picture", "noise"), default="picture",
                     help="a picture panning (natural content) or uniform noise (a synthetic checkpoint's output)")
     ap.add_argument("--image", type=Path, help="the picture (default: scikit-image's astronaut)")
+    ap.add_argument("--threads", nargs="+", choices=("SLICE", "FRAME"), default=["SLICE"],
+                    help="x264's threading (`media.H264.threads`): each case runs under each")
     args = ap.parse_args()
     h, w = SIZES[args.size]
     video = noise(args.frames, h, w) if args.content == "noise" else panning(args.frames, h, w, picture(args.image))
@@ -135,16 +138,20 @@ def main() -> None:
              (f"{args.tiles} tiles, behind, the last tile streamed (shipped)", True, args.tiles, False))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, behind, tiles, at_end in cases:
-            runs = [run(parts, (h, w), args.decode_s, behind, Path(tmp), tiles, at_end) for _ in range(args.repeats)]
-            best = min(runs, key=lambda r: r["s"])
-            writer_s, waited = ("-", "-") if not behind else (f"{best['writer s']:.2f}", f"{best['waited s']:.2f}")
-            mbit = best["bytes"] * 8 / (args.frames / 16) / 1e6
-            rows.append(f"| {name} | {best['s']:.2f} | {best['s'] - decode:.2f} | {writer_s} | {waited} | {mbit:.1f} |")
-            print(rows[-1], flush=True)
-    print(f"\nsimulated decode {decode:.1f} s\n| decode, frames written | s end to end (best) | over the decode s | "
-          "writer's own s | decode waited s | Mbit/s at 16 fps |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
-
+        for threads in args.threads:
+            h264 = media.H264(threads=threads)
+            for name, behind, tiles, at_end in cases:
+                runs = [run(parts, (h, w), args.decode_s, behind, Path(tmp), tiles, at_end, h264)
+                        for _ in range(args.repeats)]
+                best = min(runs, key=lambda r: r["s"])
+                writer_s, waited = ("-", "-") if not behind else (f"{best['writer s']:.2f}", f"{best['waited s']:.2f}")
+                mbit = best["bytes"] * 8 / (args.frames / 16) / 1e6
+                rows.append(f"| {name} | {threads.lower()} | {best['s']:.2f} | {best['s'] - decode:.2f} | {writer_s} | "
+                            f"{waited} | {mbit:.1f} |")
+                print(rows[-1], flush=True)
+    print(f"\nsimulated decode {decode:.1f} s\n| decode, frames written | x264 threads | s end to end (best) | "
+          "over the decode s | writer's own s | decode waited s | Mbit/s at 16 fps |\n|---|---|---|---|---|---|---|\n"
+          + "\n".join(rows))
 
 if __name__ == "__main__":
     main()

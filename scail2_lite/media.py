@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from contextlib import ExitStack
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -271,6 +272,17 @@ def _h264_codec() -> str:
         raise UserError("this PyAV/FFmpeg build has no H.264 encoder; reinstall `av` from PyPI") from None
 
 
+@dataclass(frozen=True)
+class H264:
+    """libx264's settings for the videos we write. `threads`: FFmpeg's threading of the encoder, "SLICE" (PyAV's
+    default: each frame cut in slices) or "FRAME" (several frames at once); neither gives the same bytes from run
+    to run on a loaded CPU (RESULTS.md), so the choice is speed only (`bench_video_write.py --threads`)."""
+
+    crf: int = 17
+    preset: str = "medium"
+    threads: str = "SLICE"
+
+
 class VideoWriter:
     """Context manager writing an H.264 (yuv420p) mp4 atomically, frame groups at a time.
 
@@ -279,7 +291,7 @@ class VideoWriter:
     even (yuv420p halves chroma).
     """
 
-    def __init__(self, path: str | Path, fps: float, size: tuple[int, int]):
+    def __init__(self, path: str | Path, fps: float, size: tuple[int, int], h264: H264 = H264()):
         h, w = size
         if h <= 0 or w <= 0 or h % 2 or w % 2:
             raise UserError(f"H.264 (yuv420p) needs an even width and height, got {w}x{h}")
@@ -288,6 +300,7 @@ class VideoWriter:
         self.path = Path(path)
         self.fps = fps
         self.size = (h, w)
+        self.h264 = h264
         self.frames_written = 0
         self._tmp: Path | None = None
         self._container = None
@@ -307,7 +320,8 @@ class VideoWriter:
             stream.height, stream.width = self.size
             stream.pix_fmt = "yuv420p"
             if codec == "libx264":
-                stream.options = {"crf": "17", "preset": "medium"}
+                stream.options = {"crf": str(self.h264.crf), "preset": self.h264.preset}
+                stream.codec_context.thread_type = self.h264.threads
             self._stream = stream
         except BaseException:
             self._discard()
