@@ -275,8 +275,8 @@ def _h264_codec() -> str:
 @dataclass(frozen=True)
 class H264:
     """libx264's settings for the videos we write. `threads`: FFmpeg's threading of the encoder, "SLICE" (PyAV's
-    default: each frame cut in slices) or "FRAME" (several frames at once); neither gives the same bytes from run
-    to run on a loaded CPU (RESULTS.md), so the choice is speed only (`bench_video_write.py --threads`)."""
+    default: each frame cut in slices) or "FRAME" (several frames at once): a choice of speed only
+    (`bench_video_write.py --threads`); the bytes repeat, or not, alike under both (`bench_video_bytes.py`)."""
 
     crf: int = 17
     preset: str = "medium"

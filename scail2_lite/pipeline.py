@@ -333,8 +333,9 @@ class Pipeline:
                 placement.apply()
             if placement.host_side is not None:
                 timer.beside("dit placement (host side)", placement.host_side.seconds, placement.host_side.waited)
-            ctx = [self.dit.embed_context(c[None].to(self.device, dit_dtype), clip_fea.to(self.device, dit_dtype))
-                   for c in contexts]
+            with timer("conditions"):
+                ctx = [self.dit.embed_context(c[None].to(self.device, dit_dtype), clip_fea.to(self.device, dit_dtype))
+                       for c in contexts]
             history_pixels: torch.Tensor | None = None
             steps_task = tasks.add("denoising", total=s.steps * len(segments))
             for k, (start, end) in enumerate(segments):
@@ -343,8 +344,9 @@ class Pipeline:
                     with timer("vae encode"):
                         hist_lat = _encode(self.vae(None), history_pixels, self.device, self.memory.vae_tile)
                         self.park_vae()
-                conditions = _segment_conditions(inputs, start, end, ref_latents, extras, pose_latents[k], hist_lat,
-                                                 s.replace).to(self.device, dit_dtype)
+                with timer("conditions"):
+                    conditions = _segment_conditions(inputs, start, end, ref_latents, extras, pose_latents[k],
+                                                     hist_lat, s.replace).to(self.device, dit_dtype)
                 generator = torch.Generator().manual_seed(s.seed + k)
                 shape = (1, LATENT_CHANNELS, cond.latent_frames(end - start), *ref_latents.shape[-2:])
                 latents = torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -428,16 +430,17 @@ class Pipeline:
                     yield group
                 return
             except torch.cuda.OutOfMemoryError:
-                release_cached_memory()
-                tiles = from_setting(plan.profile.vae_tile) if plan is not None and plan.vae_tile is None else None
-                h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
-                lighter = DecodeCut(tiles, by_frame=True)
-                if tiles is None or lighter == cut or tiles.covers(h, w):
-                    raise out_of_memory() from None
-                what = f"VAE decode {cut.describe(h, w)} -> {lighter.describe(h, w)} after {delivered} frames"
-                fallbacks.append(what)
-                note(what)
-                cut = lighter
+                pass  # recovered below: inside this clause the error's traceback still holds the decode's tensors
+            release_cached_memory()
+            tiles = from_setting(plan.profile.vae_tile) if plan is not None and plan.vae_tile is None else None
+            h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+            lighter = DecodeCut(tiles, by_frame=True)
+            if tiles is None or lighter == cut or tiles.covers(h, w):
+                raise out_of_memory()
+            what = f"VAE decode {cut.describe(h, w)} -> {lighter.describe(h, w)} after {delivered} frames"
+            fallbacks.append(what)
+            note(what)
+            cut = lighter
 
     def _velocity_with_fallback(self, placement: DitPlacement, *args) -> torch.Tensor:
         """One step's velocity; on CUDA out-of-memory the DiT is re-placed under a lighter plan and the same step
@@ -446,9 +449,10 @@ class Pipeline:
             try:
                 return self._velocity(placement, *args)
             except torch.cuda.OutOfMemoryError:
-                release_cached_memory()
-                if not placement.fallback():
-                    raise out_of_memory() from None
+                pass  # recovered below: inside this clause the error's traceback still holds the step's activations
+            release_cached_memory()
+            if not placement.fallback():
+                raise out_of_memory()
 
     def _velocity(self, placement: DitPlacement, cache: StepCache, latents: torch.Tensor, t: torch.Tensor,
                   conditions: Conditions, ctx: list[torch.Tensor], guidance: float, dtype: torch.dtype,

@@ -32,8 +32,8 @@ from .offload.card import DeviceMemory, card_bytes, nvml_handle
 from .offload.planner import GB, Plan, list_profiles, plan, resolve
 
 # Pipeline phase name (pipeline.py's `with recorder(...)`) -> the planner's phase it is predicted by. "inputs"
-# (reading files), "dit placement" and "dit release" (moving weights), "video write" (the wait for the mp4's
-# encoder) have no prediction of their own.
+# (reading files), "dit placement" and "dit release" (moving weights), "conditions" (the prompt's context and a
+# segment's DiT conditions), "video write" (the wait for the mp4's encoder) have no prediction of their own.
 PIPELINE_TO_PLANNER: dict[str, str] = {
     "text encoder": "text_encoder",
     "clip": "clip",

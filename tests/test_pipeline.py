@@ -196,6 +196,69 @@ def test_profiles_change_no_numbers(folder, pipe, profile):
     assert torch.equal(reference[0], streamed[0])
 
 
+@pytest.mark.parametrize("profile", [None, "8gb", "lowram"])
+def test_a_run_leaves_no_tensor_in_a_reference_cycle(folder, tmp_path, profile):
+    """`release_cached_memory` does not collect garbage (a full collection costs every call a walk over the whole
+    process): that is sound only while the runtime frees what it drops as it drops it. A run in two segments with
+    CFG, streamed or not, writing its mp4, with the collector off; then every unreachable object is kept and none
+    may be a tensor."""
+    import gc
+
+    pipe = Pipeline.from_pretrained(folder, device="cpu", profile=profile)
+    gc.collect()
+    gc.disable()
+    try:
+        run(pipe, folder, output=tmp_path / "v.mp4", frames=17, segment_len=9, segment_overlap=5)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        cycled = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not cycled, [tuple(t.shape) for t in cycled]
+
+
+@pytest.mark.parametrize("where", ["step", "decode", "placement"])
+def test_out_of_memory_is_recovered_after_the_failed_calls_tensors_are_freed(where, monkeypatch) -> None:
+    """Inside an `except` clause the error's traceback holds the failed call's frames and their tensors (a step's
+    activations, a decode's groups, blocks being placed): the cache is released and the lighter plan or cut set up
+    only once they are freed."""
+    import weakref
+    from types import SimpleNamespace
+
+    from scail2_lite import pipeline as P
+    from scail2_lite.offload.placement import DitPlacement
+    from scail2_lite.vae_tiles import DecodeCut
+
+    held: list[weakref.ref] = []
+    alive_at_release: list[bool] = []
+
+    def failing() -> torch.Tensor:
+        activations = torch.ones(3, 4, 16, 16)
+        held.append(weakref.ref(activations))
+        if len(held) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return activations
+
+    monkeypatch.setattr(P, "release_cached_memory", lambda: alive_at_release.append(held[0]() is not None))
+    if where == "step":
+        fake = SimpleNamespace(_velocity=lambda placement: failing())
+        P.Pipeline._velocity_with_fallback(fake, SimpleNamespace(fallback=lambda: True))
+    elif where == "placement":  # the placement's own retry: `close` releases, then the next lighter plan
+        fake = SimpleNamespace(placed=False, _place=failing, _lighter=lambda: True,
+                               close=lambda: alive_at_release.append(held[0]() is not None))
+        DitPlacement.apply(fake)
+        assert fake.placed
+    else:
+        monkeypatch.setattr(P, "_decode", lambda *args: iter([failing()]))
+        fake = SimpleNamespace(vae=lambda tiles: tiles, device=torch.device("cpu"), vae_dtype=None)
+        plan = SimpleNamespace(profile=SimpleNamespace(vae_tile=256), vae_tile=None)
+        latents = torch.zeros(1, 16, 5, 2, 40)  # 16x320 px: two 256 px tiles
+        list(P.Pipeline._decode_segment(fake, DecodeCut(), plan, latents, 0, 4, [], lambda _: None))
+    assert alive_at_release == [False] and len(held) == 2
+
+
 def test_unknown_solver_is_user_error(pipe, folder):
     with pytest.raises(UserError, match="unknown solver"):
         run(pipe, folder, solver="heun")

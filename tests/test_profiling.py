@@ -239,8 +239,8 @@ def test_profile_run_on_a_tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
     report = json.loads((tmp_path / "out" / "profile.json").read_text())
     phases = report["measured"]["phases"]
-    assert set(phases) >= {"load", "inputs", "text encoder", "clip", "vae encode", "dit placement", "dit steps",
-                           "vae decode"}
+    assert set(phases) >= {"load", "inputs", "text encoder", "clip", "vae encode", "dit placement", "conditions",
+                           "dit steps", "vae decode"}
     assert all(s["seconds"] > 0 and s["peak_rss"] > 0 for s in phases.values())
     assert len(report["step_seconds"]) == 1 and report["settings"]["steps"] == 1
     assert [r["planner_phase"] for r in report["comparison"]] == list(PHASES)

@@ -81,9 +81,10 @@ def test_an_error_in_the_caller_drops_the_waiting_groups() -> None:
 
 
 def test_a_video_written_behind_holds_the_in_line_writers_frames(tmp_path) -> None:
-    """The encoder gets the in-line writer's frames, in order, and the file decodes to them. x264's threads make
-    neither file bit for bit repeatable (two encodes of one video differed by 0.011 on a loaded CPU), so each file is
-    held to the source within the codec's loss (0.019 here), far below a swapped group (0.29) or a frame off (0.08)."""
+    """The encoder gets the in-line writer's frames, in order, and the file decodes to them. x264 does not repeat its
+    bytes for this small pattern, even on one thread (two encodes decoded 0.011 apart; bench_video_bytes.py), so
+    each file is held to the source within the codec's loss (0.019 here), far below a swapped group (0.29) or a
+    frame off (0.08)."""
     video = smooth_video()
     media.write_video(tmp_path / "inline.mp4", video, fps=16)
     handed: list[np.ndarray] = []

@@ -8,7 +8,6 @@ encoders and the VAE encode hold the GPU; `apply()` then waits for it and does t
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from pathlib import Path
@@ -162,10 +161,12 @@ class DitPlacement:
             try:
                 self._place()
                 self.placed = True
+                return
             except torch.cuda.OutOfMemoryError:
-                self.close()
-                if not self._lighter():
-                    raise out_of_memory() from None
+                pass  # recovered below: inside this clause the error's traceback still holds what was placed
+            self.close()
+            if not self._lighter():
+                raise out_of_memory()
 
     @property
     def kernels(self) -> Kernels:
@@ -250,7 +251,8 @@ def out_of_memory() -> UserError:
 
 
 def release_cached_memory() -> None:
-    """Collect garbage and return the caching allocator's free blocks to the driver."""
-    gc.collect()
+    """Return the caching allocator's free blocks to the driver. No garbage collection: a full one walks every object
+    the process tracks (the imports, the models' modules) at each call and found no tensor (RESULTS.md, issue 23); the
+    runtime leaves none in a reference cycle (tests/test_pipeline.py), so what it drops is freed as it drops it."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
