@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scail2_lite.conditioning import (
     PLANES,
@@ -44,6 +45,17 @@ def test_compress_matches_fixture(oracle):
     out = compress_mask(mask)
     assert out.shape == (28, 3, 8, 8)
     torch.testing.assert_close(out, load_npy(oracle / "maskcompress" / "compress_out.npy"), atol=1e-6, rtol=0)
+
+
+def test_half_res_is_upstreams_bilinear_and_the_same_on_a_frame_or_a_video():
+    """Upstream halves each (1, 3, H, W) frame with F.interpolate; the pipeline halves frame by frame while decoding,
+    the tests whole videos: the same bits either way, within a rounding of upstream's."""
+    video = torch.randint(0, 256, (3, 4, 96, 160), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1
+    frames = torch.stack([half_res(video[:, t]) for t in range(video.shape[1])], dim=1)
+    assert torch.equal(half_res(video), frames)
+    upstream = torch.stack([F.interpolate(video[None, :, t], scale_factor=0.5, mode="bilinear", align_corners=False)[0]
+                            for t in range(video.shape[1])], dim=1)
+    assert (frames - upstream).abs().max() <= 2 ** -23
 
 
 def test_half_res_matches_fixture(oracle):
