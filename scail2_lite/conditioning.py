@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .config import SEGMENT_LEN, SEGMENT_OVERLAP
 from .errors import UserError
@@ -61,16 +60,19 @@ def half_res(x: torch.Tensor) -> torch.Tensor:
     return (top + bottom) * 0.5
 
 
-def _binary_planes(mask: torch.Tensor) -> torch.Tensor:
-    """(3, T, H, W) colour mask -> (T, 7, H, W) float {0, 1}, one plane per exact on/off pattern of PLANES."""
+def _plane_coverage(mask: torch.Tensor) -> torch.Tensor:
+    """(3, T, H, W) colour mask -> (T, 7, H/8, W/8): the share of each 8x8 area whose pixels have each exact on/off
+    pattern of PLANES. Counted in bytes (a count is at most 64) rather than pooling seven full-size float planes:
+    the same values, exactly, as they are whole 64ths, at a fraction of the memory traffic."""
     on = mask.float() > ON_THRESHOLD
-    planes = []
-    for _, pattern in PLANES:
-        plane = torch.ones_like(on[0])
-        for channel, want in enumerate(pattern):
-            plane &= on[channel] if want else ~on[channel]
-        planes.append(plane)
-    return torch.stack(planes, dim=1).float()
+    code = (on[0].to(torch.uint8) << 2) | (on[1].to(torch.uint8) << 1) | on[2].to(torch.uint8)  # (T, H, W)
+    t, h, w = code.shape
+    s = SPATIAL_STRIDE
+    patterns = torch.tensor([4 * r + 2 * g + b for _, (r, g, b) in PLANES], dtype=torch.uint8, device=code.device)
+    hits = (code[None] == patterns.view(-1, 1, 1, 1)).view(torch.uint8)  # (7, T, H, W)
+    counts = hits.view(-1, t, h, w // s, s).sum(-1, dtype=torch.uint8).view(-1, t, h // s, s, w // s).sum(
+        3, dtype=torch.uint8)
+    return counts.transpose(0, 1).float() / (s * s)
 
 
 def compress_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ def compress_mask(mask: torch.Tensor) -> torch.Tensor:
         raise UserError(f"mask video needs 4k+1 frames, got {t}")
     if h % SPATIAL_STRIDE or w % SPATIAL_STRIDE:
         raise UserError(f"mask size {h}x{w} is not divisible by {SPATIAL_STRIDE}")
-    planes = F.avg_pool2d(_binary_planes(mask), SPATIAL_STRIDE)  # (T, 7, h, w): exact area downsample
+    planes = _plane_coverage(mask)  # (T, 7, h, w): exact area downsample
     padded = torch.cat([planes[:1].expand(TEMPORAL_STRIDE - 1, -1, -1, -1), planes], dim=0)
     packed = padded.reshape(latent_frames(t), MASK_CHANNELS, h // SPATIAL_STRIDE, w // SPATIAL_STRIDE)
     return packed.permute(1, 0, 2, 3).contiguous()

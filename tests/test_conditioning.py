@@ -83,6 +83,19 @@ def test_planes_and_packing_layout():
     assert out[:, 1, 0, 0].nonzero().flatten().tolist() == [7 * 2 + 1]  # frame 3 = 3rd of its group, red = plane 1
 
 
+def test_coverage_counted_in_bytes_is_the_float_planes_pooled():
+    """`compress_mask` counts each pattern's pixels per 8x8 area in bytes; the definition pools a float plane per
+    pattern. Every colour, edge values near the threshold, several frames: the same values exactly."""
+    g = torch.Generator().manual_seed(1)
+    levels = torch.tensor([-1.0, (225 - 127.5) / 127.5, (226 - 127.5) / 127.5, 1.0, 0.3])
+    mask = levels[torch.randint(0, len(levels), (3, 9, 32, 48), generator=g)]
+    on = mask > (225 - 127.5) / 127.5
+    planes = torch.stack([(on[0] == r) & (on[1] == gr) & (on[2] == b) for _, (r, gr, b) in PLANES], dim=1).float()
+    pooled = F.avg_pool2d(planes, 8)  # (T, 7, h, w)
+    padded = torch.cat([pooled[:1].expand(3, -1, -1, -1), pooled])
+    assert torch.equal(compress_mask(mask), padded.reshape(3, 28, 4, 6).permute(1, 0, 2, 3))
+
+
 def test_area_downsample_keeps_coverage():
     mask = painted("black", {"blue": (slice(0, 2), slice(0, 8))}, t=1, size=16)  # 16 of 64 pixels of block (0, 0)
     out = compress_mask(mask)
