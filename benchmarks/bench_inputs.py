@@ -3,7 +3,8 @@
 A driving video of scikit-image's astronaut panning over `--frames` frames at `--size` (H.264, as a user's clip),
 its mask video (a blue box on black), a reference picture and its mask (a blue box on white), written once; then
 `load_inputs` reads them `--repeats` times at that size: decode, resize, the 2x2 halving of both videos
-(`conditioning.half_res`), and the masks' checks (`conditioning.check_mask`). CPU only.
+(`conditioning.half_res`), and the masks' checks (`conditioning.check_mask`). Then the driving mask's 28 channels
+(`conditioning.driving_mask_channels`, most of a segment's "conditions" phase) from what was read. CPU only.
 
     python benchmarks/bench_inputs.py --frames 81 --size 704p --repeats 3
 """
@@ -23,6 +24,7 @@ from PIL import Image
 
 from bench_video_write import panning
 from scail2_lite import media
+from scail2_lite.conditioning import driving_mask_channels
 from scail2_lite.config import SIZES
 from scail2_lite.inputs import InputFiles, load_inputs
 
@@ -58,9 +60,15 @@ def main() -> None:
             inputs = load_inputs(files, size=args.size)
             times.append(time.perf_counter() - t)
     assert inputs.frames == args.frames and not inputs.warnings, inputs.warnings
-    print(f"| inputs | s (median) | runs | CPUs |\n|---|---|---|---|\n| {w}x{h} x {args.frames} | "
-          f"{statistics.median(times):.2f} | {', '.join(f'{x:.2f}' for x in times)} | {os.cpu_count()} |")
-
+    channels = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        driving_mask_channels(inputs.mask_video)
+        channels.append(time.perf_counter() - t)
+    rows = [("reading the inputs (`load_inputs`)", times), ("driving mask channels (`compress_mask`)", channels)]
+    print(f"{w}x{h} x {args.frames} frames, {os.cpu_count()} CPUs\n| part | s (median) | runs |\n|---|---|---|\n"
+          + "\n".join(f"| {name} | {statistics.median(ts):.2f} | {', '.join(f'{x:.2f}' for x in ts)} |"
+                      for name, ts in rows))
 
 if __name__ == "__main__":
     main()
