@@ -46,7 +46,7 @@ def distinct(frames: np.ndarray, threads: str, encodes: int, folder: Path) -> in
     seen = set()
     for i in range(encodes):
         path = folder / f"{i}.mp4"
-        with media.VideoWriter(path, 16, size, media.H264(threads=threads)) as writer:
+        with media.VideoWriter(path, 16, size, media.H264(threads=media.EncoderThreads(threads))) as writer:
             writer.write_rgb(frames)
         seen.add(bitstream(path))
     return len(seen)
@@ -61,7 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--encodes", type=int, default=12)
     ap.add_argument("--busy", type=int, default=2, help="processes spinning beside the encodes")
-    ap.add_argument("--threads", nargs="+", choices=("SLICE", "FRAME"), default=["SLICE", "FRAME"])
+    ap.add_argument("--threads", nargs="+", choices=[t.value for t in media.EncoderThreads],
+                    default=[t.value for t in media.EncoderThreads])
     args = ap.parse_args()
     cases = [(f"{s}x{s} smooth", media.to_uint8(smooth(9, s))) for s in SMALL]
     cases += [(f"{w}x{h} panning", media.to_uint8(panning(9, h, w))) for h, w in LARGE]

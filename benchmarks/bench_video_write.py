@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--content", choices=("picture", "noise"), default="picture",
                     help="a picture panning (natural content) or uniform noise (a synthetic checkpoint's output)")
     ap.add_argument("--image", type=Path, help="the picture (default: scikit-image's astronaut)")
-    ap.add_argument("--threads", nargs="+", choices=("SLICE", "FRAME"), default=["SLICE"],
+    ap.add_argument("--threads", nargs="+", choices=[t.value for t in media.EncoderThreads], default=["SLICE"],
                     help="x264's threading (`media.H264.threads`): each case runs under each")
     args = ap.parse_args()
     h, w = SIZES[args.size]
@@ -139,7 +139,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:
-            h264 = media.H264(threads=threads)
+            h264 = media.H264(threads=media.EncoderThreads(threads))
             for name, behind, tiles, at_end in cases:
                 runs = [run(parts, (h, w), args.decode_s, behind, Path(tmp), tiles, at_end, h264)
                         for _ in range(args.repeats)]

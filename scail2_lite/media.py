@@ -10,6 +10,7 @@ import os
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass
+from enum import Enum
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -272,15 +273,21 @@ def _h264_codec() -> str:
         raise UserError("this PyAV/FFmpeg build has no H.264 encoder; reinstall `av` from PyPI") from None
 
 
+class EncoderThreads(Enum):
+    """FFmpeg's threading of the encoder: each frame cut in slices (PyAV's default) or several frames at once."""
+
+    SLICE = "SLICE"
+    FRAME = "FRAME"
+
+
 @dataclass(frozen=True)
 class H264:
-    """libx264's settings for the videos we write. `threads`: FFmpeg's threading of the encoder, "SLICE" (PyAV's
-    default: each frame cut in slices) or "FRAME" (several frames at once): a choice of speed only
-    (`bench_video_write.py --threads`); the bytes repeat, or not, alike under both (`bench_video_bytes.py`)."""
+    """libx264's settings for the videos we write. `threads` is a choice of speed only (`bench_video_write.py
+    --threads`): the bytes repeat, or not, alike under both (`bench_video_bytes.py`)."""
 
     crf: int = 17
     preset: str = "medium"
-    threads: str = "SLICE"
+    threads: EncoderThreads = EncoderThreads.SLICE
 
 
 class VideoWriter:
@@ -321,7 +328,7 @@ class VideoWriter:
             stream.pix_fmt = "yuv420p"
             if codec == "libx264":
                 stream.options = {"crf": str(self.h264.crf), "preset": self.h264.preset}
-                stream.codec_context.thread_type = self.h264.threads
+                stream.codec_context.thread_type = self.h264.threads.value
             self._stream = stream
         except BaseException:
             self._discard()
