@@ -16,7 +16,8 @@ device weights are counted from the DiT phase on (the pipeline loads it after th
 GPU during DiT steps. The DiT's host side (the streamed blocks read into their pinned buffer and page-locked: no
 device memory) is built beside CLIP and the VAE encode when the RAM plan has room for it then
 (`Plan.overlap_placement`), else after them. Activation coefficients are per-element byte counts of
-`model.SCAIL2Block`'s forward; the VAE's are per output pixel. They are estimates until `scail2-lite profile --run` measures them (issue 7).
+`model.SCAIL2Block`'s forward; the VAE's are per output pixel. They are estimates until `scail2-lite profile --run`
+measures them (issue 7).
 
 The budget is the caching allocator's share of the card (card.py: the card or its free memory, minus the CUDA
 context and a desktop reserve), and each phase's reserved bytes are its allocated peak plus the excess the
